@@ -1,0 +1,121 @@
+"""The step-graph contract: what every prefill/decode step takes and returns.
+
+Both sides import this module: the model and exporters produce graphs that honour it, the
+runtimes drive them through it. It must never import torch.
+
+One step consumes a chunk of T new tokens (T = prefill_chunk or 1) for B rows:
+
+  inputs
+    input_ids        (B, T)           int64   token ids; anything in range for padding
+    positions        (B, T)           int64   absolute position of each token, -1 = no token
+    cache_k          (L, B, Hkv, S, D) dtype  keys of earlier tokens, RoPE already applied
+    cache_v          (L, B, Hkv, S, D) dtype  values of earlier tokens
+    cache_positions  (B, S)           int64   absolute position held by each slot, -1 = empty
+  outputs
+    logits           (B, T, V)        float32 next-token logits at every chunk position
+    new_k            (L, B, Hkv, T, D) dtype  keys of this chunk (after RoPE)
+    new_v            (L, B, Hkv, T, D) dtype  values of this chunk
+
+A query at position p attends to a key at position q (from the cache or the chunk) iff
+q >= 0, q <= p and p - q < attention_window. The runtime then writes the chunk's keys/values
+into ring slots q % S (only where q >= 0) and records q in cache_positions: the cache is never
+copied whole. Because the chunk attends to the cache *before* it is written, a W-slot ring never
+lets the slot about to be overwritten leak in, and never loses a key a query still needs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+INPUT_NAMES = ("input_ids", "positions", "cache_k", "cache_v", "cache_positions")
+OUTPUT_NAMES = ("logits", "new_k", "new_v")
+NO_POSITION = -1
+
+
+class ContractError(ValueError):
+    """Build parameters that cannot describe a valid step graph."""
+
+
+@dataclass(frozen=True)
+class StepShapes:
+    """Static shapes of one artifact, fixed at build time."""
+
+    batch: int
+    prefill_chunk: int
+    cache_slots: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    dtype: str
+    # Keys visible to a query: p - q < attention_window. None = unbounded (full causal), in
+    # which case a sequence may never outgrow cache_slots.
+    attention_window: int | None
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "prefill_chunk", "cache_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ContractError(f"{name} must be a positive integer, got {value!r}")
+        if self.prefill_chunk > self.cache_slots:
+            raise ContractError(f"prefill_chunk ({self.prefill_chunk}) must not exceed "
+                                f"cache_slots ({self.cache_slots}): a chunk's keys must fit the ring")
+        if self.attention_window is not None and self.attention_window > self.cache_slots:
+            raise ContractError(f"attention_window ({self.attention_window}) must not exceed "
+                                f"cache_slots ({self.cache_slots})")
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the cache can serve, or None when the ring slides forever."""
+        return self.cache_slots if self.attention_window is None else None
+
+    def cache_shape(self) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, self.batch, self.num_kv_heads, self.cache_slots, self.head_dim)
+
+    def input_shapes(self, chunk: int) -> dict[str, tuple[int, ...]]:
+        return {
+            "input_ids": (self.batch, chunk),
+            "positions": (self.batch, chunk),
+            "cache_k": self.cache_shape(),
+            "cache_v": self.cache_shape(),
+            "cache_positions": (self.batch, self.cache_slots),
+        }
+
+    def output_shapes(self, chunk: int) -> dict[str, tuple[int, ...]]:
+        new = (self.num_layers, self.batch, self.num_kv_heads, chunk, self.head_dim)
+        return {"logits": (self.batch, chunk, self.vocab_size), "new_k": new, "new_v": new}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def for_config(cls, config, batch: int = 1, prefill_chunk: int = 16, cache_slots: int | None = None,
+                   dtype: str | None = None, slide: bool = False) -> "StepShapes":
+        """Shapes for a MixtralConfig; cache_slots defaults to the sliding window (or 4096 without)."""
+        if cache_slots is None:
+            cache_slots = config.sliding_window or min(config.max_position_embeddings, 4096)
+        return cls(batch=batch, prefill_chunk=min(prefill_chunk, cache_slots), cache_slots=cache_slots,
+                   num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
+                   head_dim=config.head_dim, vocab_size=config.vocab_size, dtype=dtype or config.dtype,
+                   attention_window=resolve_window(config.sliding_window, cache_slots, slide))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "StepShapes":
+        return cls(**raw)
+
+
+def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) -> int | None:
+    """The attention window a build with `cache_slots` slots honours.
+
+    With the config's sliding window W <= S the reference semantics hold exactly. A smaller ring,
+    or a model without a window that should run past S tokens, changes what the model computes,
+    so it needs the explicit `slide` opt-in and then attends to the last S positions.
+    """
+    if sliding_window is not None and sliding_window <= cache_slots:
+        return sliding_window
+    if slide:
+        return cache_slots
+    if sliding_window is not None:
+        raise ContractError(f"cache_slots ({cache_slots}) is smaller than the model's sliding_window "
+                            f"({sliding_window}); pass slide=True (--slide) to attend to the last "
+                            f"{cache_slots} positions instead")
+    return None

@@ -1,0 +1,166 @@
+"""A Hugging Face Mixtral folder -> a MixtralStatic with its weights, streamed shard by shard.
+
+Accepts a single model.safetensors or shards listed by model.safetensors.index.json, the
+per-expert layout (block_sparse_moe.experts.E.w1/w2/w3) that real checkpoints and
+save_pretrained write, and the fused layout transformers v5 holds in memory
+(mlp.experts.gate_up_proj / down_proj). Each tensor is read straight into its place in the model,
+so peak memory stays near one copy of the weights.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import MixtralConfig
+from .model import TORCH_DTYPES, MixtralStatic
+from .safetensors_file import CheckpointError, TensorEntry, read_header, read_into
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+FILE_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one checkpoint tensor lands: a parameter, or a slice of a stacked expert parameter."""
+
+    param: str
+    shape: tuple[int, ...]
+    select: Callable[[torch.Tensor], torch.Tensor] = lambda p: p
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, TensorEntry]:
+    """Every tensor of the checkpoint with its file, from the index or the single file."""
+    index = folder / INDEX_NAME
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise CheckpointError(f"{index}: not a safetensors index (no weight_map)") from None
+        files = sorted(set(weight_map.values()))
+    elif (folder / SINGLE_NAME).exists():
+        weight_map, files = None, [SINGLE_NAME]
+    else:
+        found = sorted(p.name for p in folder.glob("*.safetensors"))
+        if not found:
+            pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+            hint = f" ({pickles[0]} is a pickle, which is never loaded; convert it to safetensors)" if pickles else ""
+            raise CheckpointError(f"{folder}: no model.safetensors or {INDEX_NAME}{hint}")
+        weight_map, files = None, found
+    tensors: dict[str, TensorEntry] = {}
+    for name in files:
+        path = folder / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: listed in {INDEX_NAME} but missing")
+        for key, entry in read_header(path).items():
+            if weight_map is not None and weight_map.get(key) != name:
+                raise CheckpointError(f"{path}: tensor {key} is not listed for this file in {INDEX_NAME}")
+            tensors[key] = entry
+    if weight_map is not None:
+        for key, name in weight_map.items():
+            if key not in tensors:
+                raise CheckpointError(f"{folder / name}: tensor {key} listed in {INDEX_NAME} is missing")
+    return tensors
+
+
+def weight_targets(config: MixtralConfig, fused: bool) -> dict[str, Target]:
+    """Checkpoint tensor name -> where it goes in MixtralStatic."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    d, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+    out = {"model.embed_tokens.weight": Target("embed_tokens.weight", (v, h)),
+           "model.norm.weight": Target("norm.weight", (h,))}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = Target("lm_head.weight", (v, h))
+    for n in range(config.num_hidden_layers):
+        src, dst = f"model.layers.{n}", f"layers.{n}"
+        out[f"{src}.input_layernorm.weight"] = Target(f"{dst}.input_layernorm.weight", (h,))
+        out[f"{src}.post_attention_layernorm.weight"] = Target(f"{dst}.post_attention_layernorm.weight", (h,))
+        for proj, rows in (("q_proj", nh * d), ("k_proj", nkv * d), ("v_proj", nkv * d)):
+            out[f"{src}.self_attn.{proj}.weight"] = Target(f"{dst}.self_attn.{proj}.weight", (rows, h))
+        out[f"{src}.self_attn.o_proj.weight"] = Target(f"{dst}.self_attn.o_proj.weight", (h, nh * d))
+        w13, w2 = f"{dst}.moe.w13", f"{dst}.moe.w2"
+        if fused:
+            e = config.num_local_experts
+            out[f"{src}.mlp.gate.weight"] = Target(f"{dst}.moe.gate.weight", (e, h))
+            out[f"{src}.mlp.experts.gate_up_proj"] = Target(w13, (e, 2 * i, h))
+            out[f"{src}.mlp.experts.down_proj"] = Target(w2, (e, h, i))
+            continue
+        out[f"{src}.block_sparse_moe.gate.weight"] = Target(f"{dst}.moe.gate.weight", (config.num_local_experts, h))
+        for e in range(config.num_local_experts):
+            pre = f"{src}.block_sparse_moe.experts.{e}"
+            out[f"{pre}.w1.weight"] = Target(w13, (i, h), lambda p, e=e: p[e, :i])
+            out[f"{pre}.w3.weight"] = Target(w13, (i, h), lambda p, e=e: p[e, i:])
+            out[f"{pre}.w2.weight"] = Target(w2, (h, i), lambda p, e=e: p[e])
+    return out
+
+
+def load_model(folder: str | Path, dtype: str | None = None, attention_window: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> MixtralStatic:
+    """Build MixtralStatic from a checkpoint folder; `dtype` defaults to the config's."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    config = MixtralConfig.from_json(folder / "config.json")
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    tensors = checkpoint_tensors(folder)
+    fused = any(".mlp.experts." in key for key in tensors)
+    if fused and any(".block_sparse_moe." in key for key in tensors):
+        raise CheckpointError(f"{folder}: mixes the per-expert (block_sparse_moe) and fused (mlp.experts) layouts")
+    targets = weight_targets(config, fused)
+    for key, entry in tensors.items():
+        if key in targets or IGNORED.fullmatch(key):
+            continue
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the embedding is the head; a saved copy is redundant
+        raise CheckpointError(f"{entry.path}: unexpected tensor {key} for this config")
+    for key, target in targets.items():
+        if key not in tensors:
+            raise CheckpointError(f"{folder}: missing tensor {key}")
+        entry = tensors[key]
+        if entry.shape != target.shape:
+            raise CheckpointError(f"{entry.path}: tensor {key} has shape {list(entry.shape)}, "
+                                  f"expected {list(target.shape)}")
+        if entry.dtype not in FILE_DTYPES:
+            raise CheckpointError(f"{entry.path}: tensor {key} has dtype {entry.dtype}; "
+                                  f"expected F32, F16 or BF16")
+
+    with torch.device("meta"):  # no memory until to_empty, which allocates the one copy
+        model = MixtralStatic(config, attention_window).to(TORCH_DTYPES[config.dtype])
+    model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    params = dict(model.named_parameters())
+
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for key in targets:
+        by_file[tensors[key].path].append(key)
+    done, total = 0, len(targets)
+    with torch.no_grad():
+        for path, keys in by_file.items():  # one shard open at a time
+            with open(path, "rb") as handle:
+                for key in sorted(keys, key=lambda k: tensors[k].start):
+                    _read_tensor(tensors[key], targets[key].select(params[targets[key].param]), handle)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+    return model.eval()
+
+
+def _read_tensor(entry: TensorEntry, dest: torch.Tensor, handle) -> None:
+    """Read one tensor into `dest`: straight into it when dtypes match, else via one temp buffer."""
+    file_dtype = FILE_DTYPES[entry.dtype]
+    dest = dest.detach()
+    if file_dtype == dest.dtype and dest.is_contiguous():
+        read_into(entry, memoryview(dest.view(torch.uint8).numpy()).cast("B"), handle)
+        return
+    tmp = torch.empty(entry.shape, dtype=file_dtype)
+    read_into(entry, memoryview(tmp.view(torch.uint8).numpy()).cast("B"), handle)
+    dest.copy_(tmp)

@@ -1,0 +1,172 @@
+"""A static-shape Mixtral: one pure step function over a chunk of tokens and a rolling KV cache.
+
+The step follows `graphs.contract`: every tensor shape is fixed by (B, T, S) and the config, the
+MoE is dense-masked (all experts run, weighted by a top-k mask), and there is no Python branching
+on tensor values, so the same module traces to ONNX, TensorRT and torch.compile.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MixtralConfig
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin of absolute positions, computed in fp32 like the reference."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]  # (B, 1, T, D)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_mask(positions: torch.Tensor, cache_positions: torch.Tensor,
+                   window: int | None) -> torch.Tensor:
+    """Which keys (cache slots, then chunk tokens) each query may see: (B, 1, 1, T, S+T) bool."""
+    key_positions = torch.cat((cache_positions, positions), dim=1)  # (B, S+T)
+    q = positions[:, :, None]  # (B, T, 1)
+    k = key_positions[:, None, :]  # (B, 1, S+T)
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible = visible & (q - k < window)
+    return visible[:, None, None]  # (B, 1, 1, T, S+T)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MixtralConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        hidden, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(hidden, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, hidden, bias=False)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, mask):
+        b, t, _ = x.shape
+        hkv, g, d = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
+        q = self.q_proj(x).view(b, t, self.n_heads, d).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        keys = torch.cat((cache_k, k), dim=2)[:, :, None]  # (B, Hkv, 1, S+T, D)
+        values = torch.cat((cache_v, v), dim=2)[:, :, None]  # (B, Hkv, 1, S+T, D)
+        q = q.view(b, hkv, g, t, d)  # (B, Hkv, G, T, D): query head h uses kv head h // G
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale  # (B, Hkv, G, T, S+T)
+        scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        out = torch.matmul(probs, values)  # (B, Hkv, G, T, D)
+        out = out.reshape(b, self.n_heads, t, d).transpose(1, 2).reshape(b, t, self.n_heads * d)
+        return self.o_proj(out), k, v
+
+
+class DenseMoE(nn.Module):
+    """Top-k routing as a dense mask: every expert runs on every token, weighted by the mask."""
+
+    def __init__(self, config: MixtralConfig):
+        super().__init__()
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.top_k = config.num_experts_per_tok
+        self.intermediate = i
+        self.act = ACTIVATIONS[config.hidden_act]
+        self.gate = nn.Linear(h, e, bias=False)
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))  # rows [0, I) = w1 (gate), [I, 2I) = w3 (up)
+        self.w2 = nn.Parameter(torch.empty(e, h, i))
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> (N, E) fp32: renormalised top-k softmax probabilities, zero elsewhere."""
+        probs = torch.softmax(self.gate(x).float(), dim=-1)  # (N, E)
+        top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return torch.zeros_like(probs).scatter(1, top_i, top_w)  # (N, E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        x = x.reshape(b * t, h)  # (N, H)
+        weights = self.routing_weights(x)  # (N, E)
+        up = torch.matmul(self.w13, x.t())  # (E, 2I, N)
+        hidden = self.act(up[:, : self.intermediate]) * up[:, self.intermediate:]  # (E, I, N)
+        out = torch.matmul(self.w2, hidden)  # (E, H, N)
+        out = (out.float() * weights.t()[:, None, :]).sum(dim=0)  # (H, N)
+        return out.t().to(x.dtype).reshape(b, t, h)
+
+
+class Block(nn.Module):
+    def __init__(self, config: MixtralConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe = DenseMoE(config)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, mask):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, mask)
+        x = x + attn
+        x = x + self.moe(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class MixtralStatic(nn.Module):
+    """The step function of `graphs.contract` as a module: (ids, positions, cache) -> (logits, new k/v)."""
+
+    def __init__(self, config: MixtralConfig, attention_window: int | None):
+        super().__init__()
+        self.config = config
+        self.attention_window = attention_window
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def forward(self, input_ids, positions, cache_k, cache_v, cache_positions):
+        """input_ids/positions (B, T) int64, cache_k/v (L, B, Hkv, S, D), cache_positions (B, S)."""
+        x = self.embed_tokens(input_ids)  # (B, T, H)
+        d = self.config.head_dim  # inv_freq is made here, in fp32, so no .to(dtype) can round it
+        inv_freq = 1.0 / (self.config.rope_theta ** (
+            torch.arange(0, d, 2, dtype=torch.int64, device=x.device).float() / d))  # (D/2,)
+        cos, sin = rope_tables(positions, inv_freq, x.dtype)
+        mask = attention_mask(positions, cache_positions, self.attention_window)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], mask)
+            new_k.append(k)
+            new_v.append(v)
+        logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
+        return logits, torch.stack(new_k), torch.stack(new_v)  # new_k/v: (L, B, Hkv, T, D)

@@ -1,0 +1,111 @@
+"""The embedded tiny model: a real Hugging Face-layout Mixtral checkpoint, deterministic from a seed.
+
+Random weights, scaled so routing and argmax are decisive (HF's 0.02 init makes routers near
+uniform), written in the per-expert layout save_pretrained writes, with a sentencepiece
+tokenizer trained from the corpus the repo ships.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .config import MixtralConfig
+from .tokenizer_training import load_tiny_corpus, train_tokenizer
+
+TINY_CONFIG = MixtralConfig(
+    vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+    rope_theta=1e6, sliding_window=32, num_local_experts=4, num_experts_per_tok=2,
+    bos_token_id=1, eos_token_id=(2,), tie_word_embeddings=False, dtype="float32",
+)
+
+
+def random_weights(config: MixtralConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-expert-layout tensors (as save_pretrained names them) with decisive scales."""
+    gen = torch.Generator().manual_seed(seed)
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    d, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
+
+    def normal(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    def norm_weight() -> torch.Tensor:
+        return 1.0 + normal(h, std=0.1)
+
+    out = {"model.embed_tokens.weight": normal(v, h, std=1.0), "model.norm.weight": norm_weight()}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = normal(v, h, std=3.0 / math.sqrt(h))
+    for n in range(config.num_hidden_layers):
+        pre = f"model.layers.{n}"
+        out[f"{pre}.input_layernorm.weight"] = norm_weight()
+        out[f"{pre}.post_attention_layernorm.weight"] = norm_weight()
+        out[f"{pre}.self_attn.q_proj.weight"] = normal(nh * d, h, std=1.5 / math.sqrt(h))
+        out[f"{pre}.self_attn.k_proj.weight"] = normal(nkv * d, h, std=1.5 / math.sqrt(h))
+        out[f"{pre}.self_attn.v_proj.weight"] = normal(nkv * d, h, std=1.0 / math.sqrt(h))
+        out[f"{pre}.self_attn.o_proj.weight"] = normal(h, nh * d, std=0.5 / math.sqrt(nh * d))
+        out[f"{pre}.block_sparse_moe.gate.weight"] = normal(config.num_local_experts, h, std=2.0 / math.sqrt(h))
+        for e in range(config.num_local_experts):
+            out[f"{pre}.block_sparse_moe.experts.{e}.w1.weight"] = normal(i, h, std=1.0 / math.sqrt(h))
+            out[f"{pre}.block_sparse_moe.experts.{e}.w3.weight"] = normal(i, h, std=1.0 / math.sqrt(h))
+            out[f"{pre}.block_sparse_moe.experts.{e}.w2.weight"] = normal(h, i, std=0.5 / math.sqrt(i))
+    return out
+
+
+def write_checkpoint(folder: str | Path, config: MixtralConfig, tensors: dict[str, torch.Tensor],
+                     max_shard_bytes: int | None = None, tokenizer_model: Path | None = None) -> Path:
+    """Write config.json, generation_config.json, safetensors (sharded past max_shard_bytes) and
+    the tokenizer into `folder` atomically: everything goes to a temp folder that is renamed."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config.dtype]
+        tensors = {k: t.to(dtype).contiguous() for k, t in tensors.items()}
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for key, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][key] = t
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for n, shard in enumerate(shards, start=1):
+                name = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                weight_map.update({key: name for key in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config.write_json(tmp / "config.json")
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_id)[0]}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer_model is not None:
+            shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_tiny(folder: str | Path, seed: int = 0, config: MixtralConfig = TINY_CONFIG,
+               max_shard_bytes: int | None = None) -> Path:
+    """The tiny checkpoint, tokenizer included; the same seed writes the same files."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = train_tokenizer(load_tiny_corpus(), Path(scratch) / "tokenizer.model",
+                                    vocab_size=config.vocab_size)
+        return write_checkpoint(folder, config, random_weights(config, seed), max_shard_bytes, tokenizer)
