@@ -104,7 +104,7 @@ class MixtralConfig:
         kv_heads = raw.get("num_key_value_heads")
         head_dim = raw.get("head_dim")
         if head_dim is None:
-            if not isinstance(heads, int) or heads <= 0 or hidden % heads:
+            if not (isinstance(heads, int) and isinstance(hidden, int)) or heads <= 0 or hidden % heads:
                 raise ConfigError(f"{source}: head_dim is null and hidden_size ({hidden}) "
                                   f"is not divisible by num_attention_heads ({heads})")
             head_dim = hidden // heads
