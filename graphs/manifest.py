@@ -1,0 +1,258 @@
+"""manifest.json: what an artifact folder holds, what it was built from, and proof it is intact.
+
+An artifact is a folder of graph files plus this manifest, written last by the builder. The
+manifest records the model config, the static step shapes, the chunk lengths the graph serves,
+the I/O contract per chunk length, the tools that built it, and the size and sha256 of every
+file beside it, so a runtime can refuse an artifact that was truncated, tampered with, mixed
+with another build's files or built for another model, before it loads gigabytes of weights.
+
+Torch-free and onnx-free: runtimes read it with numpy and onnxruntime alone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+
+from graphs.contract import INPUT_NAMES, OUTPUT_NAMES, ContractError, StepShapes
+from mixtral_export.config import ConfigError, MixtralConfig
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+KINDS = ("onnx", "aoti")
+# Files that hold graphs or weights: one of these that the manifest does not list means the
+# folder mixes builds, so it is refused rather than guessed at.
+GRAPH_SUFFIXES = (".onnx", ".data", ".pt2", ".safetensors")
+TOOLS = ("torch", "onnx", "onnxscript", "onnxruntime", "mixtral-export")
+HASH_CHUNK = 16 << 20  # bytes read at a time: artifacts hold tens of GB
+# The build's dtype is a choice of the artifact (manifest.dtype), not part of the model's identity.
+IDENTITY_IGNORES = ("dtype",)
+
+
+class ManifestError(ValueError):
+    """A missing, malformed, tampered or mismatched artifact; one line naming the file."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    folder: Path
+    format_version: int
+    kind: str
+    config: MixtralConfig
+    shapes: StepShapes
+    chunks: tuple[int, ...]  # the chunk lengths T the graphs serve: (P, 1)
+    graphs: dict[str, str]  # role -> file name, e.g. {"step": "model.onnx"}
+    io: dict  # {"inputs"|"outputs": [{"name", "dtype", "shapes": {str(T): [dims]}}]}
+    dtype: str
+    opset: int | None
+    tools: dict[str, str]
+    created: str
+    tokenizer: str | None  # file name inside the folder, or None when none was copied
+    bos_token_id: int | None
+    eos_token_id: tuple[int, ...]
+    files: dict[str, FileEntry]
+    device: str | None = None  # what the graphs were compiled for ("cpu", "cuda"); None = any (ONNX)
+    source: str | None = None  # the checkpoint folder it was built from, as the builder saw it
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def graph_path(self, role: str = "step") -> Path:
+        if role not in self.graphs:
+            raise ManifestError(f"{self.folder / MANIFEST_NAME}: no {role!r} graph (has {', '.join(self.graphs)})")
+        return self.folder / self.graphs[role]
+
+
+def io_contract(shapes: StepShapes, chunks: tuple[int, ...]) -> dict:
+    """The step contract's names, dtypes and shapes for every served chunk length."""
+    dtypes = {"input_ids": "int64", "positions": "int64", "cache_k": shapes.dtype, "cache_v": shapes.dtype,
+              "cache_positions": "int64", "logits": "float32", "new_k": shapes.dtype, "new_v": shapes.dtype}
+
+    def entries(names, shapes_of) -> list[dict]:
+        return [{"name": name, "dtype": dtypes[name],
+                 "shapes": {str(t): list(shapes_of(t)[name]) for t in chunks}} for name in names]
+
+    return {"inputs": entries(INPUT_NAMES, shapes.input_shapes),
+            "outputs": entries(OUTPUT_NAMES, shapes.output_shapes)}
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions of the build tools (read from package metadata; nothing is imported)."""
+    out = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while n := handle.readinto(buffer):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shapes: StepShapes,
+                   graphs: dict[str, str], opset: int | None = None, chunks: tuple[int, ...] | None = None,
+                   tokenizer: str | None = None, bos_token_id: int | None = None,
+                   eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
+                   source: str | Path | None = None) -> Path:
+    """Hash every file in `folder` and write manifest.json beside them; call it last.
+
+    bos/eos default to the config's; chunks default to (prefill_chunk, 1).
+    """
+    folder = Path(folder)
+    if kind not in KINDS:
+        raise ManifestError(f"{folder / MANIFEST_NAME}: unknown artifact kind {kind!r} (one of {', '.join(KINDS)})")
+    chunks = chunks or tuple(dict.fromkeys((shapes.prefill_chunk, 1)))
+    names = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_NAME)
+    for name in names:
+        if not (folder / name).is_file():
+            raise ManifestError(f"{folder / name}: an artifact holds plain files only")
+    for role, name in graphs.items():
+        if name not in names:
+            raise ManifestError(f"{folder / name}: the {role} graph is not in the artifact")
+    if tokenizer is not None and tokenizer not in names:
+        raise ManifestError(f"{folder / tokenizer}: the tokenizer is not in the artifact")
+    raw = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "tools": tool_versions(),
+        "dtype": shapes.dtype,
+        "opset": opset,
+        "config": config.to_dict(),
+        "shapes": shapes.to_dict(),
+        "chunks": list(chunks),
+        "graphs": dict(graphs),
+        "io": io_contract(shapes, chunks),
+        "tokenizer": tokenizer,
+        "bos_token_id": config.bos_token_id if bos_token_id is None else bos_token_id,
+        "eos_token_id": list(config.eos_token_id if eos_token_id is None else eos_token_id),
+        "device": device,
+        "source": None if source is None else str(source),
+        "files": {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+                  for name in names},
+    }
+    path = folder / MANIFEST_NAME
+    tmp = folder / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
+    """Read and check an artifact's manifest.
+
+    Always checks that every listed file exists with its recorded size and that no unlisted
+    graph or weight file sits beside them (cheap: one stat per file). `verify_files` also
+    re-hashes every file (minutes for a 90 GB model), which catches same-size tampering.
+    """
+    folder = Path(folder)
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: not an artifact folder")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: missing; {folder} is not a built artifact "
+                            f"(or its build did not finish)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ManifestError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{path}: expected a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ManifestError(f"{path}: unknown format_version {version!r} (this version reads {FORMAT_VERSION})")
+    manifest = _parse(raw, folder, path)
+    _check_files(manifest, verify_files)
+    return manifest
+
+
+def check_compatible(manifest: Manifest, config: MixtralConfig) -> None:
+    """Refuse an artifact built for another model: name every field that differs (dtype aside)."""
+    differing = [f.name for f in fields(MixtralConfig)
+                 if f.name not in IDENTITY_IGNORES and getattr(manifest.config, f.name) != getattr(config, f.name)]
+    if differing:
+        detail = ", ".join(f"{name} {getattr(manifest.config, name)!r} != {getattr(config, name)!r}"
+                           for name in differing)
+        raise ManifestError(f"{manifest.folder / MANIFEST_NAME}: built for another config ({detail})")
+
+
+def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
+    try:
+        config = MixtralConfig.from_dict(raw["config"], source=f"{path}: config")
+        shapes = StepShapes.from_dict(raw["shapes"])
+        files = {name: FileEntry(size=int(entry["size"]), sha256=str(entry["sha256"]))
+                 for name, entry in raw["files"].items()}
+        eos = raw["eos_token_id"]
+        manifest = Manifest(
+            folder=folder, format_version=raw["format_version"], kind=raw["kind"], config=config,
+            shapes=shapes, chunks=tuple(int(t) for t in raw["chunks"]), graphs=dict(raw["graphs"]),
+            io=raw["io"], dtype=raw["dtype"], opset=raw["opset"], tools=dict(raw["tools"]),
+            created=raw["created"], tokenizer=raw["tokenizer"], bos_token_id=raw["bos_token_id"],
+            eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,), files=files,
+            device=raw.get("device"), source=raw.get("source"))
+    except ConfigError as err:
+        raise ManifestError(str(err)) from None
+    except KeyError as err:
+        raise ManifestError(f"{path}: field {err.args[0]!r} is missing") from None
+    except (ContractError, TypeError, ValueError, AttributeError) as err:
+        raise ManifestError(f"{path}: malformed ({err})") from None
+    if manifest.kind not in KINDS:
+        raise ManifestError(f"{path}: unknown artifact kind {manifest.kind!r} (one of {', '.join(KINDS)})")
+    if manifest.dtype != shapes.dtype:
+        raise ManifestError(f"{path}: dtype {manifest.dtype!r} differs from shapes.dtype {shapes.dtype!r}")
+    expected = {"num_layers": config.num_hidden_layers, "num_kv_heads": config.num_key_value_heads,
+                "head_dim": config.head_dim, "vocab_size": config.vocab_size}
+    for name, value in expected.items():
+        if getattr(shapes, name) != value:
+            raise ManifestError(f"{path}: shapes.{name} ({getattr(shapes, name)}) does not match the config ({value})")
+    if set(manifest.chunks) != {shapes.prefill_chunk, 1}:
+        raise ManifestError(f"{path}: chunks {list(manifest.chunks)} must be the prefill chunk "
+                            f"({shapes.prefill_chunk}) and 1")
+    if manifest.io != io_contract(shapes, manifest.chunks):
+        raise ManifestError(f"{path}: io does not match the step contract for these shapes")
+    for name in files:
+        pure = PurePosixPath(name)
+        if pure.is_absolute() or len(pure.parts) != 1 or name in ("", ".", ".."):
+            raise ManifestError(f"{path}: file {name!r} is not a plain name inside the artifact")
+    for role, name in manifest.graphs.items():
+        if name not in files:
+            raise ManifestError(f"{path}: the {role} graph {name!r} is not listed under files")
+    if manifest.tokenizer is not None and manifest.tokenizer not in files:
+        raise ManifestError(f"{path}: the tokenizer {manifest.tokenizer!r} is not listed under files")
+    return manifest
+
+
+def _check_files(manifest: Manifest, verify_hashes: bool) -> None:
+    for name, entry in manifest.files.items():
+        file = manifest.folder / name
+        if not file.is_file():
+            raise ManifestError(f"{file}: listed in {MANIFEST_NAME} but missing")
+        size = file.stat().st_size
+        if size != entry.size:
+            raise ManifestError(f"{file}: size {size} bytes, {MANIFEST_NAME} says {entry.size} "
+                                f"(truncated or replaced)")
+    for file in sorted(manifest.folder.iterdir()):
+        if file.suffix in GRAPH_SUFFIXES and file.name not in manifest.files:
+            raise ManifestError(f"{file}: not listed in {MANIFEST_NAME} (a file from another build?)")
+    if verify_hashes:
+        for name, entry in manifest.files.items():
+            if sha256_file(manifest.folder / name) != entry.sha256:
+                raise ManifestError(f"{manifest.folder / name}: sha256 does not match {MANIFEST_NAME} (modified)")

@@ -1,0 +1,211 @@
+"""A checkpoint folder -> an ONNX step-graph artifact: model.onnx + model.onnx.data + manifest.json.
+
+One graph, one weights file. The graph's only free axis is the chunk length T: the runtime feeds
+it T = prefill_chunk for prefill and T = 1 for decode; batch, cache slots and every model
+dimension are static. Two graphs (prefill and decode) would either store the weights twice on
+disk or, sharing one data file, still be two ORT sessions that each load their own copy of the
+weights into memory: 2 x 90 GB for Mixtral 8x7B. One session over one graph loads them once.
+The weights always go to external data, which is also what lets a > 2 GB model exist at all
+(a protobuf caps at 2 GB).
+
+Exporter: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript) with `dynamic_shapes`
+marking T. On torch 2.13 it takes ~5 s for the tiny model, keeps every axis but T static (checked
+below), folds the Linear weight transposes into the stored weights, writes bf16 initializers and
+streams external data from the live tensors. The legacy exporter (`dynamo=False`, `dynamic_axes`)
+is faster (~0.5 s) but deprecated, emits 2.5x the nodes and loses static dims (new_k's head_dim
+comes out as a symbol), so it is not used. Node metadata (FX names, stack traces with the build
+machine's paths) is dropped: it was 85% of model.onnx.
+
+The build is atomic: everything is written into a hidden temp folder beside `out_dir`, the
+manifest last, then the folder is renamed into place. Any failure (or Ctrl-C) removes the temp
+folder, so `out_dir` either holds a complete, hashed artifact or is untouched.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from graphs.contract import INPUT_NAMES, OUTPUT_NAMES, NO_POSITION, StepShapes
+from graphs.manifest import MANIFEST_NAME, io_contract, write_manifest
+from mixtral_export.config import DTYPES, MixtralConfig
+
+GRAPH_NAME = "model.onnx"
+DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external data
+COPIED_FILES = ("tokenizer.model", "generation_config.json")
+CHUNK_AXIS = "T"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot start or did not produce a valid graph; one line naming the path."""
+
+
+def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
+                prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False, opset: int = 18,
+                progress: Callable[[str], None] | None = None) -> Path:
+    """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
+
+    dtype None means the checkpoint's own; the graph's logits are float32 whatever the dtype.
+    """
+    checkpoint, out = Path(checkpoint_folder), Path(out_dir)
+    say = progress or (lambda stage: None)
+    config = MixtralConfig.from_json(checkpoint / "config.json")
+    dtype = dtype or config.dtype
+    if dtype not in DTYPES:
+        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(DTYPES)})")
+    config = config.replace(dtype=dtype)
+    shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
+                                   dtype=dtype, slide=slide)
+    check_destination(out)
+    tmp = make_temp_folder(out)
+    try:
+        say(f"loading {checkpoint} as {dtype}")
+        from mixtral_export.checkpoint import load_model
+
+        model = load_model(checkpoint, dtype=dtype, attention_window=shapes.attention_window)
+        say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={shapes.prefill_chunk}|1, "
+            f"S={shapes.cache_slots})")
+        export_graph(model, shapes, tmp / GRAPH_NAME, opset)
+        del model
+        gc.collect()
+        say("checking the graph")
+        check_graph(tmp / GRAPH_NAME, shapes)
+        copied = copy_side_files(checkpoint, tmp)
+        bos, eos = generation_ids(tmp / "generation_config.json", config)
+        say("hashing files and writing the manifest")
+        write_manifest(tmp, kind="onnx", config=config, shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
+                       tokenizer="tokenizer.model" if "tokenizer.model" in copied else None,
+                       bos_token_id=bos, eos_token_id=eos, source=checkpoint.resolve())
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return out
+
+
+def check_destination(out: Path) -> None:
+    """Refuse to replace anything but an empty folder or an earlier artifact."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"{out}: exists and is not a folder; refusing to overwrite it")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ExportError(f"{out}: exists and is not an artifact (no {MANIFEST_NAME}); refusing to overwrite it")
+
+
+def make_temp_folder(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as err:
+        raise ExportError(f"{out}: cannot write the artifact there ({err.strerror or err})") from None
+
+
+def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
+    """torch.export the step with T symbolic and save it with all weights in one external file."""
+    import torch
+
+    from mixtral_export.model import TORCH_DTYPES
+
+    example = max(shapes.prefill_chunk, 2)  # torch.export specialises a size-1 example to 1
+    dtype = TORCH_DTYPES[shapes.dtype]
+    args = (torch.zeros(shapes.batch, example, dtype=torch.int64),  # input_ids (B, T)
+            torch.arange(example, dtype=torch.int64).repeat(shapes.batch, 1),  # positions (B, T)
+            torch.zeros(shapes.cache_shape(), dtype=dtype),  # cache_k (L, B, Hkv, S, D)
+            torch.zeros(shapes.cache_shape(), dtype=dtype),  # cache_v (L, B, Hkv, S, D)
+            torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64))  # (B, S)
+    chunk = torch.export.Dim(CHUNK_AXIS, min=1)
+    dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": None, "cache_v": None,
+               "cache_positions": None}
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # it warns per missing torchvision op and chats per stage
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic,
+                                        input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                                        opset_version=opset, optimize=True, verbose=False)
+            for node in program.model.graph.all_nodes():  # FX names and stack traces with build paths
+                node.metadata_props.clear()
+            program.save(str(path), external_data=True)
+    finally:
+        exporter_log.setLevel(level)
+
+
+def check_graph(path: Path, shapes: StepShapes) -> None:
+    """ONNX checker, shape inference (both by path, for > 2 GB) and the contract's I/O on the result."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+        onnx.shape_inference.infer_shapes_path(str(path))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{path}: invalid ONNX graph ({first})") from None
+    proto = onnx.load(str(path), load_external_data=False)
+    elem = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+            "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64}
+    symbolic = io_contract(shapes, (NO_POSITION,))  # chunk -1 marks the symbolic T axis
+    for side, values in (("inputs", proto.graph.input), ("outputs", proto.graph.output)):
+        expected = symbolic[side]
+        names = [v.name for v in values]
+        if names != [e["name"] for e in expected]:
+            raise ExportError(f"{path}: graph {side} are {names}, the contract says {[e['name'] for e in expected]}")
+        for value, want in zip(values, expected):
+            tensor = value.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            want_dims = [CHUNK_AXIS if d == NO_POSITION else d for d in want["shapes"][str(NO_POSITION)]]
+            if tensor.elem_type != elem[want["dtype"]] or dims != want_dims:
+                raise ExportError(f"{path}: {value.name} is {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
+                                  f"{dims}, the contract says {want['dtype']} {want_dims}")
+    locations = {entry.value for init in proto.graph.initializer for entry in init.external_data
+                 if entry.key == "location"}
+    if locations - {DATA_NAME}:
+        raise ExportError(f"{path}: weights in {sorted(locations)}, expected only {DATA_NAME}")
+
+
+def copy_side_files(checkpoint: Path, dest: Path) -> list[str]:
+    copied = []
+    for name in COPIED_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def generation_ids(path: Path, config: MixtralConfig) -> tuple[int | None, tuple[int, ...]]:
+    """BOS/EOS ids: generation_config.json's where it sets them (chat models add EOS ids), else the config's."""
+    bos, eos = config.bos_token_id, config.eos_token_id
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ExportError(f"{path}: not valid JSON ({err})") from None
+        bos = raw.get("bos_token_id", bos)
+        found = raw.get("eos_token_id")
+        if found is not None:
+            eos = tuple(found) if isinstance(found, list) else (found,)
+    return bos, eos
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to `out`, swapping out an earlier artifact only once it is done."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

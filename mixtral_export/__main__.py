@@ -1,0 +1,3 @@
+from mixtral_export.cli import main
+
+main()

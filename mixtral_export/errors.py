@@ -1,0 +1,22 @@
+"""The errors a user can cause by what they feed the tool: the CLI prints them as one line."""
+from __future__ import annotations
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is the whole story (no traceback), imported lazily."""
+    from graphs.contract import ContractError
+    from mixtral_export.config import ConfigError
+    from runtimes.step import ContextOverflow
+
+    found: list[type[BaseException]] = [ConfigError, ContractError, ContextOverflow]
+    for module, name in (("mixtral_export.safetensors_file", "CheckpointError"),
+                         ("mixtral_export.tokenizer", "TokenizerError"),
+                         ("mixtral_export.tokenizer", "ChatFormatError"),
+                         ("graphs.manifest", "ManifestError"),
+                         ("graphs.onnx_export", "ExportError"),
+                         ("runtimes.load", "RuntimeLoadError")):
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)

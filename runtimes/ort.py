@@ -1,0 +1,167 @@
+"""The ONNX Runtime backend: one session over an artifact's step graph, the ring cache in numpy.
+
+Serving needs no torch and no model code: the manifest says what the graph is, the graph is the
+model. One InferenceSession serves both chunk lengths (T = prefill_chunk and T = 1), so the
+weights are loaded once. Every buffer is allocated once: per chunk length an IOBinding binds the
+token/position inputs and the three outputs to preallocated numpy arrays, and both bindings bind
+cache_k/cache_v/cache_positions to the same cache arrays, zero-copy on CPU. A step copies the
+tokens in, runs, and writes only the chunk's ring slots in place; the cache is never copied whole.
+
+With provider="cuda" the same host buffers are bound, so ORT uploads the cache every step:
+correct, but a device-resident cache needs the ring write inside a graph.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from graphs.contract import INPUT_NAMES, NO_POSITION, OUTPUT_NAMES, StepShapes
+from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
+from runtimes.step import check_step_inputs, ring_writes
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
+             "int64": "tensor(int64)"}
+ONNX_BFLOAT16 = 16  # TensorProto.BFLOAT16, which numpy does not know
+
+
+class OrtBackendError(RuntimeError):
+    """An artifact or provider this backend cannot serve; one line."""
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise OrtBackendError("bfloat16 artifacts need the ml_dtypes package (pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype({"float32": np.float32, "float16": np.float16, "int64": np.int64}[name])
+
+
+def host_value(array: np.ndarray) -> ort.OrtValue:
+    """An OrtValue over `array`'s own memory (no copy); bfloat16 by reinterpreting its bits."""
+    if array.dtype.name == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), ONNX_BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
+def session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
+    """Threads set deliberately: one intra-op pool over the usable cores, no inter-op pool, and no
+    spin-waiting by default (spinning threads burn the cores the caller's own work needs)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or usable_cores()
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only
+    return options
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class ChunkBinding:
+    """The IOBinding for one chunk length T: its own ids/positions/output buffers, the shared cache."""
+
+    def __init__(self, session: ort.InferenceSession, shapes: StepShapes, chunk: int, dtype: np.dtype,
+                 cache: dict[str, np.ndarray]):
+        self.input_ids = np.zeros((shapes.batch, chunk), dtype=np.int64)  # (B, T)
+        self.positions = np.full((shapes.batch, chunk), NO_POSITION, dtype=np.int64)  # (B, T)
+        out = shapes.output_shapes(chunk)
+        self.logits = np.zeros(out["logits"], dtype=np.float32)  # (B, T, V)
+        self.new_k = np.zeros(out["new_k"], dtype=dtype)  # (L, B, Hkv, T, D)
+        self.new_v = np.zeros(out["new_v"], dtype=dtype)  # (L, B, Hkv, T, D)
+        arrays = {"input_ids": self.input_ids, "positions": self.positions, **cache,
+                  "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v}
+        self.values = {name: host_value(arrays[name]) for name in (*INPUT_NAMES, *OUTPUT_NAMES)}  # kept alive
+        self.binding = session.io_binding()
+        for name in INPUT_NAMES:
+            self.binding.bind_ortvalue_input(name, self.values[name])
+        for name in OUTPUT_NAMES:
+            self.binding.bind_ortvalue_output(name, self.values[name])
+        self.session = session
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray) -> None:
+        np.copyto(self.input_ids, input_ids)
+        np.copyto(self.positions, positions)
+        self.session.run_with_iobinding(self.binding)
+
+
+class OrtBackend:
+    """StepBackend over an ONNX artifact folder (see graphs/onnx_export.py)."""
+
+    name = "ort"
+
+    def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
+                 verify_files: bool = True, spin: bool = False):
+        self.manifest: Manifest = load_manifest(artifact_dir, verify_files=verify_files)
+        manifest_path = self.manifest.folder / MANIFEST_NAME
+        if self.manifest.kind != "onnx":
+            raise OrtBackendError(f"{manifest_path}: a {self.manifest.kind!r} artifact, not an ONNX one")
+        if provider not in PROVIDERS:
+            raise OrtBackendError(f"provider {provider!r} is not supported (one of {', '.join(PROVIDERS)})")
+        if provider == "cpu" and self.manifest.dtype == "bfloat16":
+            raise OrtBackendError(f"{manifest_path}: bfloat16 graphs do not run on ONNX Runtime's CPU provider "
+                                  f"(no bf16 kernels); use provider='cuda' or export float32/float16")
+        available = ort.get_available_providers()
+        if PROVIDERS[provider] not in available:
+            raise OrtBackendError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
+                                  f"(available: {', '.join(available)})")
+        self.provider = provider
+        self.shapes: StepShapes = self.manifest.shapes
+        self.session = ort.InferenceSession(str(self.manifest.graph_path("step")), session_options(threads, spin),
+                                            providers=[PROVIDERS[provider]])
+        check_session_io(self.session, self.manifest)
+
+        dtype = numpy_dtype(self.shapes.dtype)
+        self.cache_k = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
+        self.cache_v = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
+        self.cache_positions = np.full((self.shapes.batch, self.shapes.cache_slots), NO_POSITION,
+                                       dtype=np.int64)  # (B, S)
+        cache = {"cache_k": self.cache_k, "cache_v": self.cache_v, "cache_positions": self.cache_positions}
+        self.bindings = {chunk: ChunkBinding(self.session, self.shapes, chunk, dtype, cache)
+                         for chunk in self.manifest.chunks}
+
+    def reset(self) -> None:
+        self.cache_k.fill(0)
+        self.cache_v.fill(0)
+        self.cache_positions.fill(NO_POSITION)
+
+    def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        check_step_inputs(self.shapes, self.shapes.vocab_size, input_ids, positions)
+        positions = np.asarray(positions, dtype=np.int64)
+        chunk = self.bindings[input_ids.shape[1]]
+        chunk.run(input_ids, positions)
+        rows, cols, slots = ring_writes(positions, self.shapes.cache_slots)
+        self.cache_k[:, rows, :, slots] = chunk.new_k[:, rows, :, cols]  # (n, L, Hkv, D) on both sides
+        self.cache_v[:, rows, :, slots] = chunk.new_v[:, rows, :, cols]
+        self.cache_positions[rows, slots] = positions[rows, cols]
+        return chunk.logits.copy()  # the buffer is overwritten by the next step
+
+
+def check_session_io(session: ort.InferenceSession, manifest: Manifest) -> None:
+    """The loaded graph has the manifest's I/O: names in order, element types, static dims."""
+    path = manifest.graph_path("step")
+    contract = io_contract(manifest.shapes, manifest.chunks)
+    for side, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        names = [v.name for v in values]
+        want_names = [e["name"] for e in contract[side]]
+        if names != want_names:
+            raise ManifestError(f"{path}: graph {side} are {names}, the manifest says {want_names}")
+        for value, want in zip(values, contract[side]):
+            for chunk, dims in want["shapes"].items():
+                fits = len(value.shape) == len(dims) and all(
+                    not isinstance(got, int) or got == d for got, d in zip(value.shape, dims))
+                if value.type != ORT_TYPES[want["dtype"]] or not fits:
+                    raise ManifestError(f"{path}: {value.name} is {value.type} {value.shape}, the manifest "
+                                        f"says {want['dtype']} {dims} for T={chunk}")

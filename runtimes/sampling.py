@@ -1,0 +1,90 @@
+"""Next-token choice from logits: greedy or seeded sampling, in the order transformers applies it.
+
+Pure numpy (serves ONNX Runtime without torch). Order: repetition penalty, then (when sampling)
+temperature, top-k, top-p, and a draw in float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off; the CTRL rule over the row's prompt + generated ids
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class Sampler:
+    """Chooses one token per row; its generator is seeded once, so a seed replays a whole run."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def next_tokens(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        """logits (B, V) for the next position; history[b] = row b's prompt + generated ids."""
+        if logits.ndim != 2 or len(history) != logits.shape[0]:
+            raise ValueError(f"logits {logits.shape} must be (B, V) with one history per row ({len(history)})")
+        if np.isnan(logits).any():
+            raise ValueError("logits contain NaN")
+        scores = penalize_repeats(logits, history, self.params.repetition_penalty)  # (B, V) float32
+        if self.params.greedy:
+            return scores.argmax(axis=-1).astype(np.int64)  # first maximum = lowest id, like torch
+        return self.draw(scores.astype(np.float64) / self.params.temperature)
+
+    def draw(self, scores: np.ndarray) -> np.ndarray:
+        """Top-k, top-p and one draw per row from float64 scores (B, V)."""
+        batch, vocab = scores.shape
+        order = np.argsort(-scores, axis=-1, kind="stable")  # (B, V) best first, ties -> lowest id
+        ranked = np.take_along_axis(scores, order, axis=-1)  # (B, V) descending
+        if 0 < self.params.top_k < vocab:
+            ranked[:, self.params.top_k:] = -np.inf
+        probs = softmax(ranked)  # (B, V)
+        if self.params.top_p < 1.0:
+            mass_before = np.cumsum(probs, axis=-1) - probs  # (B, V)
+            keep = mass_before < self.params.top_p  # the smallest set reaching top_p
+            keep[:, 0] = True
+            probs = np.where(keep, probs, 0.0)
+        cdf = np.cumsum(probs, axis=-1)  # (B, V)
+        threshold = self.rng.random(batch) * cdf[:, -1]  # (B,)
+        picked = np.minimum((cdf <= threshold[:, None]).sum(axis=-1), vocab - 1)  # first cdf > u
+        return order[np.arange(batch), picked].astype(np.int64)
+
+
+def penalize_repeats(logits: np.ndarray, history: list[list[int]], penalty: float) -> np.ndarray:
+    """HF/CTRL repetition penalty on a float32 copy: seen tokens get logit/penalty if > 0 else logit*penalty."""
+    scores = np.array(logits, dtype=np.float32)  # (B, V)
+    if penalty == 1.0:
+        return scores
+    for row, ids in enumerate(history):
+        seen = np.unique(np.asarray(ids, dtype=np.int64))
+        if seen.size:
+            values = scores[row, seen]
+            scores[row, seen] = np.where(values > 0, values / penalty, values * penalty)
+    return scores
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=-1, keepdims=True))  # (B, V) float64
+    return shifted / shifted.sum(axis=-1, keepdims=True)

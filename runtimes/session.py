@@ -1,0 +1,104 @@
+"""The small public API for services: open an artifact, then generate or stream text.
+
+    from runtimes.session import Session
+    session = Session.open("out/tiny-onnx", runtime="ort")
+    print(session.generate("Once upon a time", max_new_tokens=20))
+    for piece in session.stream("Hi", chat=True, temperature=0.7, seed=1):
+        print(piece, end="")
+
+Thread safety: a Session owns one backend and its KV cache. Each generation holds the session's
+lock from its first step to its last, so calls from several threads are safe but run one at a
+time. For parallel generation open one Session per thread (each holds its own weights), or batch
+prompts into one call (`generate([...])` runs them `shapes.batch` rows at a time). A `stream`
+iterator holds the lock until it is exhausted or closed: close it if you stop early.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from runtimes.generate import GenerationConfig, GenerationResult, generate, stream
+from runtimes.sampling import SamplingParams
+
+
+class Session:
+    def __init__(self, backend, manifest, tokenizer=None):
+        self.backend = backend
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.last_result: GenerationResult | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",
+             threads: int | None = None, checkpoint: str | Path | None = None) -> "Session":
+        from runtimes.load import open_backend
+
+        backend, manifest = open_backend(artifact, runtime, provider=provider, threads=threads, checkpoint=checkpoint)
+        tokenizer = None
+        if manifest.tokenizer:
+            from mixtral_export.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
+        return cls(backend, manifest, tokenizer)
+
+    # ---- text <-> ids ----
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"{self.manifest.folder}: the artifact has no tokenizer.model; give token ids")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return self._need_tokenizer().encode(text, bos=True)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self._need_tokenizer().encode_chat(messages)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._need_tokenizer().decode(ids)
+
+    def _config(self, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                repetition_penalty: float = 1.0, seed: int | None = None,
+                stop_strings: tuple[str, ...] = ()) -> GenerationConfig:
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        return GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling,
+                                eos_token_ids=self.manifest.eos_token_id, stop_strings=tuple(stop_strings))
+
+    def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+        return self.encode_chat([{"role": "user", "content": prompt}]) if chat else self.encode(prompt)
+
+    # ---- generation ----
+
+    def generate_ids(self, prompts: list[list[int]], **options) -> GenerationResult:
+        factory = self.tokenizer.stream_decoder if self.tokenizer else None
+        with self._lock:
+            self.last_result = generate(self.backend, prompts, self._config(**options), detokenizer_factory=factory,
+                                        max_positions=self.manifest.config.max_position_embeddings)
+        return self.last_result
+
+    def stream_ids(self, prompt_ids: list[int], **options) -> Iterator[str]:
+        """Text pieces of one prompt's continuation as they are produced."""
+        factory = self.tokenizer.stream_decoder if self.tokenizer else None
+        config = self._config(**options)
+        with self._lock:
+            events = stream(self.backend, [prompt_ids], config, detokenizer_factory=factory,
+                            max_positions=self.manifest.config.max_position_embeddings)
+            while True:
+                try:
+                    event = next(events)
+                except StopIteration as done:
+                    self.last_result = done.value
+                    return
+                yield event.text_delta if factory else f"{event.token_id} "
+
+    def generate(self, prompt: str | list[str], chat: bool = False, **options) -> str | list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        result = self.generate_ids([self._prompt_ids(p, chat) for p in prompts], **options)
+        texts = [c.text for c in result.completions]
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def stream(self, prompt: str, chat: bool = False, **options) -> Iterator[str]:
+        return self.stream_ids(self._prompt_ids(prompt, chat), **options)

@@ -1,0 +1,227 @@
+"""Parity verification: any runtime against a baseline runtime and the transformers reference.
+
+The baseline (the first runtime, usually eager) generates a greedy continuation of each prompt.
+Every runtime is then teacher-forced through that same token sequence (chunked prefill, then one
+decode step per token), so its per-step logits compare position for position; each runtime's own
+greedy run gives the first step where its continuation diverges. Tolerances depend on dtype.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from graphs.contract import NO_POSITION
+from runtimes.generate import GenerationConfig, generate, prefill
+from runtimes.sampling import SamplingParams
+from runtimes.step import StepBackend
+
+DEMO_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. "
+    "Complex is better than complicated. Flat is better than nested. Sparse is better than dense.",
+)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_abs: float | None  # bound on every step's max |logit difference|, or None: not judged
+    min_top1: float  # fraction of steps whose argmax must agree
+    same_greedy: bool  # the greedy continuation must equal the baseline's token for token
+
+
+TOLERANCES = {
+    "float32": Tolerance(max_abs=1e-4, min_top1=1.0, same_greedy=True),
+    "float16": Tolerance(max_abs=None, min_top1=0.9, same_greedy=False),
+    "bfloat16": Tolerance(max_abs=None, min_top1=0.85, same_greedy=False),
+}
+
+
+@dataclass
+class Comparison:
+    runtime: str
+    against: str
+    max_abs: float
+    mean_abs: float
+    top1_agreement: float
+    first_divergence: list[int | None]  # per prompt: first generated step that differs, None if none
+    per_step_max_abs: list[list[float]]  # per prompt, per step
+    tolerance: Tolerance
+    passed: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        t = self.tolerance
+        self.passed = ((t.max_abs is None or self.max_abs <= t.max_abs) and self.top1_agreement >= t.min_top1
+                       and (not t.same_greedy or all(d is None for d in self.first_divergence)))
+
+
+@dataclass
+class VerifyReport:
+    artifact: str
+    dtype: str
+    steps: int
+    prompts: list[list[int]]
+    continuation: list[list[int]]  # the baseline's greedy tokens
+    comparisons: list[Comparison]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.comparisons)
+
+    def to_json(self) -> dict:
+        return {"artifact": self.artifact, "dtype": self.dtype, "steps": self.steps, "passed": self.passed,
+                "prompts": self.prompts, "continuation": self.continuation,
+                "comparisons": [asdict(c) | {"passed": c.passed} for c in self.comparisons]}
+
+
+def greedy(backend: StepBackend, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    config = GenerationConfig(max_new_tokens=steps, sampling=SamplingParams(), eos_token_ids=())
+    return [c.token_ids for c in generate(backend, prompts, config).completions]
+
+
+def teacher_forced(backend: StepBackend, prompts: list[list[int]], forced: list[list[int]]) -> list[np.ndarray]:
+    """Per prompt (steps, V) logits: step 0 from prefill, step s from decoding forced[row][s - 1]."""
+    batch, out = backend.shapes.batch, []
+    for start in range(0, len(prompts), batch):
+        group, tokens = prompts[start:start + batch], forced[start:start + batch]
+        backend.reset()
+        steps = [prefill(backend, group)]  # (rows, V)
+        for s in range(len(tokens[0]) - 1):
+            ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
+            pos = np.full((batch, 1), NO_POSITION, dtype=np.int64)
+            for row, (prompt, toks) in enumerate(zip(group, tokens)):
+                ids[row, 0], pos[row, 0] = toks[s], len(prompt) + s
+            steps.append(backend.step(ids, pos)[:len(group), 0])
+        out.extend(np.stack(steps, axis=1))  # rows x (steps, V)
+    return out
+
+
+def compare(runtime: str, against: str, ours: list[np.ndarray], theirs: list[np.ndarray],
+            divergence: list[int | None], tolerance: Tolerance) -> Comparison:
+    diffs = [np.abs(a - b).astype(np.float64) for a, b in zip(ours, theirs)]  # (steps, V) each
+    agree = np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ours, theirs)])
+    return Comparison(runtime=runtime, against=against, max_abs=float(max(d.max() for d in diffs)),
+                      mean_abs=float(np.mean([d.mean() for d in diffs])), top1_agreement=float(agree.mean()),
+                      first_divergence=divergence,
+                      per_step_max_abs=[[float(x) for x in d.max(-1)] for d in diffs], tolerance=tolerance)
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def verify_backends(backends: dict[str, StepBackend], prompts: list[list[int]], steps: int, dtype: str,
+                    artifact: str = "", reference=None) -> VerifyReport:
+    """Compare every backend with the first one, and (if given) every backend with the reference."""
+    names = list(backends)
+    baseline = names[0]
+    tolerance = TOLERANCES[dtype]
+    continuation = greedy(backends[baseline], prompts, steps)
+    forced = {name: teacher_forced(backends[name], prompts, continuation) for name in names}
+    own = {name: (continuation if name == baseline else greedy(backends[name], prompts, steps)) for name in names}
+    comparisons = []
+    for name in names[1:]:
+        divergence = [first_divergence(a, b) for a, b in zip(own[name], continuation)]
+        comparisons.append(compare(name, baseline, forced[name], forced[baseline], divergence, tolerance))
+    if reference is not None:
+        ref_logits = reference.teacher_forced(prompts, continuation)
+        ref_greedy = reference.greedy(prompts, steps)
+        for name in names:
+            divergence = [first_divergence(a, b) for a, b in zip(own[name], ref_greedy)]
+            comparisons.append(compare(name, "hf", forced[name], ref_logits, divergence, tolerance))
+    return VerifyReport(artifact=artifact, dtype=dtype, steps=steps, prompts=prompts, continuation=continuation,
+                        comparisons=comparisons)
+
+
+class HFReference:
+    """transformers' MixtralForCausalLM on the source checkpoint, fp32, eager attention."""
+
+    def __init__(self, checkpoint: str | Path):
+        import torch
+        from transformers import MixtralForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        self.torch = torch
+        self.model = MixtralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+
+    def teacher_forced(self, prompts: list[list[int]], forced: list[list[int]]) -> list[np.ndarray]:
+        out = []
+        with self.torch.no_grad():
+            for prompt, tokens in zip(prompts, forced):
+                ids = self.torch.tensor([prompt + tokens[:-1]])
+                logits = self.model(input_ids=ids).logits[0].float().numpy()  # (n, V)
+                out.append(logits[len(prompt) - 1:])
+        return out
+
+    def greedy(self, prompts: list[list[int]], steps: int) -> list[list[int]]:
+        out = []
+        with self.torch.no_grad():
+            for prompt in prompts:
+                ids = self.torch.tensor([prompt])
+                gen = self.model.generate(input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=steps, min_new_tokens=steps, eos_token_id=None,
+                                          pad_token_id=0)
+                out.append(gen[0, len(prompt):].tolist())
+        return out
+
+
+def default_prompts(session_tokenizer, vocab_size: int, window: int | None, count: int) -> list[list[int]]:
+    """Short and long prompts (longer than the window, so prefill wraps the ring)."""
+    if session_tokenizer is not None:
+        texts = [DEMO_TEXTS[i % len(DEMO_TEXTS)] for i in range(count)]
+        return [session_tokenizer.encode(t) for t in texts]
+    rng = np.random.default_rng(0)
+    lengths = [5, (window or 16) * 2 + 3][:count] + [9] * max(0, count - 2)
+    return [rng.integers(3, vocab_size, size=n).tolist() for n in lengths]
+
+
+def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | None = None,
+                    steps: int = 48, checkpoint: str | Path | None = None) -> VerifyReport:
+    """Open the artifact on each runtime and compare them (and the reference) on default prompts."""
+    from runtimes.load import RuntimeLoadError, open_backend
+
+    if len(runtimes) < 1 or len(set(runtimes)) != len(runtimes):
+        raise RuntimeLoadError(f"--runtimes needs distinct runtime names, got {','.join(runtimes)}")
+    if len(runtimes) < 2 and reference is None:
+        raise RuntimeLoadError("nothing to compare: give two runtimes or --reference hf")
+    backends, manifest = {}, None
+    for name in runtimes:
+        backends[name], manifest = open_backend(artifact, name, checkpoint=checkpoint)
+    tokenizer = None
+    if manifest.tokenizer:
+        from mixtral_export.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
+    shapes = manifest.shapes
+    prompts = default_prompts(tokenizer, shapes.vocab_size, shapes.attention_window, max(2, shapes.batch))
+    if shapes.max_positions is not None:
+        steps = min(steps, shapes.max_positions - max(map(len, prompts)))
+    ref = None
+    if reference == "hf":
+        source = Path(checkpoint) if checkpoint else Path(manifest.source or "")
+        if not (source / "config.json").exists():
+            raise RuntimeLoadError(f"{manifest.folder}: --reference hf needs the source checkpoint ({source})")
+        ref = HFReference(source)
+    return verify_backends(backends, prompts, steps, shapes.dtype, artifact=str(artifact), reference=ref)
+
+
+def print_report(report: VerifyReport, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report.artifact}: {len(report.prompts)} prompts x {report.steps} greedy steps, {report.dtype}")
+    for column in ("runtime", "vs", "max|dlogit|", "mean|dlogit|", "top-1", "diverges at", "result"):
+        table.add_column(column, no_wrap=True)
+    for c in report.comparisons:
+        diverged = ",".join("-" if d is None else str(d) for d in c.first_divergence)
+        table.add_row(c.runtime, c.against, f"{c.max_abs:.1e}", f"{c.mean_abs:.1e}",
+                      f"{c.top1_agreement:.0%}", diverged, "[green]pass[/]" if c.passed else "[red]FAIL[/]")
+    console.print(table)
+    t = TOLERANCES[report.dtype]
+    console.print(f"tolerance ({report.dtype}): max|dlogit| <= {t.max_abs if t.max_abs is not None else 'not judged'}, "
+                  f"top-1 agreement >= {t.min_top1:.0%}, same greedy tokens: {'required' if t.same_greedy else 'reported'}",
+                  highlight=False)
+    console.print("[green]all within tolerance[/]" if report.passed else "[red]outside tolerance[/]")

@@ -1,0 +1,133 @@
+"""manifest.json: a round trip, and one clear error per damaged or mismatched artifact.
+
+Built over small stand-in files (no export, no torch), so every check runs in milliseconds.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graphs.contract import StepShapes
+from graphs.manifest import (FORMAT_VERSION, MANIFEST_NAME, ManifestError, check_compatible, load_manifest,
+                             write_manifest)
+from mixtral_export.config import MixtralConfig
+
+CONFIG = MixtralConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
+                       num_local_experts=4, eos_token_id=(2,))
+SHAPES = StepShapes.for_config(CONFIG, batch=2, prefill_chunk=8)
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"graph" * 100)
+    (folder / "model.onnx.data").write_bytes(bytes(range(256)) * 64)
+    (folder / "tokenizer.model").write_bytes(b"pieces")
+    write_manifest(folder, kind="onnx", config=CONFIG, shapes=SHAPES, graphs={"step": "model.onnx"}, opset=18,
+                   tokenizer="tokenizer.model", eos_token_id=(2, 7))
+    return folder
+
+
+def error_of(call, *args, **kwargs) -> str:
+    with pytest.raises(ManifestError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_round_trip(artifact):
+    manifest = load_manifest(artifact)
+    assert manifest.config == CONFIG and manifest.shapes == SHAPES
+    assert manifest.kind == "onnx" and manifest.format_version == FORMAT_VERSION and manifest.opset == 18
+    assert manifest.chunks == (8, 1)
+    assert manifest.graph_path() == artifact / "model.onnx"
+    assert manifest.tokenizer == "tokenizer.model"
+    assert manifest.bos_token_id == 1 and manifest.eos_token_id == (2, 7)
+    assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.model"}
+    assert manifest.files["model.onnx.data"].size == 256 * 64
+    assert len(manifest.files["model.onnx"].sha256) == 64
+    assert manifest.tools["python"] and manifest.created
+    inputs = {e["name"]: e for e in manifest.io["inputs"]}
+    assert inputs["cache_k"]["shapes"] == {"8": [2, 2, 2, 32, 16], "1": [2, 2, 2, 32, 16]}
+    assert inputs["input_ids"]["shapes"] == {"8": [2, 8], "1": [2, 1]}
+    assert [e["dtype"] for e in manifest.io["outputs"]] == ["float32", "float32", "float32"]
+
+
+def test_tampered_byte_names_the_file(artifact):
+    data = artifact / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[1000] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    message = error_of(load_manifest, artifact)
+    assert "model.onnx.data" in message and "sha256" in message
+    load_manifest(artifact, verify_files=False)  # the cheap check sees sizes only, by design
+
+
+def test_truncated_graph_is_refused_even_without_hashing(artifact):
+    graph = artifact / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-1])
+    message = error_of(load_manifest, artifact, verify_files=False)
+    assert "model.onnx" in message and "size" in message
+
+
+def test_missing_listed_file(artifact):
+    (artifact / "tokenizer.model").unlink()
+    assert "tokenizer.model" in error_of(load_manifest, artifact)
+
+
+def test_extra_graph_file_is_refused(artifact):
+    (artifact / "old.onnx").write_bytes(b"stale")
+    assert "old.onnx" in error_of(load_manifest, artifact)
+
+
+def test_unrelated_extra_file_is_tolerated(artifact):
+    (artifact / "NOTES.txt").write_text("hello")
+    load_manifest(artifact)
+
+
+def test_missing_manifest(artifact):
+    (artifact / MANIFEST_NAME).unlink()
+    assert MANIFEST_NAME in error_of(load_manifest, artifact)
+
+
+def test_invalid_json(artifact):
+    (artifact / MANIFEST_NAME).write_text("{not json")
+    assert "not valid JSON" in error_of(load_manifest, artifact)
+
+
+def test_unknown_format_version(artifact):
+    path = artifact / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["format_version"] = FORMAT_VERSION + 1
+    path.write_text(json.dumps(raw))
+    assert "format_version" in error_of(load_manifest, artifact)
+
+
+def test_file_names_must_stay_inside_the_artifact(artifact):
+    path = artifact / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["files"]["../escape"] = {"size": 1, "sha256": "0" * 64}
+    path.write_text(json.dumps(raw))
+    assert "../escape" in error_of(load_manifest, artifact)
+
+
+def test_shapes_that_contradict_the_config_are_refused(artifact):
+    path = artifact / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["shapes"]["num_layers"] = 3
+    path.write_text(json.dumps(raw))
+    assert "num_layers" in error_of(load_manifest, artifact)
+
+
+def test_another_config_is_refused_naming_the_field(artifact):
+    manifest = load_manifest(artifact)
+    check_compatible(manifest, CONFIG)
+    check_compatible(manifest, CONFIG.replace(dtype="bfloat16"))  # the build's dtype is its own choice
+    message = error_of(check_compatible, manifest, CONFIG.replace(num_hidden_layers=3))
+    assert "num_hidden_layers" in message and "2" in message and "3" in message
+    message = error_of(check_compatible, manifest, CONFIG.replace(rope_theta=10000.0, sliding_window=None))
+    assert "rope_theta" in message and "sliding_window" in message

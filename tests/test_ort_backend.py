@@ -1,0 +1,197 @@
+"""The ONNX Runtime backend computes what the eager backend computes, step for step, cache included.
+
+Tolerance: fp32 max |logit difference| <= 1e-4 at every step; the ring caches agree to 1e-5.
+The run wraps the 32-slot ring more than twice, with rows at different positions and padding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from graphs.manifest import ManifestError, load_manifest, write_manifest
+from graphs.onnx_export import export_onnx
+from runtimes.eager import EagerBackend
+from runtimes.ort import OrtBackend, OrtBackendError
+
+TOL = 1e-4
+REPO = Path(__file__).resolve().parents[1]
+
+
+def eager_for(checkpoint, artifact) -> EagerBackend:
+    s = load_manifest(artifact, verify_files=False).shapes
+    return EagerBackend.from_checkpoint(checkpoint, dict(batch=s.batch, prefill_chunk=s.prefill_chunk,
+                                                         cache_slots=s.cache_slots))
+
+
+def scripted_run(reference, others, decode_steps=32, seed=0):
+    """Drive every backend with the same steps, tokens chosen greedily by `reference`.
+
+    Row 0 starts at position 0; row 1 is left padded (positions -1) and lags 3 behind; row 1
+    sits out every 7th decode step (position -1). Two prefill chunks, 2 x decode_steps decodes.
+    Yields (positions, reference logits, [other logits]) per step.
+    """
+    rng = np.random.default_rng(seed)
+    p = reference.shapes.prefill_chunk
+    next_pos = np.array([0, -3])
+
+    def run(ids, pos):
+        return pos, reference.step(ids, pos), [b.step(ids, pos) for b in others]
+
+    def prefill():
+        nonlocal next_pos
+        pos = next_pos[:, None] + np.arange(p)  # (B, P)
+        pos[pos < 0] = -1
+        next_pos = next_pos + p
+        return run(rng.integers(0, reference.shapes.vocab_size, (2, p)), pos)
+
+    def decode(last_logits, count):
+        nonlocal next_pos
+        for i in range(count):
+            pos = next_pos[:, None].copy()  # (B, 1)
+            if i % 7 == 3:
+                pos[1] = -1
+            next_pos = next_pos + (pos[:, 0] >= 0)
+            out = run(last_logits[:, -1].argmax(-1)[:, None], pos)
+            last_logits = out[1]
+            yield out
+
+    first = prefill()
+    yield first
+    last = first[1]
+    for out in decode(last, decode_steps):
+        last = out[1]
+        yield out
+    second = prefill()
+    yield second
+    yield from decode(second[1], decode_steps)
+
+
+def test_fp32_matches_eager_through_ring_wraps(tiny_onnx, tiny_checkpoint):
+    eager, ours = eager_for(tiny_checkpoint, tiny_onnx), OrtBackend(tiny_onnx)
+    worst, steps, last_pos = 0.0, 0, None
+    for pos, ref, (got,) in scripted_run(eager, [ours]):
+        assert got.dtype == np.float32 and got.shape == ref.shape
+        diff = float(np.abs(got - ref).max())
+        assert diff <= TOL, f"step {steps} (positions {pos.tolist()}): max |logit diff| {diff:.2e} > {TOL}"
+        worst, steps, last_pos = max(worst, diff), steps + 1, pos
+    assert steps == 2 + 64 and last_pos[0, 0] >= 2 * ours.shapes.cache_slots + 8  # the ring wrapped twice+
+    np.testing.assert_array_equal(ours.cache_positions, eager.cache_positions.numpy())
+    np.testing.assert_allclose(ours.cache_k, eager.cache_k.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours.cache_v, eager.cache_v.numpy(), rtol=0, atol=1e-5)
+    print(f"\nORT fp32 vs eager: max |logit diff| {worst:.2e} over {steps} steps")
+
+
+def test_reset_empties_the_cache(tiny_onnx):
+    backend = OrtBackend(tiny_onnx)
+    ids, pos = np.full((2, 8), 5), np.tile(np.arange(8), (2, 1))
+    first = backend.step(ids, pos)
+    backend.step(ids[:, :1], pos[:, :1] + 8)
+    backend.reset()
+    assert (backend.cache_positions == -1).all() and not backend.cache_k.any()
+    np.testing.assert_array_equal(backend.step(ids, pos), first)
+
+
+def test_both_chunk_bindings_use_the_cache_in_place(tiny_onnx):
+    backend = OrtBackend(tiny_onnx, verify_files=False)
+    assert sorted(backend.bindings) == [1, 8]
+    addresses = (backend.cache_k.ctypes.data, backend.cache_v.ctypes.data, backend.cache_positions.ctypes.data)
+    for chunk in backend.bindings.values():
+        bound = chunk.binding.get_outputs()  # outputs only; inputs are checked through their buffers below
+        assert [v.data_ptr() for v in bound] == [chunk.logits.ctypes.data, chunk.new_k.ctypes.data,
+                                                 chunk.new_v.ctypes.data]
+        assert tuple(chunk.values[name].data_ptr() for name in ("cache_k", "cache_v", "cache_positions")) == addresses
+    backend.step(np.zeros((2, 8), np.int64), np.tile(np.arange(8), (2, 1)))
+    backend.step(np.zeros((2, 1), np.int64), np.full((2, 1), 8))
+    assert (backend.cache_k.ctypes.data, backend.cache_v.ctypes.data,
+            backend.cache_positions.ctypes.data) == addresses
+    assert (backend.cache_positions[:, :9] == np.arange(9)).all()
+
+
+def test_rejects_a_chunk_length_the_graph_does_not_serve(tiny_onnx):
+    backend = OrtBackend(tiny_onnx, verify_files=False)
+    with pytest.raises(ValueError, match="T=8 or 1"):
+        backend.step(np.zeros((2, 3), np.int64), np.zeros((2, 3), np.int64))
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx_fp16(tiny_checkpoint, tmp_path_factory) -> Path:
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny-fp16", dtype="float16",
+                       batch=2, prefill_chunk=8, cache_slots=32)
+
+
+def test_fp16_top1_agrees_with_eager_fp32(tiny_onnx_fp16, tiny_checkpoint):
+    eager, ours = eager_for(tiny_checkpoint, tiny_onnx_fp16), OrtBackend(tiny_onnx_fp16)
+    assert ours.cache_k.dtype == np.float16
+    agree = total = 0
+    for pos, ref, (got,) in scripted_run(eager, [ours]):
+        live = pos >= 0
+        agree += int((got.argmax(-1) == ref.argmax(-1))[live].sum())
+        total += int(live.sum())
+    print(f"\nORT fp16 vs eager fp32: top-1 agrees on {agree}/{total} = {agree / total:.1%} of tokens")
+    assert agree / total >= 0.9
+
+
+def test_bf16_export_runs_only_where_onnx_runtime_has_kernels(tiny_checkpoint, tmp_path):
+    artifact = export_onnx(tiny_checkpoint, tmp_path / "tiny-bf16", dtype="bfloat16", batch=1, prefill_chunk=4,
+                           cache_slots=32)
+    manifest = load_manifest(artifact)
+    assert manifest.dtype == "bfloat16"
+    assert {e["name"]: e["dtype"] for e in manifest.io["outputs"]} == {
+        "logits": "float32", "new_k": "bfloat16", "new_v": "bfloat16"}
+    with pytest.raises(OrtBackendError, match="bfloat16") as info:
+        OrtBackend(artifact, provider="cpu")
+    assert "\n" not in str(info.value)
+
+
+def test_refuses_a_tampered_artifact(tiny_onnx, tmp_path):
+    artifact = shutil.copytree(tiny_onnx, tmp_path / "art")
+    data = artifact / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match="model.onnx.data"):
+        OrtBackend(artifact)
+
+
+def test_refuses_a_manifest_that_misdescribes_the_graph(tiny_onnx, tmp_path):
+    artifact = shutil.copytree(tiny_onnx, tmp_path / "art")
+    manifest = load_manifest(artifact)
+    wrong = manifest.shapes.__class__(**{**manifest.shapes.to_dict(), "batch": 3})
+    write_manifest(artifact, kind="onnx", config=manifest.config, shapes=wrong, graphs=manifest.graphs,
+                   opset=manifest.opset, tokenizer=manifest.tokenizer)
+    with pytest.raises(ManifestError, match=r"input_ids .*\[2, .T.\], the manifest says int64 \[3, 8\]"):
+        OrtBackend(artifact)
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="CUDA is available here")
+def test_cuda_without_cuda_lists_the_providers(tiny_onnx):
+    with pytest.raises(OrtBackendError, match="available: .*CPUExecutionProvider"):
+        OrtBackend(tiny_onnx, provider="cuda", verify_files=False)
+
+
+def test_serves_without_torch(tiny_onnx):
+    script = (
+        "import json, sys, numpy as np\n"
+        "from runtimes.ort import OrtBackend\n"
+        f"backend = OrtBackend({str(tiny_onnx)!r})\n"
+        "logits = backend.step(np.zeros((2, 8), np.int64), np.tile(np.arange(8), (2, 1)))\n"
+        "backend.step(np.zeros((2, 1), np.int64), np.full((2, 1), 8))\n"
+        "assert logits.shape == (2, 8, 1000), logits.shape\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mixtral_export'))\n"
+        "print(json.dumps(loaded))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not [m for m in loaded if m.split(".")[0] == "torch"]
+    assert "mixtral_export.model" not in loaded

@@ -1,0 +1,94 @@
+"""Next-token choice: greedy, penalties, top-k/top-p, temperature, seeds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from runtimes.sampling import Sampler, SamplingParams
+
+
+def random_logits(rows=4, vocab=50, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(rows, vocab)).astype(np.float32)  # (B, V)
+
+
+def no_history(rows: int) -> list[list[int]]:
+    return [[] for _ in range(rows)]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+                                 dict(repetition_penalty=0.0), dict(top_k=1.5), dict(seed="1")])
+def test_params_are_validated(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_greedy_is_argmax_with_ties_to_the_lowest_id():
+    logits = random_logits()
+    logits[0, [5, 9]] = 10.0
+    chosen = Sampler(SamplingParams()).next_tokens(logits, no_history(4))
+    assert chosen.dtype == np.int64 and chosen.tolist() == [5, *logits[1:].argmax(-1).tolist()]
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    logits = random_logits(rows=64)
+
+    def draws(seed):
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=seed))
+        return np.concatenate([sampler.next_tokens(logits, no_history(64)) for _ in range(3)])
+
+    assert np.array_equal(draws(3), draws(3)) and not np.array_equal(draws(3), draws(4))
+
+
+def test_top_k_one_is_greedy():
+    logits = random_logits(rows=32)
+    chosen = Sampler(SamplingParams(temperature=1.5, top_k=1, seed=0)).next_tokens(logits, no_history(32))
+    assert chosen.tolist() == logits.argmax(-1).tolist()
+
+
+def test_tiny_top_p_is_greedy():
+    logits = random_logits(rows=32)
+    chosen = Sampler(SamplingParams(temperature=1.5, top_p=1e-6, seed=0)).next_tokens(logits, no_history(32))
+    assert chosen.tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_draws_only_from_the_k_best():
+    logits = np.tile(np.array([[0.0, 3.0, 1.0, 2.0, 2.5]], dtype=np.float32), (2000, 1))  # (2000, 5)
+    chosen = Sampler(SamplingParams(temperature=5.0, top_k=2, seed=0)).next_tokens(logits, no_history(2000))
+    assert set(chosen.tolist()) == {1, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = np.array([0.05, 0.5, 0.15, 0.3])
+    logits = np.tile(np.log(probs).astype(np.float32), (4000, 1))  # (4000, 4)
+    chosen = Sampler(SamplingParams(temperature=1.0, top_p=0.75, seed=0)).next_tokens(logits, no_history(4000))
+    assert set(chosen.tolist()) == {1, 3}
+    assert abs((chosen == 1).mean() - 0.5 / 0.8) < 0.03
+
+
+def test_repetition_penalty_demotes_a_seen_token():
+    logits = np.array([[2.0, 1.9, -1.0, -1.2]], dtype=np.float32)
+    plain = Sampler(SamplingParams()).next_tokens(logits, [[0]])
+    penalized = Sampler(SamplingParams(repetition_penalty=1.2)).next_tokens(logits, [[0, 0]])
+    assert plain.tolist() == [0] and penalized.tolist() == [1]
+
+
+def test_repetition_penalty_multiplies_negative_logits():
+    logits = np.array([[-1.0, -1.1, -5.0]], dtype=np.float32)
+    chosen = Sampler(SamplingParams(repetition_penalty=1.2)).next_tokens(logits, [[0, 2]])
+    assert chosen.tolist() == [1]  # -1.0 * 1.2 = -1.2 < -1.1
+
+
+def test_temperature_frequencies_follow_the_softmax():
+    logits = np.array([1.0, 0.5, -0.5], dtype=np.float32)
+    temperature, draws = 0.7, 20000
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=11))
+    chosen = sampler.next_tokens(np.tile(logits, (draws, 1)), no_history(draws))
+    expected = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+    assert np.abs(np.bincount(chosen, minlength=3) / draws - expected).max() < 0.02
+
+
+def test_nan_logits_are_refused():
+    logits = random_logits(rows=1)
+    logits[0, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        Sampler(SamplingParams()).next_tokens(logits, no_history(1))
