@@ -127,13 +127,15 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
              repetition_penalty: float = typer.Option(1.0, help="1 = off"),
              seed: Optional[int] = typer.Option(None),
              stop: list[str] = typer.Option([], help="Stop string (repeatable)"),
+             checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager "
+                                                        "(default: the one recorded at export)"),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text")):
     """Generate text from an artifact on a runtime, streaming tokens as they come."""
     from runtimes.session import Session
 
     if bool(prompt) == bool(input_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
-    session = Session.open(artifact, runtime=runtime, provider=provider)
+    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)
     if input_ids:
         if chat:
             raise UsageError("--chat needs --prompt text, not --input-ids")
@@ -165,6 +167,8 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
            runtimes: str = typer.Option("eager,ort", help="Comma-separated runtimes; the first is the baseline"),
            reference: Optional[str] = typer.Option(None, help="hf: also compare with transformers"),
            steps: int = typer.Option(48, min=1, help="Greedy decode steps per prompt"),
+           checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for eager/hf "
+                                                      "(default: the one recorded at export)"),
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
            report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file")):
     """Compare runtimes (and the reference) on the same prompts; the exit code says pass or fail."""
@@ -174,7 +178,7 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
     if reference not in (None, "hf"):
         raise UsageError(f"--reference {reference!r}: only 'hf' is known")
     with err.status("verifying..."):
-        result = verify_artifact(artifact, names, reference=reference, steps=steps)
+        result = verify_artifact(artifact, names, reference=reference, steps=steps, checkpoint=checkpoint)
     if report:
         report.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if as_json:
@@ -196,6 +200,7 @@ def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the c
     out.rule("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
     generate(artifact, runtime="ort", provider="cpu", prompt=["The quick brown fox"], input_ids=None, chat=False,
              max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=[],
-             as_json=False)
+             checkpoint=None, as_json=False)
     out.rule("4. verify ORT against eager PyTorch and transformers")
-    verify(artifact, runtimes="eager,ort", reference="hf", steps=48, as_json=False, report=out_dir / "verify.json")
+    verify(artifact, runtimes="eager,ort", reference="hf", steps=48, checkpoint=None, as_json=False,
+           report=out_dir / "verify.json")

@@ -6,15 +6,16 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is the whole story (no traceback), imported lazily."""
     from graphs.contract import ContractError
     from mixtral_export.config import ConfigError
-    from runtimes.step import ContextOverflow
+    from runtimes.step import RequestError
 
-    found: list[type[BaseException]] = [ConfigError, ContractError, ContextOverflow]
+    found: list[type[BaseException]] = [ConfigError, ContractError, RequestError]
     for module, name in (("mixtral_export.safetensors_file", "CheckpointError"),
                          ("mixtral_export.tokenizer", "TokenizerError"),
                          ("mixtral_export.tokenizer", "ChatFormatError"),
                          ("graphs.manifest", "ManifestError"),
                          ("graphs.onnx_export", "ExportError"),
-                         ("runtimes.load", "RuntimeLoadError")):
+                         ("runtimes.load", "RuntimeLoadError"),
+                         ("runtimes.ort", "OrtBackendError")):
         try:
             found.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -17,7 +17,7 @@ import numpy as np
 
 from graphs.contract import NO_POSITION
 from runtimes.sampling import Sampler, SamplingParams
-from runtimes.step import ContextOverflow, StepBackend
+from runtimes.step import ContextOverflow, RequestError, StepBackend
 
 FinishReason = Literal["eos", "stop_string", "length", "cache_full"]
 
@@ -126,7 +126,7 @@ def stream(backend: StepBackend, prompts: Sequence[Sequence[int]], config: Gener
     limit = position_limit(backend.shapes.max_positions, max_positions)
     check_prompts(rows, backend.shapes.vocab_size, limit)
     if config.stop_strings and detokenizer_factory is None:
-        raise ValueError("stop_strings are matched on decoded text: they need a detokenizer_factory")
+        raise RequestError("stop_strings are matched on decoded text: they need a detokenizer_factory")
     return run(backend, rows, config, detokenizer_factory, limit)
 
 
@@ -137,12 +137,13 @@ def position_limit(*limits: int | None) -> int | None:
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, limit: int | None) -> None:
     if not prompts:
-        raise ValueError("no prompts to generate from")
+        raise RequestError("no prompts to generate from")
     for index, prompt in enumerate(prompts):
         if not prompt:
-            raise ValueError(f"prompt {index} is empty")
-        if min(prompt) < 0 or max(prompt) >= vocab_size:
-            raise ValueError(f"prompt {index} has a token id outside the vocabulary of {vocab_size}")
+            raise RequestError(f"prompt {index} is empty")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise RequestError(f"prompt {index} has token id {bad[0]}, outside the vocabulary (0..{vocab_size - 1})")
         if limit is not None and len(prompt) > limit:
             raise ContextOverflow(f"prompt {index} is {len(prompt)} tokens long; the limit is {limit} positions")
 

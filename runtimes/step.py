@@ -8,7 +8,11 @@ import numpy as np
 from graphs.contract import NO_POSITION, StepShapes
 
 
-class ContextOverflow(ValueError):
+class RequestError(ValueError):
+    """A generation request that cannot be served as asked (bad ids, options, lengths)."""
+
+
+class ContextOverflow(RequestError):
     """A position the artifact's cache cannot serve."""
 
 
@@ -46,7 +50,7 @@ def check_step_inputs(shapes: StepShapes, vocab_size: int, input_ids: np.ndarray
         raise ValueError("positions must be >= 0 or -1 for padding")
     if np.any((input_ids < 0) | (input_ids >= vocab_size)):
         bad = int(input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0])
-        raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
+        raise RequestError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")
     limit = shapes.max_positions
     if limit is not None and live.any() and int(positions[live].max()) >= limit:
         raise ContextOverflow(f"position {int(positions[live].max())} does not fit the cache of "
