@@ -1,0 +1,163 @@
+"""A checkpoint folder -> an AOTInductor artifact: model.pt2 + weights.safetensors + manifest.json.
+
+`torch.export` traces the step once per chunk length (T = prefill_chunk and T = 1, each fully
+static, so Inductor specialises every kernel), AOTInductor compiles each to a shared library, and
+both go into ONE package as two named models, "chunk<T>" (`torch._inductor.aot_compile` with
+`aot_inductor.package=True`, then `torch._inductor.package.package_aoti`: the multi-model route
+`aoti_compile_and_package`'s own docstring gives; that function itself packages one model).
+
+Weights once: both libraries are built with `aot_inductor.package_constants_in_so=False`, so the
+package holds code only, and the weights go once into weights.safetensors under the names the
+compiled models ask for (`get_constant_fqns`). The runtime loads that file once and hands the
+same tensors to both models (`load_constants(user_managed=True)`, no copy). Embedding both would
+store, and load, every weight twice. Tied parameters are saved once; the file's metadata maps
+each alias (e.g. lm_head.weight) to the stored name.
+
+A package is tied to where it was built: the device (cpu or cuda; CUDA kernels for this GPU
+arch), the CPU ISA Inductor targeted (AVX512 vs AVX2) and the libtorch ABI, so the manifest
+records the device and torch version and the runtime refuses others. The build is atomic like
+the ONNX one: a hidden temp folder, the manifest last, then a rename.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from graphs.contract import NO_POSITION, StepShapes
+from graphs.manifest import write_manifest
+from graphs.onnx_export import (ExportError, check_destination, copy_side_files, generation_ids,
+                                make_temp_folder, move_into_place)
+from mixtral_export.config import DTYPES, MixtralConfig
+
+PACKAGE_NAME = "model.pt2"
+WEIGHTS_NAME = "weights.safetensors"
+ALIASES_KEY = "aliases"  # safetensors metadata: JSON {alias: stored name} for tied parameters
+DEVICES = ("cpu", "cuda")
+
+
+def model_name(chunk: int) -> str:
+    """The name of the T = chunk model inside the package."""
+    return f"chunk{chunk}"
+
+
+def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str = "float32", batch: int = 1,
+                prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False,
+                device: str = "cpu", progress: Callable[[str], None] | None = None, routing: str = "dense") -> Path:
+    """Compile the checkpoint's step for these static shapes on `device` into `out_dir`; returns out_dir.
+
+    routing "dense" | "gather" picks how the MoE blocks compute (mixtral_export/model.py).
+    """
+    checkpoint, out = Path(checkpoint_folder), Path(out_dir)
+    say = progress or (lambda stage: None)
+    if dtype not in DTYPES:
+        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(DTYPES)})")
+    if device not in DEVICES:
+        raise ExportError(f"{out}: device {device!r} is not supported (one of {', '.join(DEVICES)})")
+    import torch
+
+    from mixtral_export.model import ROUTINGS
+
+    if routing not in ROUTINGS:
+        raise ExportError(f"{out}: routing {routing!r} is not supported (one of {', '.join(ROUTINGS)})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ExportError(f"{out}: device 'cuda' asked for, but this torch sees no CUDA GPU")
+    config = MixtralConfig.from_json(checkpoint / "config.json").replace(dtype=dtype)
+    shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
+                                   dtype=dtype, slide=slide)
+    check_destination(out)
+    tmp = make_temp_folder(out)
+    try:
+        say(f"loading {checkpoint} as {dtype}")
+        from mixtral_export.checkpoint import load_model
+
+        model = load_model(checkpoint, dtype=dtype, attention_window=shapes.attention_window,
+                           routing=routing).to(device)
+        chunks = tuple(dict.fromkeys((shapes.prefill_chunk, 1)))
+        files = {}
+        for chunk in chunks:
+            say(f"compiling T={chunk} with AOTInductor (B={shapes.batch}, S={shapes.cache_slots}, {device}, "
+                f"{routing} MoE)")
+            files[model_name(chunk)] = compile_chunk(model, shapes, chunk, device)
+        from torch._inductor.package import package_aoti
+
+        package_aoti(str(tmp / PACKAGE_NAME), files)
+        say(f"writing {WEIGHTS_NAME}")
+        save_weights(model, tmp / PACKAGE_NAME, chunks, tmp / WEIGHTS_NAME)
+        del model
+        gc.collect()
+        copied = copy_side_files(checkpoint, tmp)
+        bos, eos = generation_ids(tmp / "generation_config.json", config)
+        say("hashing files and writing the manifest")
+        write_manifest(tmp, kind="aoti", config=config, shapes=shapes, chunks=chunks,
+                       graphs={"package": PACKAGE_NAME, "weights": WEIGHTS_NAME}, device=device,
+                       tokenizer="tokenizer.model" if "tokenizer.model" in copied else None,
+                       bos_token_id=bos, eos_token_id=eos, source=checkpoint.resolve(), routing=routing)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return out
+
+
+def example_inputs(shapes: StepShapes, chunk: int, device: str) -> tuple:
+    import torch
+
+    from mixtral_export.model import TORCH_DTYPES
+
+    dtype = TORCH_DTYPES[shapes.dtype]
+    return (torch.zeros(shapes.batch, chunk, dtype=torch.int64, device=device),  # input_ids (B, T)
+            torch.arange(chunk, dtype=torch.int64, device=device).repeat(shapes.batch, 1),  # positions (B, T)
+            torch.zeros(shapes.cache_shape(), dtype=dtype, device=device),  # cache_k (L, B, Hkv, S, D)
+            torch.zeros(shapes.cache_shape(), dtype=dtype, device=device),  # cache_v (L, B, Hkv, S, D)
+            torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64, device=device))
+
+
+def compile_chunk(model, shapes: StepShapes, chunk: int, device: str) -> list:
+    """torch.export the T = chunk step and AOT-compile it without its weights; returns AOTI's files."""
+    import torch
+
+    args = example_inputs(shapes, chunk, device)
+    options = {"aot_inductor.package": True, "aot_inductor.package_constants_in_so": False,
+               "aot_inductor.metadata": {"chunk": str(chunk)}}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # pytree deprecation chatter from inside torch
+            program = torch.export.export(model, args, strict=False)
+            return torch._inductor.aot_compile(program.module(), args, options=options)
+    except Exception as err:  # torch's messages run to pages; the cause stays chained
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ExportError(f"AOTInductor could not compile the T={chunk} step ({type(err).__name__}: "
+                          f"{first[:300]})") from err
+
+
+def save_weights(model, package: Path, chunks: tuple[int, ...], path: Path) -> None:
+    """Every constant the packaged models need, each stored once, tied names as metadata aliases."""
+    import torch
+    from safetensors.torch import save_file
+    from torch._inductor.package import load_package
+
+    needed = set()
+    for chunk in chunks:
+        needed.update(load_package(str(package), model_name(chunk)).get_constant_fqns())
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    missing = sorted(needed - set(named))
+    if missing:
+        raise ExportError(f"{package}: the compiled models need constants the model lacks: {', '.join(missing[:3])}")
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    stored: dict[int, str] = {}  # id of a parameter -> its stored name
+    for name in sorted(needed):
+        tensor = named[name]
+        if id(tensor) in stored:
+            aliases[name] = stored[id(tensor)]
+            continue
+        stored[id(tensor)] = name
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(path), metadata={ALIASES_KEY: json.dumps(aliases, sort_keys=True)})

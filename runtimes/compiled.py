@@ -1,0 +1,137 @@
+"""The torch.compile backend: MixtralStatic and its ring write compiled into one step per chunk length.
+
+`RingStep` holds the ring cache as module buffers and does attend-then-write in one forward, so
+the compiled graph owns the whole step: the host sends one (3, B, T) int64 tensor (token ids,
+positions, ring slots) and gets the logits back. Slots are computed on the host with the same
+`ring_writes` rule as every backend; padding tokens (position -1) write into one extra dummy slot
+S that the model never reads, which keeps the write a fixed-size scatter with no branch on values.
+With static shapes and in-place buffer writes, `mode="reduce-overhead"` on CUDA can replay the
+whole decode step as a CUDA graph (the buffers are static addresses; cudagraph trees allow their
+mutation).
+
+Compilation: `torch.compile(fullgraph=True, dynamic=False)`, so T = prefill_chunk and T = 1 each
+compile exactly once (`compile_count` counts backend invocations; it must stay 2 for a whole
+generation). `isolate_recompiles=True` gives each backend instance its own Dynamo cache entries
+(instances would otherwise share RingStep.forward's, and their limit), and `recompile_limit=2`
+turns any third compile into an error (FailOnRecompileLimitHit) instead of a silent slowdown.
+`compile_seconds[T]` is the wall time of the first call of each chunk length (tracing, Inductor
+and the run itself); `run_seconds` / `run_steps` cover the steps after `warmup`.
+
+Caches: torch 2.13 has Inductor's FX graph cache and AOTAutograd's cache on by default
+(`torch._inductor.config.fx_graph_cache`, `torch._functorch.config.enable_autograd_cache`), kept
+in TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_$USER). A later process still re-traces
+with Dynamo, but a cache hit skips Inductor's codegen and the C++/Triton compile: on the tiny
+model (2 CPU cores) both chunk lengths take ~30 s cold and ~3 s from a warm cache.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from graphs.contract import NO_POSITION, StepShapes
+from mixtral_export.model import TORCH_DTYPES, MixtralStatic
+from runtimes.step import check_step_inputs, ring_writes
+
+
+class CountingInductor(torch._TorchCompileInductorWrapper):
+    """The backend `torch.compile(mode=...)` builds for Inductor, counting the graphs it compiles."""
+
+    def __init__(self, mode: str):
+        super().__init__(mode, None, False)
+        self.count = 0
+
+    def __call__(self, model_, inputs_, *, config_patches=None):
+        self.count += 1
+        return super().__call__(model_, inputs_, config_patches=config_patches)
+
+
+class RingStep(nn.Module):
+    """One step with its cache as buffers: attend to the cache, then write the chunk's ring slots."""
+
+    def __init__(self, model: MixtralStatic, shapes: StepShapes):
+        super().__init__()
+        self.model = model
+        self.slots = shapes.cache_slots
+        layers, batch, heads, slots, dim = shapes.cache_shape()
+        dtype = TORCH_DTYPES[shapes.dtype]
+        # One more slot than the ring: slot S is where padding tokens write; nothing reads it.
+        self.register_buffer("cache_k", torch.zeros(layers, batch, heads, slots + 1, dim, dtype=dtype))
+        self.register_buffer("cache_v", torch.zeros(layers, batch, heads, slots + 1, dim, dtype=dtype))
+        self.register_buffer("cache_positions", torch.full((batch, slots + 1), NO_POSITION, dtype=torch.int64))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids, positions, slots = tokens.unbind(0)  # each (B, T)
+        s = self.slots
+        logits, new_k, new_v = self.model(ids, positions, self.cache_k[:, :, :, :s], self.cache_v[:, :, :, :s],
+                                          self.cache_positions[:, :s])  # new_k/v: (L, B, Hkv, T, D)
+        index = slots[None, :, None, :, None].expand_as(new_k)  # (L, B, Hkv, T, D)
+        self.cache_k.scatter_(3, index, new_k)
+        self.cache_v.scatter_(3, index, new_v)
+        self.cache_positions.scatter_(1, slots, positions)
+        return logits  # (B, T, V)
+
+
+class CompiledBackend:
+    """StepBackend over torch.compile; mode defaults to "reduce-overhead" on CUDA, "default" elsewhere."""
+
+    name = "compiled"
+
+    def __init__(self, model: MixtralStatic, shapes: StepShapes, device: str | torch.device = "cpu",
+                 mode: str | None = None):
+        if model.attention_window != shapes.attention_window:
+            raise ValueError(f"model attends to {model.attention_window} positions, "
+                             f"shapes say {shapes.attention_window}")
+        self.shapes = shapes
+        self.device = torch.device(device)
+        self.mode = mode or ("reduce-overhead" if self.device.type == "cuda" else "default")
+        self.ring = RingStep(model.eval(), shapes).to(self.device)
+        for buffer in self.ring.buffers():
+            torch._dynamo.mark_static_address(buffer)
+        self.backend = CountingInductor(self.mode)
+        self.compiled = torch.compile(self.ring, backend=self.backend, fullgraph=True, dynamic=False,
+                                      isolate_recompiles=True, recompile_limit=2)
+        self.cudagraphs = bool(self.backend.config.get("triton.cudagraphs", False))
+        self.compile_seconds: dict[int, float] = {}  # chunk length -> first call's wall time
+        self.run_seconds = 0.0
+        self.run_steps = 0
+
+    @property
+    def compile_count(self) -> int:
+        return self.backend.count
+
+    def reset(self) -> None:
+        self.ring.cache_k.zero_()
+        self.ring.cache_v.zero_()
+        self.ring.cache_positions.fill_(NO_POSITION)
+
+    def warmup(self) -> None:
+        """Compile (and on CUDA record) both chunk lengths with all-padding steps; the cache is untouched."""
+        for chunk in dict.fromkeys((self.shapes.prefill_chunk, 1)):
+            empty = np.full((self.shapes.batch, chunk), NO_POSITION, dtype=np.int64)
+            for _ in range(3):  # cudagraph trees warm up, then record, then replay
+                self.step(np.zeros_like(empty), empty)
+        self.run_seconds, self.run_steps = 0.0, 0
+
+    @torch.no_grad()
+    def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        check_step_inputs(self.shapes, self.shapes.vocab_size, input_ids, positions)
+        positions = np.asarray(positions, dtype=np.int64)
+        slots = np.full(positions.shape, self.shapes.cache_slots, dtype=np.int64)  # padding -> dummy slot S
+        rows, cols, ring = ring_writes(positions, self.shapes.cache_slots)
+        slots[rows, cols] = ring
+        tokens = torch.from_numpy(np.stack((input_ids.astype(np.int64), positions, slots)))  # (3, B, T)
+        chunk = input_ids.shape[1]
+        start = time.perf_counter()
+        if self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are already on the host
+        logits = self.compiled(tokens.to(self.device)).cpu().numpy()
+        elapsed = time.perf_counter() - start
+        if chunk not in self.compile_seconds:
+            self.compile_seconds[chunk] = elapsed
+        else:
+            self.run_seconds += elapsed
+            self.run_steps += 1
+        return logits

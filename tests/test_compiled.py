@@ -1,0 +1,116 @@
+"""The torch.compile backend matches eager step for step, and compiles once per chunk length.
+
+One session-wide run: a left-padded batch of two prompts, one prefill chunk, then 70 greedy
+decode steps (row 1 stops for the last 10, so decode padding is exercised too) through the tiny
+model's 32-slot ring: positions reach 85, so the ring wraps twice. Both backends are fed the
+eager run's tokens; fp32 logits must agree within 1e-4 and give the same argmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from graphs.contract import NO_POSITION, StepShapes
+from mixtral_export.config import MixtralConfig
+
+TOL = 1e-4
+PREFILL = 16
+DECODE_STEPS = 70
+STOP_ROW1_AT = 60
+
+
+@dataclass
+class Run:
+    backend: object  # the CompiledBackend
+    worst: float  # max |logit diff| over every real token
+    argmax_equal: bool
+    last_position: int
+    compile_count_after_warmup: int
+
+
+def prompts(batch: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, P) ids and positions: row 0 fills the chunk, row 1 is left-padded by 5."""
+    ids = np.random.default_rng(0).integers(3, vocab, size=(batch, PREFILL))
+    positions = np.tile(np.arange(PREFILL), (batch, 1))
+    positions[1, :5] = NO_POSITION
+    positions[1, 5:] = np.arange(PREFILL - 5)
+    return ids, positions
+
+
+def compare_greedy(reference, other) -> tuple[float, bool, int]:
+    """Prefill + DECODE_STEPS greedy steps fed the reference's tokens: (worst diff, argmax equal, last pos)."""
+    ids, positions = prompts(reference.shapes.batch, reference.shapes.vocab_size)
+    worst, same = 0.0, True
+    for step in range(DECODE_STEPS + 1):
+        a, b = reference.step(ids, positions), other.step(ids, positions)  # (B, T, V)
+        live = positions != NO_POSITION
+        worst = max(worst, float(np.abs(a - b)[live].max()))
+        same &= bool((a.argmax(-1) == b.argmax(-1))[live].all())
+        last = positions[:, -1:]
+        ids = a[:, -1:].argmax(-1)  # (B, 1)
+        positions = np.where(last == NO_POSITION, NO_POSITION, last + 1)  # (B, 1)
+        if step + 1 >= STOP_ROW1_AT:
+            positions[1] = NO_POSITION
+    return worst, same, int(last.max())
+
+
+@pytest.fixture(scope="session")
+def compiled_run(tiny_checkpoint) -> Run:
+    from mixtral_export.checkpoint import load_model
+    from runtimes.compiled import CompiledBackend
+    from runtimes.eager import EagerBackend
+
+    config = MixtralConfig.from_json(tiny_checkpoint)
+    shapes = StepShapes.for_config(config, batch=2, prefill_chunk=PREFILL, cache_slots=32)
+    eager = EagerBackend(load_model(tiny_checkpoint, attention_window=shapes.attention_window), shapes)
+    compiled = CompiledBackend(load_model(tiny_checkpoint, attention_window=shapes.attention_window), shapes)
+    compiled.warmup()
+    after_warmup = compiled.compile_count
+    worst, same, last = compare_greedy(eager, compiled)
+    return Run(compiled, worst, same, last, after_warmup)
+
+
+def test_greedy_decode_matches_eager_across_two_ring_wraps(compiled_run):
+    assert compiled_run.last_position >= 2 * compiled_run.backend.shapes.cache_slots
+    assert compiled_run.worst <= TOL, f"max |logit diff| {compiled_run.worst:.2e} > {TOL}"
+    assert compiled_run.argmax_equal
+
+
+def test_compiles_once_per_chunk_length_and_never_during_generation(compiled_run):
+    backend = compiled_run.backend
+    assert compiled_run.compile_count_after_warmup == 2
+    assert backend.compile_count == 2
+    assert set(backend.compile_seconds) == {PREFILL, 1}
+    assert backend.run_steps > DECODE_STEPS and backend.run_seconds > 0
+
+
+def test_reset_empties_the_ring(compiled_run):
+    backend = compiled_run.backend
+    ids, positions = prompts(backend.shapes.batch, backend.shapes.vocab_size)
+    backend.reset()
+    first = backend.step(ids, positions)
+    backend.step(ids[:, :1], positions[:, -1:] + 1)
+    backend.reset()
+    np.testing.assert_array_equal(backend.step(ids, positions), first)
+    assert backend.compile_count == 2
+
+
+def test_rejects_a_chunk_length_it_was_not_built_for(compiled_run):
+    backend = compiled_run.backend
+    with pytest.raises(ValueError, match="does not match the artifact"):
+        backend.step(np.zeros((2, 3), dtype=np.int64), np.zeros((2, 3), dtype=np.int64))
+    assert backend.compile_count == 2
+
+
+def test_a_third_compile_is_an_error_not_a_silent_slowdown(compiled_run):
+    import torch
+
+    backend = compiled_run.backend
+    b, s = backend.shapes.batch, backend.shapes.cache_slots
+    padding = torch.stack((torch.zeros(b, 4, dtype=torch.int64), torch.full((b, 4), NO_POSITION),
+                           torch.full((b, 4), s)))  # (3, B, T=4): ids, positions, dummy slots
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+        backend.compiled(padding)
+    assert backend.compile_count == 2
