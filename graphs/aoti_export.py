@@ -45,15 +45,17 @@ def model_name(chunk: int) -> str:
     return f"chunk{chunk}"
 
 
-def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str = "float32", batch: int = 1,
+def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
                 prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False,
                 device: str = "cpu", progress: Callable[[str], None] | None = None, routing: str = "dense") -> Path:
     """Compile the checkpoint's step for these static shapes on `device` into `out_dir`; returns out_dir.
 
-    routing "dense" | "gather" picks how the MoE blocks compute (mixtral_export/model.py).
+    routing "dense" | "gather" picks how the MoE blocks compute (mixtral_export/model.py);
+    dtype None means the checkpoint's own.
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
+    dtype = dtype or MixtralConfig.from_json(checkpoint / "config.json").dtype
     if dtype not in DTYPES:
         raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(DTYPES)})")
     if device not in DEVICES:

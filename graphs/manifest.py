@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
@@ -31,6 +31,8 @@ TOOLS = ("torch", "onnx", "onnxscript", "onnxruntime", "mixtral-export")
 HASH_CHUNK = 16 << 20  # bytes read at a time: artifacts hold tens of GB
 # The build's dtype is a choice of the artifact (manifest.dtype), not part of the model's identity.
 IDENTITY_IGNORES = ("dtype",)
+# What every `engines` record holds (graphs/trt_engine.py writes them, runtimes/trt.py checks them).
+ENGINE_FIELDS = ("tensorrt", "gpu", "compute_capability", "precision", "profiles")
 
 
 class ManifestError(ValueError):
@@ -63,6 +65,8 @@ class Manifest:
     files: dict[str, FileEntry]
     device: str | None = None  # what the graphs were compiled for ("cpu", "cuda"); None = any (ONNX)
     source: str | None = None  # the checkpoint folder it was built from, as the builder saw it
+    routing: str = "dense"  # how the MoE blocks compute: "dense" | "gather" (mixtral_export/model.py)
+    engines: dict[str, dict] = field(default_factory=dict)  # engine file -> its build record (TensorRT)
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -111,7 +115,7 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
                    graphs: dict[str, str], opset: int | None = None, chunks: tuple[int, ...] | None = None,
                    tokenizer: str | None = None, bos_token_id: int | None = None,
                    eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
-                   source: str | Path | None = None) -> Path:
+                   source: str | Path | None = None, routing: str = "dense") -> Path:
     """Hash every file in `folder` and write manifest.json beside them; call it last.
 
     bos/eos default to the config's; chunks default to (prefill_chunk, 1).
@@ -146,6 +150,7 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
         "eos_token_id": list(config.eos_token_id if eos_token_id is None else eos_token_id),
         "device": device,
         "source": None if source is None else str(source),
+        "routing": routing,
         "files": {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
                   for name in names},
     }
@@ -207,7 +212,8 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
             io=raw["io"], dtype=raw["dtype"], opset=raw["opset"], tools=dict(raw["tools"]),
             created=raw["created"], tokenizer=raw["tokenizer"], bos_token_id=raw["bos_token_id"],
             eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,), files=files,
-            device=raw.get("device"), source=raw.get("source"))
+            device=raw.get("device"), source=raw.get("source"), engines=dict(raw.get("engines") or {}),
+            routing=raw.get("routing", "dense"))
     except ConfigError as err:
         raise ManifestError(str(err)) from None
     except KeyError as err:
@@ -237,7 +243,39 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
             raise ManifestError(f"{path}: the {role} graph {name!r} is not listed under files")
     if manifest.tokenizer is not None and manifest.tokenizer not in files:
         raise ManifestError(f"{path}: the tokenizer {manifest.tokenizer!r} is not listed under files")
+    for name, record in manifest.engines.items():
+        if name not in files:
+            raise ManifestError(f"{path}: the engine {name!r} is not listed under files")
+        missing = [key for key in ENGINE_FIELDS if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise ManifestError(f"{path}: the engine record of {name!r} lacks {', '.join(missing)}")
     return manifest
+
+
+def set_engine(folder: str | Path, name: str, record: dict | None) -> Path:
+    """List the engine file `name` (hashed now) with its build record, or drop it with record=None.
+
+    Rewrites manifest.json atomically and hashes only that one file, so adding an engine to a
+    90 GB artifact does not re-hash its weights.
+    """
+    folder = Path(folder)
+    load_manifest(folder, verify_files=False)  # a valid artifact to begin with
+    path = folder / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    engines = raw.setdefault("engines", {})
+    if record is None:
+        if engines.pop(name, None) is not None:
+            raw["files"].pop(name, None)
+    else:
+        missing = [key for key in ENGINE_FIELDS if key not in record]
+        if missing:
+            raise ManifestError(f"{folder / name}: an engine record needs {', '.join(missing)}")
+        engines[name] = dict(record)
+        raw["files"][name] = {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+    tmp = folder / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(raw, indent=2) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def _check_files(manifest: Manifest, verify_hashes: bool) -> None:

@@ -16,6 +16,10 @@ is faster (~0.5 s) but deprecated, emits 2.5x the nodes and loses static dims (n
 comes out as a symbol), so it is not used. Node metadata (FX names, stack traces with the build
 machine's paths) is dropped: it was 85% of model.onnx.
 
+Routing: "dense" (the default) runs every expert on every token as plain ONNX ops; "gather" makes
+each MoE block one `com.microsoft.MoE` node that reads only each token's top-k experts (ONNX
+Runtime contrib op, silu models only; see graphs/onnx_moe.py). The manifest records which.
+
 The build is atomic: everything is written into a hidden temp folder beside `out_dir`, the
 manifest last, then the folder is renamed into place. Any failure (or Ctrl-C) removes the temp
 folder, so `out_dir` either holds a complete, hashed artifact or is untouched.
@@ -34,6 +38,7 @@ from typing import Callable
 
 from graphs.contract import INPUT_NAMES, OUTPUT_NAMES, NO_POSITION, StepShapes
 from graphs.manifest import MANIFEST_NAME, io_contract, write_manifest
+from graphs.onnx_moe import OnnxMoeError, check_gather_supported, interleave_fc1
 from mixtral_export.config import DTYPES, MixtralConfig
 
 GRAPH_NAME = "model.onnx"
@@ -48,10 +53,11 @@ class ExportError(RuntimeError):
 
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
                 prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False, opset: int = 18,
-                progress: Callable[[str], None] | None = None) -> Path:
+                progress: Callable[[str], None] | None = None, routing: str = "dense") -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
 
     dtype None means the checkpoint's own; the graph's logits are float32 whatever the dtype.
+    routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring).
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
@@ -59,6 +65,15 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
         raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(DTYPES)})")
+    from mixtral_export.model import ROUTINGS
+
+    if routing not in ROUTINGS:
+        raise ExportError(f"{out}: routing {routing!r} is not supported (one of {', '.join(ROUTINGS)})")
+    if routing == "gather":
+        try:
+            check_gather_supported(config.hidden_act, str(out))
+        except OnnxMoeError as error:
+            raise ExportError(str(error)) from None
     config = config.replace(dtype=dtype)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)
@@ -68,9 +83,9 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
         say(f"loading {checkpoint} as {dtype}")
         from mixtral_export.checkpoint import load_model
 
-        model = load_model(checkpoint, dtype=dtype, attention_window=shapes.attention_window)
+        model = load_model(checkpoint, dtype=dtype, attention_window=shapes.attention_window, routing=routing)
         say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={shapes.prefill_chunk}|1, "
-            f"S={shapes.cache_slots})")
+            f"S={shapes.cache_slots}, {routing} MoE)")
         export_graph(model, shapes, tmp / GRAPH_NAME, opset)
         del model
         gc.collect()
@@ -81,7 +96,7 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
         say("hashing files and writing the manifest")
         write_manifest(tmp, kind="onnx", config=config, shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
                        tokenizer="tokenizer.model" if "tokenizer.model" in copied else None,
-                       bos_token_id=bos, eos_token_id=eos, source=checkpoint.resolve())
+                       bos_token_id=bos, eos_token_id=eos, source=checkpoint.resolve(), routing=routing)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
         move_into_place(tmp, out)
     except BaseException:
@@ -134,6 +149,7 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
                                         opset_version=opset, optimize=True, verbose=False)
             for node in program.model.graph.all_nodes():  # FX names and stack traces with build paths
                 node.metadata_props.clear()
+            interleave_fc1(program.model)  # gather: fc1 rows in com.microsoft.MoE's order; dense: none
             program.save(str(path), external_data=True)
     finally:
         exporter_log.setLevel(level)

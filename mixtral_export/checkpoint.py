@@ -102,7 +102,7 @@ def weight_targets(config: MixtralConfig, fused: bool) -> dict[str, Target]:
 
 
 def load_model(folder: str | Path, dtype: str | None = None, attention_window: int | None = None,
-               progress: Callable[[int, int], None] | None = None) -> MixtralStatic:
+               progress: Callable[[int, int], None] | None = None, routing: str = "dense") -> MixtralStatic:
     """Build MixtralStatic from a checkpoint folder; `dtype` defaults to the config's."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -133,7 +133,7 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
                                   f"expected F32, F16 or BF16")
 
     with torch.device("meta"):  # no memory until to_empty, which allocates the one copy
-        model = MixtralStatic(config, attention_window).to(TORCH_DTYPES[config.dtype])
+        model = MixtralStatic(config, attention_window, routing).to(TORCH_DTYPES[config.dtype])
     model = model.to_empty(device="cpu")
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -71,17 +71,57 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
            cache_slots: Optional[int] = typer.Option(None, help="Ring slots per layer (default: the sliding window)"),
            slide: bool = typer.Option(False, help="Let a ring smaller than the window (or no window) slide"),
            opset: int = typer.Option(18, help="ONNX opset (>= 18)"),
-           routing: str = typer.Option("dense", help="dense: every expert on every token")):
-    """Export the prefill/decode step graph to ONNX with a manifest."""
-    from graphs.onnx_export import export_onnx
-
-    if routing != "dense":
-        raise UsageError(f"--routing {routing!r} is not available (dense)")
-    with err.status("exporting ONNX (loading weights, tracing, checking)...") as status:
-        artifact = export_onnx(checkpoint, output, dtype=dtype, batch=batch, prefill_chunk=prefill_chunk,
-                               cache_slots=cache_slots, slide=slide, opset=opset,
-                               progress=lambda stage: status.update(f"exporting ONNX: {stage}..."))
+           routing: str = typer.Option("dense", help="dense: every expert on every token; gather: only each "
+                                                     "token's top-k experts (com.microsoft.MoE on ONNX, silu models)"),
+           format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)"),
+           device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)")):
+    """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest."""
+    if routing not in ("dense", "gather"):
+        raise UsageError(f"--routing {routing!r} is not available (dense, gather)")
+    if format == "onnx":
+        from graphs.onnx_export import export_onnx as build
+        options = dict(opset=opset)
+    elif format == "aoti":
+        from graphs.aoti_export import export_aoti as build
+        options = dict(device=device)
+    else:
+        raise UsageError(f"--format {format!r}: one of onnx, aoti")
+    with err.status(f"exporting {format} (loading weights, tracing, compiling, checking)...") as status:
+        artifact = build(checkpoint, output, dtype=dtype, batch=batch, prefill_chunk=prefill_chunk,
+                         cache_slots=cache_slots, slide=slide, routing=routing,
+                         progress=lambda stage: status.update(f"exporting {format}: {stage}..."), **options)
     _describe(artifact)
+
+
+@app.command("build-engine")
+def build_engine_command(artifact: Path = typer.Argument(..., help="ONNX artifact folder written by export"),
+                         precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (a float16/bfloat16 export "
+                                                                    "builds only as itself)"),
+                         workspace: float = typer.Option(4.0, "--workspace", help="Builder workspace in GiB"),
+                         timing_cache: Optional[Path] = typer.Option(None, "--timing-cache",
+                                                                     help="Timing cache file to reuse and update")):
+    """Build a TensorRT 10 engine (engine.plan) into an ONNX artifact, for this GPU and TensorRT version."""
+    from graphs.manifest import load_manifest
+    from graphs.trt_engine import build_engine
+
+    with err.status("building the TensorRT engine...") as status:
+        engine = build_engine(artifact, precision=precision, workspace_gib=workspace, timing_cache=timing_cache,
+                              progress=lambda stage: status.update(f"TensorRT: {stage}..."))
+    record = load_manifest(artifact, verify_files=False).engines[engine.name]
+    out.print(f"wrote {engine}: {record['precision']}, TensorRT {record['tensorrt']}, {record['gpu']} "
+              f"(compute capability {record['compute_capability']})", highlight=False)
+
+
+@app.command("check-trt")
+def check_trt(artifact: Path = typer.Argument(..., help="Artifact folder (or a .onnx file)")):
+    """Check, without TensorRT, that the graph uses only what TensorRT 10's ONNX parser supports."""
+    from graphs.trt_compat import check_trt_compat
+
+    report = check_trt_compat(artifact)
+    for line in report.lines():
+        out.print(line, highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -95,7 +135,9 @@ def _describe(artifact: Path) -> None:
 
     manifest = load_manifest(artifact)
     c, s = manifest.config, manifest.shapes
-    out.print(f"[bold]{artifact}[/]  ({manifest.kind}, {s.dtype}, opset {manifest.opset})", highlight=False)
+    built = f"opset {manifest.opset}" if manifest.kind == "onnx" else f"device {manifest.device}"
+    routing = getattr(manifest, "routing", "dense")
+    out.print(f"[bold]{artifact}[/]  ({manifest.kind}, {s.dtype}, {built}, {routing} routing)", highlight=False)
     out.print(f"  model   {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads / "
               f"{c.num_key_value_heads} kv heads x {c.head_dim}, {c.num_local_experts} experts top-"
               f"{c.num_experts_per_tok}, vocab {c.vocab_size}, sliding window {c.sliding_window}", highlight=False)
@@ -115,8 +157,8 @@ def _token_ids(text: str) -> list[int]:
 
 @app.command()
 def generate(artifact: Path = typer.Argument(..., help="Artifact folder written by export"),
-             runtime: str = typer.Option("ort", help="eager | ort"),
-             provider: str = typer.Option("cpu", help="ORT execution provider: cpu | cuda"),
+             runtime: str = typer.Option("ort", help="eager | compiled | ort | aoti | trt"),
+             provider: str = typer.Option("cpu", help="cpu | cuda (| trt for ORT's TensorRT provider)"),
              prompt: list[str] = typer.Option([], help="Prompt text (repeat for a batch)"),
              input_ids: Optional[str] = typer.Option(None, help="Prompt as token ids: 1,2,3"),
              chat: bool = typer.Option(False, help="Wrap each prompt as a Mixtral-Instruct user turn"),
@@ -148,7 +190,9 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     if as_json or len(prompts) > 1:
         result = session.generate_ids(prompts, **options)
         if as_json:
-            print(json.dumps(result.to_json(runtime=runtime), indent=2))
+            compiled = getattr(session.backend, "compile_seconds", None)
+            extra = {"compile_seconds": sum(compiled.values())} if compiled is not None else {}
+            print(json.dumps(result.to_json(runtime=runtime, **extra), indent=2))
         else:
             for n, completion in enumerate(result.completions):
                 out.print(f"[bold]#{n}[/] {completion.text}", highlight=False)
@@ -196,7 +240,7 @@ def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the c
     tiny(checkpoint, seed=0, shard_bytes=None)
     out.rule("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
     export(checkpoint, artifact, dtype=None, batch=2, prefill_chunk=8, cache_slots=None, slide=False, opset=18,
-           routing="dense")
+           routing="dense", format="onnx", device="cpu")
     out.rule("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
     generate(artifact, runtime="ort", provider="cpu", prompt=["The quick brown fox"], input_ids=None, chat=False,
              max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=[],
@@ -204,3 +248,71 @@ def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the c
     out.rule("4. verify ORT against eager PyTorch and transformers")
     verify(artifact, runtimes="eager,ort", reference="hf", steps=48, checkpoint=None, as_json=False,
            report=out_dir / "verify.json")
+
+
+def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} must be positive integers, got {text!r}")
+    return values
+
+
+@app.command()
+def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a checkpoint folder"),
+          layers: int = typer.Option(1, min=1, help="Layers of the mixtral-shaped model (random fp32 weights)"),
+          runtimes: str = typer.Option("eager,ort-dense,ort-gather,compiled,transformers",
+                                       help="Comma-separated: eager, eager-gather, compiled, ort-dense, ort-gather, "
+                                            "transformers"),
+          contexts: Optional[str] = typer.Option(None, help="Prompt lengths, comma-separated (default: per model)"),
+          decode_steps: Optional[int] = typer.Option(None, min=1, help="Decode steps timed per generation"),
+          repeats: Optional[int] = typer.Option(None, min=1, help="Generations per context length"),
+          warmup: int = typer.Option(1, min=0, help="Untimed generations first"),
+          prefill_chunk: int = typer.Option(16, min=1, help="Tokens per prefill step of the static graphs"),
+          cache_slots: Optional[str] = typer.Option(None, help="Ring sizes, comma-separated: one artifact each "
+                                                               "(default: the sliding window, or 4096)"),
+          threads: Optional[int] = typer.Option(None, min=1, help="Threads per runtime (default: usable cores)"),
+          work_dir: Path = typer.Option(Path("out/bench"), help="Checkpoints and artifacts are built here, reused"),
+          timeout: Optional[float] = typer.Option(None, help="Seconds allowed per runtime process"),
+          json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file"),
+          plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode tokens/s against context length"),
+          markdown: bool = typer.Option(False, help="Print the tables as Markdown"),
+          ort_spin: bool = typer.Option(True, help="Let ONNX Runtime's threads spin between ops (torch's do)")):
+    """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "run.py").is_file():
+        raise UsageError(f"bench needs a source checkout ({root / 'bench' / 'run.py'} is not there)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.models import BenchError
+    from bench.report import PlotError, speedups, table
+    from bench.report import plot as draw
+    from bench.run import BenchOptions, run_bench
+
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (fail before minutes of measuring, not after)
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'mixtral-export[plot]'") from None
+    names = tuple(r.strip() for r in runtimes.split(",") if r.strip())
+    options = BenchOptions(model=model, layers=layers, runtimes=names, contexts=_int_list(contexts, "--contexts"),
+                           decode_steps=decode_steps, repeats=repeats, warmup=warmup, prefill_chunk=prefill_chunk,
+                           cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
+                           timeout=timeout, ort_spin=ort_spin)
+    try:
+        result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
+        console = out if out.is_terminal else Console(width=240)  # a pipe or file gets whole rows
+        console.print(table(result, markdown))
+        if result["gather_over_dense"]:
+            console.print(speedups(result, markdown))
+        if plot is not None:
+            err.print(f"bench: wrote {draw(result, plot)}", highlight=False)
+    except (BenchError, PlotError) as error:
+        raise UsageError(str(error)) from None

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is the whole story (no traceback), imported lazily."""
+    """Exception types whose message is the whole story (no traceback).
+
+    Listed by module so a command that never touched torch does not import it to catch an error.
+    """
     from graphs.contract import ContractError
     from mixtral_export.config import ConfigError
     from runtimes.step import RequestError
@@ -15,7 +18,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
                          ("graphs.manifest", "ManifestError"),
                          ("graphs.onnx_export", "ExportError"),
                          ("runtimes.load", "RuntimeLoadError"),
-                         ("runtimes.ort", "OrtBackendError")):
+                         ("runtimes.ort", "OrtBackendError"),
+                         ("graphs.trt_compat", "TrtCompatError"),
+                         ("graphs.trt_engine", "TrtUnavailable"),
+                         ("graphs.trt_engine", "TrtBuildError")):
         try:
             found.append(getattr(__import__(module, fromlist=[name]), name))
         except (ImportError, AttributeError):

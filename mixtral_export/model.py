@@ -1,8 +1,9 @@
 """A static-shape Mixtral: one pure step function over a chunk of tokens and a rolling KV cache.
 
 The step follows `graphs.contract`: every tensor shape is fixed by (B, T, S) and the config, the
-MoE is dense-masked (all experts run, weighted by a top-k mask), and there is no Python branching
-on tensor values, so the same module traces to ONNX, TensorRT and torch.compile.
+MoE is dense-masked (all experts run, weighted by a top-k mask) or gathered (only each token's
+top-k experts run), and there is no Python branching on tensor values, so the same module traces
+to ONNX, TensorRT and torch.compile.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ ACTIVATIONS = {
     "relu": F.relu,
 }
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ROUTINGS = ("dense", "gather")
 
 
 class RMSNorm(nn.Module):
@@ -91,12 +93,25 @@ class Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
-class DenseMoE(nn.Module):
-    """Top-k routing as a dense mask: every expert runs on every token, weighted by the mask."""
+class MoE(nn.Module):
+    """Mixtral's top-k routing (fp32 router softmax, top-k, renormalise) computed one of two ways.
 
-    def __init__(self, config: MixtralConfig):
+    dense: every expert runs on every token, weighted by a (N, E) mask; reads every expert once.
+    gather: gpt-fast's decode MoE: each token's k experts' weights are indexed out and only they
+    run, so a decode step reads k/E of the expert weights (plus a copy: eager torch materialises
+    the gathered weights). A chunk whose tokens pick at least as many experts as exist
+    (N * k >= E: any prefill chunk worth the name) runs dense instead, since copying N * k experts
+    would cost more than reading all E once; that is a branch on static shapes, never on values.
+    Under torch.onnx.export, gather is one com.microsoft.MoE node (graphs/onnx_moe.py), which
+    reads only the chosen experts for any N, with no copy.
+    """
+
+    def __init__(self, config: MixtralConfig, routing: str = "dense"):
         super().__init__()
+        if routing not in ROUTINGS:
+            raise ValueError(f"routing {routing!r} is not one of {', '.join(ROUTINGS)}")
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.routing = routing
         self.top_k = config.num_experts_per_tok
         self.intermediate = i
         self.act = ACTIVATIONS[config.hidden_act]
@@ -104,31 +119,50 @@ class DenseMoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))  # rows [0, I) = w1 (gate), [I, 2I) = w3 (up)
         self.w2 = nn.Parameter(torch.empty(e, h, i))
 
-    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H) -> (N, E) fp32: renormalised top-k softmax probabilities, zero elsewhere."""
+    def top_k_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, H) -> renormalised top-k softmax weights (N, k) fp32 and expert ids (N, k)."""
         probs = torch.softmax(self.gate(x).float(), dim=-1)  # (N, E)
         top_w, top_i = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        return torch.zeros_like(probs).scatter(1, top_i, top_w)  # (N, E)
+        return top_w / top_w.sum(dim=-1, keepdim=True), top_i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         x = x.reshape(b * t, h)  # (N, H)
-        weights = self.routing_weights(x)  # (N, E)
+        if self.routing == "gather" and torch.onnx.is_in_onnx_export():
+            from graphs.onnx_moe import moe_node
+
+            out = moe_node(x, self.gate(x), self.w13, self.w2, self.top_k)
+        elif self.routing == "gather" and b * t * self.top_k < self.w13.shape[0]:
+            out = self.gathered(x)
+        else:
+            out = self.dense(x)
+        return out.reshape(b, t, h)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        top_w, top_i = self.top_k_routing(x)
+        weights = torch.zeros(x.shape[0], self.w13.shape[0], dtype=torch.float32,
+                              device=x.device).scatter(1, top_i, top_w)  # (N, E)
         up = torch.matmul(self.w13, x.t())  # (E, 2I, N)
         hidden = self.act(up[:, : self.intermediate]) * up[:, self.intermediate:]  # (E, I, N)
         out = torch.matmul(self.w2, hidden)  # (E, H, N)
         out = (out.float() * weights.t()[:, None, :]).sum(dim=0)  # (H, N)
-        return out.t().to(x.dtype).reshape(b, t, h)
+        return out.t().to(x.dtype)
+
+    def gathered(self, x: torch.Tensor) -> torch.Tensor:
+        top_w, top_i = self.top_k_routing(x)
+        up = torch.matmul(self.w13[top_i], x[:, None, :, None])[..., 0]  # (N, k, 2I, H) @ (N, 1, H, 1) -> (N, k, 2I)
+        hidden = self.act(up[..., : self.intermediate]) * up[..., self.intermediate:]  # (N, k, I)
+        out = torch.matmul(self.w2[top_i], hidden[..., None])[..., 0]  # (N, k, H, I) @ (N, k, I, 1) -> (N, k, H)
+        return (out.float() * top_w[..., None]).sum(dim=1).to(x.dtype)  # (N, H)
 
 
 class Block(nn.Module):
-    def __init__(self, config: MixtralConfig):
+    def __init__(self, config: MixtralConfig, routing: str = "dense"):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.moe = DenseMoE(config)
+        self.moe = MoE(config, routing)
 
     def forward(self, x, cos, sin, cache_k, cache_v, mask):
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, mask)
@@ -140,12 +174,13 @@ class Block(nn.Module):
 class MixtralStatic(nn.Module):
     """The step function of `graphs.contract` as a module: (ids, positions, cache) -> (logits, new k/v)."""
 
-    def __init__(self, config: MixtralConfig, attention_window: int | None):
+    def __init__(self, config: MixtralConfig, attention_window: int | None, routing: str = "dense"):
         super().__init__()
         self.config = config
         self.attention_window = attention_window
+        self.routing = routing
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, routing) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:

@@ -13,11 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphs.contract import NO_POSITION, StepShapes
+from graphs.contract import StepShapes
 from graphs.manifest import Manifest, ManifestError, load_manifest
-from runtimes.step import check_step_inputs, ring_writes
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+from runtimes.step import check_step_inputs
+from runtimes.torch_ring import TORCH_DTYPES, TorchRing
 ALIASES_KEY = "aliases"  # graphs.aoti_export writes tied parameters' extra names here
 
 
@@ -36,15 +35,10 @@ class AotiBackend:
         self.runners = {chunk: load_runner(self.manifest, chunk, self.device, weights)
                         for chunk in self.manifest.chunks}
         self.weights = weights  # user-managed constants: the runners hold raw pointers into these
-        self.cache_k = torch.zeros(self.shapes.cache_shape(), dtype=dtype, device=self.device)  # (L, B, Hkv, S, D)
-        self.cache_v = torch.zeros_like(self.cache_k)  # (L, B, Hkv, S, D)
-        self.cache_positions = torch.full((self.shapes.batch, self.shapes.cache_slots), NO_POSITION,
-                                          dtype=torch.int64, device=self.device)  # (B, S)
+        self.ring = TorchRing(self.shapes, self.device)
 
     def reset(self) -> None:
-        self.cache_k.zero_()
-        self.cache_v.zero_()
-        self.cache_positions.fill_(NO_POSITION)
+        self.ring.reset()
 
     @torch.inference_mode()
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -53,12 +47,9 @@ class AotiBackend:
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
         pos = torch.from_numpy(positions).to(self.device)
         runner = self.runners[input_ids.shape[1]]
-        logits, new_k, new_v = runner.run([ids, pos, self.cache_k, self.cache_v, self.cache_positions])
-        rows, cols, slots = (torch.from_numpy(a).to(self.device)
-                             for a in ring_writes(positions, self.shapes.cache_slots))
-        self.cache_k[:, rows, :, slots] = new_k[:, rows, :, cols]  # (n, L, Hkv, D) on both sides
-        self.cache_v[:, rows, :, slots] = new_v[:, rows, :, cols]
-        self.cache_positions[rows, slots] = pos[rows, cols]
+        ring = self.ring
+        logits, new_k, new_v = runner.run([ids, pos, ring.cache_k, ring.cache_v, ring.cache_positions])
+        ring.write(new_k, new_v, positions)
         return logits.cpu().numpy()
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from graphs.manifest import Manifest, check_compatible, load_manifest
 
-RUNTIMES = ("eager", "ort")
+RUNTIMES = ("eager", "compiled", "ort", "aoti", "trt")
+ARTIFACT_KIND = {"ort": "onnx", "aoti": "aoti", "trt": "onnx"}  # eager and compiled run any artifact's source checkpoint
 
 
 class RuntimeLoadError(ValueError):
@@ -15,17 +16,41 @@ class RuntimeLoadError(ValueError):
 def open_backend(artifact: str | Path, runtime: str, provider: str = "cpu", threads: int | None = None,
                  checkpoint: str | Path | None = None):
     """(backend, manifest) for `runtime` over the artifact folder."""
+    if runtime not in RUNTIMES:
+        raise RuntimeLoadError(f"unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})")
     manifest = load_manifest(artifact, verify_files=False)  # the backend verifies hashes once
+    kind = ARTIFACT_KIND.get(runtime)
+    if kind is not None and manifest.kind != kind:
+        raise RuntimeLoadError(f"{manifest.folder}: the {runtime} runtime needs an {kind} artifact, this one is "
+                               f"{manifest.kind} (export it with --format {kind})")
     if runtime == "ort":
         from runtimes.ort import OrtBackend
 
         return OrtBackend(artifact, provider=provider, threads=threads), manifest
-    if runtime == "eager":
-        return eager_backend(manifest, checkpoint), manifest
-    raise RuntimeLoadError(f"unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})")
+    if runtime == "trt":
+        from runtimes.trt import TrtBackend
+
+        return TrtBackend(artifact), manifest
+    if runtime == "aoti":
+        from runtimes.aoti import AotiBackend
+
+        return AotiBackend(artifact, device=_torch_device(provider)), manifest
+    backend = eager_backend(manifest, checkpoint, device=_torch_device(provider))
+    if runtime == "compiled":
+        from runtimes.compiled import CompiledBackend
+
+        backend = CompiledBackend(backend.model, manifest.shapes, device=backend.device)
+        backend.warmup()  # compile both chunk lengths now, timed apart from generation
+    return backend, manifest
 
 
-def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None):
+def _torch_device(provider: str) -> str:
+    if provider not in ("cpu", "cuda"):
+        raise RuntimeLoadError(f"--provider {provider!r} is for ORT; torch runtimes take cpu or cuda")
+    return provider
+
+
+def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, device: str = "cpu"):
     """The PyTorch model on the checkpoint the artifact was built from, with the artifact's shapes."""
     from mixtral_export.checkpoint import load_model
     from mixtral_export.config import MixtralConfig
@@ -36,5 +61,6 @@ def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None):
         raise RuntimeLoadError(f"{manifest.folder}: the eager runtime needs the source checkpoint "
                                f"({source or 'not recorded'} is not there); pass its folder")
     check_compatible(manifest, MixtralConfig.from_json(source))
-    model = load_model(source, dtype=manifest.shapes.dtype, attention_window=manifest.shapes.attention_window)
-    return EagerBackend(model, manifest.shapes)
+    model = load_model(source, dtype=manifest.shapes.dtype, attention_window=manifest.shapes.attention_window,
+                       routing=manifest.routing)
+    return EagerBackend(model, manifest.shapes, device=device)

@@ -22,7 +22,8 @@ from graphs.contract import INPUT_NAMES, NO_POSITION, OUTPUT_NAMES, StepShapes
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from runtimes.step import check_step_inputs, ring_writes
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "trt": "TensorrtExecutionProvider"}  # onnxruntime-gpu built with TensorRT; see runtimes/trt.py
 ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
              "int64": "tensor(int64)"}
 ONNX_BFLOAT16 = 16  # TensorProto.BFLOAT16, which numpy does not know

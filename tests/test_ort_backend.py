@@ -83,9 +83,9 @@ def test_fp32_matches_eager_through_ring_wraps(tiny_onnx, tiny_checkpoint):
         assert diff <= TOL, f"step {steps} (positions {pos.tolist()}): max |logit diff| {diff:.2e} > {TOL}"
         worst, steps, last_pos = max(worst, diff), steps + 1, pos
     assert steps == 2 + 64 and last_pos[0, 0] >= 2 * ours.shapes.cache_slots + 8  # the ring wrapped twice+
-    np.testing.assert_array_equal(ours.cache_positions, eager.cache_positions.numpy())
-    np.testing.assert_allclose(ours.cache_k, eager.cache_k.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(ours.cache_v, eager.cache_v.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(ours.cache_positions, eager.ring.cache_positions.numpy())
+    np.testing.assert_allclose(ours.cache_k, eager.ring.cache_k.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(ours.cache_v, eager.ring.cache_v.numpy(), rtol=0, atol=1e-5)
     print(f"\nORT fp32 vs eager: max |logit diff| {worst:.2e} over {steps} steps")
 
 

@@ -1,0 +1,178 @@
+"""One measurement in a fresh process, so its peak memory (VmHWM) is its own.
+
+    python3 -m bench.worker SPEC.json RESULT.json      (from the repo root; bench/run.py starts it)
+
+A spec's "runtime" is either "bandwidth" (the machine's memory-copy rate) or a runtime to time:
+eager | eager-gather | compiled (the static PyTorch model), ort-dense | ort-gather (an ONNX
+artifact on ONNX Runtime), or transformers (`MixtralForCausalLM.generate` on the checkpoint). Every
+runtime generates greedily from the same random prompts, stamping the clock as each token comes
+out: time to first token = prefill + first sample, decode tokens/s = tokens after the first over the
+time between the first and the last stamp. Warm-up runs (prefill chunk + 2 tokens) come first and
+are not recorded, so compile and first-touch costs stay out of the numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from bench.load_memory import peak_rss
+
+# A runtime under test: generate(prompt ids, new tokens) -> (start time, one clock stamp per token).
+Generate = Callable[[list[int], int], tuple[float, list[float]]]
+OURS = {"eager": "dense", "eager-gather": "gather", "compiled": "dense", "ort-dense": "dense", "ort-gather": "gather"}
+RUNTIMES = (*OURS, "transformers")
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
+            "n": len(values)}
+
+
+def bandwidth(threads: int, size: int = 1 << 30, repeats: int = 7) -> dict:
+    """GB/s over `size`-byte arrays split across `threads` threads (numpy releases the GIL while it works):
+    copy counts read + write bytes (as STREAM does), read is a sum (reads only)."""
+    src = np.ones(size // 4, dtype=np.float32)  # (n,) touched, so no page faults inside the timing
+    dst = np.zeros_like(src)
+    parts = list(zip(np.array_split(src, threads), np.array_split(dst, threads)))
+    kinds = {"copy": (lambda p: np.copyto(p[1], p[0]), 2 * src.nbytes), "read": (lambda p: p[0].sum(), src.nbytes)}
+    out = {}
+    with ThreadPoolExecutor(threads) as pool:
+        for kind, (work, moved) in kinds.items():
+            rates = []
+            for _ in range(repeats + 1):
+                start = time.perf_counter()
+                list(pool.map(work, parts))
+                rates.append(moved / (time.perf_counter() - start) / 1e9)
+            out[kind] = spread(rates[1:])  # the first pass warms the pool and caches
+    return out
+
+
+def ours(spec: dict) -> tuple[Generate, dict]:
+    """A backend of this repo behind the shared generation loop."""
+    from runtimes.generate import GenerationConfig, generate
+
+    runtime, info = spec["runtime"], {}
+    if runtime.startswith("ort"):
+        from runtimes.ort import OrtBackend
+
+        backend = OrtBackend(spec["artifact"], threads=spec["threads"], verify_files=False, spin=spec["ort_spin"])
+    else:
+        import torch
+
+        from graphs.contract import StepShapes
+        from mixtral_export.checkpoint import load_model
+
+        torch.set_num_threads(spec["threads"])
+        shapes = StepShapes.from_dict(spec["shapes"])
+        model = load_model(spec["checkpoint"], dtype=shapes.dtype, attention_window=shapes.attention_window,
+                           routing=OURS[runtime])
+        if runtime == "compiled":
+            from runtimes.compiled import CompiledBackend
+
+            backend = CompiledBackend(model, shapes)
+            backend.warmup()
+            info["compile_seconds"] = sum(backend.compile_seconds.values())
+        else:
+            from runtimes.eager import EagerBackend
+
+            backend = EagerBackend(model, shapes)
+
+    def run(prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
+        stamps: list[float] = []
+        config = GenerationConfig(max_new_tokens=new_tokens)  # greedy, no EOS: always new_tokens tokens
+        start = time.perf_counter()
+        generate(backend, [prompt], config, on_token=lambda event: stamps.append(time.perf_counter()))
+        return start, stamps
+
+    return run, info
+
+
+def transformers(spec: dict) -> tuple[Generate, dict]:
+    """The reference: MixtralForCausalLM (fp32, its default attention) and its own generate."""
+    import torch
+    from transformers import MixtralForCausalLM, StoppingCriteria, StoppingCriteriaList
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.set_num_threads(spec["threads"])
+    model = MixtralForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch.float32).eval()
+
+    class Stamp(StoppingCriteria):
+        """Called once per generated token, right after it is appended: the clock, never a stop."""
+
+        def __init__(self, stamps: list[float]):
+            self.stamps = stamps
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.stamps.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def run(prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
+        stamps: list[float] = []
+        ids = torch.tensor([prompt])  # (1, P)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                           stopping_criteria=StoppingCriteriaList([Stamp(stamps)]))
+        return start, stamps
+
+    return run, {"attention": model.config._attn_implementation}
+
+
+def time_generation(run: Generate, spec: dict) -> list[dict]:
+    """Per context length: time to first token, prefill and decode tokens/s over `repeats` runs."""
+    rng = np.random.default_rng(spec["seed"])
+    steps, vocab = spec["decode_steps"], spec["vocab_size"]
+    for _ in range(spec["warmup"]):
+        run(rng.integers(3, vocab, size=spec["prefill_chunk"]).tolist(), 3)
+    out = []
+    for context in spec["contexts"]:
+        prompt = rng.integers(3, vocab, size=context).tolist()
+        ttft, decode, step_ms = [], [], []
+        for _ in range(spec["repeats"]):
+            start, stamps = run(prompt, steps + 1)
+            if len(stamps) != steps + 1:
+                raise RuntimeError(f"{spec['runtime']}: {len(stamps)} tokens came out, expected {steps + 1}")
+            ttft.append(stamps[0] - start)
+            decode.append(steps / (stamps[-1] - stamps[0]))
+            step_ms.extend(1e3 * np.diff(stamps))
+        out.append({"context": context, "ttft_s": spread(ttft),
+                    "prefill_tokens_per_s": spread([context / t for t in ttft]),
+                    "decode_tokens_per_s": spread(decode), "decode_step_ms": spread(step_ms)})
+    return out
+
+
+def measure(spec: dict) -> dict:
+    if spec["runtime"] == "bandwidth":
+        return {"threads": spec["threads"], "single_thread": bandwidth(1), "all_threads": bandwidth(spec["threads"]),
+                "peak_rss_bytes": peak_rss()}
+    if spec["runtime"] not in RUNTIMES:
+        raise ValueError(f"unknown runtime {spec['runtime']!r} (one of {', '.join(RUNTIMES)})")
+    load_avg = [os.getloadavg()[0]]
+    before = peak_rss()
+    start = time.perf_counter()
+    run, info = transformers(spec) if spec["runtime"] == "transformers" else ours(spec)
+    result = {**info, "load_seconds": time.perf_counter() - start, "peak_rss_at_start_bytes": before,
+              "peak_rss_after_load_bytes": peak_rss()}
+    result["contexts"] = time_generation(run, spec)
+    load_avg.append(os.getloadavg()[0])
+    return {**result, "peak_rss_bytes": peak_rss(), "load_average": load_avg}
+
+
+def main() -> None:
+    spec_path, result_path = sys.argv[1:3]
+    spec = json.loads(Path(spec_path).read_text())
+    Path(result_path).write_text(json.dumps(measure(spec), indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

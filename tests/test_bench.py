@@ -1,0 +1,46 @@
+"""`mixtral-export bench` runs end to end on the tiny model and writes a well-formed report (no timing checks)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNTIMES = ("eager", "ort-dense", "ort-gather", "transformers")
+
+
+def test_bench_on_tiny_writes_the_report(tmp_path):
+    report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
+    args = [sys.executable, "-m", "mixtral_export", "bench", "tiny", "--work-dir", str(tmp_path / "work"),
+            "--runtimes", ",".join(RUNTIMES), "--contexts", "8,40", "--decode-steps", "3", "--repeats", "1",
+            "--json", str(report)]
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    run = subprocess.run(args + (["--plot", str(plot)] if has_matplotlib else []), cwd=REPO, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    data = json.loads(report.read_text())
+    assert {"model", "settings", "machine", "runs", "gather_over_dense"} <= data.keys()
+    assert data["machine"]["bound_bandwidth_gbps"] > 0
+    assert [r["runtime"] for r in data["runs"]] == list(RUNTIMES)
+    for run_record in data["runs"]:
+        assert "error" not in run_record, run_record.get("error")
+        assert run_record["peak_rss_bytes"] > 0 and run_record["artifact_bytes"] > 0
+        assert [p["context"] for p in run_record["contexts"]] == [8, 40]
+        for point in run_record["contexts"]:
+            for key in ("ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "decode_step_ms"):
+                assert {"median", "min", "max", "n"} <= point[key].keys()
+            assert point["bytes_per_token"] > 0 and point["bound_tokens_per_s"] > 0
+            assert point["fraction_of_bound"] > 0 and point["vs_transformers"] > 0
+    assert {(r["gather"], r["context"]) for r in data["gather_over_dense"]} == {("ort-gather", 8), ("ort-gather", 40)}
+    assert "decode tok/s" in run.stdout
+    if has_matplotlib:
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_unknown_runtimes_in_one_line(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "mixtral_export", "bench", "tiny", "--work-dir", str(tmp_path),
+                          "--runtimes", "eager,vllm"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("error:") and "vllm" in run.stderr

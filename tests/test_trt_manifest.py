@@ -1,0 +1,125 @@
+"""The manifest side of TensorRT engines, without TensorRT or a GPU: an engine is listed with its
+build record, hashed like every file, and refused on a machine with another TensorRT or GPU.
+
+Built over small stand-in files (no export), so every check runs in milliseconds.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from graphs.contract import StepShapes
+from graphs.manifest import MANIFEST_NAME, ManifestError, load_manifest, set_engine, write_manifest
+from graphs.trt_engine import ENGINE_NAME, EngineMismatch, TrtBuildError, build_engine, check_engine_record
+from mixtral_export.config import MixtralConfig
+
+CONFIG = MixtralConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
+                       num_local_experts=4, eos_token_id=(2,))
+RECORD = {"tensorrt": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "precision": "fp16",
+          "profiles": {"8": 0, "1": 1}, "strongly_typed": False}
+
+
+def artifact(tmp_path, dtype="float32", routing="dense"):
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"graph" * 100)
+    (folder / "model.onnx.data").write_bytes(bytes(range(256)) * 64)
+    shapes = StepShapes.for_config(CONFIG.replace(dtype=dtype), batch=2, prefill_chunk=8)
+    write_manifest(folder, kind="onnx", config=CONFIG.replace(dtype=dtype), shapes=shapes,
+                   graphs={"step": "model.onnx"}, opset=18, routing=routing)
+    return folder
+
+
+@pytest.fixture
+def with_engine(tmp_path):
+    folder = artifact(tmp_path)
+    (folder / ENGINE_NAME).write_bytes(b"plan" * 1000)
+    set_engine(folder, ENGINE_NAME, RECORD)
+    return folder
+
+
+def one_line(error) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def test_an_engine_is_listed_with_its_record_and_hash(with_engine):
+    manifest = load_manifest(with_engine)
+    assert manifest.engines == {ENGINE_NAME: RECORD}
+    assert manifest.files[ENGINE_NAME].size == 4000 and len(manifest.files[ENGINE_NAME].sha256) == 64
+    assert {"model.onnx", "model.onnx.data"} <= set(manifest.files)  # the rest is untouched
+    assert not [p for p in with_engine.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_the_matching_machine_passes():
+    check_engine_record(RECORD, "10.3.0", "NVIDIA H100 80GB HBM3", "9.0")
+
+
+@pytest.mark.parametrize("trt_version, gpu, capability, expected", [
+    ("10.8.0", "NVIDIA H100 80GB HBM3", "9.0", r"built with TensorRT 10\.3\.0 \(here: 10\.8\.0\)"),
+    ("10.3.0", "NVIDIA A100-SXM4-80GB", "8.0",
+     r"built with a NVIDIA H100 80GB HBM3 with compute capability 9\.0 \(here: NVIDIA A100-SXM4-80GB, 8\.0\)"),
+    ("10.3.0", "NVIDIA H100 80GB HBM3", "9.1", r"compute capability 9\.0 \(here: NVIDIA H100 80GB HBM3, 9\.1\)"),
+    ("10.8.0", "NVIDIA L4", "8.9", r"TensorRT 10\.3\.0 \(here: 10\.8\.0\) for a NVIDIA H100 80GB HBM3"),
+])
+def test_a_recorded_engine_for_another_machine_is_refused(with_engine, trt_version, gpu, capability, expected):
+    record = load_manifest(with_engine).engines[ENGINE_NAME]  # the record as the backend reads it
+    with pytest.raises(EngineMismatch, match=expected) as info:
+        check_engine_record(record, trt_version, gpu, capability, where=with_engine / ENGINE_NAME)
+    message = one_line(info)
+    assert message.startswith(f"{with_engine / ENGINE_NAME}: ") and "rebuild it here" in message
+    assert isinstance(info.value, ManifestError)  # the CLI prints it as one line
+
+
+def test_a_modified_engine_is_refused(with_engine):
+    plan = with_engine / ENGINE_NAME
+    raw = bytearray(plan.read_bytes())
+    raw[10] ^= 1
+    plan.write_bytes(bytes(raw))
+    with pytest.raises(ManifestError, match=f"{ENGINE_NAME}: sha256 does not match") as info:
+        load_manifest(with_engine)
+    one_line(info)
+
+
+def test_dropping_the_engine_unlists_it_and_leaves_the_graph_alone(with_engine):
+    set_engine(with_engine, ENGINE_NAME, None)
+    manifest = load_manifest(with_engine)
+    assert manifest.engines == {} and ENGINE_NAME not in manifest.files
+    set_engine(with_engine, "model.onnx", None)  # not an engine: nothing to drop
+    assert "model.onnx" in load_manifest(with_engine).files
+
+
+def test_an_incomplete_record_is_refused(with_engine):
+    with pytest.raises(ManifestError, match="an engine record needs gpu"):
+        set_engine(with_engine, ENGINE_NAME, {k: v for k, v in RECORD.items() if k != "gpu"})
+    path = with_engine / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    del raw["engines"][ENGINE_NAME]["tensorrt"]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=f"the engine record of '{ENGINE_NAME}' lacks tensorrt"):
+        load_manifest(with_engine)
+    del raw["files"][ENGINE_NAME]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match=f"the engine '{ENGINE_NAME}' is not listed under files"):
+        load_manifest(with_engine)
+
+
+def test_manifests_without_engines_still_load(tmp_path):
+    folder = artifact(tmp_path)
+    assert "engines" not in json.loads((folder / MANIFEST_NAME).read_text())
+    assert load_manifest(folder).engines == {}
+
+
+@pytest.mark.parametrize("dtype, routing, precision, message", [
+    ("float16", "dense", "fp32", "a float16 graph builds only as fp16"),
+    ("bfloat16", "dense", "fp16", "a bfloat16 graph builds only as bf16"),
+    ("float32", "dense", "int8", "precision 'int8' is not one of fp32, fp16, bf16"),
+    ("float32", "gather", "fp32", "'gather' routing uses ONNX Runtime's com.microsoft.MoE.*--routing dense"),
+])
+def test_build_refuses_before_needing_tensorrt(tmp_path, dtype, routing, precision, message):
+    with pytest.raises(TrtBuildError, match=message) as info:
+        build_engine(artifact(tmp_path, dtype, routing), precision=precision)
+    one_line(info)
