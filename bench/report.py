@@ -35,8 +35,9 @@ def table(report: dict, markdown: bool = False):
     title = (f"{report['model']['name']}: batch 1, {settings['decode_steps']} decode steps x {settings['repeats']} "
              f"repeats, {settings['threads']} threads")
     if "error" not in bandwidth:
-        title += (f", copy bandwidth {report['machine']['bound_bandwidth_gbps']:.1f} GB/s (the bound; read-only sum "
-                  f"{bandwidth['all_threads']['read']['median']:.1f} GB/s)")
+        every, bound = bandwidth["all_threads"], report["machine"]["bound_bandwidth_gbps"]
+        title += (f", bound at {bound:.1f} GB/s (copy {every['copy']['median']:.1f}, "
+                  f"read {every['read']['median']:.1f} GB/s on {bandwidth['threads']} threads)")
     grid = Table(title=title, box=box.MARKDOWN if markdown else box.SIMPLE_HEAD)
     for column in ("runtime", "S", "context", "TTFT ms", "prefill tok/s", "decode tok/s (min-max)",
                    "vs transformers", "of bound", "peak RSS", "on disk"):
@@ -99,7 +100,7 @@ def plot(report: dict, path: Path) -> Path:
     axes.set_ylabel("decode tokens/s (median, min-max)")
     bandwidth = report["machine"]["bound_bandwidth_gbps"]
     axes.set_title(f"{report['model']['name']}: decode speed, batch 1"
-                   + (f", {bandwidth:.1f} GB/s copy bandwidth" if bandwidth else ""))
+                   + (f", bound at {bandwidth:.1f} GB/s" if bandwidth else ""))
     axes.grid(True, which="both", alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()

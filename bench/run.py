@@ -15,8 +15,11 @@
 4. per runtime and context: decode tokens/s over transformers' and over the bandwidth bound
    (bench/roofline.py), and gathered over dense routing.
 
-Numbers are medians with min/max over the repeats. The machine is shared: each worker records the
-1-minute load average before and after, so a noisy run shows.
+Numbers are medians with min/max over all repeats. On a shared machine another job's burst can
+slow one runtime and not the next: `rounds` > 1 runs steps 2-3 again, interleaved (A B C A B C),
+and pools the samples, so a burst spreads over all runtimes instead of skewing one ratio. Each
+worker also records the 1-minute load average before and after it, so a noisy run shows. The
+bound's bandwidth is the best median of the probes (copy, read-only sum; one thread or all).
 """
 from __future__ import annotations
 
@@ -34,7 +37,7 @@ if str(REPO) not in sys.path:  # `python3 bench/run.py` puts bench/, not the rep
     sys.path.insert(0, str(REPO))
 
 from bench.models import BenchError, BenchModel, artifact_path, bench_model, build, folder_bytes  # noqa: E402
-from bench.roofline import bound_tokens_per_second, decode_bytes  # noqa: E402
+from bench.summary import merge, pooled_bandwidth, summarise  # noqa: E402
 from bench.worker import OURS, RUNTIMES  # noqa: E402
 
 DEFAULT_RUNTIMES = ("eager", "ort-dense", "ort-gather", "compiled", "transformers")
@@ -58,6 +61,7 @@ class BenchOptions:
     work_dir: Path = field(default=REPO / "out" / "bench")
     seed: int = 0
     timeout: float | None = None  # seconds per worker
+    rounds: int = 1  # interleaved passes over all runtimes, samples pooled
     ort_spin: bool = True  # ORT's intra-op threads spin between ops, as torch's OpenMP threads do
 
     def resolved(self) -> "BenchOptions":
@@ -89,14 +93,18 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
     build(options.model, options.layers, options.work_dir, artifacts, say)
     jobs = [job(options, model, runtime, s, artifact_path(model, OURS[runtime], s) if runtime.startswith("ort")
                 else None, len(shapes) > 1) for runtime in runtimes for s in (shapes if runtime in OURS else (None,))]
-    say("measuring the memory bandwidth")
-    bandwidth = run_worker({"runtime": "bandwidth", "threads": options.threads}, options, say)
-    runs = []
-    for spec in jobs:
-        say(f"measuring {spec['label']}")
-        runs.append({**{k: spec[k] for k in ("runtime", "label", "routing", "cache_slots", "artifact",
-                                              "artifact_bytes")}, **run_worker(spec, options, say)})
-    return report(options, model, bandwidth, runs)
+    probes: list[dict] = []
+    results: list[list[dict]] = [[] for _ in jobs]
+    for n in range(options.rounds):
+        suffix = f" (round {n + 1} of {options.rounds})" if options.rounds > 1 else ""
+        say(f"measuring the memory bandwidth{suffix}")
+        probes.append(run_worker({"runtime": "bandwidth", "threads": options.threads}, options, say))
+        for spec, found in zip(jobs, results):
+            say(f"measuring {spec['label']}{suffix}")
+            found.append(run_worker(spec, options, say))
+    settings = {**asdict(options), "work_dir": str(options.work_dir), "batch": 1}
+    runs = [merge(spec, found) for spec, found in zip(jobs, results)]
+    return summarise(settings, model, pooled_bandwidth(probes), runs)
 
 
 def check_contexts(options: BenchOptions, model: BenchModel, shapes: list) -> None:
@@ -140,45 +148,6 @@ def run_worker(spec: dict, options: BenchOptions, say: Callable[[str], None]) ->
             say(f"{spec['runtime']} failed: {lines[-1]}")
             return {"error": lines[-1]}
         return json.loads(result_path.read_text())
-
-
-def report(options: BenchOptions, model: BenchModel, bandwidth: dict, runs: list[dict]) -> dict:
-    """Attach bytes per token, the bandwidth bound and the ratio to transformers to every measurement."""
-    limit = (max(bandwidth[k]["copy"]["median"] for k in ("single_thread", "all_threads"))
-             if "error" not in bandwidth else None)
-    reference = next((r for r in runs if r["runtime"] == "transformers" and "contexts" in r), None)
-    for run in runs:
-        for point in run.get("contexts", []):
-            kv = run["cache_slots"] if run["cache_slots"] is not None else point["context"]
-            point["bytes_per_token"] = decode_bytes(model.config, run["routing"], kv)
-            decode = point["decode_tokens_per_s"]["median"]
-            bound = bound_tokens_per_second(limit, model.config, run["routing"], kv) if limit else None
-            point["bound_tokens_per_s"], point["fraction_of_bound"] = bound, decode / bound if bound else None
-            ref = next((p["decode_tokens_per_s"]["median"] for p in (reference or {}).get("contexts", [])
-                        if p["context"] == point["context"]), None)
-            point["vs_transformers"] = decode / ref if ref else None
-    return {"model": {"name": model.name, "checkpoint": str(model.checkpoint), "config": model.config.to_dict(),
-                      "weights_bytes": folder_bytes(model.checkpoint, (".safetensors",))},
-            "settings": {**asdict(options), "work_dir": str(options.work_dir), "batch": 1},
-            "machine": {"cpus": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-                        "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                        "bandwidth_gbps": bandwidth, "bound_bandwidth_gbps": limit},
-            "runs": runs, "gather_over_dense": gather_over_dense(runs)}
-
-
-def gather_over_dense(runs: list[dict]) -> list[dict]:
-    """Decode speedup of gathered over dense routing, per runtime family, cache size and context."""
-    pairs = (("ort-gather", "ort-dense"), ("eager-gather", "eager"))
-    out = []
-    for gather_name, dense_name in pairs:
-        for g in (r for r in runs if r["runtime"] == gather_name and "contexts" in r):
-            d = next((r for r in runs if r["runtime"] == dense_name and r["cache_slots"] == g["cache_slots"]
-                      and "contexts" in r), None)
-            for gp, dp in zip(g["contexts"], d["contexts"] if d else []):
-                out.append({"gather": gather_name, "dense": dense_name, "cache_slots": g["cache_slots"],
-                            "context": gp["context"],
-                            "speedup": gp["decode_tokens_per_s"]["median"] / dp["decode_tokens_per_s"]["median"]})
-    return out
 
 
 if __name__ == "__main__":

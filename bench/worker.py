@@ -8,7 +8,8 @@ artifact on ONNX Runtime), or transformers (`MixtralForCausalLM.generate` on the
 runtime generates greedily from the same random prompts, stamping the clock as each token comes
 out: time to first token = prefill + first sample, decode tokens/s = tokens after the first over the
 time between the first and the last stamp. Warm-up runs (prefill chunk + 2 tokens) come first and
-are not recorded, so compile and first-touch costs stay out of the numbers.
+are not recorded, so compile and first-touch costs stay out of the numbers. The result holds every
+sample; bench/run.py pools them over rounds and summarises.
 """
 from __future__ import annotations
 
@@ -30,11 +31,6 @@ OURS = {"eager": "dense", "eager-gather": "gather", "compiled": "dense", "ort-de
 RUNTIMES = (*OURS, "transformers")
 
 
-def spread(values: list[float]) -> dict:
-    return {"median": float(np.median(values)), "min": float(min(values)), "max": float(max(values)),
-            "n": len(values)}
-
-
 def bandwidth(threads: int, size: int = 1 << 30, repeats: int = 7) -> dict:
     """GB/s over `size`-byte arrays split across `threads` threads (numpy releases the GIL while it works):
     copy counts read + write bytes (as STREAM does), read is a sum (reads only)."""
@@ -50,7 +46,7 @@ def bandwidth(threads: int, size: int = 1 << 30, repeats: int = 7) -> dict:
                 start = time.perf_counter()
                 list(pool.map(work, parts))
                 rates.append(moved / (time.perf_counter() - start) / 1e9)
-            out[kind] = spread(rates[1:])  # the first pass warms the pool and caches
+            out[kind] = rates[1:]  # the first pass warms the pool and caches
     return out
 
 
@@ -129,7 +125,7 @@ def transformers(spec: dict) -> tuple[Generate, dict]:
 
 
 def time_generation(run: Generate, spec: dict) -> list[dict]:
-    """Per context length: time to first token, prefill and decode tokens/s over `repeats` runs."""
+    """Per context length, one sample per repeat: time to first token, decode tokens/s; every step's ms."""
     rng = np.random.default_rng(spec["seed"])
     steps, vocab = spec["decode_steps"], spec["vocab_size"]
     for _ in range(spec["warmup"]):
@@ -144,10 +140,8 @@ def time_generation(run: Generate, spec: dict) -> list[dict]:
                 raise RuntimeError(f"{spec['runtime']}: {len(stamps)} tokens came out, expected {steps + 1}")
             ttft.append(stamps[0] - start)
             decode.append(steps / (stamps[-1] - stamps[0]))
-            step_ms.extend(1e3 * np.diff(stamps))
-        out.append({"context": context, "ttft_s": spread(ttft),
-                    "prefill_tokens_per_s": spread([context / t for t in ttft]),
-                    "decode_tokens_per_s": spread(decode), "decode_step_ms": spread(step_ms)})
+            step_ms.extend(float(ms) for ms in 1e3 * np.diff(stamps))
+        out.append({"context": context, "ttft_s": ttft, "decode_tokens_per_s": decode, "decode_step_ms": step_ms})
     return out
 
 

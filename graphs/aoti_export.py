@@ -22,16 +22,12 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from graphs.contract import NO_POSITION, StepShapes
-from graphs.manifest import write_manifest
-from graphs.onnx_export import (ExportError, check_destination, copy_side_files, generation_ids,
-                                make_temp_folder, move_into_place)
+from graphs.artifact_folder import ExportError, building, finish
 from mixtral_export.config import DTYPES, MixtralConfig
 
 PACKAGE_NAME = "model.pt2"
@@ -71,9 +67,7 @@ def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     config = MixtralConfig.from_json(checkpoint / "config.json").replace(dtype=dtype)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)
-    check_destination(out)
-    tmp = make_temp_folder(out)
-    try:
+    with building(out) as tmp:
         say(f"loading {checkpoint} as {dtype}")
         from mixtral_export.checkpoint import load_model
 
@@ -92,18 +86,9 @@ def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
         save_weights(model, tmp / PACKAGE_NAME, chunks, tmp / WEIGHTS_NAME)
         del model
         gc.collect()
-        copied = copy_side_files(checkpoint, tmp)
-        bos, eos = generation_ids(tmp / "generation_config.json", config)
         say("hashing files and writing the manifest")
-        write_manifest(tmp, kind="aoti", config=config, shapes=shapes, chunks=chunks,
-                       graphs={"package": PACKAGE_NAME, "weights": WEIGHTS_NAME}, device=device,
-                       tokenizer="tokenizer.model" if "tokenizer.model" in copied else None,
-                       bos_token_id=bos, eos_token_id=eos, source=checkpoint.resolve(), routing=routing)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        finish(tmp, checkpoint, config, kind="aoti", shapes=shapes, chunks=chunks,
+               graphs={"package": PACKAGE_NAME, "weights": WEIGHTS_NAME}, device=device, routing=routing)
     say(f"wrote {out}")
     return out
 

@@ -27,28 +27,20 @@ folder, so `out_dir` either holds a complete, hashed artifact or is untouched.
 from __future__ import annotations
 
 import gc
-import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
 
 from graphs.contract import INPUT_NAMES, OUTPUT_NAMES, NO_POSITION, StepShapes
-from graphs.manifest import MANIFEST_NAME, io_contract, write_manifest
+from graphs.artifact_folder import ExportError, building, finish
+from graphs.manifest import io_contract
 from graphs.onnx_moe import OnnxMoeError, check_gather_supported, interleave_fc1
 from mixtral_export.config import DTYPES, MixtralConfig
 
 GRAPH_NAME = "model.onnx"
 DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external data
-COPIED_FILES = ("tokenizer.model", "generation_config.json")
 CHUNK_AXIS = "T"
-
-
-class ExportError(RuntimeError):
-    """An export that cannot start or did not produce a valid graph; one line naming the path."""
 
 
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
@@ -77,9 +69,7 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     config = config.replace(dtype=dtype)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)
-    check_destination(out)
-    tmp = make_temp_folder(out)
-    try:
+    with building(out) as tmp:
         say(f"loading {checkpoint} as {dtype}")
         from mixtral_export.checkpoint import load_model
 
@@ -91,35 +81,11 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
         gc.collect()
         say("checking the graph")
         check_graph(tmp / GRAPH_NAME, shapes)
-        copied = copy_side_files(checkpoint, tmp)
-        bos, eos = generation_ids(tmp / "generation_config.json", config)
         say("hashing files and writing the manifest")
-        write_manifest(tmp, kind="onnx", config=config, shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
-                       tokenizer="tokenizer.model" if "tokenizer.model" in copied else None,
-                       bos_token_id=bos, eos_token_id=eos, source=checkpoint.resolve(), routing=routing)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        finish(tmp, checkpoint, config, kind="onnx", shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
+               routing=routing)
     say(f"wrote {out}")
     return out
-
-
-def check_destination(out: Path) -> None:
-    """Refuse to replace anything but an empty folder or an earlier artifact."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise ExportError(f"{out}: exists and is not a folder; refusing to overwrite it")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ExportError(f"{out}: exists and is not an artifact (no {MANIFEST_NAME}); refusing to overwrite it")
-
-
-def make_temp_folder(out: Path) -> Path:
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as err:
-        raise ExportError(f"{out}: cannot write the artifact there ({err.strerror or err})") from None
 
 
 def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
@@ -187,41 +153,4 @@ def check_graph(path: Path, shapes: StepShapes) -> None:
         raise ExportError(f"{path}: weights in {sorted(locations)}, expected only {DATA_NAME}")
 
 
-def copy_side_files(checkpoint: Path, dest: Path) -> list[str]:
-    copied = []
-    for name in COPIED_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copyfile(checkpoint / name, dest / name)
-            copied.append(name)
-    return copied
 
-
-def generation_ids(path: Path, config: MixtralConfig) -> tuple[int | None, tuple[int, ...]]:
-    """BOS/EOS ids: generation_config.json's where it sets them (chat models add EOS ids), else the config's."""
-    bos, eos = config.bos_token_id, config.eos_token_id
-    if path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ExportError(f"{path}: not valid JSON ({err})") from None
-        bos = raw.get("bos_token_id", bos)
-        found = raw.get("eos_token_id")
-        if found is not None:
-            eos = tuple(found) if isinstance(found, list) else (found,)
-    return bos, eos
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`, swapping out an earlier artifact only once it is done."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

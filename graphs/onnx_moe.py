@@ -14,7 +14,7 @@ concatenated layout (swiglu_fusion=2) and a separate fc3, so silu is the only ac
 express.
 
 How it gets into the graph: under `torch.onnx.export`, `MoE.forward` (mixtral_export/model.py)
-calls `moe_node`, a `torch.onnx.ops.symbolic` op that the exporter writes as this node, with the
+calls `MoE.onnx_node`, a `torch.onnx.ops.symbolic` op that the exporter writes as this node, with the
 model's own w13 parameter as fc1. The exported program's fc1 initializers still hold w13's
 [w1; w3] row order, so `interleave_fc1` then swaps each for a lazy tensor that yields the
 interleaved rows when the file is saved: one layer's copy at a time, nothing kept in memory, and
@@ -25,10 +25,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mixtral_export.model import MOE_DOMAIN
+
 if TYPE_CHECKING:
     import torch
 
-MOE_DOMAIN = "com.microsoft"
 GATHER_ACTIVATIONS = ("silu", "swish")  # what swiglu_fusion=1 computes: silu(gate) * up
 
 
@@ -40,17 +41,6 @@ def check_gather_supported(hidden_act: str, where: str) -> None:
     if hidden_act not in GATHER_ACTIVATIONS:
         raise OnnxMoeError(f"{where}: routing 'gather' on ONNX needs a silu MoE (com.microsoft.MoE computes "
                            f"silu(gate) * up); this model's hidden_act is {hidden_act!r}; use routing 'dense'")
-
-
-def moe_node(x: torch.Tensor, router_logits: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-             top_k: int) -> torch.Tensor:
-    """x (N, H), router_logits (N, E), w13 (E, 2I, H), w2 (E, H, I) -> (N, H): the node, at export only."""
-    import torch
-
-    return torch.onnx.ops.symbolic(
-        f"{MOE_DOMAIN}::MoE", (x, router_logits.to(x.dtype), w13, None, w2),
-        dict(k=top_k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1),
-        dtype=x.dtype, shape=x.shape, version=1)
 
 
 def interleave_fc1(model) -> int:

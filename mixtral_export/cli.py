@@ -281,7 +281,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file"),
           plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode tokens/s against context length"),
           markdown: bool = typer.Option(False, help="Print the tables as Markdown"),
-          ort_spin: bool = typer.Option(True, help="Let ONNX Runtime's threads spin between ops (torch's do)")):
+          ort_spin: bool = typer.Option(True, help="Let ONNX Runtime's threads spin between ops (torch's do)"),
+          rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled")):
     """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "bench" / "run.py").is_file():
@@ -302,7 +303,7 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
     options = BenchOptions(model=model, layers=layers, runtimes=names, contexts=_int_list(contexts, "--contexts"),
                            decode_steps=decode_steps, repeats=repeats, warmup=warmup, prefill_chunk=prefill_chunk,
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
-                           timeout=timeout, ort_spin=ort_spin)
+                           timeout=timeout, ort_spin=ort_spin, rounds=rounds)
     try:
         result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
         if json_path is not None:

@@ -16,7 +16,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
                          ("mixtral_export.tokenizer", "TokenizerError"),
                          ("mixtral_export.tokenizer", "ChatFormatError"),
                          ("graphs.manifest", "ManifestError"),
-                         ("graphs.onnx_export", "ExportError"),
+                         ("graphs.artifact_folder", "ExportError"),
                          ("runtimes.load", "RuntimeLoadError"),
                          ("runtimes.ort", "OrtBackendError"),
                          ("graphs.trt_compat", "TrtCompatError"),

@@ -22,6 +22,7 @@ ACTIVATIONS = {
 }
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ROUTINGS = ("dense", "gather")
+MOE_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops, where the gathered MoE node lives
 
 
 class RMSNorm(nn.Module):
@@ -129,14 +130,20 @@ class MoE(nn.Module):
         b, t, h = x.shape
         x = x.reshape(b * t, h)  # (N, H)
         if self.routing == "gather" and torch.onnx.is_in_onnx_export():
-            from graphs.onnx_moe import moe_node
-
-            out = moe_node(x, self.gate(x), self.w13, self.w2, self.top_k)
+            out = self.onnx_node(x)
         elif self.routing == "gather" and b * t * self.top_k < self.w13.shape[0]:
             out = self.gathered(x)
         else:
             out = self.dense(x)
         return out.reshape(b, t, h)
+
+    def onnx_node(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, H) -> (N, H) as one com.microsoft.MoE node: exporting only (graphs/onnx_moe.py
+        then interleaves w13's rows into the node's fc1 layout)."""
+        return torch.onnx.ops.symbolic(
+            f"{MOE_DOMAIN}::MoE", (x, self.gate(x), self.w13, None, self.w2),
+            dict(k=self.top_k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1),
+            dtype=x.dtype, shape=x.shape, version=1)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         top_w, top_i = self.top_k_routing(x)

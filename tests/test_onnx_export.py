@@ -10,6 +10,7 @@ import pytest
 from graphs import onnx_export
 from graphs.contract import INPUT_NAMES, OUTPUT_NAMES
 from graphs.manifest import MANIFEST_NAME, check_compatible, load_manifest
+from graphs import artifact_folder
 from graphs.onnx_export import DATA_NAME, GRAPH_NAME, ExportError, export_onnx
 from mixtral_export.config import MixtralConfig
 
@@ -125,7 +126,7 @@ def test_output_under_a_file_gives_one_line(tiny_checkpoint, tmp_path):
 def test_permission_denied_gives_one_line(tiny_checkpoint, tmp_path, monkeypatch):
     def denied(**kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(onnx_export.tempfile, "mkdtemp", denied)  # root ignores chmod, so simulate it
+    monkeypatch.setattr(artifact_folder.tempfile, "mkdtemp", denied)  # root ignores chmod, so simulate it
     with pytest.raises(ExportError, match=r"cannot write the artifact there \(Permission denied\)") as info:
         export_onnx(tiny_checkpoint, tmp_path / "art", **SHAPES)
     assert "\n" not in str(info.value)

@@ -1,0 +1,103 @@
+"""Writing an artifact folder atomically, whatever builds it (ONNX export, AOTI package).
+
+Everything is written into a hidden temp folder beside the target, the manifest last, and the
+folder is renamed into place; any failure (or Ctrl-C) removes the temp folder, so the target
+either holds a complete, hashed artifact or is untouched. An earlier artifact is swapped out only
+once the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from graphs.manifest import MANIFEST_NAME, write_manifest
+from mixtral_export.config import MixtralConfig
+
+COPIED_FILES = ("tokenizer.model", "generation_config.json")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot start or did not produce a valid artifact; one line naming the path."""
+
+
+@contextmanager
+def building(out: Path) -> Iterator[Path]:
+    """Yield a temp folder to build into; on success it becomes `out`, on any failure it is gone."""
+    check_destination(out)
+    tmp = make_temp_folder(out)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
+        move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def finish(tmp: Path, checkpoint: Path, config: MixtralConfig, **manifest_fields) -> None:
+    """Copy the tokenizer and generation config beside the graphs, then write the manifest last."""
+    copied = copy_side_files(checkpoint, tmp)
+    bos, eos = generation_ids(tmp / "generation_config.json", config)
+    write_manifest(tmp, config=config, tokenizer="tokenizer.model" if "tokenizer.model" in copied else None,
+                   bos_token_id=bos, eos_token_id=eos, source=checkpoint.resolve(), **manifest_fields)
+
+
+def check_destination(out: Path) -> None:
+    """Refuse to replace anything but an empty folder or an earlier artifact."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"{out}: exists and is not a folder; refusing to overwrite it")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ExportError(f"{out}: exists and is not an artifact (no {MANIFEST_NAME}); refusing to overwrite it")
+
+
+def make_temp_folder(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as err:
+        raise ExportError(f"{out}: cannot write the artifact there ({err.strerror or err})") from None
+
+
+def copy_side_files(checkpoint: Path, dest: Path) -> list[str]:
+    copied = []
+    for name in COPIED_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def generation_ids(path: Path, config: MixtralConfig) -> tuple[int | None, tuple[int, ...]]:
+    """BOS/EOS ids: generation_config.json's where it sets them (chat models add EOS ids), else the config's."""
+    bos, eos = config.bos_token_id, config.eos_token_id
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ExportError(f"{path}: not valid JSON ({err})") from None
+        bos = raw.get("bos_token_id", bos)
+        found = raw.get("eos_token_id")
+        if found is not None:
+            eos = tuple(found) if isinstance(found, list) else (found,)
+    return bos, eos
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished folder to `out`, swapping out an earlier artifact only once it is done."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old / out.name, out)
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
