@@ -7,9 +7,9 @@ from token to token): a real-size decode step per layer, without 90 GB of weight
 is a checkpoint folder. Built files go under the work folder; a later run reuses them when their
 config (checkpoint) or manifest (artifact) still matches.
 
-Building runs in a process of its own (`python3 -m bench.models SPEC.json`, started by `build`):
-generating and exporting gigabytes of weights leaves the builder's memory high, and the benchmark
-process must stay small while each runtime's process has the RAM to itself.
+Building runs in processes of their own (`python3 -m bench.models SPEC`, one per checkpoint or
+artifact, started by `build`): generating and exporting gigabytes of weights leaves a process's
+memory high, and the benchmark process must stay small while each runtime's has the RAM to itself.
 """
 from __future__ import annotations
 
@@ -66,20 +66,26 @@ def artifact_path(model: BenchModel, routing: str, shapes: StepShapes) -> Path:
 
 def build(model: str, layers: int, work_dir: Path, artifacts: list[tuple[str, StepShapes]],
           say: Callable[[str], None]) -> None:
-    """Write the checkpoint and export the artifacts that are missing or stale, in a child process
-    whose progress lines are passed to `say` as they come."""
-    spec = {"model": model, "layers": layers, "work_dir": str(work_dir),
-            "artifacts": [(routing, shapes.to_dict()) for routing, shapes in artifacts]}
-    last = ""
-    with subprocess.Popen([sys.executable, "-m", "bench.models", json.dumps(spec)], cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as child:
-        for line in child.stderr:
-            if line.startswith(PROGRESS):
-                say(line[len(PROGRESS):].rstrip())
-            elif line.strip():
-                last = line.strip()
-    if child.returncode != 0:
-        raise BenchError(f"building {model} failed: {last.removeprefix('error: ') or f'exit code {child.returncode}'}")
+    """Write the checkpoint, then export each artifact that is missing or stale, each step in a child
+    process of its own (a torch export does not hand all its memory back, and two in one process ran
+    a 2-layer mixtral-shaped build out of 24 GiB); progress lines go to `say` as they come."""
+    base = {"model": model, "layers": layers, "work_dir": str(work_dir)}
+    steps = [{**base, "artifact": None}] + [{**base, "artifact": (routing, shapes.to_dict())}
+                                            for routing, shapes in artifacts]
+    for spec in steps:
+        last = ""
+        with subprocess.Popen([sys.executable, "-m", "bench.models", json.dumps(spec)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as child:
+            for line in child.stderr:
+                if line.startswith(PROGRESS):
+                    say(line[len(PROGRESS):].rstrip())
+                elif line.strip():
+                    last = line.strip()
+        if child.returncode < 0:
+            raise BenchError(f"building {model} failed: killed by signal {-child.returncode} (out of memory?)")
+        if child.returncode != 0:
+            why = last.removeprefix("error: ") or f"exit code {child.returncode}"
+            raise BenchError(f"building {model} failed: {why}")
 
 
 def write_checkpoint_if_stale(model: BenchModel, say: Callable[[str], None]) -> None:
@@ -132,8 +138,10 @@ def main() -> None:
     say = lambda line: print(f"{PROGRESS}{line}", file=sys.stderr, flush=True)  # noqa: E731
     try:
         model = bench_model(spec["model"], spec["layers"], Path(spec["work_dir"]))
-        write_checkpoint_if_stale(model, say)
-        for routing, shapes in spec["artifacts"]:
+        if spec["artifact"] is None:
+            write_checkpoint_if_stale(model, say)
+        else:
+            routing, shapes = spec["artifact"]
             export_if_stale(model, routing, StepShapes.from_dict(shapes), say)
     except (BenchError, *user_errors()) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -92,8 +92,8 @@ def plot(report: dict, path: Path) -> Path:
             bounds[(run["routing"], run["cache_slots"])] = run["contexts"][0]["bound_tokens_per_s"]
     for (routing, slots), bound in sorted(bounds.items()):
         axes.axhline(bound, linestyle="--", linewidth=1, color="gray")
-        axes.annotate(f"bandwidth bound, {routing} S={slots}", (axes.get_xlim()[0], bound), fontsize=8,
-                      color="gray", va="bottom")
+        axes.text(0.01, bound, f"bandwidth bound, {routing} S={slots}", transform=axes.get_yaxis_transform(),
+                  fontsize=8, color="gray", va="bottom")
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
     axes.set_xlabel("context length (prompt tokens)")

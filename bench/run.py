@@ -62,7 +62,7 @@ class BenchOptions:
     seed: int = 0
     timeout: float | None = None  # seconds per worker
     rounds: int = 1  # interleaved passes over all runtimes, samples pooled
-    ort_spin: bool = True  # ORT's intra-op threads spin between ops, as torch's OpenMP threads do
+    ort_spin: bool = False  # OrtBackend's default; True lets ORT's threads spin between ops, as OpenMP's do
 
     def resolved(self) -> "BenchOptions":
         contexts, steps, repeats = DEFAULTS.get(self.model, OTHER_DEFAULTS)

@@ -281,7 +281,7 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file"),
           plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode tokens/s against context length"),
           markdown: bool = typer.Option(False, help="Print the tables as Markdown"),
-          ort_spin: bool = typer.Option(True, help="Let ONNX Runtime's threads spin between ops (torch's do)"),
+          ort_spin: bool = typer.Option(False, help="Let ONNX Runtime's threads spin between ops (OpenMP's do)"),
           rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled")):
     """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
     root = Path(__file__).resolve().parents[1]
