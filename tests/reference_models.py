@@ -48,14 +48,21 @@ def hf_reference(folder: Path, seed: int = 0, max_shard_size: str | None = None,
     return model
 
 
-def reference_logits(model, prompts: list[list[int]]) -> list[np.ndarray]:
-    """Per-prompt (n, V) logits of the full forward pass, as one left-padded batch."""
+def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids and attention mask (B, N), each prompt right-aligned, as HF batches are for generation."""
     width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.int64)
-    mask = torch.zeros(len(prompts), width, dtype=torch.int64)
+    ids = torch.zeros(len(prompts), width, dtype=torch.int64)  # (B, N)
+    mask = torch.zeros(len(prompts), width, dtype=torch.int64)  # (B, N)
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt):] = torch.tensor(prompt)
         mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def reference_logits(model, prompts: list[list[int]]) -> list[np.ndarray]:
+    """Per-prompt (n, V) logits of the full forward pass, as one left-padded batch."""
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float()
@@ -64,12 +71,8 @@ def reference_logits(model, prompts: list[list[int]]) -> list[np.ndarray]:
 
 def reference_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy generate, one left-padded batch; returns the new tokens per row."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.int64)
-    mask = torch.zeros(len(prompts), width, dtype=torch.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=max_new_tokens, do_sample=False)
