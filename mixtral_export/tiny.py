@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import MixtralConfig
+from .model import TORCH_DTYPES
 from .tokenizer_training import load_tiny_corpus, train_tokenizer
 
 TINY_CONFIG = MixtralConfig(
@@ -66,8 +67,7 @@ def write_checkpoint(folder: str | Path, config: MixtralConfig, tensors: dict[st
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[config.dtype]
-        tensors = {k: t.to(dtype).contiguous() for k, t in tensors.items()}
+        tensors = {k: t.to(TORCH_DTYPES[config.dtype]).contiguous() for k, t in tensors.items()}
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for key, t in tensors.items():

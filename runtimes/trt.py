@@ -25,8 +25,6 @@ from graphs.trt_engine import ENGINE_NAME, check_engine_record, gpu_identity, im
 from runtimes.step import check_step_inputs
 from runtimes.torch_ring import TorchRing
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64}
-
 
 class TrtBackendError(RuntimeError):
     """An engine this backend cannot run; one line naming the file."""
