@@ -35,7 +35,7 @@ from typing import Callable
 from graphs.contract import INPUT_NAMES, OUTPUT_NAMES, NO_POSITION, StepShapes
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.manifest import io_contract
-from graphs.onnx_moe import OnnxMoeError, check_gather_supported, interleave_fc1
+from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts
 from mixtral_export.config import DTYPES, MixtralConfig
 
 GRAPH_NAME = "model.onnx"
@@ -115,7 +115,7 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
                                         opset_version=opset, optimize=True, verbose=False)
             for node in program.model.graph.all_nodes():  # FX names and stack traces with build paths
                 node.metadata_props.clear()
-            interleave_fc1(program.model)  # gather: fc1 rows in com.microsoft.MoE's order; dense: none
+            lay_out_experts(program.model)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
             program.save(str(path), external_data=True)
     finally:
         exporter_log.setLevel(level)

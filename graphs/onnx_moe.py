@@ -4,8 +4,8 @@ A plain ONNX Gather of expert weights materialises a copy (read k experts, write
 again: ~3x the minimal traffic). ONNX Runtime's contrib op `com.microsoft.MoE` (CPU and CUDA)
 instead runs each token through its top-k experts straight from the stacked weights:
 
-    MoE(input (N, H), router_probs (N, E), fc1 (E, 2I, H), "", fc2 (E, H, I))
-        k=top_k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1
+    MoE(input (N, H), router_probs (N, E'), fc1 (E', 2I', H), "", fc2 (E', H, I'))
+        k=k', activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1
 
 With normalize_routing_weights=1 it takes router *logits*, softmaxes them, keeps the top k and
 renormalises: Mixtral's routing. swiglu_fusion=1 means fc1's rows are interleaved (gate_0, up_0,
@@ -13,13 +13,29 @@ gate_1, up_1, ...) and the activation is silu(gate) * up; the CPU kernel refuses
 concatenated layout (swiglu_fusion=2) and a separate fc3, so silu is the only activation it can
 express.
 
+Expert slices. ONNX Runtime 1.32's CPU kernel parallelises over experts only: with T threads,
+thread t runs the t-th contiguous range of experts, each expert's GEMMs on one thread. A decode
+token's top-2 of 8 experts land in the same half 3 times in 7, and then one core streams both
+experts while the other idles: decode steps scattered between ~45 and ~90 ms on the
+mixtral-shaped layer. So each expert is cut into P slices of its intermediate dimension (P a
+power of two, `mixtral_export.model.expert_parts`) and the node sees E' = P * E virtual
+experts: virtual expert p * E + e is slice p of expert e (fc1 rows of that slice's gate and up
+units, fc2 columns of the same units), I' = I / P, k' = P * k, and the router logits repeated P
+times. The top k' of the repeated logits are exactly the P copies of each of the top k experts,
+thread t's range holds whole slices of every expert, and each chosen expert's work is split
+evenly over any thread count dividing P. SwiGLU is per unit and fc2 sums over units, so the
+slices' outputs add up to the expert's; the softmax over P copies gives each slice weight
+w / P, which the graph multiplies back by P (a power of two: exact). One caveat: router
+probabilities tied exactly at the k-th place may mix slices of the tied experts (the reference
+breaks such ties by index; ties need equal router logits).
+
 How it gets into the graph: under `torch.onnx.export`, `MoE.forward` (mixtral_export/model.py)
-calls `MoE.onnx_node`, a `torch.onnx.ops.symbolic` op that the exporter writes as this node, with the
-model's own w13 parameter as fc1. The exported program's fc1 initializers still hold w13's
-[w1; w3] row order, so `interleave_fc1` then swaps each for a lazy tensor that yields the
-interleaved rows when the file is saved: one layer's copy at a time, nothing kept in memory, and
-the graph has no reshuffling ops for ONNX Runtime to fold at load. (A torch custom op with an
-onnxscript translation would work too, but still needs this weight pass and adds an op registry.)
+calls `MoE.onnx_node`, a `torch.onnx.ops.symbolic` op that the exporter writes as this node, with
+the model's own w13/w2 parameters as fc1/fc2. `lay_out_experts` then swaps each for a lazy tensor
+that yields the sliced, interleaved layout when the file is saved: one layer's copy at a time,
+nothing kept in memory, and the graph has no reshuffling ops for ONNX Runtime to fold at load.
+(A torch custom op with an onnxscript translation would work too, but still needs this weight
+pass and adds an op registry.)
 """
 from __future__ import annotations
 
@@ -43,27 +59,53 @@ def check_gather_supported(hidden_act: str, where: str) -> None:
                            f"silu(gate) * up); this model's hidden_act is {hidden_act!r}; use routing 'dense'")
 
 
-def interleave_fc1(model) -> int:
-    """Rewrite every MoE node's fc1 initializer (an onnx_ir model's) into interleaved rows; returns the count."""
+def lay_out_experts(model) -> int:
+    """Rewrite every MoE node's fc1/fc2 initializers (an onnx_ir model's) from the model's
+    w13 (E, 2I, H) / w2 (E, H, I) into the node's sliced layout; returns the node count."""
     import onnx_ir as ir
 
     count = 0
     for node in model.graph.all_nodes():
         if node.domain != MOE_DOMAIN or node.op_type != "MoE":
             continue
-        fc1 = node.inputs[2]
-        if fc1 is None or fc1.const_value is None or len(fc1.uses()) != 1:
-            raise OnnxMoeError(f"{node.name}: fc1 must be an initializer used by this MoE node alone")
-        fc1.const_value = ir.LazyTensor(lambda w=fc1.const_value: ir.tensor_adapters.TorchTensor(interleaved(w)),
-                                        dtype=fc1.const_value.dtype, shape=fc1.const_value.shape, name=fc1.name)
+        k = node.attributes["k"].value
+        fc1, fc2, router = node.inputs[2], node.inputs[4], node.inputs[1]
+        for value in (fc1, fc2):
+            if value is None or value.const_value is None or len(value.uses()) != 1:
+                raise OnnxMoeError(f"{node.name}: fc1/fc2 must be initializers used by this MoE node alone")
+        experts = fc1.const_value.shape[0]
+        parts = router.shape[-1] // experts
+        if parts < 1 or parts * experts != router.shape[-1] or k % parts:
+            raise OnnxMoeError(f"{node.name}: router width {router.shape[-1]} and k={k} do not slice "
+                               f"{experts} experts evenly")
+        for value, lay_out in ((fc1, fc1_slices), (fc2, fc2_slices)):
+            e, rows, cols = value.const_value.shape
+            shape = ir.Shape([e * parts, rows // parts, cols] if value is fc1 else [e * parts, rows, cols // parts])
+            value.const_value = ir.LazyTensor(
+                lambda w=value.const_value, f=lay_out, p=parts: ir.tensor_adapters.TorchTensor(f(torch_view(w), p)),
+                dtype=value.const_value.dtype, shape=shape, name=value.name)
+            value.shape = shape
         count += 1
     return count
 
 
-def interleaved(tensor) -> torch.Tensor:
-    """(E, 2I, H) rows [gate; up] -> rows gate_0, up_0, gate_1, up_1, ...: fc1's swiglu_fusion=1 layout."""
+def torch_view(tensor) -> torch.Tensor:
     import torch
 
-    w = tensor.raw if isinstance(getattr(tensor, "raw", None), torch.Tensor) else torch.from_numpy(tensor.numpy())
-    e, rows, h = w.shape
-    return w.view(e, 2, rows // 2, h).transpose(1, 2).reshape(e, rows, h)  # (E, I, 2, H) -> (E, 2I, H)
+    return tensor.raw if isinstance(getattr(tensor, "raw", None), torch.Tensor) else torch.from_numpy(tensor.numpy())
+
+
+def fc1_slices(w13: torch.Tensor, parts: int) -> torch.Tensor:
+    """(E, 2I, H) rows [gate; up] -> (P*E, 2I/P, H): virtual expert p*E+e holds gate/up units
+    [p*I/P, (p+1)*I/P) of expert e, interleaved gate_0, up_0, gate_1, up_1, ... (swiglu_fusion=1)."""
+    e, rows, h = w13.shape
+    units = rows // 2 // parts
+    w = w13.reshape(e, 2, parts, units, h)  # (E, gate|up, P, I/P, H)
+    return w.permute(2, 0, 3, 1, 4).reshape(parts * e, 2 * units, h)  # (P, E, I/P, 2, H) -> (P*E, 2I/P, H)
+
+
+def fc2_slices(w2: torch.Tensor, parts: int) -> torch.Tensor:
+    """(E, H, I) -> (P*E, H, I/P): virtual expert p*E+e holds columns [p*I/P, (p+1)*I/P) of expert e."""
+    e, h, inter = w2.shape
+    w = w2.reshape(e, h, parts, inter // parts)  # (E, H, P, I/P)
+    return w.permute(2, 0, 1, 3).reshape(parts * e, h, inter // parts)  # (P, E, H, I/P) -> (P*E, H, I/P)

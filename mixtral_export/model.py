@@ -83,15 +83,29 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        keys = torch.cat((cache_k, k), dim=2)[:, :, None]  # (B, Hkv, 1, S+T, D)
-        values = torch.cat((cache_v, v), dim=2)[:, :, None]  # (B, Hkv, 1, S+T, D)
-        q = q.view(b, hkv, g, t, d)  # (B, Hkv, G, T, D): query head h uses kv head h // G
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale  # (B, Hkv, G, T, S+T)
+        # The cache and the chunk are attended separately and never concatenated: a (S+T)-slot
+        # copy of K and V per layer and step would cost more traffic than the attention itself.
+        s = cache_k.shape[2]
+        q = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D): query head h uses kv head h // G
+        scores = torch.cat((torch.matmul(q, cache_k.transpose(-1, -2)),  # (B, Hkv, G*T, S)
+                            torch.matmul(q, k.transpose(-1, -2))), dim=-1)  # (B, Hkv, G*T, T)
+        scores = scores.view(b, hkv, g, t, s + t).float() * self.scale  # (B, Hkv, G, T, S+T)
         scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = torch.matmul(probs, values)  # (B, Hkv, G, T, D)
-        out = out.reshape(b, self.n_heads, t, d).transpose(1, 2).reshape(b, t, self.n_heads * d)
+        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * t, s + t)  # (B, Hkv, G*T, S+T)
+        out = torch.matmul(probs[..., :s], cache_v) + torch.matmul(probs[..., s:], v)  # (B, Hkv, G*T, D)
+        out = out.view(b, self.n_heads, t, d).transpose(1, 2).reshape(b, t, self.n_heads * d)  # (B, T, H*D)
         return self.o_proj(out), k, v
+
+
+MAX_EXPERT_PARTS = 8  # ONNX gather: slices per expert, a power of two (see MoE.onnx_node)
+
+
+def expert_parts(intermediate: int) -> int:
+    """The most slices, up to MAX_EXPERT_PARTS, that split the intermediate dimension evenly."""
+    parts = MAX_EXPERT_PARTS
+    while intermediate % parts:
+        parts //= 2
+    return parts
 
 
 class MoE(nn.Module):
@@ -138,12 +152,21 @@ class MoE(nn.Module):
         return out.reshape(b, t, h)
 
     def onnx_node(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H) -> (N, H) as one com.microsoft.MoE node: exporting only (graphs/onnx_moe.py
-        then interleaves w13's rows into the node's fc1 layout)."""
-        return torch.onnx.ops.symbolic(
-            f"{MOE_DOMAIN}::MoE", (x, self.gate(x), self.w13, None, self.w2),
-            dict(k=self.top_k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1),
+        """(N, H) -> (N, H) as one com.microsoft.MoE node: exporting only.
+
+        Each expert runs as `parts` slices of its intermediate dimension, so that ONNX Runtime's
+        threads share every token's work (graphs/onnx_moe.py explains why and, after export,
+        lays w13/w2 out in those slices). The router logits are repeated once per slice: the
+        node's softmax over the repeats gives each slice 1/parts of its expert's weight, and the
+        exact power-of-two product below restores it.
+        """
+        parts = expert_parts(self.intermediate)
+        logits = self.gate(x).repeat(1, parts)  # (N, parts * E): slice p of expert e is virtual expert p * E + e
+        out = torch.onnx.ops.symbolic(
+            f"{MOE_DOMAIN}::MoE", (x, logits, self.w13, None, self.w2),
+            dict(k=self.top_k * parts, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1),
             dtype=x.dtype, shape=x.shape, version=1)
+        return out * parts if parts > 1 else out
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         top_w, top_i = self.top_k_routing(x)

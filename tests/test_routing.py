@@ -73,6 +73,49 @@ def test_ort_gather_artifact_matches_eager_across_ring_wraps(tiny_gather_onnx):
     assert report.passed and report.comparisons[0].max_abs <= 1e-4
 
 
+def test_expert_slices_add_up_to_each_expert():
+    """The sliced, interleaved layout of the ONNX MoE node: an expert's P slices sum to the expert."""
+    from graphs.onnx_moe import fc1_slices, fc2_slices
+
+    gen = torch.Generator().manual_seed(0)
+    e, h, i, parts = 3, 8, 12, 4
+    w13, w2 = torch.randn(e, 2 * i, h, generator=gen), torch.randn(e, h, i, generator=gen)  # (E, 2I, H), (E, H, I)
+    fc1, fc2 = fc1_slices(w13, parts), fc2_slices(w2, parts)  # (P*E, 2I/P, H), (P*E, H, I/P)
+    x = torch.randn(h, generator=gen)
+    for expert in range(e):
+        want = w2[expert] @ (torch.nn.functional.silu(w13[expert, :i] @ x) * (w13[expert, i:] @ x))
+        got = 0
+        for p in range(parts):
+            rows = fc1[p * e + expert] @ x  # gate_0, up_0, gate_1, up_1, ... (swiglu_fusion=1)
+            got = got + fc2[p * e + expert] @ (torch.nn.functional.silu(rows[0::2]) * rows[1::2])
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("intermediate, parts", [(14336, 8), (128, 8), (12, 4), (6, 2), (7, 1)])
+def test_experts_are_cut_into_the_most_power_of_two_slices_that_divide_them(intermediate, parts):
+    from mixtral_export.model import expert_parts
+
+    assert expert_parts(intermediate) == parts
+
+
+def test_gather_graph_runs_sliced_experts(tiny_gather_onnx):
+    """Every MoE node sees P*E virtual experts and P*k routes, so its threads share every token's experts."""
+    import onnx
+
+    from mixtral_export.model import expert_parts
+    from mixtral_export.tiny import TINY_CONFIG as c
+
+    parts = expert_parts(c.intermediate_size)
+    model = onnx.load(str(tiny_gather_onnx / "model.onnx"), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    nodes = [n for n in model.graph.node if n.op_type == "MoE"]
+    assert parts > 1 and len(nodes) == c.num_hidden_layers
+    for node in nodes:
+        assert next(a.i for a in node.attribute if a.name == "k") == parts * c.num_experts_per_tok
+        e, i, h = parts * c.num_local_experts, c.intermediate_size // parts, c.hidden_size
+        assert dims[node.input[2]] == [e, 2 * i, h] and dims[node.input[4]] == [e, h, i]
+
+
 def test_gather_export_of_a_gelu_model_is_refused(tmp_path):
     from graphs.onnx_export import ExportError, export_onnx
     from mixtral_export.tiny import TINY_CONFIG, random_weights, write_checkpoint
