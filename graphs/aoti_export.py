@@ -101,8 +101,8 @@ def example_inputs(shapes: StepShapes, chunk: int, device: str) -> tuple:
     dtype = TORCH_DTYPES[shapes.dtype]
     return (torch.zeros(shapes.batch, chunk, dtype=torch.int64, device=device),  # input_ids (B, T)
             torch.arange(chunk, dtype=torch.int64, device=device).repeat(shapes.batch, 1),  # positions (B, T)
-            torch.zeros(shapes.cache_shape(), dtype=dtype, device=device),  # cache_k (L, B, Hkv, S, D)
-            torch.zeros(shapes.cache_shape(), dtype=dtype, device=device),  # cache_v (L, B, Hkv, S, D)
+            list(torch.zeros(shapes.cache_shape(), dtype=dtype, device=device)),  # cache_k: L x (B, Hkv, S, D)
+            list(torch.zeros(shapes.cache_shape(), dtype=dtype, device=device)),  # cache_v: L x (B, Hkv, S, D)
             torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64, device=device))
 
 

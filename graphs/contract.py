@@ -8,8 +8,10 @@ One step consumes a chunk of T new tokens (T = prefill_chunk or 1) for B rows:
   inputs
     input_ids        (B, T)           int64   token ids; anything in range for padding
     positions        (B, T)           int64   absolute position of each token, -1 = no token
-    cache_k          (L, B, Hkv, S, D) dtype  keys of earlier tokens, RoPE already applied
-    cache_v          (L, B, Hkv, S, D) dtype  values of earlier tokens
+    cache_k.0 .. cache_k.{L-1}
+                     (B, Hkv, S, D)   dtype   each layer's keys of earlier tokens, RoPE already applied
+    cache_v.0 .. cache_v.{L-1}
+                     (B, Hkv, S, D)   dtype   each layer's values of earlier tokens
     cache_positions  (B, S)           int64   absolute position held by each slot, -1 = empty
   outputs
     logits           (B, T, V)        float32 next-token logits at every chunk position
@@ -19,14 +21,16 @@ One step consumes a chunk of T new tokens (T = prefill_chunk or 1) for B rows:
 A query at position p attends to a key at position q (from the cache or the chunk) iff
 q >= 0, q <= p and p - q < attention_window. The runtime then writes the chunk's keys/values
 into ring slots q % S (only where q >= 0) and records q in cache_positions: the cache is never
-copied whole. Because the chunk attends to the cache *before* it is written, a W-slot ring never
+copied whole. Runtimes keep one (L, B, Hkv, S, D) array per side and bind each layer's slice
+(`layer_caches`): a graph input per layer, because ONNX Runtime copies any slice it takes of a
+stacked input, which per layer and step would cost twice the traffic of reading the cache.
+Because the chunk attends to the cache *before* it is written, a W-slot ring never
 lets the slot about to be overwritten leak in, and never loses a key a query still needs.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-INPUT_NAMES = ("input_ids", "positions", "cache_k", "cache_v", "cache_positions")
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
 NO_POSITION = -1
 
@@ -69,16 +73,22 @@ class StepShapes:
         return self.cache_slots if self.attention_window is None else None
 
     def cache_shape(self) -> tuple[int, int, int, int, int]:
+        """The runtime's cache per side: (L, B, Hkv, S, D); the graph takes it layer by layer."""
         return (self.num_layers, self.batch, self.num_kv_heads, self.cache_slots, self.head_dim)
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return ("input_ids", "positions", *layer_names("cache_k", self.num_layers),
+                *layer_names("cache_v", self.num_layers), "cache_positions")
+
     def input_shapes(self, chunk: int) -> dict[str, tuple[int, ...]]:
-        return {
-            "input_ids": (self.batch, chunk),
-            "positions": (self.batch, chunk),
-            "cache_k": self.cache_shape(),
-            "cache_v": self.cache_shape(),
-            "cache_positions": (self.batch, self.cache_slots),
-        }
+        layer = self.cache_shape()[1:]  # (B, Hkv, S, D)
+        return {"input_ids": (self.batch, chunk), "positions": (self.batch, chunk),
+                **{name: layer for name in self.input_names[2:-1]},
+                "cache_positions": (self.batch, self.cache_slots)}
+
+    def input_dtype(self, name: str) -> str:
+        return self.dtype if name.startswith(("cache_k.", "cache_v.")) else "int64"
 
     def output_shapes(self, chunk: int) -> dict[str, tuple[int, ...]]:
         new = (self.num_layers, self.batch, self.num_kv_heads, chunk, self.head_dim)
@@ -101,6 +111,16 @@ class StepShapes:
     @classmethod
     def from_dict(cls, raw: dict) -> "StepShapes":
         return cls(**raw)
+
+
+def layer_names(side: str, num_layers: int) -> tuple[str, ...]:
+    return tuple(f"{side}.{i}" for i in range(num_layers))
+
+
+def layer_caches(cache_k, cache_v) -> dict:
+    """{"cache_k.i": cache_k[i], "cache_v.i": cache_v[i]}: views of (L, ...) arrays or tensors, never copies."""
+    return {**dict(zip(layer_names("cache_k", len(cache_k)), cache_k)),
+            **dict(zip(layer_names("cache_v", len(cache_v)), cache_v))}
 
 
 def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) -> int | None:

@@ -18,11 +18,11 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
-from graphs.contract import INPUT_NAMES, OUTPUT_NAMES, ContractError, StepShapes
+from graphs.contract import OUTPUT_NAMES, ContractError, StepShapes
 from mixtral_export.config import ConfigError, MixtralConfig
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one cache input per layer (graphs/contract.py)
 KINDS = ("onnx", "aoti")
 # Files that hold graphs or weights: one of these that the manifest does not list means the
 # folder mixes builds, so it is refused rather than guessed at.
@@ -79,15 +79,13 @@ class Manifest:
 
 def io_contract(shapes: StepShapes, chunks: tuple[int, ...]) -> dict:
     """The step contract's names, dtypes and shapes for every served chunk length."""
-    dtypes = {"input_ids": "int64", "positions": "int64", "cache_k": shapes.dtype, "cache_v": shapes.dtype,
-              "cache_positions": "int64", "logits": "float32", "new_k": shapes.dtype, "new_v": shapes.dtype}
-
-    def entries(names, shapes_of) -> list[dict]:
-        return [{"name": name, "dtype": dtypes[name],
+    def entries(names, shapes_of, dtype_of) -> list[dict]:
+        return [{"name": name, "dtype": dtype_of(name),
                  "shapes": {str(t): list(shapes_of(t)[name]) for t in chunks}} for name in names]
 
-    return {"inputs": entries(INPUT_NAMES, shapes.input_shapes),
-            "outputs": entries(OUTPUT_NAMES, shapes.output_shapes)}
+    return {"inputs": entries(shapes.input_names, shapes.input_shapes, shapes.input_dtype),
+            "outputs": entries(OUTPUT_NAMES, shapes.output_shapes,
+                               lambda name: "float32" if name == "logits" else shapes.dtype)}
 
 
 def tool_versions() -> dict[str, str]:
@@ -182,6 +180,9 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a JSON object")
     version = raw.get("format_version")
+    if isinstance(version, int) and 0 < version < FORMAT_VERSION:
+        raise ManifestError(f"{path}: format_version {version} was written by an older mixtral-export "
+                            f"(this version reads {FORMAT_VERSION}); export the artifact again")
     if version != FORMAT_VERSION:
         raise ManifestError(f"{path}: unknown format_version {version!r} (this version reads {FORMAT_VERSION})")
     manifest = _parse(raw, folder, path)

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import warnings
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import INPUT_NAMES, OUTPUT_NAMES, NO_POSITION, StepShapes
+from graphs.contract import OUTPUT_NAMES, NO_POSITION, StepShapes
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.manifest import io_contract
 from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts
@@ -98,11 +99,12 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
     dtype = TORCH_DTYPES[shapes.dtype]
     args = (torch.zeros(shapes.batch, example, dtype=torch.int64),  # input_ids (B, T)
             torch.arange(example, dtype=torch.int64).repeat(shapes.batch, 1),  # positions (B, T)
-            torch.zeros(shapes.cache_shape(), dtype=dtype),  # cache_k (L, B, Hkv, S, D)
-            torch.zeros(shapes.cache_shape(), dtype=dtype),  # cache_v (L, B, Hkv, S, D)
+            list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
+            list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
             torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64))  # (B, S)
     chunk = torch.export.Dim(CHUNK_AXIS, min=1)
-    dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": None, "cache_v": None,
+    layers = [None] * shapes.num_layers
+    dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
                "cache_positions": None}
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
@@ -111,14 +113,34 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic,
-                                        input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+                                        input_names=list(shapes.input_names), output_names=list(OUTPUT_NAMES),
                                         opset_version=opset, optimize=True, verbose=False)
             for node in program.model.graph.all_nodes():  # FX names and stack traces with build paths
                 node.metadata_props.clear()
+            name_chunk_axis(program.model)
             lay_out_experts(program.model)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
             program.save(str(path), external_data=True)
     finally:
         exporter_log.setLevel(level)
+
+
+def name_chunk_axis(model) -> None:
+    """Call the exporter's symbol for T "T" everywhere (it cannot name it itself when the cache
+    inputs are lists: a list of static tensors flattens to no dynamic_shapes entries)."""
+    import onnx_ir as ir
+
+    symbol = re.compile(rf"\b{re.escape(str(model.graph.inputs[0].shape[1].value))}\b")  # input_ids (B, T)
+
+    def renamed(dim):
+        if isinstance(dim, ir.SymbolicDim) and dim.value is not None and symbol.search(dim.value):
+            return ir.SymbolicDim(symbol.sub(CHUNK_AXIS, dim.value))  # "s18" -> "T", "2*s18" -> "2*T"
+        return dim
+
+    values = [*model.graph.inputs, *model.graph.outputs,
+              *(out for node in model.graph.all_nodes() for out in node.outputs)]
+    for value in values:
+        if value.shape is not None:
+            value.shape = ir.Shape([renamed(dim) for dim in value.shape])
 
 
 def check_graph(path: Path, shapes: StepShapes) -> None:

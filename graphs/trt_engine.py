@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import INPUT_NAMES, StepShapes
+from graphs.contract import StepShapes
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, set_engine
 
 ENGINE_NAME = "engine.plan"
@@ -175,7 +175,7 @@ def add_profiles(builder, network, config, shapes: StepShapes, chunks: tuple[int
     for tensor in inputs:
         if tensor.name not in symbolic or tuple(tensor.shape) != symbolic[tensor.name]:
             raise TrtBuildError(f"{graph}: input {tensor.name} {tuple(tensor.shape)} is not the contract's "
-                                f"{symbolic.get(tensor.name)} (inputs must be {', '.join(INPUT_NAMES)})")
+                                f"{symbolic.get(tensor.name)} (inputs must be {', '.join(shapes.input_names)})")
     profiles = {}
     for chunk in chunks:
         profile = builder.create_optimization_profile()

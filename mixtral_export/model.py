@@ -221,7 +221,8 @@ class MixtralStatic(nn.Module):
         return self.embed_tokens.weight.dtype
 
     def forward(self, input_ids, positions, cache_k, cache_v, cache_positions):
-        """input_ids/positions (B, T) int64, cache_k/v (L, B, Hkv, S, D), cache_positions (B, S)."""
+        """input_ids/positions (B, T) int64, cache_k/v (L, B, Hkv, S, D) or L tensors (B, Hkv, S, D)
+        (the exported graphs take one input per layer), cache_positions (B, S)."""
         x = self.embed_tokens(input_ids)  # (B, T, H)
         d = self.config.head_dim  # inv_freq is made here, in fp32, so no .to(dtype) can round it
         inv_freq = 1.0 / (self.config.rope_theta ** (

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphs.contract import StepShapes
+from graphs.contract import StepShapes, layer_caches
 from graphs.manifest import Manifest, ManifestError, load_manifest
 from runtimes.step import check_step_inputs
 from runtimes.torch_ring import TORCH_DTYPES, TorchRing
@@ -48,7 +48,8 @@ class AotiBackend:
         pos = torch.from_numpy(positions).to(self.device)
         runner = self.runners[input_ids.shape[1]]
         ring = self.ring
-        logits, new_k, new_v = runner.run([ids, pos, ring.cache_k, ring.cache_v, ring.cache_positions])
+        caches = layer_caches(ring.cache_k, ring.cache_v)  # per-layer views, in the graph's input order
+        logits, new_k, new_v = runner.run([ids, pos, *caches.values(), ring.cache_positions])
         ring.write(new_k, new_v, positions)
         return logits.cpu().numpy()
 

@@ -4,7 +4,8 @@ Serving needs no torch and no model code: the manifest says what the graph is, t
 model. One InferenceSession serves both chunk lengths (T = prefill_chunk and T = 1), so the
 weights are loaded once. Every buffer is allocated once: per chunk length an IOBinding binds the
 token/position inputs and the three outputs to preallocated numpy arrays, and both bindings bind
-cache_k/cache_v/cache_positions to the same cache arrays, zero-copy on CPU. A step copies the
+each layer's cache_k.i/cache_v.i input to its view of the same (L, ...) cache arrays, and
+cache_positions, zero-copy on CPU. A step copies the
 tokens in, runs, and writes only the chunk's ring slots in place; the cache is never copied whole.
 
 With provider="cuda" the same host buffers are bound, so ORT uploads the cache every step:
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from graphs.contract import INPUT_NAMES, NO_POSITION, OUTPUT_NAMES, StepShapes
+from graphs.contract import NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from runtimes.step import check_step_inputs, ring_writes
 
@@ -84,9 +85,9 @@ class ChunkBinding:
         self.new_v = np.zeros(out["new_v"], dtype=dtype)  # (L, B, Hkv, T, D)
         arrays = {"input_ids": self.input_ids, "positions": self.positions, **cache,
                   "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v}
-        self.values = {name: host_value(arrays[name]) for name in (*INPUT_NAMES, *OUTPUT_NAMES)}  # kept alive
+        self.values = {name: host_value(arrays[name]) for name in (*shapes.input_names, *OUTPUT_NAMES)}  # kept alive
         self.binding = session.io_binding()
-        for name in INPUT_NAMES:
+        for name in shapes.input_names:
             self.binding.bind_ortvalue_input(name, self.values[name])
         for name in OUTPUT_NAMES:
             self.binding.bind_ortvalue_output(name, self.values[name])
@@ -129,7 +130,7 @@ class OrtBackend:
         self.cache_v = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
         self.cache_positions = np.full((self.shapes.batch, self.shapes.cache_slots), NO_POSITION,
                                        dtype=np.int64)  # (B, S)
-        cache = {"cache_k": self.cache_k, "cache_v": self.cache_v, "cache_positions": self.cache_positions}
+        cache = {**layer_caches(self.cache_k, self.cache_v), "cache_positions": self.cache_positions}  # views
         self.bindings = {chunk: ChunkBinding(self.session, self.shapes, chunk, dtype, cache)
                          for chunk in self.manifest.chunks}
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphs.contract import INPUT_NAMES, NO_POSITION, OUTPUT_NAMES, StepShapes
+from graphs.contract import NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from graphs.trt_engine import ENGINE_NAME, check_engine_record, gpu_identity, import_tensorrt
 from runtimes.step import check_step_inputs
@@ -35,12 +35,12 @@ class ChunkContext:
 
     def __init__(self, engine, profile: int, shapes: StepShapes, chunk: int, cache: dict[str, torch.Tensor],
                  stream: torch.cuda.Stream, where: Path):
-        device = cache["cache_k"].device
+        device = cache["cache_positions"].device
         out = shapes.output_shapes(chunk)
         self.input_ids = torch.zeros((shapes.batch, chunk), dtype=torch.int64, device=device)  # (B, T)
         self.positions = torch.full((shapes.batch, chunk), NO_POSITION, dtype=torch.int64, device=device)  # (B, T)
         self.logits = torch.zeros(out["logits"], dtype=torch.float32, device=device)  # (B, T, V)
-        self.new_k = torch.zeros(out["new_k"], dtype=cache["cache_k"].dtype, device=device)  # (L, B, Hkv, T, D)
+        self.new_k = torch.zeros(out["new_k"], dtype=cache["cache_k.0"].dtype, device=device)  # (L, B, Hkv, T, D)
         self.new_v = torch.zeros_like(self.new_k)  # (L, B, Hkv, T, D)
         self.host_logits = torch.zeros(out["logits"], dtype=torch.float32, pin_memory=True)  # (B, T, V)
         self.tensors = {"input_ids": self.input_ids, "positions": self.positions, **cache,
@@ -48,7 +48,7 @@ class ChunkContext:
         self.context = engine.create_execution_context()
         if self.context is None or not self.context.set_optimization_profile_async(profile, stream.cuda_stream):
             raise TrtBackendError(f"{where}: cannot open an execution context on profile {profile} (T={chunk})")
-        for name in INPUT_NAMES:
+        for name in shapes.input_names:
             if not self.context.set_input_shape(name, tuple(self.tensors[name].shape)):
                 raise TrtBackendError(f"{where}: profile {profile} does not take {name} "
                                       f"{tuple(self.tensors[name].shape)} (T={chunk})")
@@ -91,7 +91,8 @@ class TrtBackend:
         check_engine_io(trt, self.engine, self.manifest, record, path)
 
         self.ring = TorchRing(self.shapes, self.device)
-        cache = {"cache_k": self.ring.cache_k, "cache_v": self.ring.cache_v, "cache_positions": self.ring.cache_positions}
+        cache = {**layer_caches(self.ring.cache_k, self.ring.cache_v),  # per-layer views of the ring
+                 "cache_positions": self.ring.cache_positions}
         self.chunks = {int(chunk): ChunkContext(self.engine, profile, self.shapes, int(chunk), cache, self.stream, path)
                        for chunk, profile in record["profiles"].items()}
         torch.cuda.synchronize(self.device)  # profile switches and zero fills are done before the first step

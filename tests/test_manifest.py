@@ -52,7 +52,9 @@ def test_round_trip(artifact):
     assert len(manifest.files["model.onnx"].sha256) == 64
     assert manifest.tools["python"] and manifest.created
     inputs = {e["name"]: e for e in manifest.io["inputs"]}
-    assert inputs["cache_k"]["shapes"] == {"8": [2, 2, 2, 32, 16], "1": [2, 2, 2, 32, 16]}
+    assert inputs["cache_k.1"]["shapes"] == {"8": [2, 2, 32, 16], "1": [2, 2, 32, 16]}  # (B, Hkv, S, D) per layer
+    assert [name for name in inputs if name.startswith("cache_")] == ["cache_k.0", "cache_k.1", "cache_v.0",
+                                                                      "cache_v.1", "cache_positions"]
     assert inputs["input_ids"]["shapes"] == {"8": [2, 8], "1": [2, 1]}
     assert [e["dtype"] for e in manifest.io["outputs"]] == ["float32", "float32", "float32"]
 
@@ -105,6 +107,15 @@ def test_unknown_format_version(artifact):
     raw["format_version"] = FORMAT_VERSION + 1
     path.write_text(json.dumps(raw))
     assert "format_version" in error_of(load_manifest, artifact)
+
+
+def test_an_older_format_asks_for_a_new_export(artifact):
+    path = artifact / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["format_version"] = FORMAT_VERSION - 1
+    path.write_text(json.dumps(raw))
+    assert "older mixtral-export" in error_of(load_manifest, artifact) and "export the artifact again" in \
+        error_of(load_manifest, artifact)
 
 
 def test_file_names_must_stay_inside_the_artifact(artifact):

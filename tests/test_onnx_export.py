@@ -8,7 +8,7 @@ import onnx
 import pytest
 
 from graphs import onnx_export
-from graphs.contract import INPUT_NAMES, OUTPUT_NAMES
+from graphs.contract import OUTPUT_NAMES
 from graphs.manifest import MANIFEST_NAME, check_compatible, load_manifest
 from graphs import artifact_folder
 from graphs.onnx_export import DATA_NAME, GRAPH_NAME, ExportError, export_onnx
@@ -25,16 +25,18 @@ def test_graph_passes_the_checker_with_the_contracts_io(tiny_onnx):
     path = tiny_onnx / GRAPH_NAME
     onnx.checker.check_model(str(path))
     graph = onnx.load(str(path), load_external_data=False).graph
-    assert [v.name for v in graph.input] == list(INPUT_NAMES)
-    assert [v.name for v in graph.output] == list(OUTPUT_NAMES)
     shapes = load_manifest(tiny_onnx).shapes
+    assert [v.name for v in graph.input] == ["input_ids", "positions", "cache_k.0", "cache_k.1", "cache_v.0",
+                                             "cache_v.1", "cache_positions"]  # one cache input per layer
+    assert [v.name for v in graph.output] == list(OUTPUT_NAMES)
     want = {**shapes.input_shapes(-1), **shapes.output_shapes(-1)}  # -1 marks the chunk axis
     for value in (*graph.input, *graph.output):
         assert dims_of(value) == ["T" if d == -1 else d for d in want[value.name]], value.name
     float32, int64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
-    assert types == {"input_ids": int64, "positions": int64, "cache_k": float32, "cache_v": float32,
-                     "cache_positions": int64, "logits": float32, "new_k": float32, "new_v": float32}
+    assert types == {"input_ids": int64, "positions": int64, "cache_k.0": float32, "cache_k.1": float32,
+                     "cache_v.0": float32, "cache_v.1": float32, "cache_positions": int64, "logits": float32,
+                     "new_k": float32, "new_v": float32}
 
 
 def test_weights_live_in_one_external_file(tiny_onnx):
