@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from graphs.contract import NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
+from runtimes.resident_weights import make_resident
 from runtimes.step import check_step_inputs, ring_writes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -105,7 +106,7 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 verify_files: bool = True, spin: bool = False):
+                 verify_files: bool = True, spin: bool = False, preload: bool = True):
         self.manifest: Manifest = load_manifest(artifact_dir, verify_files=verify_files)
         manifest_path = self.manifest.folder / MANIFEST_NAME
         if self.manifest.kind != "onnx":
@@ -124,6 +125,8 @@ class OrtBackend:
         self.session = ort.InferenceSession(str(self.manifest.graph_path("step")), session_options(threads, spin),
                                             providers=[PROVIDERS[provider]])
         check_session_io(self.session, self.manifest)
+        data_files = [self.manifest.path(name) for name in self.manifest.files if name.endswith(".data")]
+        self.resident_bytes = make_resident(data_files) if preload else 0  # see runtimes/resident_weights.py
 
         dtype = numpy_dtype(self.shapes.dtype)
         self.cache_k = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
