@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from graphs.contract import NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
-from runtimes.resident_weights import make_resident
+from runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
 from runtimes.step import check_step_inputs, ring_writes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -122,11 +122,14 @@ class OrtBackend:
                                   f"(available: {', '.join(available)})")
         self.provider = provider
         self.shapes: StepShapes = self.manifest.shapes
+        before = anonymous_mappings() if preload else set()
         self.session = ort.InferenceSession(str(self.manifest.graph_path("step")), session_options(threads, spin),
                                             providers=[PROVIDERS[provider]])
         check_session_io(self.session, self.manifest)
         data_files = [self.manifest.path(name) for name in self.manifest.files if name.endswith(".data")]
-        self.resident_bytes = make_resident(data_files) if preload else 0  # see runtimes/resident_weights.py
+        # see runtimes/resident_weights.py: mapped weights paged in, on huge pages where the kernel can
+        self.resident_bytes = make_resident(data_files) if preload else 0
+        self.huge_page_bytes = collapse_new_buffers(before) if preload and provider == "cpu" else 0
 
         dtype = numpy_dtype(self.shapes.dtype)
         self.cache_k = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)

@@ -10,6 +10,15 @@ of those mappings at open: one `madvise(MADV_POPULATE_READ)` per mapping (Linux 
 that is refused, one sequential read of the file (the page cache then serves the faults).
 Nothing is copied: the pages are the page cache's, shared with any other process mapping the file
 (and, like any clean page cache page, reclaimable under memory pressure: this is not mlock).
+
+A decode step streams gigabytes of weights, so the page size shows: with 4 KiB pages every 4 KiB
+read needs its own TLB entry, and a page walk is one more memory access queued behind the stream
+(measured here: a 2 GiB read-only pass is ~3% faster on 2 MiB pages). So the mappings are advised
+MADV_HUGEPAGE before they are populated (pages read in then come as 2 MiB folios where the file
+system can: ext4 on Linux >= 6.16, and they are mapped whole), and `collapse_new_buffers` moves the
+large buffers the session allocated itself (ONNX Runtime's prepacked MatMul weights: the lm_head,
+attention) onto huge pages with MADV_COLLAPSE (Linux >= 6.1). Both are hints: where transparent
+huge pages are off or the kernel is older they are refused and nothing changes.
 """
 from __future__ import annotations
 
@@ -19,7 +28,10 @@ import os
 import sys
 from pathlib import Path
 
-MADV_POPULATE_READ = 22  # linux/mman.h, Linux 5.14+
+MADV_HUGEPAGE = 14  # linux/mman.h
+MADV_POPULATE_READ = 22  # Linux 5.14+
+MADV_COLLAPSE = 25  # Linux 6.1+
+COLLAPSE_AT_LEAST = 32 << 20  # smaller buffers are not weights worth a copy
 READ_CHUNK = 16 << 20
 
 
@@ -29,11 +41,13 @@ def make_resident(files: list[Path]) -> int:
         return 0
     wanted = {os.path.realpath(f) for f in files}
     mappings = [(start, end, path) for start, end, path in file_mappings() if path in wanted]
-    populate = madvise_function()
+    madvise = madvise_function()
     done, refused = 0, set()
     for start, end, path in mappings:
-        if populate is not None and populate(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
-                                             MADV_POPULATE_READ) == 0:
+        if madvise is not None:
+            madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)  # a hint: may be refused
+        if madvise is not None and madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                           MADV_POPULATE_READ) == 0:
             done += end - start
         else:
             refused.add(path)
@@ -42,15 +56,58 @@ def make_resident(files: list[Path]) -> int:
     return done
 
 
+def anonymous_mappings() -> set[tuple[int, int]]:
+    """(start, end) of every anonymous mapping of this process: take one before a session opens."""
+    return {(start, end) for start, end, path in all_mappings() if not path}
+
+
+def collapse_new_buffers(before: set[tuple[int, int]]) -> int:
+    """Move every large, fully written anonymous mapping that is not in `before` onto huge pages
+    (MADV_COLLAPSE copies it into 2 MiB pages: measured ~2 s per GB here); returns the bytes collapsed."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    madvise = madvise_function()
+    if madvise is None:
+        return 0
+    new = [(start, end) for start, end in anonymous_mappings() - before if end - start >= COLLAPSE_AT_LEAST]
+    resident = resident_sizes()
+    done = 0
+    for start, end in new:
+        if resident.get(start, 0) < end - start:  # partly untouched (an arena's reserve): collapsing would fill it
+            continue
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
+        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_COLLAPSE) == 0:
+            done += end - start
+    return done
+
+
+def resident_sizes() -> dict[int, int]:
+    """Start address -> resident bytes of every mapping of this process (/proc/self/smaps)."""
+    out, start = {}, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                start = int(head.split("-")[0], 16)
+            elif head == "Rss:" and start is not None:
+                out[start] = int(line.split()[1]) * 1024
+    return out
+
+
 def file_mappings() -> list[tuple[int, int, str]]:
     """(start, end, path) of every file-backed mapping of this process."""
+    return [(start, end, path) for start, end, path in all_mappings() if path.startswith("/")]
+
+
+def all_mappings() -> list[tuple[int, int, str]]:
+    """(start, end, path) of every mapping of this process; path "" for anonymous memory, and
+    names like "[heap]" or "[stack]" for the kernel's own."""
     out = []
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith("/"):
-                start, end = (int(x, 16) for x in fields[0].split("-"))
-                out.append((start, end, fields[5].rstrip("\n")))
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            out.append((start, end, fields[5].rstrip("\n") if len(fields) == 6 else ""))
     return out
 
 

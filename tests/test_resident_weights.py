@@ -78,3 +78,96 @@ def test_ort_backend_pages_in_every_mapping_of_its_weights(tiny_onnx):
     backend = OrtBackend(tiny_onnx, verify_files=False)
     mapped = sum(end - start for start, end, path in file_mappings() if path == data)
     assert mapped > 0 and backend.resident_bytes == mapped
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def smaps_fields(address: int) -> dict[str, str]:
+    """The /proc/self/smaps fields of the mapping that holds `address`."""
+    fields, inside = {}, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                if inside:
+                    break
+                start, end = (int(x, 16) for x in head.split("-"))
+                inside = start <= address < end
+            elif inside:
+                fields[head.rstrip(":")] = line.split(maxsplit=1)[1].strip()
+    return fields
+
+
+def collapse_works() -> bool:
+    """Whether this kernel moves a written anonymous buffer onto huge pages when asked."""
+    if not THP.exists() or "[never]" in THP.read_text():
+        return False
+    with mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as probe:
+        view = np.frombuffer(probe, dtype=np.uint8)
+        view[:] = 1
+        madvise = resident_weights.madvise_function()
+        ok = madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(8 << 20), resident_weights.MADV_COLLAPSE) == 0
+        del view
+        return ok
+
+
+def anonymous_buffer(size: int, written: bool) -> tuple[mmap.mmap, np.ndarray]:
+    buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # as malloc's: not shared memory
+    view = np.frombuffer(buffer, dtype=np.uint8)
+    if written:
+        view[:] = 1
+    return buffer, view
+
+
+@pytest.mark.skipif(not THP.exists(), reason="kernel without transparent huge pages")
+def test_mapped_weights_are_advised_onto_huge_pages(weights_file):
+    with open(weights_file, "rb") as handle, mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        address = view.ctypes.data
+        assert "hg" not in smaps_fields(address)["VmFlags"].split()
+        make_resident([weights_file])
+        assert "hg" in smaps_fields(address)["VmFlags"].split()
+        del view
+
+
+def test_a_written_buffer_allocated_since_the_snapshot_moves_to_huge_pages():
+    if not collapse_works():
+        pytest.skip("transparent huge pages off, or a kernel without MADV_COLLAPSE (< 6.1)")
+    before = resident_weights.anonymous_mappings()
+    buffer, view = anonymous_buffer(resident_weights.COLLAPSE_AT_LEAST + (4 << 20), written=True)
+    assert int(smaps_fields(view.ctypes.data)["AnonHugePages"].split()[0]) == 0
+    assert resident_weights.collapse_new_buffers(before) >= view.nbytes
+    assert int(smaps_fields(view.ctypes.data)["AnonHugePages"].split()[0]) > 0
+    assert (view == 1).all()
+    del view
+    buffer.close()
+
+
+def resident_bytes(view: np.ndarray) -> int:
+    """mincore over the pages of `view`: how much of it is backed by memory."""
+    start = view.ctypes.data
+    pages = (view.nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(view.nbytes), vec) == 0, ctypes.get_errno()
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+def test_a_sparsely_touched_new_buffer_is_not_filled_in():
+    before = resident_weights.anonymous_mappings()
+    reserve, view = anonymous_buffer(resident_weights.COLLAPSE_AT_LEAST + (4 << 20), written=False)
+    view[::1 << 20] = 1  # one page per MiB, as an arena's reserve: collapsing would fill in the rest
+    touched = resident_bytes(view)
+    resident_weights.collapse_new_buffers(before)
+    assert resident_bytes(view) == touched
+    del view
+    reserve.close()
+
+
+def test_a_buffer_older_than_the_snapshot_is_left_alone():
+    older, view = anonymous_buffer(resident_weights.COLLAPSE_AT_LEAST + (4 << 20), written=True)
+    resident_weights.collapse_new_buffers(resident_weights.anonymous_mappings())
+    assert int(smaps_fields(view.ctypes.data)["AnonHugePages"].split()[0]) == 0
+    del view
+    older.close()
