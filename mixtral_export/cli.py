@@ -12,11 +12,17 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a Mixtral checkpoint into static-shape graphs and prove they match it.")
-out = Console()
-err = Console(stderr=True)
+# No markup: paths, error messages and generated text are printed as they are ("[/]" included).
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
+
+def _error_line(message: str) -> Text:
+    return Text.assemble(("error:", "red"), " ", message)
 
 
 class UsageError(ValueError):
@@ -29,11 +35,11 @@ def main() -> None:
     try:
         app()
     except (UsageError, *user_errors()) as error:
-        err.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+        err.print(_error_line(str(error)), highlight=False, soft_wrap=True)
         sys.exit(2)
     except OSError as error:  # unwritable folders, missing files named by the user
         where = f"{error.filename}: " if error.filename else ""
-        err.print(f"[red]error:[/] {where}{error.strerror or error}", highlight=False, soft_wrap=True)
+        err.print(_error_line(f"{where}{error.strerror or error}"), highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -137,7 +143,8 @@ def _describe(artifact: Path) -> None:
     c, s = manifest.config, manifest.shapes
     built = f"opset {manifest.opset}" if manifest.kind == "onnx" else f"device {manifest.device}"
     routing = getattr(manifest, "routing", "dense")
-    out.print(f"[bold]{artifact}[/]  ({manifest.kind}, {s.dtype}, {built}, {routing} routing)", highlight=False)
+    out.print(Text.assemble((str(artifact), "bold"), f"  ({manifest.kind}, {s.dtype}, {built}, {routing} routing)"),
+              highlight=False)
     out.print(f"  model   {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads / "
               f"{c.num_key_value_heads} kv heads x {c.head_dim}, {c.num_local_experts} experts top-"
               f"{c.num_experts_per_tok}, vocab {c.vocab_size}, sliding window {c.sliding_window}", highlight=False)
@@ -195,7 +202,7 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
             print(json.dumps(result.to_json(runtime=runtime, **extra), indent=2))
         else:
             for n, completion in enumerate(result.completions):
-                out.print(f"[bold]#{n}[/] {completion.text}", highlight=False)
+                out.print(Text.assemble((f"#{n}", "bold"), f" {completion.text}"), highlight=False)
         return
     for delta in session.stream_ids(prompts[0], **options):
         out.print(delta, end="", highlight=False, soft_wrap=True)
@@ -309,7 +316,7 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
         if json_path is not None:
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(result, indent=2) + "\n")
-        console = out if out.is_terminal else Console(width=240)  # a pipe or file gets whole rows
+        console = out if out.is_terminal else Console(width=240, markup=False)  # a pipe or file gets whole rows
         console.print(table(result, markdown))
         if result["gather_over_dense"]:
             console.print(speedups(result, markdown))

@@ -211,17 +211,20 @@ def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | 
 
 def print_report(report: VerifyReport, console) -> None:
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{report.artifact}: {len(report.prompts)} prompts x {report.steps} greedy steps, {report.dtype}")
+    title = f"{report.artifact}: {len(report.prompts)} prompts x {report.steps} greedy steps, {report.dtype}"
+    table = Table(title=Text(title))
     for column in ("runtime", "vs", "max|dlogit|", "mean|dlogit|", "top-1", "diverges at", "result"):
         table.add_column(column, no_wrap=True)
     for c in report.comparisons:
         diverged = ",".join("-" if d is None else str(d) for d in c.first_divergence)
         table.add_row(c.runtime, c.against, f"{c.max_abs:.1e}", f"{c.mean_abs:.1e}",
-                      f"{c.top1_agreement:.0%}", diverged, "[green]pass[/]" if c.passed else "[red]FAIL[/]")
+                      f"{c.top1_agreement:.0%}", diverged,
+                      Text("pass", "green") if c.passed else Text("FAIL", "red"))
     console.print(table)
     t = TOLERANCES[report.dtype]
     console.print(f"tolerance ({report.dtype}): max|dlogit| <= {t.max_abs if t.max_abs is not None else 'not judged'}, "
                   f"top-1 agreement >= {t.min_top1:.0%}, same greedy tokens: {'required' if t.same_greedy else 'reported'}",
                   highlight=False)
-    console.print("[green]all within tolerance[/]" if report.passed else "[red]outside tolerance[/]")
+    console.print(Text("all within tolerance", "green") if report.passed else Text("outside tolerance", "red"))

@@ -130,3 +130,13 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 
 def test_chat_with_input_ids_is_a_usage_error(tiny_onnx):
     assert_one_line_error(cli("generate", tiny_onnx, "--input-ids", "1,2", "--chat", ok=False), "--chat")
+
+
+def test_brackets_in_an_error_are_printed_verbatim(tmp_path):
+    missing = tmp_path / "ckpt[/][bold]"
+    assert_one_line_error(cli("export", missing, "-o", tmp_path / "art", ok=False), "ckpt[/][bold]")
+
+
+def test_brackets_in_an_artifact_path_are_printed_verbatim(artifact_copy):
+    odd = artifact_copy.rename(artifact_copy.parent / "art[bold]")
+    assert "art[bold]" in cli("inspect", odd).stdout
