@@ -19,7 +19,7 @@ Numbers are medians with min/max over all repeats. On a shared machine another j
 slow one runtime and not the next: `rounds` > 1 runs steps 2-3 again, interleaved (A B C A B C),
 and pools the samples, so a burst spreads over all runtimes instead of skewing one ratio. Each
 worker also records the 1-minute load average before and after it, so a noisy run shows. The
-bound's bandwidth is the best median of the probes (copy, read-only sum; one thread or all).
+bound's bandwidth is the best median of the probes (copy, read-only max; one thread or all).
 """
 from __future__ import annotations
 
