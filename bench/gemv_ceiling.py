@@ -12,23 +12,17 @@ the ratio of their GEMV read rates by much. This measures, interleaved in one pr
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-def rates(work, nbytes: int, repeats: int) -> list[float]:
-    work()  # warm: first-touch, prepacking, thread pools
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return [nbytes / t / 1e9 for t in times]
+from bench.worker import rates  # noqa: E402
+from runtimes.ort import session_options, usable_cores  # noqa: E402
 
 
 def ort_matmul(weight: np.ndarray, threads: int, folder: Path):
@@ -43,10 +37,8 @@ def ort_matmul(weight: np.ndarray, threads: int, folder: Path):
                               [numpy_helper.from_array(weight, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     onnx.save(model, str(folder / "gemv.onnx"), save_as_external_data=True, location="gemv.onnx.data")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as OrtBackend runs
-    session = ort.InferenceSession(str(folder / "gemv.onnx"), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(folder / "gemv.onnx"), session_options(threads, spin=False),
+                                   providers=["CPUExecutionProvider"])  # threads as OrtBackend sets them
     x = np.random.default_rng(1).standard_normal((1, k), dtype=np.float32)  # (1, K)
     return lambda: session.run(None, {"x": x})
 
@@ -56,7 +48,7 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=512, help="Size of the weight")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--threads", type=int, default=usable_cores())
     args = parser.parse_args()
 
     import torch

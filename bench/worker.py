@@ -40,15 +40,20 @@ def bandwidth(threads: int, size: int = 1 << 30, repeats: int = 7) -> dict:
     parts = list(zip(np.array_split(src, threads), np.array_split(dst, threads)))
     kinds = {"copy": (lambda p: np.copyto(p[1], p[0]), 2 * src.nbytes),
              "read": (lambda p: p[0].view(np.uint32).max(), src.nbytes)}
-    out = {}
     with ThreadPoolExecutor(threads) as pool:
-        for kind, (work, moved) in kinds.items():
-            rates = []
-            for _ in range(repeats + 1):
-                start = time.perf_counter()
-                list(pool.map(work, parts))
-                rates.append(moved / (time.perf_counter() - start) / 1e9)
-            out[kind] = rates[1:]  # the first pass warms the pool and caches
+        return {kind: rates(lambda: list(pool.map(work, parts)), moved, repeats)
+                for kind, (work, moved) in kinds.items()}
+
+
+def rates(work: Callable[[], object], nbytes: int, repeats: int) -> list[float]:
+    """GB/s of `repeats` timed calls of `work`, which moves `nbytes`; one untimed call first warms
+    pools, caches and prepacked weights."""
+    work()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        out.append(nbytes / (time.perf_counter() - start) / 1e9)
     return out
 
 
