@@ -26,9 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import NO_POSITION, StepShapes
+from graphs.contract import FLOAT_DTYPES, NO_POSITION, StepShapes
 from graphs.artifact_folder import ExportError, building, finish
-from mixtral_export.config import DTYPES, MixtralConfig
+from mixtral_export.config import MixtralConfig
 
 PACKAGE_NAME = "model.pt2"
 WEIGHTS_NAME = "weights.safetensors"
@@ -52,8 +52,8 @@ def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
     dtype = dtype or MixtralConfig.from_json(checkpoint / "config.json").dtype
-    if dtype not in DTYPES:
-        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(DTYPES)})")
+    if dtype not in FLOAT_DTYPES:
+        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
     if device not in DEVICES:
         raise ExportError(f"{out}: device {device!r} is not supported (one of {', '.join(DEVICES)})")
     import torch
@@ -73,9 +73,8 @@ def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
 
         model = load_model(checkpoint, dtype=dtype, attention_window=shapes.attention_window,
                            routing=routing).to(device)
-        chunks = tuple(dict.fromkeys((shapes.prefill_chunk, 1)))
         files = {}
-        for chunk in chunks:
+        for chunk in shapes.chunks:
             say(f"compiling T={chunk} with AOTInductor (B={shapes.batch}, S={shapes.cache_slots}, {device}, "
                 f"{routing} MoE)")
             files[model_name(chunk)] = compile_chunk(model, shapes, chunk, device)
@@ -83,11 +82,11 @@ def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
 
         package_aoti(str(tmp / PACKAGE_NAME), files)
         say(f"writing {WEIGHTS_NAME}")
-        save_weights(model, tmp / PACKAGE_NAME, chunks, tmp / WEIGHTS_NAME)
+        save_weights(model, tmp / PACKAGE_NAME, shapes.chunks, tmp / WEIGHTS_NAME)
         del model
         gc.collect()
         say("hashing files and writing the manifest")
-        finish(tmp, checkpoint, config, kind="aoti", shapes=shapes, chunks=chunks,
+        finish(tmp, checkpoint, config, kind="aoti", shapes=shapes,
                graphs={"package": PACKAGE_NAME, "weights": WEIGHTS_NAME}, device=device, routing=routing)
     say(f"wrote {out}")
     return out

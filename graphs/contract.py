@@ -33,6 +33,22 @@ from dataclasses import asdict, dataclass
 
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
 NO_POSITION = -1
+CHUNK_AXIS = "T"  # the name of the one free axis in an exported graph
+
+
+@dataclass(frozen=True)
+class DType:
+    """One element type under every name the toolchain uses for it (torch's is `getattr(torch, name)`)."""
+
+    name: str  # the config/manifest spelling, also numpy's (bfloat16: ml_dtypes') and torch's attribute
+    onnx: int  # onnx.TensorProto element type
+    ort: str  # onnxruntime's NodeArg.type
+    itemsize: int
+
+
+DTYPES = {d.name: d for d in (DType("float32", 1, "tensor(float)", 4), DType("float16", 10, "tensor(float16)", 2),
+                              DType("bfloat16", 16, "tensor(bfloat16)", 2), DType("int64", 7, "tensor(int64)", 8))}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what weights, caches and a build's dtype may be
 
 
 class ContractError(ValueError):
@@ -63,9 +79,16 @@ class StepShapes:
         if self.prefill_chunk > self.cache_slots:
             raise ContractError(f"prefill_chunk ({self.prefill_chunk}) must not exceed "
                                 f"cache_slots ({self.cache_slots}): a chunk's keys must fit the ring")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ContractError(f"dtype {self.dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
         if self.attention_window is not None and self.attention_window > self.cache_slots:
             raise ContractError(f"attention_window ({self.attention_window}) must not exceed "
                                 f"cache_slots ({self.cache_slots})")
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """The chunk lengths T a step serves: the prefill chunk, then 1 (once if they are equal)."""
+        return tuple(dict.fromkeys((self.prefill_chunk, 1)))
 
     @property
     def max_positions(self) -> int | None:

@@ -110,18 +110,18 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shapes: StepShapes,
-                   graphs: dict[str, str], opset: int | None = None, chunks: tuple[int, ...] | None = None,
+                   graphs: dict[str, str], opset: int | None = None,
                    tokenizer: str | None = None, bos_token_id: int | None = None,
                    eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
                    source: str | Path | None = None, routing: str = "dense") -> Path:
     """Hash every file in `folder` and write manifest.json beside them; call it last.
 
-    bos/eos default to the config's; chunks default to (prefill_chunk, 1).
+    bos/eos default to the config's; the chunk lengths are shapes.chunks.
     """
     folder = Path(folder)
     if kind not in KINDS:
         raise ManifestError(f"{folder / MANIFEST_NAME}: unknown artifact kind {kind!r} (one of {', '.join(KINDS)})")
-    chunks = chunks or tuple(dict.fromkeys((shapes.prefill_chunk, 1)))
+    chunks = shapes.chunks
     names = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_NAME)
     for name in names:
         if not (folder / name).is_file():
@@ -230,9 +230,9 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
     for name, value in expected.items():
         if getattr(shapes, name) != value:
             raise ManifestError(f"{path}: shapes.{name} ({getattr(shapes, name)}) does not match the config ({value})")
-    if set(manifest.chunks) != {shapes.prefill_chunk, 1}:
-        raise ManifestError(f"{path}: chunks {list(manifest.chunks)} must be the prefill chunk "
-                            f"({shapes.prefill_chunk}) and 1")
+    if manifest.chunks != shapes.chunks:
+        raise ManifestError(f"{path}: chunks {list(manifest.chunks)} must be {list(shapes.chunks)} "
+                            f"(the prefill chunk, then 1)")
     if manifest.io != io_contract(shapes, manifest.chunks):
         raise ManifestError(f"{path}: io does not match the step contract for these shapes")
     for name in files:

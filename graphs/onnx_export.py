@@ -33,15 +33,14 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import OUTPUT_NAMES, NO_POSITION, StepShapes
+from graphs.contract import CHUNK_AXIS, DTYPES, FLOAT_DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.manifest import io_contract
-from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts
-from mixtral_export.config import DTYPES, MixtralConfig
+from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
+from mixtral_export.config import MixtralConfig
 
 GRAPH_NAME = "model.onnx"
 DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external data
-CHUNK_AXIS = "T"
 
 
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
@@ -56,8 +55,8 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     say = progress or (lambda stage: None)
     config = MixtralConfig.from_json(checkpoint / "config.json")
     dtype = dtype or config.dtype
-    if dtype not in DTYPES:
-        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(DTYPES)})")
+    if dtype not in FLOAT_DTYPES:
+        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
     from mixtral_export.model import ROUTINGS
 
     if routing not in ROUTINGS:
@@ -102,6 +101,7 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
             list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
             list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
             torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64))  # (B, S)
+    route_through_moe_nodes(model)  # gather: one com.microsoft.MoE node per block
     chunk = torch.export.Dim(CHUNK_AXIS, min=1)
     layers = [None] * shapes.num_layers
     dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
@@ -154,8 +154,6 @@ def check_graph(path: Path, shapes: StepShapes) -> None:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportError(f"{path}: invalid ONNX graph ({first})") from None
     proto = onnx.load(str(path), load_external_data=False)
-    elem = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
-            "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64}
     symbolic = io_contract(shapes, (NO_POSITION,))  # chunk -1 marks the symbolic T axis
     for side, values in (("inputs", proto.graph.input), ("outputs", proto.graph.output)):
         expected = symbolic[side]
@@ -166,7 +164,7 @@ def check_graph(path: Path, shapes: StepShapes) -> None:
             tensor = value.type.tensor_type
             dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
             want_dims = [CHUNK_AXIS if d == NO_POSITION else d for d in want["shapes"][str(NO_POSITION)]]
-            if tensor.elem_type != elem[want["dtype"]] or dims != want_dims:
+            if tensor.elem_type != DTYPES[want["dtype"]].onnx or dims != want_dims:
                 raise ExportError(f"{path}: {value.name} is {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
                                   f"{dims}, the contract says {want['dtype']} {want_dims}")
     locations = {entry.value for init in proto.graph.initializer for entry in init.external_data

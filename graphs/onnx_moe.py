@@ -18,7 +18,7 @@ thread t runs the t-th contiguous range of experts, each expert's GEMMs on one t
 token's top-2 of 8 experts land in the same half 3 times in 7, and then one core streams both
 experts while the other idles: decode steps scattered between ~45 and ~90 ms on the
 mixtral-shaped layer. So each expert is cut into P slices of its intermediate dimension (P a
-power of two, `mixtral_export.model.expert_parts`) and the node sees E' = P * E virtual
+power of two, `expert_parts`) and the node sees E' = P * E virtual
 experts: virtual expert p * E + e is slice p of expert e (fc1 rows of that slice's gate and up
 units, fc2 columns of the same units), I' = I / P, k' = P * k, and the router logits repeated P
 times. The top k' of the repeated logits are exactly the P copies of each of the top k experts,
@@ -29,9 +29,10 @@ w / P, which the graph multiplies back by P (a power of two: exact). One caveat:
 probabilities tied exactly at the k-th place may mix slices of the tied experts (the reference
 breaks such ties by index; ties need equal router logits).
 
-How it gets into the graph: under `torch.onnx.export`, `MoE.forward` (mixtral_export/model.py)
-calls `MoE.onnx_node`, a `torch.onnx.ops.symbolic` op that the exporter writes as this node, with
-the model's own w13/w2 parameters as fc1/fc2. `lay_out_experts` then swaps each for a lazy tensor
+How it gets into the graph: before tracing, `route_through_moe_nodes` makes each gathered MoE
+block (mixtral_export/model.py, which knows nothing of ONNX) call `moe_node`, a
+`torch.onnx.ops.symbolic` op that the exporter writes as this node, with the model's own w13/w2
+parameters as fc1/fc2. `lay_out_experts` then swaps each for a lazy tensor
 that yields the sliced, interleaved layout when the file is saved: one layer's copy at a time,
 nothing kept in memory, and the graph has no reshuffling ops for ONNX Runtime to fold at load.
 (A torch custom op with an onnxscript translation would work too, but still needs this weight
@@ -39,14 +40,15 @@ pass and adds an op registry.)
 """
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
-
-from mixtral_export.model import MOE_DOMAIN
 
 if TYPE_CHECKING:
     import torch
 
+MOE_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 GATHER_ACTIVATIONS = ("silu", "swish")  # what swiglu_fusion=1 computes: silu(gate) * up
+MAX_EXPERT_PARTS = 8  # slices per expert, a power of two (see the module docstring)
 
 
 class OnnxMoeError(ValueError):
@@ -57,6 +59,47 @@ def check_gather_supported(hidden_act: str, where: str) -> None:
     if hidden_act not in GATHER_ACTIVATIONS:
         raise OnnxMoeError(f"{where}: routing 'gather' on ONNX needs a silu MoE (com.microsoft.MoE computes "
                            f"silu(gate) * up); this model's hidden_act is {hidden_act!r}; use routing 'dense'")
+
+
+def expert_parts(intermediate: int) -> int:
+    """The most slices, up to MAX_EXPERT_PARTS, that split the intermediate dimension evenly."""
+    parts = MAX_EXPERT_PARTS
+    while intermediate % parts:
+        parts //= 2
+    return parts
+
+
+def route_through_moe_nodes(model) -> int:
+    """Make every gathered MoE block of a MixtralStatic trace as `moe_node`; returns how many.
+
+    For exporting only: the model's own forward stays as it is for every other use.
+    """
+    count = 0
+    for layer in model.layers:
+        if layer.moe.routing == "gather":
+            layer.moe.forward = functools.partial(moe_node, layer.moe)
+            count += 1
+    return count
+
+
+def moe_node(moe, x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H) -> (B, T, H) through one com.microsoft.MoE node over `moe`'s parameters.
+
+    Each expert runs as `parts` slices of its intermediate dimension; the router logits are
+    repeated once per slice, the node's softmax over the repeats gives each slice 1/parts of its
+    expert's weight, and the exact power-of-two product below restores it.
+    """
+    import torch
+
+    b, t, h = x.shape
+    x = x.reshape(b * t, h)  # (N, H)
+    parts = expert_parts(moe.intermediate)
+    logits = moe.gate(x).repeat(1, parts)  # (N, parts * E): slice p of expert e is virtual expert p * E + e
+    out = torch.onnx.ops.symbolic(
+        f"{MOE_DOMAIN}::MoE", (x, logits, moe.w13, None, moe.w2),
+        dict(k=moe.top_k * parts, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1),
+        dtype=x.dtype, shape=x.shape, version=1)  # (N, H)
+    return (out * parts if parts > 1 else out).reshape(b, t, h)
 
 
 def lay_out_experts(model) -> int:

@@ -32,7 +32,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto as TP
 
-from graphs.onnx_export import CHUNK_AXIS
+from graphs.contract import CHUNK_AXIS
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 OPSETS = (9, 20)  # what every TensorRT 10 parses (10.0: 9-20; 10.15 reads up to 24)

@@ -8,8 +8,9 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from graphs.contract import FLOAT_DTYPES as DTYPES
+
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
-DTYPES = ("float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from graphs.contract import FLOAT_DTYPES
+
 from .config import MixtralConfig
 
 ACTIVATIONS = {
@@ -20,9 +22,8 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
 }
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}
 ROUTINGS = ("dense", "gather")
-MOE_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops, where the gathered MoE node lives
 
 
 class RMSNorm(nn.Module):
@@ -97,17 +98,6 @@ class Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
-MAX_EXPERT_PARTS = 8  # ONNX gather: slices per expert, a power of two (see MoE.onnx_node)
-
-
-def expert_parts(intermediate: int) -> int:
-    """The most slices, up to MAX_EXPERT_PARTS, that split the intermediate dimension evenly."""
-    parts = MAX_EXPERT_PARTS
-    while intermediate % parts:
-        parts //= 2
-    return parts
-
-
 class MoE(nn.Module):
     """Mixtral's top-k routing (fp32 router softmax, top-k, renormalise) computed one of two ways.
 
@@ -117,7 +107,7 @@ class MoE(nn.Module):
     the gathered weights). A chunk whose tokens pick at least as many experts as exist
     (N * k >= E: any prefill chunk worth the name) runs dense instead, since copying N * k experts
     would cost more than reading all E once; that is a branch on static shapes, never on values.
-    Under torch.onnx.export, gather is one com.microsoft.MoE node (graphs/onnx_moe.py), which
+    The ONNX export traces gather as one com.microsoft.MoE node instead (graphs/onnx_moe.py), which
     reads only the chosen experts for any N, with no copy.
     """
 
@@ -143,30 +133,11 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, h = x.shape
         x = x.reshape(b * t, h)  # (N, H)
-        if self.routing == "gather" and torch.onnx.is_in_onnx_export():
-            out = self.onnx_node(x)
-        elif self.routing == "gather" and b * t * self.top_k < self.w13.shape[0]:
+        if self.routing == "gather" and b * t * self.top_k < self.w13.shape[0]:
             out = self.gathered(x)
         else:
             out = self.dense(x)
         return out.reshape(b, t, h)
-
-    def onnx_node(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, H) -> (N, H) as one com.microsoft.MoE node: exporting only.
-
-        Each expert runs as `parts` slices of its intermediate dimension, so that ONNX Runtime's
-        threads share every token's work (graphs/onnx_moe.py explains why and, after export,
-        lays w13/w2 out in those slices). The router logits are repeated once per slice: the
-        node's softmax over the repeats gives each slice 1/parts of its expert's weight, and the
-        exact power-of-two product below restores it.
-        """
-        parts = expert_parts(self.intermediate)
-        logits = self.gate(x).repeat(1, parts)  # (N, parts * E): slice p of expert e is virtual expert p * E + e
-        out = torch.onnx.ops.symbolic(
-            f"{MOE_DOMAIN}::MoE", (x, logits, self.w13, None, self.w2),
-            dict(k=self.top_k * parts, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1),
-            dtype=x.dtype, shape=x.shape, version=1)
-        return out * parts if parts > 1 else out
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         top_w, top_i = self.top_k_routing(x)

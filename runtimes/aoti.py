@@ -15,8 +15,9 @@ import torch
 
 from graphs.contract import StepShapes, layer_caches
 from graphs.manifest import Manifest, ManifestError, load_manifest
+from mixtral_export.model import TORCH_DTYPES
 from runtimes.step import check_step_inputs
-from runtimes.torch_ring import TORCH_DTYPES, TorchRing
+from runtimes.torch_ring import TorchRing
 ALIASES_KEY = "aliases"  # graphs.aoti_export writes tied parameters' extra names here
 
 

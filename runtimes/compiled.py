@@ -109,7 +109,7 @@ class CompiledBackend:
 
     def warmup(self) -> None:
         """Compile (and on CUDA record) both chunk lengths with all-padding steps; the cache is untouched."""
-        for chunk in dict.fromkeys((self.shapes.prefill_chunk, 1)):
+        for chunk in self.shapes.chunks:
             empty = np.full((self.shapes.batch, chunk), NO_POSITION, dtype=np.int64)
             for _ in range(3):  # cudagraph trees warm up, then record, then replay
                 self.step(np.zeros_like(empty), empty)

@@ -19,16 +19,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from graphs.contract import NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
+from graphs.contract import DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
 from runtimes.step import check_step_inputs, ring_writes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "trt": "TensorrtExecutionProvider"}  # onnxruntime-gpu built with TensorRT; see runtimes/trt.py
-ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "bfloat16": "tensor(bfloat16)",
-             "int64": "tensor(int64)"}
-ONNX_BFLOAT16 = 16  # TensorProto.BFLOAT16, which numpy does not know
 
 
 class OrtBackendError(RuntimeError):
@@ -48,7 +45,7 @@ def numpy_dtype(name: str) -> np.dtype:
 def host_value(array: np.ndarray) -> ort.OrtValue:
     """An OrtValue over `array`'s own memory (no copy); bfloat16 by reinterpreting its bits."""
     if array.dtype.name == "bfloat16":
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), ONNX_BFLOAT16)
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), DTYPES["bfloat16"].onnx)
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
@@ -170,6 +167,6 @@ def check_session_io(session: ort.InferenceSession, manifest: Manifest) -> None:
             for chunk, dims in want["shapes"].items():
                 fits = len(value.shape) == len(dims) and all(
                     not isinstance(got, int) or got == d for got, d in zip(value.shape, dims))
-                if value.type != ORT_TYPES[want["dtype"]] or not fits:
+                if value.type != DTYPES[want["dtype"]].ort or not fits:
                     raise ManifestError(f"{path}: {value.name} is {value.type} {value.shape}, the manifest "
                                         f"says {want['dtype']} {dims} for T={chunk}")

@@ -42,7 +42,7 @@ def check_step_inputs(shapes: StepShapes, vocab_size: int, input_ids: np.ndarray
     if input_ids.shape != positions.shape or input_ids.ndim != 2:
         raise ValueError(f"input_ids {input_ids.shape} and positions {positions.shape} must both be (B, T)")
     batch, chunk = input_ids.shape
-    if batch != shapes.batch or chunk not in (shapes.prefill_chunk, 1):
+    if batch != shapes.batch or chunk not in shapes.chunks:
         raise ValueError(f"step shape (B={batch}, T={chunk}) does not match the artifact "
                          f"(B={shapes.batch}, T={shapes.prefill_chunk} or 1)")
     live = positions != NO_POSITION

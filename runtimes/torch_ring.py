@@ -5,9 +5,8 @@ import numpy as np
 import torch
 
 from graphs.contract import NO_POSITION, StepShapes
+from mixtral_export.model import TORCH_DTYPES
 from runtimes.step import ring_writes
-
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class TorchRing:

@@ -93,7 +93,7 @@ def test_expert_slices_add_up_to_each_expert():
 
 @pytest.mark.parametrize("intermediate, parts", [(14336, 8), (128, 8), (12, 4), (6, 2), (7, 1)])
 def test_experts_are_cut_into_the_most_power_of_two_slices_that_divide_them(intermediate, parts):
-    from mixtral_export.model import expert_parts
+    from graphs.onnx_moe import expert_parts
 
     assert expert_parts(intermediate) == parts
 
@@ -102,7 +102,7 @@ def test_gather_graph_runs_sliced_experts(tiny_gather_onnx):
     """Every MoE node sees P*E virtual experts and P*k routes, so its threads share every token's experts."""
     import onnx
 
-    from mixtral_export.model import expert_parts
+    from graphs.onnx_moe import expert_parts
     from mixtral_export.tiny import TINY_CONFIG as c
 
     parts = expert_parts(c.intermediate_size)
