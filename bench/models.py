@@ -23,6 +23,7 @@ from typing import Callable
 from bench.load_memory import MIXTRAL_8X7B
 from graphs.contract import StepShapes
 from mixtral_export.config import MixtralConfig
+from mixtral_export.errors import UserError
 
 NAMED = ("tiny", "mixtral-shaped")
 SHARD_BYTES = 1 << 30
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROGRESS = "bench: "  # the builder's progress lines on stderr start with this
 
 
-class BenchError(ValueError):
+class BenchError(UserError, ValueError):
     """Settings a benchmark cannot run with, or a build that failed; one line."""
 
 
@@ -132,8 +133,6 @@ def folder_bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
 
 
 def main() -> None:
-    from mixtral_export.errors import user_errors
-
     spec = json.loads(sys.argv[1])
     say = lambda line: print(f"{PROGRESS}{line}", file=sys.stderr, flush=True)  # noqa: E731
     try:
@@ -143,7 +142,7 @@ def main() -> None:
         else:
             routing, shapes = spec["artifact"]
             export_if_stale(model, routing, StepShapes.from_dict(shapes), say)
-    except (BenchError, *user_errors()) as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

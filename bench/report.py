@@ -1,12 +1,16 @@
 """A benchmark report (bench/run.py's dict) as a rich table (or Markdown) and a decode-speed plot."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from mixtral_export.destinations import WRITER, png_is_ours, write_file
+from mixtral_export.errors import UserError
 
 GIB = 1 << 30
 
 
-class PlotError(RuntimeError):
+class PlotError(UserError, RuntimeError):
     """The plot cannot be drawn here; one line."""
 
 
@@ -105,6 +109,7 @@ def plot(report: dict, path: Path) -> Path:
     axes.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, metadata={"Software": f"{WRITER} bench"})
     plt.close(figure)
-    return path
+    return write_file(path, buffer.getvalue(), png_is_ours)

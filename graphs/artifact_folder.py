@@ -17,11 +17,13 @@ from typing import Iterator
 
 from graphs.manifest import MANIFEST_NAME, write_manifest
 from mixtral_export.config import MixtralConfig
+from mixtral_export.destinations import replace_folder
+from mixtral_export.errors import UserError
 
 COPIED_FILES = ("tokenizer.model", "generation_config.json")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that cannot start or did not produce a valid artifact; one line naming the path."""
 
 
@@ -33,7 +35,7 @@ def building(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
-        move_into_place(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -48,11 +50,22 @@ def finish(tmp: Path, checkpoint: Path, config: MixtralConfig, **manifest_fields
 
 
 def check_destination(out: Path) -> None:
-    """Refuse to replace anything but an empty folder or an earlier artifact."""
+    """Refuse to replace anything but a missing or empty folder, or an earlier artifact whose
+    manifest lists every file in it (a file of the user's beside an artifact is never deleted)."""
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ExportError(f"{out}: exists and is not a folder; refusing to overwrite it")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ExportError(f"{out}: exists and is not an artifact (no {MANIFEST_NAME}); refusing to overwrite it")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    try:
+        listed = set(json.loads((out / MANIFEST_NAME).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ExportError(f"{out}: exists and is not an artifact (no readable {MANIFEST_NAME}); "
+                          f"refusing to overwrite it") from None
+    foreign = [name for name in entries if name != MANIFEST_NAME and name not in listed]
+    if foreign:
+        raise ExportError(f"{out}: holds {foreign[0]}, which its {MANIFEST_NAME} does not list; "
+                          f"refusing to overwrite it (move it away or choose another --output)")
 
 
 def make_temp_folder(out: Path) -> Path:
@@ -85,19 +98,3 @@ def generation_ids(path: Path, config: MixtralConfig) -> tuple[int | None, tuple
         if found is not None:
             eos = tuple(found) if isinstance(found, list) else (found,)
     return bos, eos
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished folder to `out`, swapping out an earlier artifact only once it is done."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old / out.name, out)
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from mixtral_export.errors import UserError
+
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
 NO_POSITION = -1
 CHUNK_AXIS = "T"  # the name of the one free axis in an exported graph
@@ -51,7 +53,7 @@ DTYPES = {d.name: d for d in (DType("float32", 1, "tensor(float)", 4), DType("fl
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what weights, caches and a build's dtype may be
 
 
-class ContractError(ValueError):
+class ContractError(UserError, ValueError):
     """Build parameters that cannot describe a valid step graph."""
 
 

@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from graphs.contract import OUTPUT_NAMES, ContractError, StepShapes
 from mixtral_export.config import ConfigError, MixtralConfig
+from mixtral_export.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2  # 2: one cache input per layer (graphs/contract.py)
@@ -35,7 +36,7 @@ IDENTITY_IGNORES = ("dtype",)
 ENGINE_FIELDS = ("tensorrt", "gpu", "compute_capability", "precision", "profiles")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A missing, malformed, tampered or mismatched artifact; one line naming the file."""
 
 

@@ -43,6 +43,8 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING
 
+from mixtral_export.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,7 +53,7 @@ GATHER_ACTIVATIONS = ("silu", "swish")  # what swiglu_fusion=1 computes: silu(ga
 MAX_EXPERT_PARTS = 8  # slices per expert, a power of two (see the module docstring)
 
 
-class OnnxMoeError(ValueError):
+class OnnxMoeError(UserError, ValueError):
     """A model the com.microsoft.MoE node cannot express; one line."""
 
 

@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto as TP
 
 from graphs.contract import CHUNK_AXIS
+from mixtral_export.errors import UserError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 OPSETS = (9, 20)  # what every TensorRT 10 parses (10.0: 9-20; 10.15 reads up to 24)
@@ -87,7 +88,7 @@ TRT_TYPES = frozenset({TP.FLOAT, TP.FLOAT16, TP.BFLOAT16, TP.INT32, TP.INT64, TP
 FOLD = "fold constants at export (the exporter's optimize=True, or polygraphy surgeon sanitize --fold-constants)"
 
 
-class TrtCompatError(ValueError):
+class TrtCompatError(UserError, ValueError):
     """A graph this check cannot read; one line naming the file."""
 
 

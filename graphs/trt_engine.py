@@ -34,6 +34,8 @@ from typing import Callable
 
 from graphs.contract import StepShapes
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, set_engine
+from mixtral_export.destinations import refuse, write_file
+from mixtral_export.errors import UserError
 
 ENGINE_NAME = "engine.plan"
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -42,11 +44,11 @@ TRT_MAJOR = "10"
 INSTALL_HINT = "TensorRT is not installed (pip install mixtral-export[tensorrt] on a machine with NVIDIA's TensorRT 10)"
 
 
-class TrtUnavailable(RuntimeError):
+class TrtUnavailable(UserError, RuntimeError):
     """No usable TensorRT or no CUDA GPU here; one line saying what to install or where to run."""
 
 
-class TrtBuildError(RuntimeError):
+class TrtBuildError(UserError, RuntimeError):
     """An artifact TensorRT cannot turn into an engine; one line naming the file."""
 
 
@@ -107,6 +109,8 @@ def build_engine(artifact_dir: str | Path, precision: str = "fp32", workspace_gi
         raise TrtBuildError(f"{folder}: the workspace must be a positive number of GiB, got {workspace_gib}")
     say("checking the artifact's files")
     manifest = load_manifest(folder)  # re-hashes: never build an engine from a modified graph
+    if (folder / ENGINE_NAME).exists() and ENGINE_NAME not in manifest.engines:
+        raise refuse(folder / ENGINE_NAME, f"exists and is not an engine listed in {MANIFEST_NAME}")
     if manifest.kind != "onnx":
         raise TrtBuildError(f"{folder / MANIFEST_NAME}: a {manifest.kind!r} artifact; TensorRT builds from ONNX ones")
     if manifest.routing != "dense":
@@ -139,7 +143,7 @@ def build_engine(artifact_dir: str | Path, precision: str = "fp32", workspace_gi
         raise TrtBuildError(f"{graph}: TensorRT could not build an engine (its log above says why)")
     del parser
     if cache_file is not None:
-        write_atomically(cache_file, config.get_timing_cache().serialize())
+        write_file(cache_file, bytes(config.get_timing_cache().serialize()), is_ours=lambda old: True)  # named by the user as in and out
     say(f"writing {ENGINE_NAME} ({plan.nbytes / (1 << 30):.2f} GiB) and the manifest")
     record = {"tensorrt": trt.__version__, "gpu": gpu, "compute_capability": capability, "precision": precision,
               "profiles": profiles, "strongly_typed": strongly_typed, "workspace_gib": workspace_gib,
@@ -207,18 +211,6 @@ def install(folder: Path, plan, record: dict) -> None:
         set_engine(folder, ENGINE_NAME, None)  # the old engine is no longer listed...
         os.replace(tmp, folder / ENGINE_NAME)  # ...when the new one takes its place...
         set_engine(folder, ENGINE_NAME, record)  # ...and is hashed and listed
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_atomically(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,3 +1,3 @@
-from mixtral_export.cli import main
+from mixtral_export.entry import main
 
 main()

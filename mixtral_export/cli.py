@@ -14,6 +14,9 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from mixtral_export.destinations import write_report
+from mixtral_export.errors import UsageError, UserError, missing_extra
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a Mixtral checkpoint into static-shape graphs and prove they match it.")
 # No markup: paths, error messages and generated text are printed as they are ("[/]" included).
@@ -25,25 +28,27 @@ def _error_line(message: str) -> Text:
     return Text.assemble(("error:", "red"), " ", message)
 
 
-class UsageError(ValueError):
-    """A flag combination that makes no sense."""
+def run() -> None:
+    """Run the command line; every error a user can cause ends as one line and exit code 2.
 
-
-def main() -> None:
-    from mixtral_export.errors import user_errors
-
+    Called by mixtral_export/entry.py, which turns Ctrl-C into one line and exit code 130.
+    """
     try:
         app()
-    except (UsageError, *user_errors()) as error:
-        err.print(_error_line(str(error)), highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except OSError as error:  # unwritable folders, missing files named by the user
+    except UserError as error:
+        fail(str(error))
+    except ModuleNotFoundError as error:  # an optional extra that is not installed
+        if (line := missing_extra(error)) is None:
+            raise
+        fail(line)
+    except OSError as error:  # unwritable folders, a full disk, missing files named by the user
         where = f"{error.filename}: " if error.filename else ""
-        err.print(_error_line(f"{where}{error.strerror or error}"), highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+        fail(f"{where}{error.strerror or error}")
+
+
+def fail(message: str) -> None:
+    err.print(_error_line(" ".join(message.split("\n"))), highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 def _progress():
@@ -231,7 +236,7 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
     with err.status("verifying..."):
         result = verify_artifact(artifact, names, reference=reference, steps=steps, checkpoint=checkpoint)
     if report:
-        report.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        write_report(report, result.to_json(), "verify")
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -296,8 +301,7 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
         raise UsageError(f"bench needs a source checkout ({root / 'bench' / 'run.py'} is not there)")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from bench.models import BenchError
-    from bench.report import PlotError, speedups, table
+    from bench.report import speedups, table
     from bench.report import plot as draw
     from bench.run import BenchOptions, run_bench
 
@@ -311,16 +315,12 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
                            decode_steps=decode_steps, repeats=repeats, warmup=warmup, prefill_chunk=prefill_chunk,
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
                            timeout=timeout, ort_spin=ort_spin, rounds=rounds)
-    try:
-        result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(result, indent=2) + "\n")
-        console = out if out.is_terminal else Console(width=240, markup=False)  # a pipe or file gets whole rows
-        console.print(table(result, markdown))
-        if result["gather_over_dense"]:
-            console.print(speedups(result, markdown))
-        if plot is not None:
-            err.print(f"bench: wrote {draw(result, plot)}", highlight=False)
-    except (BenchError, PlotError) as error:
-        raise UsageError(str(error)) from None
+    result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
+    if json_path is not None:
+        write_report(json_path, result, "bench")
+    console = out if out.is_terminal else Console(width=240, markup=False)  # a pipe or file gets whole rows
+    console.print(table(result, markdown))
+    if result["gather_over_dense"]:
+        console.print(speedups(result, markdown))
+    if plot is not None:
+        err.print(f"bench: wrote {draw(result, plot)}", highlight=False)

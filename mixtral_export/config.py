@@ -9,12 +9,13 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from graphs.contract import FLOAT_DTYPES as DTYPES
+from mixtral_export.errors import UserError
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An impossible or unsupported config; the message is one line naming the field and file."""
 
 

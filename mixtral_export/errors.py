@@ -1,29 +1,29 @@
-"""The errors a user can cause by what they feed the tool: the CLI prints them as one line."""
+"""The one family of errors a user can cause, through the CLI or the Python API.
+
+Every such error derives from `UserError`: its message is the whole story, one line naming the
+problem and the file, so the CLI prints it without a traceback (exit 2). The module imports
+nothing, so catching the family never drags torch into a command that does not need it.
+"""
 from __future__ import annotations
 
+# Optional packages -> the extra that installs them (pyproject.toml's optional-dependencies).
+EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "onnx_ir": "export",
+          "transformers": "reference", "jinja2": "reference", "matplotlib": "plot", "tensorrt": "tensorrt",
+          "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+          "ray": "ray", "mistral_common": "reference", "ml_dtypes": "export"}
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is the whole story (no traceback).
 
-    Listed by module so a command that never touched torch does not import it to catch an error.
-    """
-    from graphs.contract import ContractError
-    from mixtral_export.config import ConfigError
-    from runtimes.step import RequestError
+class UserError(Exception):
+    """Bad input, options or files: one line, no traceback."""
 
-    found: list[type[BaseException]] = [ConfigError, ContractError, RequestError]
-    for module, name in (("mixtral_export.safetensors_file", "CheckpointError"),
-                         ("mixtral_export.tokenizer", "TokenizerError"),
-                         ("mixtral_export.tokenizer", "ChatFormatError"),
-                         ("graphs.manifest", "ManifestError"),
-                         ("graphs.artifact_folder", "ExportError"),
-                         ("runtimes.load", "RuntimeLoadError"),
-                         ("runtimes.ort", "OrtBackendError"),
-                         ("graphs.trt_compat", "TrtCompatError"),
-                         ("graphs.trt_engine", "TrtUnavailable"),
-                         ("graphs.trt_engine", "TrtBuildError")):
-        try:
-            found.append(getattr(__import__(module, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            continue
-    return tuple(found)
+
+class UsageError(UserError, ValueError):
+    """A flag or argument combination that makes no sense."""
+
+
+def missing_extra(error: ModuleNotFoundError) -> str | None:
+    """One line for an optional package that is not installed, or None when it is not one of ours."""
+    top = (error.name or "").split(".")[0]
+    if top not in EXTRAS:
+        return None
+    return (f"this needs {top}, which is not installed: pip install 'mixtral-export[{EXTRAS[top]}]'")

@@ -11,11 +11,13 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from mixtral_export.errors import UserError
+
 DTYPE_SIZES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 MAX_HEADER = 100 * 1024 * 1024
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded; the message names the tensor and/or the file."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .config import MixtralConfig
+from .destinations import WRITER, json_mark, refuse, replace_folder
 from .model import TORCH_DTYPES
 from .tokenizer_training import load_tiny_corpus, train_tokenizer
 
@@ -59,11 +61,31 @@ def random_weights(config: MixtralConfig, seed: int = 0) -> dict[str, torch.Tens
     return out
 
 
+CHECKPOINT_FILES = re.compile(r"config\.json|generation_config\.json|tokenizer\.model|model\.safetensors"
+                              r"|model\.safetensors\.index\.json|model-\d{5}-of-\d{5}\.safetensors")
+
+
+def check_replaceable(folder: Path) -> None:
+    """Refuse a destination that is not missing, empty, or a checkpoint this module wrote."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise refuse(folder, "exists and is not a folder")
+    if not folder.is_dir():
+        return
+    for entry in sorted(folder.iterdir()):
+        if not CHECKPOINT_FILES.fullmatch(entry.name) or not entry.is_file():
+            raise refuse(folder, f"holds {entry.name}, which {WRITER} did not write")
+    if json_mark(folder / "config.json") != WRITER:
+        raise refuse(folder, f"holds a checkpoint that {WRITER} did not write")
+
+
 def write_checkpoint(folder: str | Path, config: MixtralConfig, tensors: dict[str, torch.Tensor],
                      max_shard_bytes: int | None = None, tokenizer_model: Path | None = None) -> Path:
     """Write config.json, generation_config.json, safetensors (sharded past max_shard_bytes) and
-    the tokenizer into `folder` atomically: everything goes to a temp folder that is renamed."""
+    the tokenizer into `folder` atomically: everything goes to a temp folder that is renamed.
+
+    An existing `folder` is replaced only when it is one this function wrote (check_replaceable)."""
     folder = Path(folder)
+    check_replaceable(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
@@ -88,14 +110,14 @@ def write_checkpoint(folder: str | Path, config: MixtralConfig, tensors: dict[st
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config.write_json(tmp / "config.json")
+        config_json = {**config.to_dict(), "written_by": WRITER}  # the mark check_replaceable looks for
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_id)[0]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer_model is not None:
             shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        replace_folder(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

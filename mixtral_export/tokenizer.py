@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from mixtral_export.errors import UserError
+
 SPACE = "\u2581"  # sentencepiece's whitespace symbol "▁"
 # A ModelProto field 3 (normalizer_spec) holding add_dummy_prefix=false. Protobuf merges repeated
 # embedded messages, so appending these bytes to a model switches its dummy prefix off.
@@ -29,11 +31,11 @@ CHAT_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer.model that is missing or unreadable."""
 
 
-class ChatFormatError(ValueError):
+class ChatFormatError(UserError, ValueError):
     """A conversation the Mixtral-Instruct template cannot render."""
 
 

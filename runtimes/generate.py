@@ -45,13 +45,13 @@ class GenerationConfig:
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
                 or self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise RequestError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
         if not isinstance(self.sampling, SamplingParams):
-            raise ValueError(f"sampling must be SamplingParams, got {type(self.sampling).__name__}")
+            raise RequestError(f"sampling must be SamplingParams, got {type(self.sampling).__name__}")
         if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 0 for t in self.eos_token_ids):
-            raise ValueError(f"eos_token_ids must be token ids >= 0, got {self.eos_token_ids!r}")
+            raise RequestError(f"eos_token_ids must be token ids >= 0, got {self.eos_token_ids!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            raise ValueError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+            raise RequestError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def stream(backend: StepBackend, prompts: Sequence[Sequence[int]], config: Gener
            max_positions: int | None = None) -> Generator[TokenEvent, None, GenerationResult]:
     """Yield a TokenEvent per token as it is produced; the generator returns the GenerationResult
     (`result = yield from stream(...)`, or StopIteration.value). Inputs are checked here, eagerly,
-    before any step: ValueError, or ContextOverflow for a prompt longer than the position limit
+    before any step: RequestError, or ContextOverflow for a prompt longer than the position limit
     (the backend's shapes.max_positions and/or `max_positions`, the model's position embeddings)."""
     rows = [[int(t) for t in p] for p in prompts]
     limit = position_limit(backend.shapes.max_positions, max_positions)

@@ -4,12 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from graphs.manifest import Manifest, check_compatible, load_manifest
+from mixtral_export.errors import UserError
 
 RUNTIMES = ("eager", "compiled", "ort", "aoti", "trt")
 ARTIFACT_KIND = {"ort": "onnx", "aoti": "aoti", "trt": "onnx"}  # eager and compiled run any artifact's source checkpoint
 
 
-class RuntimeLoadError(ValueError):
+class RuntimeLoadError(UserError, ValueError):
     """A runtime that cannot serve this artifact here; one line saying why."""
 
 

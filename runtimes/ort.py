@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from graphs.contract import DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
+from mixtral_export.errors import UserError
 from runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
 from runtimes.step import check_step_inputs, ring_writes
 
@@ -28,7 +29,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "trt": "TensorrtExecutionProvider"}  # onnxruntime-gpu built with TensorRT; see runtimes/trt.py
 
 
-class OrtBackendError(RuntimeError):
+class OrtBackendError(UserError, RuntimeError):
     """An artifact or provider this backend cannot serve; one line."""
 
 

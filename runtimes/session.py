@@ -20,6 +20,7 @@ from typing import Iterator
 
 from runtimes.generate import GenerationConfig, GenerationResult, generate, stream
 from runtimes.sampling import SamplingParams
+from runtimes.step import RequestError
 
 
 class Session:
@@ -47,7 +48,8 @@ class Session:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError(f"{self.manifest.folder}: the artifact has no tokenizer.model; give token ids")
+            raise RequestError(f"{self.manifest.folder}: the artifact has no tokenizer.model (its checkpoint had none); "
+                               f"give token ids (--input-ids)")
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:

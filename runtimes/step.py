@@ -6,9 +6,10 @@ from typing import Protocol
 import numpy as np
 
 from graphs.contract import NO_POSITION, StepShapes
+from mixtral_export.errors import UserError
 
 
-class RequestError(ValueError):
+class RequestError(UserError, ValueError):
     """A generation request that cannot be served as asked (bad ids, options, lengths)."""
 
 
@@ -40,14 +41,14 @@ def check_step_inputs(shapes: StepShapes, vocab_size: int, input_ids: np.ndarray
                       positions: np.ndarray) -> None:
     """Validate a step's inputs before they reach a graph (graphs do not bounds-check)."""
     if input_ids.shape != positions.shape or input_ids.ndim != 2:
-        raise ValueError(f"input_ids {input_ids.shape} and positions {positions.shape} must both be (B, T)")
+        raise RequestError(f"input_ids {input_ids.shape} and positions {positions.shape} must both be (B, T)")
     batch, chunk = input_ids.shape
     if batch != shapes.batch or chunk not in shapes.chunks:
-        raise ValueError(f"step shape (B={batch}, T={chunk}) does not match the artifact "
+        raise RequestError(f"step shape (B={batch}, T={chunk}) does not match the artifact "
                          f"(B={shapes.batch}, T={shapes.prefill_chunk} or 1)")
     live = positions != NO_POSITION
     if np.any(positions[live] < 0):
-        raise ValueError("positions must be >= 0 or -1 for padding")
+        raise RequestError("positions must be >= 0 or -1 for padding")
     if np.any((input_ids < 0) | (input_ids >= vocab_size)):
         bad = int(input_ids[(input_ids < 0) | (input_ids >= vocab_size)][0])
         raise RequestError(f"token id {bad} is out of range for a vocabulary of {vocab_size}")

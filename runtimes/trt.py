@@ -22,11 +22,12 @@ import torch
 from graphs.contract import NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from graphs.trt_engine import ENGINE_NAME, check_engine_record, gpu_identity, import_tensorrt
+from mixtral_export.errors import UserError
 from runtimes.step import check_step_inputs
 from runtimes.torch_ring import TorchRing
 
 
-class TrtBackendError(RuntimeError):
+class TrtBackendError(UserError, RuntimeError):
     """An engine this backend cannot run; one line naming the file."""
 
 

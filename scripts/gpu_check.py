@@ -25,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from mixtral_export.destinations import write_report  # noqa: E402
+
 TOL = 1e-4
 MIN_BF16_AGREEMENT = 0.9
 PREFILL, SLOTS, DECODE_STEPS = 16, 32, 70
@@ -198,7 +200,7 @@ def main() -> int:
     failed = [name for name, check in summary["checks"].items() if check.get("ok") is False]
     summary["failed"] = failed
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_report(out, json.loads(json.dumps(summary, default=str)), "gpu_check")
     print(f"wrote {out}: {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else ""))
     return 1 if failed else 0
 

@@ -1,0 +1,36 @@
+"""The program's entry point (`mixtral-export`, `python3 -m mixtral_export`).
+
+Ctrl-C at any moment, even while torch is half imported, ends in one line and exit code 130:
+the first SIGINT raises `Interrupted` (not KeyboardInterrupt, which click would turn into
+"Aborted!" and exit 1) and ignores any further one, so cleanup (removing a half-built artifact)
+runs to its end; the process then leaves without the interpreter's shutdown, which can trip over
+a half-imported library.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+class Interrupted(BaseException):
+    """Ctrl-C: unwinds like KeyboardInterrupt, through every `except BaseException` cleanup."""
+
+
+def _interrupt(signum, frame) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Interrupted()
+
+
+def main() -> None:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
+    try:
+        from mixtral_export.cli import run
+
+        run()
+    except (Interrupted, KeyboardInterrupt):
+        sys.stdout.flush()
+        sys.stderr.write("interrupted\n")
+        sys.stderr.flush()
+        os._exit(130)
