@@ -14,10 +14,17 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from mixtral_export.destinations import write_report
+from mixtral_export.destinations import check_file, png_is_ours, report_is_ours, write_report
 from mixtral_export.errors import UsageError, UserError, missing_extra
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# Typer 0.29 prints a required argument as {ARTIFACT} and appends <path>-style types after
+# explicit metavars; plain click-style help (ARTIFACT, --seed N) reads better.
+if hasattr(typer.core.TyperArgument, "_usage_display_name"):
+    typer.core.TyperArgument._usage_display_name = lambda self: (
+        self.display_name_raw if self.required else f"[{self.display_name_raw}]")
+    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Turn a Mixtral checkpoint into static-shape graphs and prove they match it.")
 # No markup: paths, error messages and generated text are printed as they are ("[/]" included).
 out = Console(markup=False)
@@ -59,9 +66,9 @@ def _progress():
 
 
 @app.command()
-def tiny(out_dir: Path = typer.Argument(..., help="Folder to write the checkpoint into"),
-         seed: int = typer.Option(0, help="Seed of the random weights"),
-         shard_bytes: Optional[int] = typer.Option(None, help="Split safetensors into shards of this size")):
+def tiny(out_dir: Path = typer.Argument(..., help="Folder to write the checkpoint into", metavar="OUT_DIR"),
+         seed: int = typer.Option(0, help="Seed of the random weights", metavar="N"),
+         shard_bytes: Optional[int] = typer.Option(None, help="Split safetensors into shards of this size", metavar="N")):
     """Write the embedded tiny Mixtral as a Hugging Face checkpoint (config, safetensors, tokenizer)."""
     from mixtral_export.tiny import TINY_CONFIG, write_tiny
 
@@ -74,18 +81,18 @@ def tiny(out_dir: Path = typer.Argument(..., help="Folder to write the checkpoin
 
 
 @app.command()
-def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral folder"),
-           output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to create"),
-           dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: the checkpoint's)"),
-           batch: int = typer.Option(1, help="Rows per step"),
-           prefill_chunk: int = typer.Option(16, help="Tokens per prefill step"),
-           cache_slots: Optional[int] = typer.Option(None, help="Ring slots per layer (default: the sliding window)"),
+def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral folder", metavar="CHECKPOINT"),
+           output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to create", metavar="PATH"),
+           dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: the checkpoint's)", metavar="TEXT"),
+           batch: int = typer.Option(1, help="Rows per step", metavar="N"),
+           prefill_chunk: int = typer.Option(16, help="Tokens per prefill step", metavar="N"),
+           cache_slots: Optional[int] = typer.Option(None, help="Ring slots per layer (default: the sliding window)", metavar="N"),
            slide: bool = typer.Option(False, help="Let a ring smaller than the window (or no window) slide"),
-           opset: int = typer.Option(18, help="ONNX opset (>= 18)"),
+           opset: int = typer.Option(18, help="ONNX opset (>= 18)", metavar="N"),
            routing: str = typer.Option("dense", help="dense: every expert on every token; gather: only each "
-                                                     "token's top-k experts (com.microsoft.MoE on ONNX, silu models)"),
-           format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)"),
-           device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)")):
+                                                     "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
+           format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
+           device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT")):
     """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest."""
     if routing not in ("dense", "gather"):
         raise UsageError(f"--routing {routing!r} is not available (dense, gather)")
@@ -105,12 +112,12 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
 
 
 @app.command("build-engine")
-def build_engine_command(artifact: Path = typer.Argument(..., help="ONNX artifact folder written by export"),
+def build_engine_command(artifact: Path = typer.Argument(..., help="ONNX artifact folder written by export", metavar="ARTIFACT"),
                          precision: str = typer.Option("fp32", help="fp32 | fp16 | bf16 (a float16/bfloat16 export "
-                                                                    "builds only as itself)"),
-                         workspace: float = typer.Option(4.0, "--workspace", help="Builder workspace in GiB"),
+                                                                    "builds only as itself)", metavar="TEXT"),
+                         workspace: float = typer.Option(4.0, "--workspace", help="Builder workspace in GiB", metavar="X"),
                          timing_cache: Optional[Path] = typer.Option(None, "--timing-cache",
-                                                                     help="Timing cache file to reuse and update")):
+                                                                     help="Timing cache file to reuse and update", metavar="PATH")):
     """Build a TensorRT 10 engine (engine.plan) into an ONNX artifact, for this GPU and TensorRT version."""
     from graphs.manifest import load_manifest
     from graphs.trt_engine import build_engine
@@ -124,7 +131,7 @@ def build_engine_command(artifact: Path = typer.Argument(..., help="ONNX artifac
 
 
 @app.command("check-trt")
-def check_trt(artifact: Path = typer.Argument(..., help="Artifact folder (or a .onnx file)")):
+def check_trt(artifact: Path = typer.Argument(..., help="Artifact folder (or a .onnx file)", metavar="ARTIFACT")):
     """Check, without TensorRT, that the graph uses only what TensorRT 10's ONNX parser supports."""
     from graphs.trt_compat import check_trt_compat
 
@@ -136,7 +143,7 @@ def check_trt(artifact: Path = typer.Argument(..., help="Artifact folder (or a .
 
 
 @app.command()
-def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written by export")):
+def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written by export", metavar="ARTIFACT")):
     """Show an artifact's config, shapes, files and I/O contract (and check its files)."""
     _describe(artifact)
 
@@ -168,21 +175,21 @@ def _token_ids(text: str) -> list[int]:
 
 
 @app.command()
-def generate(artifact: Path = typer.Argument(..., help="Artifact folder written by export"),
-             runtime: str = typer.Option("ort", help="eager | compiled | ort | aoti | trt"),
-             provider: str = typer.Option("cpu", help="cpu | cuda (| trt for ORT's TensorRT provider)"),
-             prompt: list[str] = typer.Option([], help="Prompt text (repeat for a batch)"),
-             input_ids: Optional[str] = typer.Option(None, help="Prompt as token ids: 1,2,3"),
+def generate(artifact: Path = typer.Argument(..., help="Artifact folder written by export", metavar="ARTIFACT"),
+             runtime: str = typer.Option("ort", help="eager | compiled | ort | aoti | trt", metavar="TEXT"),
+             provider: str = typer.Option("cpu", help="cpu | cuda (| trt for ORT's TensorRT provider)", metavar="TEXT"),
+             prompt: list[str] = typer.Option([], help="Prompt text (repeat for a batch)", metavar="TEXT"),
+             input_ids: Optional[str] = typer.Option(None, help="Prompt as token ids: 1,2,3", metavar="TEXT"),
              chat: bool = typer.Option(False, help="Wrap each prompt as a Mixtral-Instruct user turn"),
-             max_new_tokens: int = typer.Option(32, min=1),
-             temperature: float = typer.Option(0.0, help="0 = greedy"),
-             top_k: int = typer.Option(0, help="0 = off"),
-             top_p: float = typer.Option(1.0, help="1 = off"),
-             repetition_penalty: float = typer.Option(1.0, help="1 = off"),
-             seed: Optional[int] = typer.Option(None),
-             stop: list[str] = typer.Option([], help="Stop string (repeatable)"),
+             max_new_tokens: int = typer.Option(32, min=1, help="Tokens to generate at most per prompt", metavar="N"),
+             temperature: float = typer.Option(0.0, help="0 = greedy", metavar="X"),
+             top_k: int = typer.Option(0, help="0 = off", metavar="N"),
+             top_p: float = typer.Option(1.0, help="1 = off", metavar="X"),
+             repetition_penalty: float = typer.Option(1.0, help="1 = off", metavar="X"),
+             seed: Optional[int] = typer.Option(None, help="Seed for sampling: the same seed replays the same tokens", metavar="N"),
+             stop: list[str] = typer.Option([], help="Stop string (repeatable)", metavar="TEXT"),
              checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager "
-                                                        "(default: the one recorded at export)"),
+                                                        "(default: the one recorded at export)", metavar="PATH"),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text")):
     """Generate text from an artifact on a runtime, streaming tokens as they come."""
     from runtimes.session import Session
@@ -213,26 +220,32 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
         out.print(delta, end="", highlight=False, soft_wrap=True)
     out.print()
     stats = session.last_result
+    reason = stats.completions[0].finish_reason
+    if reason == "cache_full":  # a model without a sliding window cannot go past its ring
+        reason = (f"cache_full: the artifact holds at most {session.manifest.shapes.cache_slots} positions; "
+                  f"export with more --cache-slots, or --slide")
     err.print(f"{runtime}: prefill {stats.prefill_tokens} tokens in {stats.prefill_seconds * 1e3:.1f} ms, "
               f"{len(stats.completions[0].token_ids)} new tokens at {stats.decode_tokens_per_second:.1f} tok/s "
-              f"({stats.completions[0].finish_reason})", highlight=False)
+              f"({reason})", highlight=False)
 
 
 @app.command()
-def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by export"),
-           runtimes: str = typer.Option("eager,ort", help="Comma-separated runtimes; the first is the baseline"),
-           reference: Optional[str] = typer.Option(None, help="hf: also compare with transformers"),
-           steps: int = typer.Option(48, min=1, help="Greedy decode steps per prompt"),
+def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by export", metavar="ARTIFACT"),
+           runtimes: str = typer.Option("eager,ort", help="Comma-separated runtimes; the first is the baseline", metavar="TEXT"),
+           reference: Optional[str] = typer.Option(None, help="hf: also compare with transformers", metavar="TEXT"),
+           steps: int = typer.Option(48, min=1, help="Greedy decode steps per prompt", metavar="N"),
            checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for eager/hf "
-                                                      "(default: the one recorded at export)"),
+                                                      "(default: the one recorded at export)", metavar="PATH"),
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
-           report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file")):
+           report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file", metavar="PATH")):
     """Compare runtimes (and the reference) on the same prompts; the exit code says pass or fail."""
     from runtimes.verify import print_report, verify_artifact
 
     names = [n.strip() for n in runtimes.split(",") if n.strip()]
     if reference not in (None, "hf"):
         raise UsageError(f"--reference {reference!r}: only 'hf' is known")
+    if report:
+        check_file(report, report_is_ours("verify"))  # before minutes of verifying, not after
     with err.status("verifying..."):
         result = verify_artifact(artifact, names, reference=reference, steps=steps, checkpoint=checkpoint)
     if report:
@@ -245,11 +258,13 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
 
 
 @app.command()
-def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint and artifact")):
+def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint and artifact", metavar="OUT_DIR")):
     """The main job on the tiny model: build it, export ONNX, generate on ORT, verify vs eager and HF."""
     checkpoint, artifact = out_dir / "tiny-checkpoint", out_dir / "tiny-onnx"
     out.rule("1. tiny checkpoint")
     tiny(checkpoint, seed=0, shard_bytes=None)
+    out.print("The tiny model's weights are random: its text is gibberish by design. What the demo shows is "
+              "that every runtime computes the same gibberish as transformers, to the last logit.")
     out.rule("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
     export(checkpoint, artifact, dtype=None, batch=2, prefill_chunk=8, cache_slots=None, slide=False, opset=18,
            routing="dense", format="onnx", device="cpu")
@@ -258,8 +273,9 @@ def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the c
              max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=[],
              checkpoint=None, as_json=False)
     out.rule("4. verify ORT against eager PyTorch and transformers")
-    verify(artifact, runtimes="eager,ort", reference="hf", steps=48, checkpoint=None, as_json=False,
-           report=out_dir / "verify.json")
+    report = out_dir / "verify.json"
+    out.print(f"(the full report goes to {report})")
+    verify(artifact, runtimes="eager,ort", reference="hf", steps=48, checkpoint=None, as_json=False, report=report)
 
 
 def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
@@ -275,26 +291,26 @@ def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
 
 
 @app.command()
-def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a checkpoint folder"),
-          layers: int = typer.Option(1, min=1, help="Layers of the mixtral-shaped model (random fp32 weights)"),
+def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a checkpoint folder", metavar="MODEL"),
+          layers: int = typer.Option(1, min=1, help="Layers of the mixtral-shaped model (random fp32 weights)", metavar="N"),
           runtimes: str = typer.Option("eager,ort-dense,ort-gather,compiled,transformers",
                                        help="Comma-separated: eager, eager-gather, compiled, ort-dense, ort-gather, "
-                                            "transformers"),
-          contexts: Optional[str] = typer.Option(None, help="Prompt lengths, comma-separated (default: per model)"),
-          decode_steps: Optional[int] = typer.Option(None, min=1, help="Decode steps timed per generation"),
-          repeats: Optional[int] = typer.Option(None, min=1, help="Generations per context length"),
-          warmup: int = typer.Option(1, min=0, help="Untimed generations first"),
-          prefill_chunk: int = typer.Option(16, min=1, help="Tokens per prefill step of the static graphs"),
+                                            "transformers", metavar="TEXT"),
+          contexts: Optional[str] = typer.Option(None, help="Prompt lengths, comma-separated (default: per model)", metavar="TEXT"),
+          decode_steps: Optional[int] = typer.Option(None, min=1, help="Decode steps timed per generation", metavar="N"),
+          repeats: Optional[int] = typer.Option(None, min=1, help="Generations per context length", metavar="N"),
+          warmup: int = typer.Option(1, min=0, help="Untimed generations first", metavar="N"),
+          prefill_chunk: int = typer.Option(16, min=1, help="Tokens per prefill step of the static graphs", metavar="N"),
           cache_slots: Optional[str] = typer.Option(None, help="Ring sizes, comma-separated: one artifact each "
-                                                               "(default: the sliding window, or 4096)"),
-          threads: Optional[int] = typer.Option(None, min=1, help="Threads per runtime (default: usable cores)"),
-          work_dir: Path = typer.Option(Path("out/bench"), help="Checkpoints and artifacts are built here, reused"),
-          timeout: Optional[float] = typer.Option(None, help="Seconds allowed per runtime process"),
-          json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file"),
-          plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode tokens/s against context length"),
+                                                               "(default: the sliding window, or 4096)", metavar="TEXT"),
+          threads: Optional[int] = typer.Option(None, min=1, help="Threads per runtime (default: usable cores)", metavar="N"),
+          work_dir: Path = typer.Option(Path("out/bench"), help="Checkpoints and artifacts are built here, reused", metavar="PATH"),
+          timeout: Optional[float] = typer.Option(None, help="Seconds allowed per runtime process", metavar="X"),
+          json_path: Optional[Path] = typer.Option(None, "--json", help="Write the report as JSON to this file", metavar="PATH"),
+          plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode tokens/s against context length", metavar="PATH"),
           markdown: bool = typer.Option(False, help="Print the tables as Markdown"),
           ort_spin: bool = typer.Option(False, help="Let ONNX Runtime's threads spin between ops (OpenMP's do)"),
-          rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled")):
+          rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled", metavar="N")):
     """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "bench" / "run.py").is_file():
@@ -310,6 +326,10 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
             import matplotlib  # noqa: F401  (fail before minutes of measuring, not after)
         except ImportError:
             raise UsageError("--plot needs matplotlib: pip install 'mixtral-export[plot]'") from None
+    if json_path is not None:
+        check_file(json_path, report_is_ours("bench"))
+    if plot is not None:
+        check_file(plot, png_is_ours)
     names = tuple(r.strip() for r in runtimes.split(",") if r.strip())
     options = BenchOptions(model=model, layers=layers, runtimes=names, contexts=_int_list(contexts, "--contexts"),
                            decode_steps=decode_steps, repeats=repeats, warmup=warmup, prefill_chunk=prefill_chunk,

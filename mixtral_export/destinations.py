@@ -28,13 +28,19 @@ def refuse(path: Path, why: str) -> DestinationError:
     return DestinationError(f"{path}: {why}; refusing to overwrite it (choose another path or move it away)")
 
 
-def write_file(path: str | Path, data: bytes | str, is_ours: Callable[[Path], bool]) -> Path:
-    """Write `data` to `path` atomically; an existing file must be one `is_ours` recognises."""
+def check_file(path: str | Path, is_ours: Callable[[Path], bool]) -> Path:
+    """Raise unless `path` is free or a file `is_ours` recognises; commands call it before long work."""
     path = Path(path)
     if path.is_symlink() or path.is_dir():
         raise refuse(path, "exists and is not a plain file")
     if path.exists() and not is_ours(path):
         raise refuse(path, f"exists and was not written by {WRITER}")
+    return path
+
+
+def write_file(path: str | Path, data: bytes | str, is_ours: Callable[[Path], bool]) -> Path:
+    """Write `data` to `path` atomically; an existing file must be one `is_ours` recognises."""
+    path = check_file(path, is_ours)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
@@ -66,9 +72,12 @@ def replace_folder(new: Path, folder: Path) -> None:
 
 def write_report(path: str | Path, report: dict, what: str) -> Path:
     """A JSON report marked {"written_by": "mixtral-export <what>"}; replaces only an earlier one."""
-    mark = f"{WRITER} {what}"
-    return write_file(path, json.dumps({"written_by": mark, **report}, indent=2) + "\n",
-                      lambda old: json_mark(old) == mark)
+    return write_file(path, json.dumps({"written_by": f"{WRITER} {what}", **report}, indent=2) + "\n",
+                      report_is_ours(what))
+
+
+def report_is_ours(what: str) -> Callable[[Path], bool]:
+    return lambda old: json_mark(old) == f"{WRITER} {what}"
 
 
 def json_mark(path: Path) -> str | None:
