@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from mixtral_export.destinations import check_file, png_is_ours, report_is_ours, write_report
+from mixtral_export.entry import Interrupted, interrupted
 from mixtral_export.errors import UsageError, UserError, missing_extra
 
 # Typer 0.29 prints a required argument as {ARTIFACT} and appends <path>-style types after
@@ -45,7 +46,8 @@ def run() -> None:
     except UserError as error:
         fail(str(error))
     except ModuleNotFoundError as error:  # an optional extra that is not installed
-        if (line := missing_extra(error)) is None:
+        command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), "this command")
+        if (line := missing_extra(error, f"mixtral-export {command}")) is None:
             raise
         fail(line)
     except OSError as error:  # unwritable folders, a full disk, missing files named by the user
@@ -54,6 +56,8 @@ def run() -> None:
 
 
 def fail(message: str) -> None:
+    if interrupted():  # an import cut short by Ctrl-C fails in odd ways: report the interruption
+        raise Interrupted()
     err.print(_error_line(" ".join(message.split("\n"))), highlight=False, soft_wrap=True)
     sys.exit(2)
 

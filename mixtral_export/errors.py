@@ -21,9 +21,9 @@ class UsageError(UserError, ValueError):
     """A flag or argument combination that makes no sense."""
 
 
-def missing_extra(error: ModuleNotFoundError) -> str | None:
+def missing_extra(error: ModuleNotFoundError, needed_by: str = "this") -> str | None:
     """One line for an optional package that is not installed, or None when it is not one of ours."""
     top = (error.name or "").split(".")[0]
     if top not in EXTRAS:
         return None
-    return (f"this needs {top}, which is not installed: pip install 'mixtral-export[{EXTRAS[top]}]'")
+    return f"{needed_by} needs {top}, which is not installed: pip install 'mixtral-export[{EXTRAS[top]}]'"
