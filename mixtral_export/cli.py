@@ -185,6 +185,7 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
              prompt: list[str] = typer.Option([], help="Prompt text (repeat for a batch)", metavar="TEXT"),
              input_ids: Optional[str] = typer.Option(None, help="Prompt as token ids: 1,2,3", metavar="TEXT"),
              chat: bool = typer.Option(False, help="Wrap each prompt as a Mixtral-Instruct user turn"),
+             system: Optional[str] = typer.Option(None, help="System prompt of the chat (implies --chat)", metavar="TEXT"),
              max_new_tokens: int = typer.Option(32, min=1, help="Tokens to generate at most per prompt", metavar="N"),
              temperature: float = typer.Option(0.0, help="0 = greedy", metavar="X"),
              top_k: int = typer.Option(0, help="0 = off", metavar="N"),
@@ -201,12 +202,14 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     if bool(prompt) == bool(input_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
     session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)
+    chat = chat or system is not None
     if input_ids:
         if chat:
             raise UsageError("--chat needs --prompt text, not --input-ids")
         prompts = [_token_ids(input_ids)]
     else:
-        prompts = [session.encode_chat([{"role": "user", "content": p}]) if chat else session.encode(p)
+        system_turn = [] if system is None else [{"role": "system", "content": system}]
+        prompts = [session.encode_chat(system_turn + [{"role": "user", "content": p}]) if chat else session.encode(p)
                    for p in prompt]
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop))
@@ -274,7 +277,7 @@ def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the c
            routing="dense", format="onnx", device="cpu")
     out.rule("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
     generate(artifact, runtime="ort", provider="cpu", prompt=["The quick brown fox"], input_ids=None, chat=False,
-             max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=[],
+             system=None, max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=[],
              checkpoint=None, as_json=False)
     out.rule("4. verify ORT against eager PyTorch and transformers")
     report = out_dir / "verify.json"

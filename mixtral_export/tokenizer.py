@@ -1,42 +1,41 @@
-"""The checkpoint's sentencepiece tokenizer.model (byte-fallback BPE, as Mistral/Mixtral ship it),
-with an exact round trip, streaming detokenisation and the Mixtral-Instruct chat format.
+"""The checkpoint's sentencepiece tokenizer.model (byte-fallback BPE, as Mistral/Mixtral ship it):
+encode and decode exactly as sentencepiece (and so mistral-common) do, streaming detokenisation, and
+the Mistral-Instruct chat format of the model's version (see chat_format.py).
 
 Only sentencepiece's protobuf is read; nothing is unpickled.
 """
 from __future__ import annotations
 
-import codecs
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
+from mixtral_export.chat_format import (  # noqa: F401  (ChatFormatError is part of this module's API)
+    ChatFormatError, Control, chat_segments, normalize_chat,
+)
 from mixtral_export.errors import UserError
 
 SPACE = "\u2581"  # sentencepiece's whitespace symbol "▁"
-# A ModelProto field 3 (normalizer_spec) holding add_dummy_prefix=false. Protobuf merges repeated
-# embedded messages, so appending these bytes to a model switches its dummy prefix off.
-NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
-    "{% endif %}"
-    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
-    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
-    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}"
-    "{% endif %}{% endfor %}"
-)
+BYTE, CONTROL, UNKNOWN, TEXT = range(4)  # what a piece decodes as
 
 
 class TokenizerError(UserError, ValueError):
     """A tokenizer.model that is missing or unreadable."""
 
 
-class ChatFormatError(UserError, ValueError):
-    """A conversation the Mixtral-Instruct template cannot render."""
+def instruct_version(sp: spm.SentencePieceProcessor) -> str:
+    """The Mistral-Instruct format a model was made for, read from its control pieces (mistral-common
+    names the same versions by file suffix): v1 has none but <s>/</s> ("[INST]" is text); v2 made
+    [INST], [/INST] and the tool markers control pieces; v3 added [IMG] and the fill-in-the-middle
+    markers; v7 added [SYSTEM_PROMPT]."""
+    control = {sp.id_to_piece(i) for i in range(sp.get_piece_size()) if sp.is_control(i)}
+    if "[INST]" not in control:
+        return "v1"
+    if "[SYSTEM_PROMPT]" in control:
+        return "v7"
+    return "v3" if "[IMG]" in control else "v2"
 
 
 class Tokenizer:
@@ -46,29 +45,28 @@ class Tokenizer:
         self.path = path
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
-            # For text that follows a literal "▁" (see encode).
-            self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=model_proto + NO_DUMMY_PREFIX)
         except Exception as exc:
             raise TokenizerError(f"{path}: not a valid sentencepiece model ({type(exc).__name__})") from None
         if self.sp.get_piece_size() == 0 or self.sp.bos_id() < 0 or self.sp.eos_id() < 0:
             raise TokenizerError(f"{path}: sentencepiece model has no vocabulary or no <s>/</s> tokens")
-        self.dummy_prefix = self.sp.normalize("a").startswith(SPACE)
-        # Byte pieces of a literal "▁" (empty without byte fallback: then "▁" decodes as a space).
-        self.space_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE.encode("utf-8")]
-        if not all(self.sp.is_byte(i) for i in self.space_ids):
-            self.space_ids = []
-        # Per id: the bytes it decodes to (None: dropped) and whether it is a byte-fallback piece.
-        self.piece_bytes: list[bytes | None] = []
-        self.is_byte: list[bool] = []
+        self.instruct_version = instruct_version(self.sp)
+        # Decoding drops a leading "▁" of the text's first piece (the dummy prefix) when the model adds
+        # one or squeezes whitespace; squeezing models drop it from every piece until text appears.
+        self.strips_leading_space = self.sp.normalize("a").startswith(SPACE)
+        self.squeezes_spaces = self.sp.normalize(" a  b ") == self.sp.normalize("a b")
+        self.strips_leading_space |= self.squeezes_spaces
+        self.unk_surface = self.sp.decode([self.sp.unk_id()]) if self.sp.unk_id() >= 0 else ""
+        # Per id: how it decodes, and its byte (byte pieces) or its piece (the others).
+        self.kind: list[int] = []
+        self.piece: list[str | int] = []
         for i in range(self.sp.get_piece_size()):
             piece = self.sp.id_to_piece(i)
             if self.sp.is_byte(i):
-                self.piece_bytes.append(bytes([int(piece[1:-1], 16)]))
-            elif self.sp.is_control(i) or self.sp.is_unknown(i) or self.sp.is_unused(i):
-                self.piece_bytes.append(None)
+                self.kind.append(BYTE)
+                self.piece.append(int(piece[1:-1], 16))
             else:
-                self.piece_bytes.append(piece.replace(SPACE, " ").encode("utf-8"))
-            self.is_byte.append(self.sp.is_byte(i))
+                self.kind.append(CONTROL if self.sp.is_control(i) else UNKNOWN if self.sp.is_unknown(i) else TEXT)
+                self.piece.append(piece)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
@@ -98,23 +96,18 @@ class Tokenizer:
         return self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        """Token ids of `text`, as sentencepiece encodes it.
-
-        One exception, for the round trip: sentencepiece reads a literal "▁" (U+2581) in the
-        text as a space, so each one is encoded as its three UTF-8 byte pieces instead.
-        """
+        """Token ids of `text`, exactly as sentencepiece (and mistral-common) encode it: a literal "▁"
+        (U+2581) reads as a space, and control pieces written as text ("[INST]", "</s>") stay text."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        first, *rest = text.split(SPACE) if self.space_ids else [text]
         ids = [self.bos_id] if bos else []
-        ids += self.sp.encode(first)
-        for part in rest:
-            ids += self.space_ids + self.sp_no_prefix.encode(part)
+        ids += self.sp.encode(text)
         return ids + [self.eos_id] if eos else ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`: control tokens and <unk> dropped, byte pieces joined into UTF-8, and the
-        dummy-prefix space of the first piece removed (as sentencepiece does)."""
+        """Text of `ids`, exactly as sentencepiece (and mistral-common) decode them: control tokens
+        dropped, <unk> as " ⁇ ", each run of byte pieces read as UTF-8 with every byte of a broken
+        character as U+FFFD, and the dummy-prefix space of the first piece removed."""
         stream = self.stream_decoder()
         return "".join(stream.push(i) for i in ids) + stream.flush()
 
@@ -134,79 +127,80 @@ class Tokenizer:
         return ids, mask
 
     def encode_chat(self, messages: Sequence[Mapping], for_generation: bool = True) -> list[int]:
-        """Ids of a Mixtral-Instruct conversation: <s>, then "[INST] user [/INST]" per user turn
-        and "answer" + </s> per assistant turn.
+        """Ids of a Mistral-Instruct conversation of "user", "assistant" and "system" messages in
+        this model's format (instruct_version), equal to mistral-common's encode_chat_completion.
 
-        Each segment between special tokens is sentencepiece-encoded on its own (so each gets the
-        dummy-prefix space), as mistral-common's v1 instruct tokenizer and Mistral's reference code
-        do. Tokenizing the rendered string with HF instead keeps " [/INST]" and the answer that
-        follows it in one segment, so ids at that seam can differ.
+        Each text segment between control tokens is sentencepiece-encoded on its own (so each gets
+        the dummy-prefix space), as mistral-common does. Tokenizing a chat template's rendered
+        string in one go instead can give other ids at the seams (README, "Chat format").
+        for_generation: the conversation may not end with an assistant message.
         """
-        check_chat(messages, for_generation)
-        ids = [self.bos_id]
-        for message in messages:
-            if message["role"] == "user":
-                ids += self.encode(f"[INST] {message['content']} [/INST]", bos=False)
-            else:
-                ids += self.encode(message["content"], bos=False) + [self.eos_id]
+        if self.instruct_version not in ("v1", "v2", "v3"):
+            raise ChatFormatError(f"{self.path}: instruct format {self.instruct_version} is not supported "
+                                  "(Mixtral's v1 and v3 are)")
+        ids: list[int] = []
+        for segment in chat_segments(normalize_chat(messages, for_generation), self.instruct_version):
+            ids += [self.sp.piece_to_id(segment.piece)] if isinstance(segment, Control) else self.sp.encode(segment)
         return ids
 
 
 class StreamDecoder:
-    """Incremental decode: push(id) returns only completed text, never half a UTF-8 character;
-    all pushes plus flush() equal Tokenizer.decode of the same ids."""
+    """Incremental decode: push(id) returns only completed text, never part of a UTF-8 character;
+    all pushes plus flush() equal Tokenizer.decode of the same ids, which equals sentencepiece's.
+
+    Follows sentencepiece's Decode: a run of byte pieces is read one character at a time, a byte
+    that does not start a valid character becoming U+FFFD; any other piece ends the run.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.at_start = tokenizer.dummy_prefix  # the next visible piece may carry the dummy prefix
+        self.pending = bytearray()  # bytes of the current byte-piece run not yet emitted
+        self.at_start = tokenizer.strips_leading_space  # a piece's leading "▁" is the dummy prefix
+        self.stripped = False  # the previous piece had its leading "▁" removed
+        self.emitted = False  # any text so far
 
     def push(self, token_id: int) -> str:
         tok = self.tokenizer
         if not 0 <= token_id < tok.vocab_size:
             raise ValueError(f"token id {token_id} is outside the vocabulary (size {tok.vocab_size})")
-        data = tok.piece_bytes[token_id]
-        if data is None:
-            return ""
-        if self.at_start and not tok.is_byte[token_id] and data.startswith(b" "):
-            data = data[1:]
-        self.at_start = False
-        return self.utf8.decode(data)
+        kind, piece = tok.kind[token_id], tok.piece[token_id]
+        if kind == BYTE:
+            self.pending.append(piece)
+            return self._take(final=False)
+        text = self._take(final=True)
+        if self.stripped or self.emitted:
+            self.at_start = False
+        self.stripped = False
+        if kind == UNKNOWN:
+            text += tok.unk_surface
+        elif kind == TEXT:
+            if self.at_start and piece.startswith(SPACE):
+                piece = piece[1:]
+                self.stripped = not tok.squeezes_spaces
+            text += piece.replace(SPACE, " ")
+        self.emitted |= bool(text)
+        return text
 
     def flush(self) -> str:
-        """Text still held back (an incomplete character becomes U+FFFD)."""
-        return self.utf8.decode(b"", final=True)
+        """Text still held back (each byte of an incomplete character becomes U+FFFD)."""
+        return self._take(final=True)
 
-
-def check_chat(messages: Sequence[Mapping], for_generation: bool = True) -> None:
-    """Raise ChatFormatError unless `messages` alternate user/assistant starting with user (and,
-    for generation, end with a user turn)."""
-    if not messages:
-        raise ChatFormatError("empty conversation: need at least one user message")
-    for n, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise ChatFormatError(f"message {n} must be a mapping with 'role' and 'content'")
-        role, content = message["role"], message["content"]
-        if role not in ("user", "assistant"):
-            raise ChatFormatError(f"message {n} has role {role!r}: only 'user' and 'assistant' are supported")
-        expected = "user" if n % 2 == 0 else "assistant"
-        if role != expected:
-            raise ChatFormatError(f"message {n} is {role!r} but should be {expected!r}: "
-                                  "roles must alternate user/assistant starting with user")
-        if not isinstance(content, str):
-            raise ChatFormatError(f"message {n} content must be a str, got {type(content).__name__}")
-    if for_generation and messages[-1]["role"] != "user":
-        raise ChatFormatError("a conversation for generation must end with a user message")
-
-
-def render_chat(messages: Sequence[Mapping], bos_token: str = "<s>", eos_token: str = "</s>",
-                for_generation: bool = True) -> str:
-    """CHAT_TEMPLATE rendered in plain Python (stricter: an empty conversation is an error)."""
-    check_chat(messages, for_generation)
-    parts = [bos_token]
-    for message in messages:
-        if message["role"] == "user":
-            parts.append("[INST] " + message["content"] + " [/INST]")
-        else:
-            parts.append(message["content"] + eos_token)
-    return "".join(parts)
+    def _take(self, final: bool) -> str:
+        """Characters decoded from the front of the pending bytes; an incomplete character stays
+        pending unless `final` (the run has ended) or a byte already breaks it."""
+        out = []
+        pending = self.pending
+        while pending:
+            lead = pending[0]
+            size = 1 if lead < 0x80 else 2 if lead >> 5 == 6 else 3 if lead >> 4 == 14 else 4 if lead >> 3 == 30 else 0
+            if not final and len(pending) < size and all(b >> 6 == 2 for b in pending[1:]):
+                break  # wait for the rest of the character
+            try:
+                char = bytes(pending[:size]).decode("utf-8") if 0 < size <= len(pending) else None
+            except UnicodeDecodeError:
+                char = None
+            out.append("\ufffd" if char is None else char)
+            del pending[:1 if char is None else size]
+        text = "".join(out)
+        self.emitted |= bool(text)
+        return text

@@ -56,6 +56,7 @@ class Session:
         return self._need_tokenizer().encode(text, bos=True)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Ids of user/assistant/system messages in the model's Instruct format (as mistral-common)."""
         return self._need_tokenizer().encode_chat(messages)
 
     def decode(self, ids: list[int]) -> str:
@@ -69,7 +70,10 @@ class Session:
         return GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling,
                                 eos_token_ids=self.manifest.eos_token_id, stop_strings=tuple(stop_strings))
 
-    def _prompt_ids(self, prompt: str, chat: bool) -> list[int]:
+    def _prompt_ids(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:
+        """A system prompt implies chat."""
+        if system is not None:
+            return self.encode_chat([{"role": "system", "content": system}, {"role": "user", "content": prompt}])
         return self.encode_chat([{"role": "user", "content": prompt}]) if chat else self.encode(prompt)
 
     # ---- generation ----
@@ -96,11 +100,12 @@ class Session:
                     return
                 yield event.text_delta if factory else f"{event.token_id} "
 
-    def generate(self, prompt: str | list[str], chat: bool = False, **options) -> str | list[str]:
+    def generate(self, prompt: str | list[str], chat: bool = False, system: str | None = None,
+                 **options) -> str | list[str]:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        result = self.generate_ids([self._prompt_ids(p, chat) for p in prompts], **options)
+        result = self.generate_ids([self._prompt_ids(p, chat, system) for p in prompts], **options)
         texts = [c.text for c in result.completions]
         return texts[0] if isinstance(prompt, str) else texts
 
-    def stream(self, prompt: str, chat: bool = False, **options) -> Iterator[str]:
-        return self.stream_ids(self._prompt_ids(prompt, chat), **options)
+    def stream(self, prompt: str, chat: bool = False, system: str | None = None, **options) -> Iterator[str]:
+        return self.stream_ids(self._prompt_ids(prompt, chat, system), **options)

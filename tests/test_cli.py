@@ -140,3 +140,12 @@ def test_brackets_in_an_error_are_printed_verbatim(tmp_path):
 def test_brackets_in_an_artifact_path_are_printed_verbatim(artifact_copy):
     odd = artifact_copy.rename(artifact_copy.parent / "art[bold]")
     assert "art[bold]" in cli("inspect", odd).stdout
+
+
+def test_generate_system_prompt_implies_chat(tiny_onnx):
+    from runtimes.session import Session
+
+    run = cli("generate", tiny_onnx, "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "2", "--json")
+    want = Session.open(tiny_onnx).encode_chat([{"role": "system", "content": "Be brief."},
+                                                {"role": "user", "content": "Hi"}])
+    assert json.loads(run.stdout)["completions"][0]["prompt_ids"] == want

@@ -49,6 +49,15 @@ def test_chat_prompt_starts_with_the_instruct_format(tiny_onnx):
     assert isinstance(session.generate("Hi", chat=True, max_new_tokens=5), str)
 
 
+def test_system_prompt_opens_the_chat(tiny_onnx):
+    session = Session.open(tiny_onnx)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = session.encode_chat(messages)
+    assert session.decode(ids) == "[INST] Be brief.\n\nHi [/INST]"  # v1: in the first user turn
+    assert session.generate("Hi", system="Be brief.", max_new_tokens=3) == session.generate_ids(
+        [ids], max_new_tokens=3).completions[0].text
+
+
 def test_ort_session_serves_without_importing_torch(tiny_onnx):
     code = ("import sys; from runtimes.session import Session; "
             f"s = Session.open({str(tiny_onnx)!r}); s.generate('hello', max_new_tokens=4); "

@@ -1,14 +1,16 @@
-"""The sentencepiece tokenizer: exact round trip, streaming, batching, chat format, training."""
+"""The sentencepiece tokenizer on the tiny model's trained tokenizer (v1 format, no control pieces):
+sentencepiece's encode/decode, round trip, streaming, batching, chat format, training. The real Mixtral
+tokenizers are tested against mistral-common in test_mistral_tokenizers.py."""
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mixtral_export.tokenizer import (
-    CHAT_TEMPLATE, ChatFormatError, Tokenizer, TokenizerError, render_chat,
-)
+from mixtral_export.chat_format import CHAT_TEMPLATE, render_chat
+from mixtral_export.tokenizer import SPACE, ChatFormatError, Tokenizer, TokenizerError
 from mixtral_export.tokenizer_training import load_tiny_corpus, train_tokenizer
 
 TRICKY = [
@@ -42,6 +44,7 @@ def test_properties(tok, model_dir):
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (1000, 1, 2)
     assert tok.pad_id == tok.eos_id  # no pad piece: pad with eos
     assert tok.path == model_dir / "tokenizer.model"
+    assert tok.instruct_version == "v1"  # no [INST] control piece: the v1 chat format
 
 
 def test_loads_from_checkpoint_folder(tok, model_dir):
@@ -50,7 +53,8 @@ def test_loads_from_checkpoint_folder(tok, model_dir):
 
 @pytest.mark.parametrize("text", TRICKY)
 def test_round_trip_is_exact(tok, text):
-    assert tok.decode(tok.encode(text)) == text
+    # As in sentencepiece, a literal "▁" (U+2581) is read as a space: the one text that changes.
+    assert tok.decode(tok.encode(text)) == text.replace(SPACE, " ")
 
 
 def test_round_trip_of_corpus_lines(tok):
@@ -58,10 +62,37 @@ def test_round_trip_of_corpus_lines(tok):
     assert all(tok.decode(tok.encode(line, eos=True)) == line for line in lines)
 
 
-def test_encode_matches_sentencepiece_without_literal_block(tok):
+def test_encode_and_decode_match_sentencepiece(tok):
     for text in TRICKY:
-        if "\u2581" not in text:
-            assert tok.encode(text, bos=False) == tok.sp.encode(text)
+        ids = tok.encode(text, bos=False)
+        assert ids == tok.sp.encode(text)
+        assert tok.decode(ids) == tok.sp.decode(ids)
+
+
+def test_decode_matches_sentencepiece_on_random_ids(tok):
+    """Byte runs cut by other pieces, broken UTF-8, <unk>, control tokens and leading spaces."""
+    rng = random.Random(0)
+    byte_ids = [i for i in range(tok.vocab_size) if tok.sp.is_byte(i)]
+    special = [tok.bos_id, tok.eos_id, tok.sp.unk_id(), tok.sp.piece_to_id(SPACE)]
+    for _ in range(3000):
+        ids = [rng.choice(byte_ids) if r < 0.4 else rng.choice(special) if r < 0.6 else rng.randrange(tok.vocab_size)
+               for r in (rng.random() for _ in range(rng.randrange(10)))]
+        stream = tok.stream_decoder()
+        streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+        assert tok.decode(ids) == streamed == tok.sp.decode(ids), ids
+
+
+@pytest.mark.parametrize("data, between, text", [
+    (b"\xf0\x9f\x41", None, "\ufffd\ufffdA"),  # each byte of a broken character is one U+FFFD
+    (b"\xc3\xa9", "</s>", "\ufffd\ufffd"),    # a control token ends the byte run
+    (b"\xed\xa0\x80", None, "\ufffd" * 3),     # a surrogate is not valid UTF-8
+    (b"\xe2\x96\x81", None, SPACE),             # bytes of "▁" stay "▁"
+])
+def test_byte_pieces_decode_as_sentencepiece_does(tok, data, between, text):
+    ids = [tok.sp.piece_to_id(f"<0x{b:02X}>") for b in data]
+    if between:
+        ids.insert(1, tok.sp.piece_to_id(between))
+    assert tok.decode(ids) == tok.sp.decode(ids) == text
 
 
 def test_bos_eos_flags(tok):
@@ -72,9 +103,10 @@ def test_bos_eos_flags(tok):
     assert tok.encode("", bos=False, eos=False) == []
 
 
-def test_decode_drops_control_tokens(tok):
-    ids = [tok.bos_id] + tok.encode("hi there", bos=False) + [tok.eos_id, tok.pad_id, tok.sp.unk_id()]
+def test_decode_drops_control_tokens_and_shows_unk(tok):
+    ids = [tok.bos_id] + tok.encode("hi there", bos=False) + [tok.eos_id, tok.pad_id]
     assert tok.decode(ids) == "hi there"
+    assert tok.decode(ids + [tok.sp.unk_id()]) == "hi there \u2047 "  # sentencepiece's <unk> surface
 
 
 def test_rare_character_uses_byte_fallback(tok):
@@ -100,7 +132,7 @@ def test_batch_encode_left_pads_and_masks(tok):
 def test_stream_decoder_concatenation_equals_decode(tok, text):
     ids = tok.encode(text, eos=True)
     stream = tok.stream_decoder()
-    assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids) == text
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == tok.decode(ids) == text.replace(SPACE, " ")
 
 
 def test_stream_decoder_holds_back_partial_characters(tok):
@@ -175,6 +207,46 @@ def test_encode_chat_structure(tok):
     assert ids[1:1 + len(first_user) + len(answer) + 1] == first_user + answer + [tok.eos_id]
     # Every segment carries its own dummy-prefix space; decode drops only the first one.
     assert tok.decode(ids) == "[INST] What is 2+2? [/INST] It is 4. [INST] And 3+3? [/INST]"
+
+
+def test_encode_chat_places_system_prompt_in_the_first_user_turn_for_v1(tok):
+    ids = tok.encode_chat([{"role": "system", "content": "Be brief."}] + chat("Q1", "A1", "Q2"))
+    assert ids == tok.encode_chat(chat("Be brief.\n\nQ1", "A1", "Q2"))
+
+
+def test_encode_chat_merges_turns_as_mistral_common_does(tok):
+    merged = [{"role": "user", "content": "a"}, {"role": "user", "content": ""}, {"role": "user", "content": "b"}]
+    assert tok.encode_chat(merged) == tok.encode_chat(chat("a\n\nb"))
+    # A conversation opening with an answer gets an empty user turn first.
+    opening = [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi"}]
+    assert tok.encode_chat(opening) == tok.encode_chat(chat("", "Hello.", "Hi"))
+
+
+@pytest.mark.parametrize("messages, pattern", [
+    ([], "empty conversation"),
+    ("Hi", "empty conversation"),
+    ([{"role": "assistant", "content": "A"}], "message 0 is 'assistant'"),
+    (chat("Q", "A"), "must not end with an assistant message"),
+    (chat("Q", "A") + [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+     "message 2 is 'system' after 'assistant'"),
+    (chat("Q", "") + chat("Q"), "message 1 is an empty assistant message"),
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "message 1 has role 'tool'"),
+    ([{"role": "user", "content": [{"type": "image_url"}]}], "message 0 content must be a str, got list"),
+    ([{"role": "user", "content": None}], "message 0 content must be a str, got NoneType"),
+    ([{"role": "assistant", "content": "", "tool_calls": []}, {"role": "user", "content": "Q"}],
+     "message 0 has 'tool_calls'"),
+    ([{"role": "user", "content": "Q", "name": "bob"}], "message 0 has 'name'"),
+    ([{"role": "user"}], "message 0 must be a mapping"),
+])
+def test_encode_chat_refuses_in_one_line(tok, messages, pattern):
+    with pytest.raises(ChatFormatError, match=pattern) as raised:
+        tok.encode_chat(messages)
+    assert "\n" not in str(raised.value)
+
+
+def test_encode_chat_for_scoring_may_end_with_an_answer(tok):
+    ids = tok.encode_chat(chat("Q", "A"), for_generation=False)
+    assert ids[-1] == tok.eos_id and ids == tok.encode_chat(chat("Q")) + tok.encode("A", bos=False, eos=True)
 
 
 def test_training_is_deterministic(model_dir, tmp_path):
