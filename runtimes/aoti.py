@@ -15,7 +15,6 @@ import torch
 
 from graphs.contract import StepShapes, layer_caches
 from graphs.manifest import Manifest, ManifestError, load_manifest
-from mixtral_export.model import TORCH_DTYPES
 from runtimes.step import check_step_inputs
 from runtimes.torch_ring import TorchRing
 ALIASES_KEY = "aliases"  # graphs.aoti_export writes tied parameters' extra names here
@@ -31,7 +30,7 @@ class AotiBackend:
         self.device = torch.device(device)
         check_runnable_here(self.manifest, self.device)
         self.shapes: StepShapes = self.manifest.shapes
-        dtype = TORCH_DTYPES[self.shapes.dtype]
+        dtype = getattr(torch, self.shapes.dtype)
         weights = load_weights(self.manifest.graph_path("weights"), self.device, dtype)
         self.runners = {chunk: load_runner(self.manifest, chunk, self.device, weights)
                         for chunk in self.manifest.chunks}

@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 from graphs.contract import NO_POSITION, StepShapes
-from mixtral_export.model import TORCH_DTYPES
 from runtimes.step import ring_writes
 
 
@@ -14,7 +13,7 @@ class TorchRing:
 
     def __init__(self, shapes: StepShapes, device: torch.device):
         self.shapes = shapes
-        self.cache_k = torch.zeros(shapes.cache_shape(), dtype=TORCH_DTYPES[shapes.dtype], device=device)  # (L, B, Hkv, S, D)
+        self.cache_k = torch.zeros(shapes.cache_shape(), dtype=getattr(torch, shapes.dtype), device=device)  # (L, B, Hkv, S, D)
         self.cache_v = torch.zeros_like(self.cache_k)  # (L, B, Hkv, S, D)
         self.cache_positions = torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64,
                                     device=device)  # (B, S)

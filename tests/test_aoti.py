@@ -14,7 +14,8 @@ import pytest
 
 from graphs.contract import NO_POSITION
 from graphs.manifest import ManifestError, load_manifest
-from tests.test_compiled import compare_greedy
+from runtimes.step_parity import lockstep
+from tests.test_compiled import DECODE_STEPS
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -54,10 +55,10 @@ def test_logits_match_eager_across_ring_wraps(tiny_aoti, tiny_checkpoint):
     backend = AotiBackend(tiny_aoti)
     shapes = backend.shapes
     eager = EagerBackend(load_model(tiny_checkpoint, attention_window=shapes.attention_window), shapes)
-    worst, same, last = compare_greedy(eager, backend)
-    assert last >= 2 * shapes.cache_slots
-    assert worst <= TOL, f"max |logit diff| {worst:.2e} > {TOL}"
-    assert same
+    (parity,) = lockstep(eager, [backend], decode_steps=DECODE_STEPS)
+    assert parity.last_position >= 2 * shapes.cache_slots
+    assert parity.max_abs <= TOL, f"step {parity.worst_step}: max |logit diff| {parity.max_abs:.2e} > {TOL}"
+    assert parity.top1_agreement == 1.0
 
 
 @pytest.mark.parametrize("name", ["weights.safetensors", "model.pt2"])

@@ -67,6 +67,15 @@ def test_verify_passes_and_reports_json(tiny_onnx):
     assert report["passed"] and report["comparisons"][0]["max_abs"] <= 1e-4
 
 
+def test_verify_against_transformers_as_the_demo_runs_it(tiny_onnx):
+    run = cli("verify", tiny_onnx, "--runtimes", "eager,ort", "--reference", "hf", "--steps", "24", "--json")
+    report = json.loads(run.stdout)
+    against = {(c["runtime"], c["against"]): c for c in report["comparisons"]}
+    assert set(against) == {("ort", "eager"), ("eager", "hf"), ("ort", "hf")}
+    assert report["passed"] and all(c["max_abs"] <= 1e-4 and c["top1_agreement"] == 1.0 for c in against.values())
+    assert all(d is None for c in against.values() for d in c["first_divergence"])
+
+
 def test_inspect_lists_files_and_shapes(tiny_onnx):
     run = cli("inspect", tiny_onnx)
     assert "model.onnx.data" in run.stdout and "cache slots 32" in run.stdout

@@ -1,9 +1,10 @@
 """The torch.compile backend matches eager step for step, and compiles once per chunk length.
 
-One session-wide run: a left-padded batch of two prompts, one prefill chunk, then 70 greedy
-decode steps (row 1 stops for the last 10, so decode padding is exercised too) through the tiny
-model's 32-slot ring: positions reach 85, so the ring wraps twice. Both backends are fed the
-eager run's tokens; fp32 logits must agree within 1e-4 and give the same argmax.
+One session-wide run of the shared lock-step script (runtimes/step_parity.py): a left-padded batch
+of two rows, two prefill chunks each followed by 24 greedy decode steps (the second row sits some
+out, so decode padding is exercised too) through the tiny model's 32-slot ring: positions reach
+80, so the ring wraps twice. Both backends are fed the eager run's tokens; fp32 logits must agree
+within 1e-4 and give the same argmax.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ import pytest
 
 from graphs.contract import NO_POSITION, StepShapes
 from mixtral_export.config import MixtralConfig
+from runtimes.step_parity import lockstep
 
 TOL = 1e-4
 PREFILL = 16
-DECODE_STEPS = 70
-STOP_ROW1_AT = 60
+DECODE_STEPS = 24  # per prefill chunk: 2 x (16 + 24) = 80 positions
 
 
 @dataclass
@@ -39,23 +40,6 @@ def prompts(batch: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, positions
 
 
-def compare_greedy(reference, other) -> tuple[float, bool, int]:
-    """Prefill + DECODE_STEPS greedy steps fed the reference's tokens: (worst diff, argmax equal, last pos)."""
-    ids, positions = prompts(reference.shapes.batch, reference.shapes.vocab_size)
-    worst, same = 0.0, True
-    for step in range(DECODE_STEPS + 1):
-        a, b = reference.step(ids, positions), other.step(ids, positions)  # (B, T, V)
-        live = positions != NO_POSITION
-        worst = max(worst, float(np.abs(a - b)[live].max()))
-        same &= bool((a.argmax(-1) == b.argmax(-1))[live].all())
-        last = positions[:, -1:]
-        ids = a[:, -1:].argmax(-1)  # (B, 1)
-        positions = np.where(last == NO_POSITION, NO_POSITION, last + 1)  # (B, 1)
-        if step + 1 >= STOP_ROW1_AT:
-            positions[1] = NO_POSITION
-    return worst, same, int(last.max())
-
-
 @pytest.fixture(scope="session")
 def compiled_run(tiny_checkpoint) -> Run:
     from mixtral_export.checkpoint import load_model
@@ -68,8 +52,8 @@ def compiled_run(tiny_checkpoint) -> Run:
     compiled = CompiledBackend(load_model(tiny_checkpoint, attention_window=shapes.attention_window), shapes)
     compiled.warmup()
     after_warmup = compiled.compile_count
-    worst, same, last = compare_greedy(eager, compiled)
-    return Run(compiled, worst, same, last, after_warmup)
+    (parity,) = lockstep(eager, [compiled], decode_steps=DECODE_STEPS)
+    return Run(compiled, parity.max_abs, parity.top1_agreement == 1.0, parity.last_position, after_warmup)
 
 
 def test_greedy_decode_matches_eager_across_two_ring_wraps(compiled_run):

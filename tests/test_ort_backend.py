@@ -20,6 +20,7 @@ from graphs.manifest import ManifestError, load_manifest, write_manifest
 from graphs.onnx_export import export_onnx
 from runtimes.eager import EagerBackend
 from runtimes.ort import OrtBackend, OrtBackendError
+from runtimes.step_parity import lockstep
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -31,58 +32,13 @@ def eager_for(checkpoint, artifact) -> EagerBackend:
                                                          cache_slots=s.cache_slots))
 
 
-def scripted_run(reference, others, decode_steps=32, seed=0):
-    """Drive every backend with the same steps, tokens chosen greedily by `reference`.
-
-    Row 0 starts at position 0; row 1 is left padded (positions -1) and lags 3 behind; row 1
-    sits out every 7th decode step (position -1). Two prefill chunks, 2 x decode_steps decodes.
-    Yields (positions, reference logits, [other logits]) per step.
-    """
-    rng = np.random.default_rng(seed)
-    p = reference.shapes.prefill_chunk
-    next_pos = np.array([0, -3])
-
-    def run(ids, pos):
-        return pos, reference.step(ids, pos), [b.step(ids, pos) for b in others]
-
-    def prefill():
-        nonlocal next_pos
-        pos = next_pos[:, None] + np.arange(p)  # (B, P)
-        pos[pos < 0] = -1
-        next_pos = next_pos + p
-        return run(rng.integers(0, reference.shapes.vocab_size, (2, p)), pos)
-
-    def decode(last_logits, count):
-        nonlocal next_pos
-        for i in range(count):
-            pos = next_pos[:, None].copy()  # (B, 1)
-            if i % 7 == 3:
-                pos[1] = -1
-            next_pos = next_pos + (pos[:, 0] >= 0)
-            out = run(last_logits[:, -1].argmax(-1)[:, None], pos)
-            last_logits = out[1]
-            yield out
-
-    first = prefill()
-    yield first
-    last = first[1]
-    for out in decode(last, decode_steps):
-        last = out[1]
-        yield out
-    second = prefill()
-    yield second
-    yield from decode(second[1], decode_steps)
-
-
 def test_fp32_matches_eager_through_ring_wraps(tiny_onnx, tiny_checkpoint):
     eager, ours = eager_for(tiny_checkpoint, tiny_onnx), OrtBackend(tiny_onnx)
-    worst, steps, last_pos = 0.0, 0, None
-    for pos, ref, (got,) in scripted_run(eager, [ours]):
-        assert got.dtype == np.float32 and got.shape == ref.shape
-        diff = float(np.abs(got - ref).max())
-        assert diff <= TOL, f"step {steps} (positions {pos.tolist()}): max |logit diff| {diff:.2e} > {TOL}"
-        worst, steps, last_pos = max(worst, diff), steps + 1, pos
-    assert steps == 2 + 64 and last_pos[0, 0] >= 2 * ours.shapes.cache_slots + 8  # the ring wrapped twice+
+    (parity,) = lockstep(eager, [ours])
+    worst, steps = parity.max_abs, len(parity.per_step_max_abs)
+    assert worst <= TOL, f"step {parity.worst_step}: max |logit diff| {worst:.2e} > {TOL}"
+    assert parity.top1_agreement == 1.0
+    assert steps == 2 + 64 and parity.last_position >= 2 * ours.shapes.cache_slots + 8  # the ring wrapped twice+
     np.testing.assert_array_equal(ours.cache_positions, eager.ring.cache_positions.numpy())
     np.testing.assert_allclose(ours.cache_k, eager.ring.cache_k.numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.cache_v, eager.ring.cache_v.numpy(), rtol=0, atol=1e-5)
@@ -131,13 +87,10 @@ def tiny_onnx_fp16(tiny_checkpoint, tmp_path_factory) -> Path:
 def test_fp16_top1_agrees_with_eager_fp32(tiny_onnx_fp16, tiny_checkpoint):
     eager, ours = eager_for(tiny_checkpoint, tiny_onnx_fp16), OrtBackend(tiny_onnx_fp16)
     assert ours.cache_k.dtype == np.float16
-    agree = total = 0
-    for pos, ref, (got,) in scripted_run(eager, [ours]):
-        live = pos >= 0
-        agree += int((got.argmax(-1) == ref.argmax(-1))[live].sum())
-        total += int(live.sum())
-    print(f"\nORT fp16 vs eager fp32: top-1 agrees on {agree}/{total} = {agree / total:.1%} of tokens")
-    assert agree / total >= 0.9
+    (parity,) = lockstep(eager, [ours])
+    print(f"\nORT fp16 vs eager fp32: top-1 agrees on {parity.agree}/{parity.tokens} = "
+          f"{parity.top1_agreement:.1%} of tokens")
+    assert parity.top1_agreement >= 0.9
 
 
 def test_bf16_export_runs_only_where_onnx_runtime_has_kernels(tiny_checkpoint, tmp_path):

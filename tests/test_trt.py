@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from graphs.contract import NO_POSITION
 from graphs.trt_engine import ENGINE_NAME, INSTALL_HINT, TrtUnavailable, build_engine
-from tests.test_ort_backend import eager_for, scripted_run
+from runtimes.step_parity import lockstep
+from tests.test_ort_backend import eager_for
 
 FP32_TOL = 1e-3
 GREEDY_STEPS = 24
@@ -46,13 +46,10 @@ def test_fp32_matches_eager_through_ring_wraps(engines, tiny_checkpoint):
 
     eager, ours = eager_for(tiny_checkpoint, engines["fp32"]), TrtBackend(engines["fp32"])
     addresses = [t.data_ptr() for t in (ours.ring.cache_k, ours.ring.cache_v, ours.ring.cache_positions)]
-    worst, steps, last_pos = 0.0, 0, None
-    for pos, ref, (got,) in scripted_run(eager, [ours]):
-        assert got.dtype == np.float32 and got.shape == ref.shape
-        diff = float(np.abs(got - ref).max())
-        assert diff <= FP32_TOL, f"step {steps} (positions {pos.tolist()}): max |logit diff| {diff:.2e} > {FP32_TOL}"
-        worst, steps, last_pos = max(worst, diff), steps + 1, pos
-    assert last_pos[0, 0] >= 2 * ours.shapes.cache_slots + 8  # the ring wrapped twice+
+    (parity,) = lockstep(eager, [ours])
+    worst, steps = parity.max_abs, len(parity.per_step_max_abs)
+    assert worst <= FP32_TOL, f"step {parity.worst_step}: max |logit diff| {worst:.2e} > {FP32_TOL}"
+    assert parity.last_position >= 2 * ours.shapes.cache_slots + 8  # the ring wrapped twice+
     assert [t.data_ptr() for t in (ours.ring.cache_k, ours.ring.cache_v, ours.ring.cache_positions)] == addresses
     np.testing.assert_array_equal(ours.ring.cache_positions.cpu().numpy(), eager.ring.cache_positions.numpy())
     np.testing.assert_allclose(ours.ring.cache_k.cpu().numpy(), eager.ring.cache_k.numpy(), rtol=0, atol=FP32_TOL)
@@ -79,11 +76,8 @@ def test_half_precision_top1_and_greedy_agreement(engines, tiny_checkpoint, prec
     from runtimes.trt import TrtBackend
 
     eager, ours = eager_for(tiny_checkpoint, engines[precision]), TrtBackend(engines[precision])
-    agree = total = 0
-    for pos, ref, (got,) in scripted_run(eager, [ours]):
-        live = pos != NO_POSITION
-        agree += int((got.argmax(-1) == ref.argmax(-1))[live].sum())
-        total += int(live.sum())
+    (parity,) = lockstep(eager, [ours])
+    agree, total = parity.agree, parity.tokens
     shapes = ours.shapes
     prompt = np.random.default_rng(1).integers(0, shapes.vocab_size, (shapes.batch, shapes.prefill_chunk))  # (B, P)
     ref_tokens, our_tokens = greedy(eager, prompt, GREEDY_STEPS), greedy(ours, prompt, GREEDY_STEPS)
