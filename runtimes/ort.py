@@ -40,7 +40,7 @@ def numpy_dtype(name: str) -> np.dtype:
         except ImportError:
             raise OrtBackendError("bfloat16 artifacts need the ml_dtypes package (pip install ml_dtypes)") from None
         return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype({"float32": np.float32, "float16": np.float16, "int64": np.int64}[name])
+    return np.dtype(DTYPES[name].name)  # the contract's names are numpy's
 
 
 def host_value(array: np.ndarray) -> ort.OrtValue:
