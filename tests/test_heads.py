@@ -1,0 +1,111 @@
+"""The non-generative heads (MixtralModel, sequence/token classification, question answering) against
+transformers' own classes, on tiny checkpoints their save_pretrained wrote: eager and ORT, left- and
+right-padded batches, with and without pad_token_id. Compared at real tokens only (outputs at
+padding columns are not defined); fp32 max |diff| <= 1e-4."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mixtral_export.config import ConfigError
+from tests.reference_models import hf_head_reference, random_prompts
+
+HEADS = ("model", "sequence-classification", "token-classification", "question-answering")
+SEQ_LEN = 12
+PROMPTS = random_prompts([5, 12, 1], 128, seed=3)  # 3 rows on a batch-2 graph: two runs, one full row
+
+
+@pytest.fixture(scope="module", params=[(head, pad) for head in HEADS for pad in (None, 0)],
+                ids=lambda p: f"{p[0]}-pad{p[1]}")
+def reference(request, tmp_path_factory):
+    head, pad = request.param
+    folder = tmp_path_factory.mktemp("heads") / f"{head}-{pad}"
+    return head, pad, folder, hf_head_reference(folder, head, pad_token_id=pad)
+
+
+def padded(prompts, side: str, pad: int | None) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(prompts), SEQ_LEN), 0 if pad is None else pad, dtype=np.int64)  # (B, T)
+    mask = np.zeros((len(prompts), SEQ_LEN), dtype=np.int64)  # (B, T)
+    for row, prompt in enumerate(prompts):
+        columns = slice(SEQ_LEN - len(prompt), SEQ_LEN) if side == "left" else slice(0, len(prompt))
+        ids[row, columns], mask[row, columns] = prompt, 1
+    return ids, mask
+
+
+def hf_outputs(model, head: str, ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+    """transformers' outputs row by row (its sequence classifier refuses batches without a pad id)."""
+    rows = []
+    with torch.no_grad():
+        for r in range(len(ids)):
+            out = model(input_ids=torch.from_numpy(ids[r:r + 1]), attention_mask=torch.from_numpy(mask[r:r + 1]))
+            rows.append({"model": {"last_hidden_state": getattr(out, "last_hidden_state", None)},
+                         "sequence-classification": {"logits": out.get("logits")},
+                         "token-classification": {"logits": out.get("logits")},
+                         "question-answering": {"start_logits": out.get("start_logits"),
+                                                "end_logits": out.get("end_logits")}}[head])
+    return {name: np.concatenate([row[name].float().numpy() for row in rows]) for name in rows[0]}
+
+
+def max_diff(ours: np.ndarray, theirs: np.ndarray, mask: np.ndarray) -> float:
+    if ours.ndim >= 2 and ours.shape[1] == SEQ_LEN:  # per-token output: real tokens only
+        keep = mask.astype(bool)
+        return float(np.abs(ours[keep] - theirs[keep]).max())
+    return float(np.abs(ours - theirs).max())
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_eager_head_model_matches_transformers(reference, side):
+    from mixtral_export.checkpoint import load_head_model
+
+    head, pad, folder, ref = reference
+    if head == "sequence-classification" and pad is None and side == "right":
+        pytest.skip("without a pad id transformers pools at the last column: only left padding is meaningful")
+    model = load_head_model(folder)
+    assert model.head.kind == head
+    ids, mask = padded(PROMPTS, side, pad)
+    with torch.no_grad():
+        ours = [t.numpy() for t in model(torch.from_numpy(ids), torch.from_numpy(mask))]
+    theirs = hf_outputs(ref, head, ids, mask)
+    assert len(ours) == len(theirs)
+    for got, (name, want) in zip(ours, theirs.items()):
+        assert got.shape == want.shape, name
+        assert max_diff(got, want, mask) <= 1e-4, name
+
+
+def test_head_is_read_from_architectures_and_tensors(reference):
+    from mixtral_export.checkpoint import checkpoint_tensors
+    from mixtral_export.head import read_head
+
+    head, _, folder, _ = reference
+    shapes = {key: entry.shape for key, entry in checkpoint_tensors(folder).items()}
+    found = read_head(folder, shapes)
+    assert found.kind == head
+    assert found.labels == (("class-0", "class-1", "class-2") if "classification" in head else ())
+    assert read_head(folder, shapes, "model").kind == "model"  # the bare model from any head
+    if head != "model":
+        with pytest.raises(ConfigError, match="no lm_head.weight"):
+            read_head(folder, shapes, "causal-lm")
+
+
+def test_bare_model_from_a_causal_lm_checkpoint(tmp_path):
+    from mixtral_export.checkpoint import load_head_model
+    from tests.reference_models import hf_reference
+
+    lm = hf_reference(tmp_path / "lm")
+    model = load_head_model(tmp_path / "lm", head="model")
+    ids, mask = padded(PROMPTS[:2], "left", None)
+    with torch.no_grad():
+        ours = model(torch.from_numpy(ids), torch.from_numpy(mask))[0].numpy()
+        theirs = lm.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    assert max_diff(ours, theirs.numpy(), mask) <= 1e-4
+
+
+def test_causal_lm_checkpoint_without_head_override_is_refused(tmp_path):
+    from mixtral_export.checkpoint import load_head_model
+    from mixtral_export.safetensors_file import CheckpointError
+    from tests.reference_models import hf_reference
+
+    hf_reference(tmp_path / "lm")
+    with pytest.raises(CheckpointError, match="causal LM"):
+        load_head_model(tmp_path / "lm")
