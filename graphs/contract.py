@@ -215,6 +215,11 @@ class HeadShapes:
             raise ContractError(f"dtype {self.dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
 
     @property
+    def chunks(self) -> tuple[int, ...]:
+        """The one sequence length the graph takes (the manifest's `chunks`, as for a step graph)."""
+        return (self.seq_len,)
+
+    @property
     def output_names(self) -> tuple[str, ...]:
         return HEAD_OUTPUT_NAMES[self.head]
 
