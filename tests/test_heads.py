@@ -109,3 +109,52 @@ def test_causal_lm_checkpoint_without_head_override_is_refused(tmp_path):
     hf_reference(tmp_path / "lm")
     with pytest.raises(CheckpointError, match="causal LM"):
         load_head_model(tmp_path / "lm")
+
+
+@pytest.fixture(scope="module")
+def artifact(reference, tmp_path_factory):
+    from graphs.onnx_heads import export_head_onnx
+
+    head, pad, folder, _ = reference
+    return export_head_onnx(folder, tmp_path_factory.mktemp("head-onnx") / f"{head}-{pad}", batch=2, seq_len=SEQ_LEN)
+
+
+@pytest.mark.parametrize("runtime", ["ort", "eager"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_runtime_scores_match_transformers(reference, artifact, runtime, side):
+    from runtimes.heads import padded_batch, score
+    from runtimes.load import open_backend
+
+    head, pad, _, ref = reference
+    backend, manifest = open_backend(artifact, runtime)
+    assert manifest.head == head and backend.shapes.head == head
+    if head == "sequence-classification" and pad is None and side == "right":
+        from runtimes.step import RequestError
+
+        with pytest.raises(RequestError, match="pad on the left"):
+            score(backend, PROMPTS, pad, side)
+        return
+    results = score(backend, PROMPTS, pad, side)
+    assert [r.token_ids for r in results] == PROMPTS
+    for prompt, result in zip(PROMPTS, results):
+        ids, mask = padded_batch([prompt], backend.shapes, pad, side)
+        theirs = hf_outputs(ref, head, ids[:1], mask[:1])
+        keep = mask[0].astype(bool)
+        for name, want in theirs.items():
+            want = want[0][keep] if want.ndim >= 2 and want.shape[1] == SEQ_LEN else want[0]
+            got = result.outputs[name]
+            assert got.shape == want.shape, name
+            assert float(np.abs(got - want).max()) <= 1e-4, (name, runtime, side)
+
+
+def test_manifest_records_the_head_and_its_io(reference, artifact):
+    from graphs.contract import HEAD_OUTPUT_NAMES
+    from graphs.manifest import load_manifest
+
+    head, _, _, _ = reference
+    manifest = load_manifest(artifact)
+    assert manifest.head == head and manifest.graphs == {"head": "model.onnx"}
+    assert [e["name"] for e in manifest.io["outputs"]] == list(HEAD_OUTPUT_NAMES[head])
+    assert [e["shape"] for e in manifest.io["inputs"]] == [[2, SEQ_LEN], [2, SEQ_LEN]]
+    assert manifest.labels == (("class-0", "class-1", "class-2") if "classification" in head else ())
+
