@@ -158,3 +158,117 @@ def test_manifest_records_the_head_and_its_io(reference, artifact):
     assert [e["shape"] for e in manifest.io["inputs"]] == [[2, SEQ_LEN], [2, SEQ_LEN]]
     assert manifest.labels == (("class-0", "class-1", "class-2") if "classification" in head else ())
 
+
+
+def test_verify_passes_for_every_head(reference, artifact):
+    from runtimes.verify_heads import verify_head_artifact
+
+    head, pad, _, _ = reference
+    report = verify_head_artifact(artifact, ["eager", "ort"], reference="hf")
+    assert report.passed, report.to_json()
+    sides = {c.padding for c in report.comparisons}
+    assert sides == ({"left"} if head == "sequence-classification" and pad is None else {"left", "right"})
+    judged = {(c.comparison.runtime, c.comparison.against, c.output) for c in report.comparisons}
+    from graphs.contract import HEAD_OUTPUT_NAMES
+
+    assert judged == {(r, a, o) for r, a in (("ort", "eager"), ("eager", "hf"), ("ort", "hf"))
+                      for o in HEAD_OUTPUT_NAMES[head]}
+    assert max(c.comparison.max_abs for c in report.comparisons) <= 1e-4
+
+
+def test_verify_fails_when_an_output_is_off(classifier):
+    """The comparison can fail: a runtime whose outputs are shifted by 1e-3 is outside the fp32 tolerance."""
+    from runtimes.load import open_backend
+    from runtimes.verify_heads import default_head_prompts, verify_heads
+
+    good, manifest = open_backend(classifier, "ort")
+    pad = manifest.config.pad_token_id
+
+    class Off:
+        name, shapes = "off", good.shapes
+
+        def run(self, ids, mask):
+            return {k: v + 1e-3 for k, v in good.run(ids, mask).items()}
+
+    prompts = default_head_prompts(None, good.shapes, 128)
+    report = verify_heads({"ort": good, "off": Off()}, prompts, pad, "float32")
+    assert not report.passed
+    assert all(0.9e-3 < c.comparison.max_abs < 1.1e-3 for c in report.comparisons)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory):
+    """A sequence classifier with a pad id exported through the CLI (batch 2, T 16)."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("cli-heads")
+    hf_head_reference(folder / "ck", "sequence-classification", pad_token_id=0, num_labels=2)
+    subprocess.run([sys.executable, "-m", "mixtral_export", "export", str(folder / "ck"), "-o", str(folder / "art"),
+                    "--batch", "2", "--seq-len", "16"], check=True, capture_output=True)
+    return folder / "art"
+
+
+def cli(*args):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    return subprocess.run([sys.executable, "-m", "mixtral_export", *map(str, args)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+
+
+def test_cli_score_prints_labels_and_json(classifier):
+    import json
+
+    result = cli("score", classifier, "--input-ids", "5,6,7", "--input-ids", "9,10", "--json")
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["head"] == "sequence-classification" and found["labels"] == ["class-0", "class-1"]
+    assert [r["token_ids"] for r in found["results"]] == [[5, 6, 7], [9, 10]]
+    for r in found["results"]:
+        assert r["label"] == max(r["logits"], key=r["logits"].get)
+    right = json.loads(cli("score", classifier, "--input-ids", "5,6,7", "--padding", "right", "--json").stdout)
+    assert right["results"][0]["logits"] == pytest.approx(found["results"][0]["logits"], abs=1e-4)
+
+
+def test_cli_refuses_what_a_head_artifact_cannot_do(classifier):
+    for args, message in ((("generate", classifier, "--input-ids", "1,2"), "does not generate"),
+                          (("score", classifier, "--input-ids", ",".join(["5"] * 17)), "at most 16"),
+                          (("score", classifier, "--input-ids", "5", "--padding", "middle"), "padding 'middle'")):
+        result = cli(*args)
+        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_cli_verify_of_a_head_artifact(classifier):
+    import json
+
+    result = cli("verify", classifier, "--runtimes", "eager,ort", "--reference", "hf", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["passed"]
+
+
+def test_session_on_a_head_artifact_needs_no_torch(classifier):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from runtimes.session import Session; s = Session.open(sys.argv[1], runtime='ort'); "
+            "r = s.score_ids([[5, 6, 7]])[0]; assert r.outputs['logits'].shape == (2,); "
+            "assert s.labels == ('class-0', 'class-1'); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code, str(classifier)], cwd=Path(__file__).resolve().parents[1], check=True)
+
+
+def test_tampered_head_io_is_refused(classifier, tmp_path):
+    import json
+    import shutil
+
+    from graphs.manifest import ManifestError, load_manifest
+
+    copy = tmp_path / "art"
+    shutil.copytree(classifier, copy)
+    raw = json.loads((copy / "manifest.json").read_text())
+    raw["io"]["outputs"][0]["shape"] = [2, 5]
+    (copy / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ManifestError, match="head contract"):
+        load_manifest(copy)
