@@ -272,3 +272,17 @@ def test_tampered_head_io_is_refused(classifier, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(ManifestError, match="head contract"):
         load_manifest(copy)
+
+
+def test_bare_model_exported_from_a_causal_lm_with_gathered_experts(tmp_path):
+    """--head model on a causal-LM checkpoint (lm_head ignored), routing gather: ORT and eager match
+    transformers' MixtralModel loaded from the same checkpoint."""
+    from graphs.onnx_heads import export_head_onnx
+    from runtimes.verify_heads import verify_head_artifact
+    from tests.reference_models import hf_reference
+
+    hf_reference(tmp_path / "lm")
+    artifact = export_head_onnx(tmp_path / "lm", tmp_path / "art", head="model", batch=2, seq_len=SEQ_LEN,
+                                routing="gather")
+    report = verify_head_artifact(artifact, ["eager", "ort"], reference="hf")
+    assert report.head == "model" and report.passed, report.to_json()
