@@ -25,6 +25,7 @@ from typing import Iterator
 from runtimes.generate import GenerationConfig, GenerationResult, generate, stream
 from runtimes.heads import HeadResult, score
 from runtimes.sampling import SamplingParams
+from runtimes.step import RequestError
 
 
 class Session:
@@ -122,8 +123,6 @@ class Session:
     def score_ids(self, prompts: list[list[int]], padding: str = "left") -> list[HeadResult]:
         """Each prompt's head outputs, cut to its own tokens; batched `shapes.batch` rows at a time."""
         if self.head == "causal-lm":
-            from runtimes.step import RequestError
-
             raise RequestError(f"{self.manifest.folder}: a causal-LM artifact has no head to score; use generate")
         with self._lock:
             return score(self.backend, prompts, self.manifest.config.pad_token_id, padding)
@@ -136,8 +135,6 @@ class Session:
     def classify(self, prompt: str | list[str], padding: str = "left"):
         """A sequence classifier's label per prompt, a token classifier's label per token."""
         if self.head not in ("sequence-classification", "token-classification"):
-            from runtimes.step import RequestError
-
             raise RequestError(f"{self.manifest.folder}: a {self.head} artifact has no labels; use score")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         found = [r.to_json(self.head, self.labels) for r in self.score(prompts, padding)]

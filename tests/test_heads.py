@@ -286,3 +286,23 @@ def test_bare_model_exported_from_a_causal_lm_with_gathered_experts(tmp_path):
                                 routing="gather")
     report = verify_head_artifact(artifact, ["eager", "ort"], reference="hf")
     assert report.head == "model" and report.passed, report.to_json()
+
+
+def test_session_classify_names_labels_from_id2label(classifier):
+    from runtimes.session import Session
+    from runtimes.step import RequestError
+
+    session = Session.open(classifier, runtime="ort")
+
+    class Words:  # a stand-in tokenizer: one id per word
+        def encode(self, text, bos=True):
+            return [3 + len(word) for word in text.split()]
+
+    session.tokenizer = Words()
+    texts = ["a tiny test", "another one here please"]
+    labels = session.classify(texts)
+    logits = [r.outputs["logits"] for r in session.score(texts)]
+    assert labels == [session.labels[int(x.argmax())] for x in logits] and set(labels) <= {"class-0", "class-1"}
+    assert session.classify(texts[0]) == labels[0]
+    with pytest.raises(RequestError, match="padding 'middle'"):
+        session.score_ids([[5]], padding="middle")
