@@ -53,7 +53,7 @@ class Session:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError(f"{self.manifest.folder}: the artifact has no tokenizer.model; give token ids")
+            raise RequestError(f"{self.manifest.folder}: the artifact has no tokenizer.model; give token ids")
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:

@@ -235,7 +235,8 @@ def test_cli_score_prints_labels_and_json(classifier):
 def test_cli_refuses_what_a_head_artifact_cannot_do(classifier):
     for args, message in ((("generate", classifier, "--input-ids", "1,2"), "does not generate"),
                           (("score", classifier, "--input-ids", ",".join(["5"] * 17)), "at most 16"),
-                          (("score", classifier, "--input-ids", "5", "--padding", "middle"), "padding 'middle'")):
+                          (("score", classifier, "--input-ids", "5", "--padding", "middle"), "padding 'middle'"),
+                          (("score", classifier, "--prompt", "hi"), "no tokenizer.model")):
         result = cli(*args)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
