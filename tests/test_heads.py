@@ -307,3 +307,14 @@ def test_session_classify_names_labels_from_id2label(classifier):
     assert session.classify(texts[0]) == labels[0]
     with pytest.raises(RequestError, match="padding 'middle'"):
         session.score_ids([[5]], padding="middle")
+
+
+def test_float16_head_graph_agrees_with_transformers(classifier, tmp_path):
+    from graphs.onnx_heads import export_head_onnx
+    from runtimes.verify_heads import verify_head_artifact
+
+    artifact = export_head_onnx(classifier.parent / "ck", tmp_path / "fp16", dtype="float16", batch=2, seq_len=16)
+    report = verify_head_artifact(artifact, ["ort"], reference="hf")
+    assert report.dtype == "float16" and report.passed, report.to_json()
+    assert all(c.comparison.top1_agreement == 1.0 for c in report.comparisons)
+    assert max(c.comparison.max_abs for c in report.comparisons) < 0.05  # fp16 weights: ~3e-3 measured
