@@ -164,3 +164,84 @@ def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) ->
                             f"({sliding_window}); pass slide=True (--slide) to attend to the last "
                             f"{cache_slots} positions instead")
     return None
+
+
+# ---- head graphs: the non-generative heads, prefill only ----
+#
+# A head graph runs one static (B, T) batch with no cache:
+#
+#   inputs
+#     input_ids        (B, T)   int64   token ids; padding columns hold pad_token_id (or anything without one)
+#     attention_mask   (B, T)   int64   1 = token, 0 = padding (left, right or anywhere)
+#   outputs (float32, whatever the build's dtype)
+#     model                     last_hidden_state (B, T, H)   the final norm's output
+#     sequence-classification   logits (B, N)                 score at the last non-padding token
+#     token-classification      logits (B, T, N)              score at every token
+#     question-answering        start_logits (B, T), end_logits (B, T)
+#
+# Token t sits at position t (column index), as transformers numbers a batch given no
+# position_ids; a query sees keys q <= p within the sliding window that the mask marks as tokens.
+# Outputs at padding columns are not defined (mask them). Sequence classification pools as
+# transformers does: the rightmost column whose id is not pad_token_id, or the last column when
+# the config has no pad_token_id (so such batches must be left-padded).
+
+HEAD_KINDS = ("model", "sequence-classification", "token-classification", "question-answering")
+HEAD_INPUT_NAMES = ("input_ids", "attention_mask")
+HEAD_OUTPUT_NAMES = {"model": ("last_hidden_state",), "sequence-classification": ("logits",),
+                     "token-classification": ("logits",), "question-answering": ("start_logits", "end_logits")}
+
+
+@dataclass(frozen=True)
+class HeadShapes:
+    """Static shapes of one head graph, fixed at build time."""
+
+    head: str  # one of HEAD_KINDS
+    batch: int
+    seq_len: int
+    hidden_size: int
+    num_labels: int  # classification heads' label count; 2 for question answering (start, end); 0 for model
+    dtype: str  # the weights'; every output is float32
+
+    def __post_init__(self) -> None:
+        if self.head not in HEAD_KINDS:
+            raise ContractError(f"head {self.head!r} is not one of {', '.join(HEAD_KINDS)}")
+        for name in ("batch", "seq_len", "hidden_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ContractError(f"{name} must be a positive integer, got {value!r}")
+        want = {"model": 0, "question-answering": 2}.get(self.head)
+        if (want is not None and self.num_labels != want) or (want is None and not (
+                isinstance(self.num_labels, int) and self.num_labels > 0)):
+            raise ContractError(f"num_labels {self.num_labels!r} does not fit the {self.head} head")
+        if self.dtype not in FLOAT_DTYPES:
+            raise ContractError(f"dtype {self.dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        """The one sequence length the graph takes (the manifest's `chunks`, as for a step graph)."""
+        return (self.seq_len,)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return HEAD_OUTPUT_NAMES[self.head]
+
+    def output_shapes(self) -> dict[str, tuple[int, ...]]:
+        b, t = self.batch, self.seq_len
+        return {"model": {"last_hidden_state": (b, t, self.hidden_size)},
+                "sequence-classification": {"logits": (b, self.num_labels)},
+                "token-classification": {"logits": (b, t, self.num_labels)},
+                "question-answering": {"start_logits": (b, t), "end_logits": (b, t)}}[self.head]
+
+    def io(self) -> dict:
+        """{"inputs"|"outputs": [{"name", "dtype", "shape"}]}: what the manifest records and the graph must have."""
+        inputs = [{"name": name, "dtype": "int64", "shape": [self.batch, self.seq_len]} for name in HEAD_INPUT_NAMES]
+        outputs = [{"name": name, "dtype": "float32", "shape": list(shape)}
+                   for name, shape in self.output_shapes().items()]
+        return {"inputs": inputs, "outputs": outputs}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "HeadShapes":
+        return cls(**raw)

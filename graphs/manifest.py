@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
-from graphs.contract import OUTPUT_NAMES, ContractError, StepShapes
+from graphs.contract import OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
 from mixtral_export.config import ConfigError, MixtralConfig
 from mixtral_export.errors import UserError
 
@@ -52,7 +52,7 @@ class Manifest:
     format_version: int
     kind: str
     config: MixtralConfig
-    shapes: StepShapes
+    shapes: StepShapes | HeadShapes  # HeadShapes: a head graph (graphs/contract.py); `head` says which
     chunks: tuple[int, ...]  # the chunk lengths T the graphs serve: (P, 1)
     graphs: dict[str, str]  # role -> file name, e.g. {"step": "model.onnx"}
     io: dict  # {"inputs"|"outputs": [{"name", "dtype", "shapes": {str(T): [dims]}}]}
@@ -68,6 +68,8 @@ class Manifest:
     source: str | None = None  # the checkpoint folder it was built from, as the builder saw it
     routing: str = "dense"  # how the MoE blocks compute: "dense" | "gather" (mixtral_export/model.py)
     engines: dict[str, dict] = field(default_factory=dict)  # engine file -> its build record (TensorRT)
+    head: str = "causal-lm"  # what the graph computes: the step graph, or one of contract.HEAD_KINDS
+    labels: tuple[str, ...] = ()  # a classification head's label names by class id (config.json's id2label)
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -87,6 +89,11 @@ def io_contract(shapes: StepShapes, chunks: tuple[int, ...]) -> dict:
     return {"inputs": entries(shapes.input_names, shapes.input_shapes, shapes.input_dtype),
             "outputs": entries(OUTPUT_NAMES, shapes.output_shapes,
                                lambda name: "float32" if name == "logits" else shapes.dtype)}
+
+
+def artifact_io(shapes: StepShapes | HeadShapes, chunks: tuple[int, ...]) -> dict:
+    """The I/O the manifest records: a head graph's static contract, or the step's per chunk length."""
+    return shapes.io() if isinstance(shapes, HeadShapes) else io_contract(shapes, chunks)
 
 
 def tool_versions() -> dict[str, str]:
@@ -110,14 +117,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shapes: StepShapes,
+def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shapes: StepShapes | HeadShapes,
                    graphs: dict[str, str], opset: int | None = None,
                    tokenizer: str | None = None, bos_token_id: int | None = None,
                    eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
-                   source: str | Path | None = None, routing: str = "dense") -> Path:
+                   source: str | Path | None = None, routing: str = "dense", labels: tuple[str, ...] = ()) -> Path:
     """Hash every file in `folder` and write manifest.json beside them; call it last.
 
-    bos/eos default to the config's; the chunk lengths are shapes.chunks.
+    bos/eos default to the config's; the chunk lengths are shapes.chunks (a head graph's: its T).
     """
     folder = Path(folder)
     if kind not in KINDS:
@@ -143,13 +150,14 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
         "shapes": shapes.to_dict(),
         "chunks": list(chunks),
         "graphs": dict(graphs),
-        "io": io_contract(shapes, chunks),
+        "io": artifact_io(shapes, chunks),
         "tokenizer": tokenizer,
         "bos_token_id": config.bos_token_id if bos_token_id is None else bos_token_id,
         "eos_token_id": list(config.eos_token_id if eos_token_id is None else eos_token_id),
         "device": device,
         "source": None if source is None else str(source),
         "routing": routing,
+        **({"head": shapes.head, "labels": list(labels)} if isinstance(shapes, HeadShapes) else {}),
         "files": {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
                   for name in names},
     }
@@ -204,7 +212,8 @@ def check_compatible(manifest: Manifest, config: MixtralConfig) -> None:
 def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
     try:
         config = MixtralConfig.from_dict(raw["config"], source=f"{path}: config")
-        shapes = StepShapes.from_dict(raw["shapes"])
+        head = raw.get("head", "causal-lm")
+        shapes = StepShapes.from_dict(raw["shapes"]) if head == "causal-lm" else HeadShapes.from_dict(raw["shapes"])
         files = {name: FileEntry(size=int(entry["size"]), sha256=str(entry["sha256"]))
                  for name, entry in raw["files"].items()}
         eos = raw["eos_token_id"]
@@ -215,7 +224,7 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
             created=raw["created"], tokenizer=raw["tokenizer"], bos_token_id=raw["bos_token_id"],
             eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,), files=files,
             device=raw.get("device"), source=raw.get("source"), engines=dict(raw.get("engines") or {}),
-            routing=raw.get("routing", "dense"))
+            routing=raw.get("routing", "dense"), head=head, labels=tuple(str(x) for x in raw.get("labels", ())))
     except ConfigError as err:
         raise ManifestError(str(err)) from None
     except KeyError as err:
@@ -226,16 +235,19 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
         raise ManifestError(f"{path}: unknown artifact kind {manifest.kind!r} (one of {', '.join(KINDS)})")
     if manifest.dtype != shapes.dtype:
         raise ManifestError(f"{path}: dtype {manifest.dtype!r} differs from shapes.dtype {shapes.dtype!r}")
-    expected = {"num_layers": config.num_hidden_layers, "num_kv_heads": config.num_key_value_heads,
-                "head_dim": config.head_dim, "vocab_size": config.vocab_size}
-    for name, value in expected.items():
-        if getattr(shapes, name) != value:
-            raise ManifestError(f"{path}: shapes.{name} ({getattr(shapes, name)}) does not match the config ({value})")
-    if manifest.chunks != shapes.chunks:
-        raise ManifestError(f"{path}: chunks {list(manifest.chunks)} must be {list(shapes.chunks)} "
-                            f"(the prefill chunk, then 1)")
-    if manifest.io != io_contract(shapes, manifest.chunks):
-        raise ManifestError(f"{path}: io does not match the step contract for these shapes")
+    if isinstance(shapes, HeadShapes):
+        _check_head(manifest, path)
+    else:
+        expected = {"num_layers": config.num_hidden_layers, "num_kv_heads": config.num_key_value_heads,
+                    "head_dim": config.head_dim, "vocab_size": config.vocab_size}
+        for name, value in expected.items():
+            if getattr(shapes, name) != value:
+                raise ManifestError(f"{path}: shapes.{name} ({getattr(shapes, name)}) does not match the config ({value})")
+        if manifest.chunks != shapes.chunks:
+            raise ManifestError(f"{path}: chunks {list(manifest.chunks)} must be {list(shapes.chunks)} "
+                                f"(the prefill chunk, then 1)")
+        if manifest.io != io_contract(shapes, manifest.chunks):
+            raise ManifestError(f"{path}: io does not match the step contract for these shapes")
     for name in files:
         pure = PurePosixPath(name)
         if pure.is_absolute() or len(pure.parts) != 1 or name in ("", ".", ".."):
@@ -252,6 +264,24 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
         if missing:
             raise ManifestError(f"{path}: the engine record of {name!r} lacks {', '.join(missing)}")
     return manifest
+
+
+def _check_head(manifest: Manifest, path: Path) -> None:
+    """A head artifact's shapes agree with its head, config, labels and recorded I/O."""
+    shapes = manifest.shapes
+    if shapes.head != manifest.head:
+        raise ManifestError(f"{path}: head {manifest.head!r} differs from shapes.head {shapes.head!r}")
+    if shapes.hidden_size != manifest.config.hidden_size:
+        raise ManifestError(f"{path}: shapes.hidden_size ({shapes.hidden_size}) does not match the config "
+                            f"({manifest.config.hidden_size})")
+    classifies = shapes.head in ("sequence-classification", "token-classification")
+    if len(manifest.labels) != (shapes.num_labels if classifies else 0):
+        raise ManifestError(f"{path}: {len(manifest.labels)} labels for a {shapes.head} head with "
+                            f"num_labels {shapes.num_labels}")
+    if manifest.chunks != (shapes.seq_len,):
+        raise ManifestError(f"{path}: chunks {list(manifest.chunks)} must be [{shapes.seq_len}] (the head's T)")
+    if manifest.io != shapes.io():
+        raise ManifestError(f"{path}: io does not match the head contract for these shapes")
 
 
 def set_engine(folder: str | Path, name: str, record: dict | None) -> Path:

@@ -106,6 +106,15 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
     layers = [None] * shapes.num_layers
     dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
                "cache_positions": None}
+    export_program(model, args, path, opset, shapes.input_names, OUTPUT_NAMES, dynamic)
+
+
+def export_program(model, args: tuple, path: Path, opset: int, input_names, output_names,
+                   dynamic: dict | None = None) -> None:
+    """Trace `model` on `args` (T symbolic where `dynamic` says) and save it, every weight in one
+    external file; shared by the step graph and the head graphs (graphs/onnx_heads.py)."""
+    import torch
+
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # it warns per missing torchvision op and chats per stage
@@ -113,11 +122,12 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic,
-                                        input_names=list(shapes.input_names), output_names=list(OUTPUT_NAMES),
+                                        input_names=list(input_names), output_names=list(output_names),
                                         opset_version=opset, optimize=True, verbose=False)
             for node in program.model.graph.all_nodes():  # FX names and stack traces with build paths
                 node.metadata_props.clear()
-            name_chunk_axis(program.model)
+            if dynamic is not None:
+                name_chunk_axis(program.model)
             lay_out_experts(program.model)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
             program.save(str(path), external_data=True)
     finally:
@@ -147,13 +157,7 @@ def check_graph(path: Path, shapes: StepShapes) -> None:
     """ONNX checker, shape inference (both by path, for > 2 GB) and the contract's I/O on the result."""
     import onnx
 
-    try:
-        onnx.checker.check_model(str(path))
-        onnx.shape_inference.infer_shapes_path(str(path))
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ExportError(f"{path}: invalid ONNX graph ({first})") from None
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = check_onnx_file(path)
     symbolic = io_contract(shapes, (NO_POSITION,))  # chunk -1 marks the symbolic T axis
     for side, values in (("inputs", proto.graph.input), ("outputs", proto.graph.output)):
         expected = symbolic[side]
@@ -167,10 +171,24 @@ def check_graph(path: Path, shapes: StepShapes) -> None:
             if tensor.elem_type != DTYPES[want["dtype"]].onnx or dims != want_dims:
                 raise ExportError(f"{path}: {value.name} is {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
                                   f"{dims}, the contract says {want['dtype']} {want_dims}")
+
+
+def check_onnx_file(path: Path):
+    """ONNX checker and shape inference (both by path, for > 2 GB), weights only in DATA_NAME; the proto."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+        onnx.shape_inference.infer_shapes_path(str(path))
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExportError(f"{path}: invalid ONNX graph ({first})") from None
+    proto = onnx.load(str(path), load_external_data=False)
     locations = {entry.value for init in proto.graph.initializer for entry in init.external_data
                  if entry.key == "location"}
     if locations - {DATA_NAME}:
         raise ExportError(f"{path}: weights in {sorted(locations)}, expected only {DATA_NAME}")
+    return proto
 
 
 

@@ -70,16 +70,17 @@ def checkpoint_tensors(folder: Path) -> dict[str, TensorEntry]:
     return tensors
 
 
-def weight_targets(config: MixtralConfig, fused: bool) -> dict[str, Target]:
-    """Checkpoint tensor name -> where it goes in MixtralStatic."""
+def weight_targets(config: MixtralConfig, fused: bool, prefix: str = "model.", lm_head: bool = True) -> dict[str, Target]:
+    """Checkpoint tensor name -> where it goes in MixtralStatic; the trunk's names start with `prefix`
+    ("" in a bare MixtralModel's checkpoint)."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     d, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
-    out = {"model.embed_tokens.weight": Target("embed_tokens.weight", (v, h)),
-           "model.norm.weight": Target("norm.weight", (h,))}
-    if not config.tie_word_embeddings:
+    out = {f"{prefix}embed_tokens.weight": Target("embed_tokens.weight", (v, h)),
+           f"{prefix}norm.weight": Target("norm.weight", (h,))}
+    if lm_head and not config.tie_word_embeddings:
         out["lm_head.weight"] = Target("lm_head.weight", (v, h))
     for n in range(config.num_hidden_layers):
-        src, dst = f"model.layers.{n}", f"layers.{n}"
+        src, dst = f"{prefix}layers.{n}", f"layers.{n}"
         out[f"{src}.input_layernorm.weight"] = Target(f"{dst}.input_layernorm.weight", (h,))
         out[f"{src}.post_attention_layernorm.weight"] = Target(f"{dst}.post_attention_layernorm.weight", (h,))
         for proj, rows in (("q_proj", nh * d), ("k_proj", nkv * d), ("v_proj", nkv * d)):
@@ -111,15 +112,65 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
     if dtype is not None:
         config = config.replace(dtype=dtype)
     tensors = checkpoint_tensors(folder)
+    targets = weight_targets(config, _fused(folder, tensors))
+    # tied: the embedding is the head; a saved copy is redundant
+    _check_tensors(folder, tensors, targets, ignored={"lm_head.weight"} if config.tie_word_embeddings else set())
+
+    with torch.device("meta"):  # no memory until to_empty, which allocates the one copy
+        model = MixtralStatic(config, attention_window, routing).to(TORCH_DTYPES[config.dtype])
+    model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    _read_tensors(tensors, targets, dict(model.named_parameters()), progress)
+    return model.eval()
+
+
+def load_head_model(folder: str | Path, head: str | None = None, dtype: str | None = None, routing: str = "dense",
+                    progress: Callable[[int, int], None] | None = None):
+    """Build the HeadModel of a checkpoint's non-generative head (`head` overrides config.json's)."""
+    from .head import ALL_HEAD_TENSORS, read_head
+    from .head_model import HeadModel
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    config = MixtralConfig.from_json(folder / "config.json")
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    tensors = checkpoint_tensors(folder)
+    chosen = read_head(folder, {key: entry.shape for key, entry in tensors.items()}, head)
+    if chosen.kind == "causal-lm":
+        raise CheckpointError(f"{folder}: its head is the causal LM; export it as a step graph (or pass --head)")
+    prefix = "" if chosen.kind == "model" and "embed_tokens.weight" in tensors else "model."
+    targets = {key: Target(f"body.{t.param}", t.shape, t.select)
+               for key, t in weight_targets(config, _fused(folder, tensors), prefix, lm_head=False).items()}
+    h, n = config.hidden_size, chosen.num_labels
+    owned = {"sequence-classification": {"score.weight": (n, h)},
+             "token-classification": {"score.weight": (n, h), **({"score.bias": (n,)} if chosen.bias else {})},
+             "question-answering": {"qa_outputs.weight": (2, h), "qa_outputs.bias": (2,)}}.get(chosen.kind, {})
+    targets.update({key: Target(key, shape) for key, shape in owned.items()})
+    _check_tensors(folder, tensors, targets, ignored=ALL_HEAD_TENSORS - set(owned))  # another head's: unused
+
+    with torch.device("meta"):
+        model = HeadModel(config, chosen, routing).to(TORCH_DTYPES[config.dtype])
+    model = model.to_empty(device="cpu")
+    _read_tensors(tensors, targets, dict(model.named_parameters()), progress)
+    return model.eval()
+
+
+def _fused(folder: Path, tensors: dict[str, TensorEntry]) -> bool:
     fused = any(".mlp.experts." in key for key in tensors)
     if fused and any(".block_sparse_moe." in key for key in tensors):
         raise CheckpointError(f"{folder}: mixes the per-expert (block_sparse_moe) and fused (mlp.experts) layouts")
-    targets = weight_targets(config, fused)
+    return fused
+
+
+def _check_tensors(folder: Path, tensors: dict[str, TensorEntry], targets: dict[str, Target],
+                   ignored: set[str]) -> None:
+    """Every tensor is a target (or ignored) and every target is there with its shape and a float dtype."""
     for key, entry in tensors.items():
-        if key in targets or IGNORED.fullmatch(key):
+        if key in targets or key in ignored or IGNORED.fullmatch(key):
             continue
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # tied: the embedding is the head; a saved copy is redundant
         raise CheckpointError(f"{entry.path}: unexpected tensor {key} for this config")
     for key, target in targets.items():
         if key not in tensors:
@@ -132,13 +183,9 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
             raise CheckpointError(f"{entry.path}: tensor {key} has dtype {entry.dtype}; "
                                   f"expected F32, F16 or BF16")
 
-    with torch.device("meta"):  # no memory until to_empty, which allocates the one copy
-        model = MixtralStatic(config, attention_window, routing).to(TORCH_DTYPES[config.dtype])
-    model = model.to_empty(device="cpu")
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    params = dict(model.named_parameters())
 
+def _read_tensors(tensors: dict[str, TensorEntry], targets: dict[str, Target], params: dict,
+                  progress: Callable[[int, int], None] | None) -> None:
     by_file: dict[Path, list[str]] = defaultdict(list)
     for key in targets:
         by_file[tensors[key].path].append(key)
@@ -151,7 +198,6 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
                     done += 1
                     if progress is not None:
                         progress(done, total)
-    return model.eval()
 
 
 def _read_tensor(entry: TensorEntry, dest: torch.Tensor, handle) -> None:

@@ -96,10 +96,25 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
            routing: str = typer.Option("dense", help="dense: every expert on every token; gather: only each "
                                                      "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
-           device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT")):
-    """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest."""
+           device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT"),
+           head: Optional[str] = typer.Option(None, help="causal-lm | model | sequence-classification | "
+                                              "token-classification | question-answering (default: config.json's)", metavar="TEXT"),
+           seq_len: int = typer.Option(128, help="Head graphs: tokens per row (the static T)", metavar="N")):
+    """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest; a checkpoint
+    with another head (or --head) exports a static (batch, seq-len) head graph instead."""
     if routing not in ("dense", "gather"):
         raise UsageError(f"--routing {routing!r} is not available (dense, gather)")
+    if _checkpoint_head(checkpoint, head) != "causal-lm":
+        if format != "onnx":
+            raise UsageError(f"--format {format!r}: head graphs export to onnx only")
+        from graphs.onnx_heads import export_head_onnx
+
+        with err.status("exporting the head graph...") as status:
+            artifact = export_head_onnx(checkpoint, output, head=head, dtype=dtype, batch=batch, seq_len=seq_len,
+                                        opset=opset, routing=routing,
+                                        progress=lambda stage: status.update(f"exporting onnx: {stage}..."))
+        _describe(artifact)
+        return
     if format == "onnx":
         from graphs.onnx_export import export_onnx as build
         options = dict(opset=opset)
@@ -113,6 +128,18 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
                          cache_slots=cache_slots, slide=slide, routing=routing,
                          progress=lambda stage: status.update(f"exporting {format}: {stage}..."), **options)
     _describe(artifact)
+
+
+def _checkpoint_head(checkpoint: Path, head: Optional[str]) -> str:
+    """The head an export of `checkpoint` builds: --head, else the one config.json and the tensors name."""
+    from mixtral_export.checkpoint import checkpoint_tensors
+    from mixtral_export.head import read_head
+    from mixtral_export.safetensors_file import CheckpointError
+
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: not a checkpoint folder")
+    tensors = checkpoint_tensors(checkpoint)
+    return read_head(checkpoint, {key: entry.shape for key, entry in tensors.items()}, head).kind
 
 
 @app.command("build-engine")
@@ -164,6 +191,14 @@ def _describe(artifact: Path) -> None:
     out.print(f"  model   {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads / "
               f"{c.num_key_value_heads} kv heads x {c.head_dim}, {c.num_local_experts} experts top-"
               f"{c.num_experts_per_tok}, vocab {c.vocab_size}, sliding window {c.sliding_window}", highlight=False)
+    if manifest.head != "causal-lm":
+        outputs = ", ".join(f"{e['name']} {e['shape']}" for e in manifest.io["outputs"])
+        labels = f"; labels {', '.join(manifest.labels)}" if manifest.labels else ""
+        out.print(f"  head    {manifest.head}: input_ids, attention_mask [{s.batch}, {s.seq_len}] -> {outputs}{labels}"
+                  f"; pad_token_id {c.pad_token_id}", highlight=False)
+        for name, info in sorted(manifest.files.items()):
+            out.print(f"  file    {name}  {info.size:,} bytes  sha256 {info.sha256[:16]}...", highlight=False)
+        return
     window = s.attention_window if s.attention_window is not None else f"none (at most {s.cache_slots} positions)"
     out.print(f"  shapes  batch {s.batch}, prefill chunk {s.prefill_chunk}, decode chunk 1, cache slots "
               f"{s.cache_slots}, attention window {window}", highlight=False)
@@ -202,6 +237,8 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     if bool(prompt) == bool(input_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
     session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)
+    if session.head != "causal-lm":
+        raise UsageError(f"{artifact}: a {session.head} artifact does not generate; score it (mixtral-export score)")
     chat = chat or system is not None
     if input_ids:
         if chat:
@@ -246,22 +283,68 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
            report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file", metavar="PATH")):
     """Compare runtimes (and the reference) on the same prompts; the exit code says pass or fail."""
+    from graphs.manifest import load_manifest
     from runtimes.verify import print_report, verify_artifact
+    from runtimes.verify_heads import print_head_report, verify_head_artifact
 
     names = [n.strip() for n in runtimes.split(",") if n.strip()]
     if reference not in (None, "hf"):
         raise UsageError(f"--reference {reference!r}: only 'hf' is known")
     if report:
         check_file(report, report_is_ours("verify"))  # before minutes of verifying, not after
+    head = load_manifest(artifact, verify_files=False).head != "causal-lm"
     with err.status("verifying..."):
-        result = verify_artifact(artifact, names, reference=reference, steps=steps, checkpoint=checkpoint)
+        if head:  # a head graph: every output, left- and right-padded, at the prompts' tokens
+            result = verify_head_artifact(artifact, names, reference=reference, checkpoint=checkpoint)
+        else:
+            result = verify_artifact(artifact, names, reference=reference, steps=steps, checkpoint=checkpoint)
     if report:
         write_report(report, result.to_json(), "verify")
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
+    elif head:
+        print_head_report(result, out)
     else:
         print_report(result, out)
     raise typer.Exit(0 if result.passed else 1)
+
+
+@app.command()
+def score(artifact: Path = typer.Argument(..., help="Head artifact folder written by export", metavar="ARTIFACT"),
+          runtime: str = typer.Option("ort", help="ort | eager", metavar="TEXT"),
+          provider: str = typer.Option("cpu", help="cpu | cuda", metavar="TEXT"),
+          prompt: list[str] = typer.Option([], help="Text (repeat for a batch)", metavar="TEXT"),
+          input_ids: list[str] = typer.Option([], help="Token ids: 1,2,3 (repeat for a batch)", metavar="TEXT"),
+          padding: str = typer.Option("left", help="left | right: where a row shorter than the graph is padded", metavar="TEXT"),
+          checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager "
+                                                     "(default: the one recorded at export)", metavar="PATH"),
+          as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every output")):
+    """Run a head artifact: a classifier's label, per-token labels, a QA span, or hidden states."""
+    from runtimes.session import Session
+
+    if bool(prompt) == bool(input_ids):
+        raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
+    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)
+    if session.head == "causal-lm":
+        raise UsageError(f"{artifact}: a causal-LM artifact has no head to score; use generate")
+    prompts = [_token_ids(ids) for ids in input_ids] if input_ids else [session.encode(p) for p in prompt]
+    found = [r.to_json(session.head, session.labels) for r in session.score_ids(prompts, padding)]
+    if as_json:
+        print(json.dumps({"head": session.head, "labels": list(session.labels), "runtime": runtime,
+                          "results": found}, indent=2))
+        return
+    for n, result in enumerate(found):
+        if session.head == "sequence-classification":
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in result["logits"].items())
+            line = f"{result['label']}  ({scores})"
+        elif session.head == "token-classification":
+            line = " ".join(f"{t}:{label}" for t, label in zip(result["token_ids"], result["labels"]))
+        elif session.head == "question-answering":
+            line = f"answer span tokens {result['start']}..{result['end']}: {result['token_ids'][result['start']:result['end'] + 1]}"
+        else:
+            hidden = result["last_hidden_state"]
+            line = f"last_hidden_state ({len(hidden)}, {len(hidden[0])}), last token starts {[round(x, 4) for x in hidden[-1][:4]]}"
+        out.print(Text.assemble((f"#{n}", "bold"), f" {line}"), highlight=False)
 
 
 @app.command()
@@ -274,7 +357,7 @@ def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the c
               "that every runtime computes the same gibberish as transformers, to the last logit.")
     out.rule("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
     export(checkpoint, artifact, dtype=None, batch=2, prefill_chunk=8, cache_slots=None, slide=False, opset=18,
-           routing="dense", format="onnx", device="cpu")
+           routing="dense", format="onnx", device="cpu", head=None, seq_len=128)
     out.rule("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
     generate(artifact, runtime="ort", provider="cpu", prompt=["The quick brown fox"], input_ids=None, chat=False,
              system=None, max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=[],

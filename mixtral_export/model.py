@@ -175,7 +175,9 @@ class Block(nn.Module):
 class MixtralStatic(nn.Module):
     """The step function of `graphs.contract` as a module: (ids, positions, cache) -> (logits, new k/v)."""
 
-    def __init__(self, config: MixtralConfig, attention_window: int | None, routing: str = "dense"):
+    def __init__(self, config: MixtralConfig, attention_window: int | None, routing: str = "dense",
+                 lm_head: bool = True):
+        """lm_head=False: the trunk alone, for the other heads (mixtral_export/head_model.py)."""
         super().__init__()
         self.config = config
         self.attention_window = attention_window
@@ -183,9 +185,10 @@ class MixtralStatic(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, routing) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        if lm_head:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if config.tie_word_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
 
     @property
     def dtype(self) -> torch.dtype:
@@ -194,6 +197,12 @@ class MixtralStatic(nn.Module):
     def forward(self, input_ids, positions, cache_k, cache_v, cache_positions):
         """input_ids/positions (B, T) int64, cache_k/v (L, B, Hkv, S, D) or L tensors (B, Hkv, S, D)
         (the exported graphs take one input per layer), cache_positions (B, S)."""
+        x, new_k, new_v = self.hidden_states(input_ids, positions, cache_k, cache_v, cache_positions)
+        logits = self.lm_head(x).float()  # (B, T, V)
+        return logits, new_k, new_v  # new_k/v: (L, B, Hkv, T, D)
+
+    def hidden_states(self, input_ids, positions, cache_k, cache_v, cache_positions):
+        """The step without its LM head: the final norm's output (B, T, H) and the chunk's keys/values."""
         x = self.embed_tokens(input_ids)  # (B, T, H)
         d = self.config.head_dim  # inv_freq is made here, in fp32, so no .to(dtype) can round it
         inv_freq = 1.0 / (self.config.rope_theta ** (
@@ -205,5 +214,4 @@ class MixtralStatic(nn.Module):
             x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], mask)
             new_k.append(k)
             new_v.append(v)
-        logits = self.lm_head(self.norm(x)).float()  # (B, T, V)
-        return logits, torch.stack(new_k), torch.stack(new_v)  # new_k/v: (L, B, Hkv, T, D)
+        return self.norm(x), torch.stack(new_k), torch.stack(new_v)  # (B, T, H), new_k/v: (L, B, Hkv, T, D)

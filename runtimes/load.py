@@ -20,6 +20,8 @@ def open_backend(artifact: str | Path, runtime: str, provider: str = "cpu", thre
     if runtime not in RUNTIMES:
         raise RuntimeLoadError(f"unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})")
     manifest = load_manifest(artifact, verify_files=False)  # the backend verifies hashes once
+    if manifest.head != "causal-lm":
+        return open_head_backend(manifest, runtime, provider, threads, checkpoint), manifest
     kind = ARTIFACT_KIND.get(runtime)
     if kind is not None and manifest.kind != kind:
         raise RuntimeLoadError(f"{manifest.folder}: the {runtime} runtime needs an {kind} artifact, this one is "
@@ -57,11 +59,35 @@ def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, devi
     from mixtral_export.config import MixtralConfig
     from runtimes.eager import EagerBackend
 
-    source = Path(checkpoint) if checkpoint else (Path(manifest.source) if manifest.source else None)
-    if source is None or not (source / "config.json").exists():
-        raise RuntimeLoadError(f"{manifest.folder}: the eager runtime needs the source checkpoint "
-                               f"({source or 'not recorded'} is not there); pass its folder")
+    source = _source(manifest, checkpoint)
     check_compatible(manifest, MixtralConfig.from_json(source))
     model = load_model(source, dtype=manifest.shapes.dtype, attention_window=manifest.shapes.attention_window,
                        routing=manifest.routing)
     return EagerBackend(model, manifest.shapes, device=device)
+
+
+def open_head_backend(manifest: Manifest, runtime: str, provider: str = "cpu", threads: int | None = None,
+                      checkpoint: str | Path | None = None):
+    """A HeadBackend (runtimes/heads.py) over a head artifact: ort, or eager on its source checkpoint."""
+    if runtime == "ort":
+        from runtimes.ort_heads import OrtHeadBackend
+
+        return OrtHeadBackend(manifest.folder, provider=provider, threads=threads)
+    if runtime != "eager":
+        raise RuntimeLoadError(f"{manifest.folder}: a {manifest.head} head graph runs on eager or ort, not {runtime}")
+    from mixtral_export.checkpoint import load_head_model
+    from mixtral_export.config import MixtralConfig
+    from runtimes.eager_heads import EagerHeadBackend
+
+    source = _source(manifest, checkpoint)
+    check_compatible(manifest, MixtralConfig.from_json(source))
+    model = load_head_model(source, head=manifest.head, dtype=manifest.dtype, routing=manifest.routing)
+    return EagerHeadBackend(model, manifest.shapes, device=_torch_device(provider))
+
+
+def _source(manifest: Manifest, checkpoint: str | Path | None) -> Path:
+    source = Path(checkpoint) if checkpoint else (Path(manifest.source) if manifest.source else None)
+    if source is None or not (source / "config.json").exists():
+        raise RuntimeLoadError(f"{manifest.folder}: the eager runtime needs the source checkpoint "
+                               f"({source or 'not recorded'} is not there); pass its folder")
+    return source

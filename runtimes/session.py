@@ -6,6 +6,10 @@
     for piece in session.stream("Hi", chat=True, temperature=0.7, seed=1):
         print(piece, end="")
 
+A head artifact (graphs/onnx_heads.py: bare model, sequence / token classification, question
+answering) is scored instead: `session.score("text")` returns its outputs, `session.classify`
+its label names (config.json's id2label); generation needs a causal-LM artifact.
+
 Thread safety: a Session owns one backend and its KV cache. Each generation holds the session's
 lock from its first step to its last, so calls from several threads are safe but run one at a
 time. For parallel generation open one Session per thread (each holds its own weights), or batch
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from runtimes.generate import GenerationConfig, GenerationResult, generate, stream
+from runtimes.heads import HeadResult, score
 from runtimes.sampling import SamplingParams
 from runtimes.step import RequestError
 
@@ -109,3 +114,35 @@ class Session:
 
     def stream(self, prompt: str, chat: bool = False, system: str | None = None, **options) -> Iterator[str]:
         return self.stream_ids(self._prompt_ids(prompt, chat, system), **options)
+
+    # ---- heads (non-generative artifacts) ----
+
+    @property
+    def head(self) -> str:
+        """What the artifact computes: "causal-lm" (generate) or a head (score)."""
+        return self.manifest.head
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.manifest.labels
+
+    def score_ids(self, prompts: list[list[int]], padding: str = "left") -> list[HeadResult]:
+        """Each prompt's head outputs, cut to its own tokens; batched `shapes.batch` rows at a time."""
+        if self.head == "causal-lm":
+            raise RequestError(f"{self.manifest.folder}: a causal-LM artifact has no head to score; use generate")
+        with self._lock:
+            return score(self.backend, prompts, self.manifest.config.pad_token_id, padding)
+
+    def score(self, prompt: str | list[str], padding: str = "left") -> HeadResult | list[HeadResult]:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        results = self.score_ids([self.encode(p) for p in prompts], padding)
+        return results[0] if isinstance(prompt, str) else results
+
+    def classify(self, prompt: str | list[str], padding: str = "left"):
+        """A sequence classifier's label per prompt, a token classifier's label per token."""
+        if self.head not in ("sequence-classification", "token-classification"):
+            raise RequestError(f"{self.manifest.folder}: a {self.head} artifact has no labels; use score")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        found = [r.to_json(self.head, self.labels) for r in self.score(prompts, padding)]
+        names = [r["label"] if self.head == "sequence-classification" else r["labels"] for r in found]
+        return names[0] if isinstance(prompt, str) else names

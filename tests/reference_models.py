@@ -27,7 +27,16 @@ def hf_reference(folder: Path, seed: int = 0, max_shard_size: str | None = None,
     config = MixtralConfig(**values, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = MixtralForCausalLM(config).eval()
+    model = decisive(MixtralForCausalLM(config).eval()).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    model.generation_config.eos_token_id = None  # parity tests generate a fixed number of tokens
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def decisive(model):
+    """Give `model` weights whose routing and head outputs are peaked (see the module docstring)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -36,15 +45,33 @@ def hf_reference(folder: Path, seed: int = 0, max_shard_size: str | None = None,
                 p.normal_(0.0, 1.0)
             elif name.endswith("gate.weight"):
                 p.normal_(0.0, 2.0 / math.sqrt(p.shape[-1]))
-            elif "lm_head" in name:
+            elif "lm_head" in name or name.startswith(("score.", "qa_outputs.")):
                 p.normal_(0.0, 3.0 / math.sqrt(p.shape[-1]))
             else:
                 p.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]))
-    model = model.to(dtype)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(folder, **kwargs)
-    model.generation_config.eos_token_id = None  # parity tests generate a fixed number of tokens
-    model.generation_config.pad_token_id = 0
+    return model
+
+
+HEAD_CLASSES = {"model": "MixtralModel", "sequence-classification": "MixtralForSequenceClassification",
+                "token-classification": "MixtralForTokenClassification",
+                "question-answering": "MixtralForQuestionAnswering"}
+
+
+def hf_head_reference(folder: Path, head: str, seed: int = 0, num_labels: int = 3, pad_token_id: int | None = None,
+                      **overrides):
+    """Save a random transformers Mixtral `head` class (fp32, eager attention) into `folder`; return it."""
+    import transformers
+
+    values = {**BASE, **overrides}
+    rope_theta = values.pop("rope_theta")
+    labels = {i: f"class-{i}" for i in range(num_labels)}
+    config = transformers.MixtralConfig(**values, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                                        id2label=labels, label2id={v: k for k, v in labels.items()},
+                                        pad_token_id=pad_token_id)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = decisive(getattr(transformers, HEAD_CLASSES[head])(config).eval())
+    model.save_pretrained(folder)
     return model
 
 

@@ -1,0 +1,87 @@
+"""A checkpoint's non-generative head -> an ONNX head-graph artifact (model.onnx + .data + manifest.json).
+
+The bare model, sequence / token classification and question answering run one static (B, T)
+batch with no cache (graphs/contract.py, HeadShapes), so their graph has no free axis at all.
+Tracing, external data, the graph checks and the atomic folder are the step export's
+(graphs/onnx_export.py, graphs/artifact_folder.py); the manifest records the head, its labels and
+its I/O. The causal LM stays the step graph: `export_onnx`.
+"""
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+from typing import Callable
+
+from graphs.artifact_folder import ExportError, building, finish
+from graphs.contract import DTYPES, FLOAT_DTYPES, HEAD_INPUT_NAMES, HeadShapes
+from graphs.onnx_export import GRAPH_NAME, check_onnx_file, export_program
+from graphs.onnx_moe import OnnxMoeError, check_gather_supported, route_through_moe_nodes
+from mixtral_export.config import MixtralConfig
+
+
+def export_head_onnx(checkpoint_folder: str | Path, out_dir: str | Path, head: str | None = None,
+                     dtype: str | None = "float32", batch: int = 1, seq_len: int = 128, opset: int = 18,
+                     progress: Callable[[str], None] | None = None, routing: str = "dense") -> Path:
+    """Export the checkpoint's head (config.json's, or `head`) as a static (batch, seq_len) graph."""
+    checkpoint, out = Path(checkpoint_folder), Path(out_dir)
+    say = progress or (lambda stage: None)
+    config = MixtralConfig.from_json(checkpoint / "config.json")
+    dtype = dtype or config.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
+    if routing not in ("dense", "gather"):
+        raise ExportError(f"{out}: routing {routing!r} is not supported (one of dense, gather)")
+    if routing == "gather":
+        try:
+            check_gather_supported(config.hidden_act, str(out))
+        except OnnxMoeError as error:
+            raise ExportError(str(error)) from None
+    config = config.replace(dtype=dtype)
+    with building(out) as tmp:
+        say(f"loading {checkpoint} as {dtype}")
+        from mixtral_export.checkpoint import load_head_model
+
+        model = load_head_model(checkpoint, head=head, dtype=dtype, routing=routing)
+        shapes = HeadShapes(head=model.head.kind, batch=batch, seq_len=seq_len, hidden_size=config.hidden_size,
+                            num_labels=model.head.num_labels, dtype=dtype)
+        labels = model.head.labels
+        say(f"exporting the {shapes.head} head {GRAPH_NAME} (opset {opset}, B={batch}, T={seq_len}, {routing} MoE)")
+        export_head_graph(model, shapes, tmp / GRAPH_NAME, opset)
+        del model
+        gc.collect()
+        say("checking the graph")
+        check_head_graph(tmp / GRAPH_NAME, shapes)
+        say("hashing files and writing the manifest")
+        finish(tmp, checkpoint, config, kind="onnx", shapes=shapes, graphs={"head": GRAPH_NAME}, opset=opset,
+               routing=routing, labels=labels)
+    say(f"wrote {out}")
+    return out
+
+
+def export_head_graph(model, shapes: HeadShapes, path: Path, opset: int) -> None:
+    """torch.export the HeadModel at its static (B, T) and save it with all weights in one external file."""
+    import torch
+
+    ids = torch.zeros(shapes.batch, shapes.seq_len, dtype=torch.int64)  # (B, T)
+    mask = torch.ones(shapes.batch, shapes.seq_len, dtype=torch.int64)  # (B, T)
+    route_through_moe_nodes(model.body)  # gather: one com.microsoft.MoE node per block
+    export_program(model, (ids, mask), path, opset, HEAD_INPUT_NAMES, shapes.output_names)
+
+
+def check_head_graph(path: Path, shapes: HeadShapes) -> None:
+    """The step export's ONNX checks, then the head contract's names, element types and static dims."""
+    import onnx
+
+    proto = check_onnx_file(path)
+    contract = shapes.io()
+    for side, values in (("inputs", proto.graph.input), ("outputs", proto.graph.output)):
+        names = [v.name for v in values]
+        if names != [e["name"] for e in contract[side]]:
+            raise ExportError(f"{path}: graph {side} are {names}, the contract says "
+                              f"{[e['name'] for e in contract[side]]}")
+        for value, want in zip(values, contract[side]):
+            tensor = value.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+            if tensor.elem_type != DTYPES[want["dtype"]].onnx or dims != want["shape"]:
+                raise ExportError(f"{path}: {value.name} is {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
+                                  f"{dims}, the contract says {want['dtype']} {want['shape']}")
