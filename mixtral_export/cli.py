@@ -240,6 +240,28 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
 
 
 @app.command()
+def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by export"),
+          runtime: str = typer.Option("ort", help="eager | compiled | ort | aoti | trt"),
+          provider: str = typer.Option("cpu", help="cpu | cuda (| trt for ORT's TensorRT provider)"),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on"),
+          port: int = typer.Option(8000, min=0, max=65535),
+          max_queue: int = typer.Option(64, min=0, help="Requests waiting for a row before new ones get 429"),
+          grace: float = typer.Option(10.0, min=0, help="Seconds running requests get to finish on SIGTERM"),
+          model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)"),
+          request_timeout: Optional[float] = typer.Option(None, help="Seconds a request may take, queue included"),
+          threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: usable cores)"),
+          checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled")):
+    """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
+    try:
+        from serving.server import serve as run_server
+    except ImportError as error:
+        raise UsageError(f"serve needs the serve extra ({error.name} is missing): "
+                         f"pip install 'mixtral-export[serve]'") from None
+    run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
+               model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint)
+
+
+@app.command()
 def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint and artifact")):
     """The main job on the tiny model: build it, export ONNX, generate on ORT, verify vs eager and HF."""
     checkpoint, artifact = out_dir / "tiny-checkpoint", out_dir / "tiny-onnx"
