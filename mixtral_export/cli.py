@@ -250,6 +250,7 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)"),
           request_timeout: Optional[float] = typer.Option(None, help="Seconds a request may take, queue included"),
           threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: usable cores)"),
+          rows: Optional[int] = typer.Option(None, help="Use at most N batch rows (1 = one request at a time)"),
           checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
     try:
@@ -258,7 +259,8 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
         raise UsageError(f"serve needs the serve extra ({error.name} is missing): "
                          f"pip install 'mixtral-export[serve]'") from None
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
-               model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint)
+               model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
+               rows=rows)
 
 
 @app.command()

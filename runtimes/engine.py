@@ -85,36 +85,40 @@ class Request:
             raise self.error
         return item
 
-    def poll(self) -> list[TokenEvent]:
-        """Events already produced, without waiting (the synchronous driver's view)."""
+    def poll(self) -> tuple[list[TokenEvent], bool]:
+        """Events already produced, without waiting, and whether the request has ended."""
         out = []
         while True:
             try:
                 item = self._item(self._events.get_nowait())
             except queue.Empty:
-                return out
+                return out, False
             if item is None:
-                return out
+                return out, True
             out.append(item)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while (item := self._item(self._events.get())) is not None:
             yield item
 
-    async def __aiter__(self):
+    async def batches(self):
+        """Lists of the events ready at each wakeup: a consumer that lags gets them together."""
         loop, ready = asyncio.get_running_loop(), asyncio.Event()
         self._wakeup = lambda: loop.call_soon_threadsafe(ready.set)
         while True:
-            try:
-                item = self._item(self._events.get_nowait())
-            except queue.Empty:
-                ready.clear()
-                if self._events.empty():  # a put after this schedules ready.set on the loop
-                    await ready.wait()
-                continue
-            if item is None:
+            ready.clear()  # a put after this schedules ready.set on the loop
+            events, ended = self.poll()
+            if events:
+                yield events
+            if ended:
                 return
-            yield item
+            if not events:
+                await ready.wait()
+
+    async def __aiter__(self):
+        async for events in self.batches():
+            for event in events:
+                yield event
 
     def result(self, timeout: float | None = None) -> Completion:
         """Wait for the end; the Completion (raises the step error that ended it, if any)."""
@@ -129,9 +133,13 @@ class Engine:
     """Continuous batching over one StepBackend: its B rows are request slots."""
 
     def __init__(self, backend: StepBackend, max_queue: int | None = None, max_positions: int | None = None,
-                 ride_along: bool = True):
+                 ride_along: bool = True, rows: int | None = None):
+        """`rows` caps the busy rows (1 = one request at a time: the serialized baseline)."""
         if max_queue is not None and max_queue < 0:
             raise RequestError(f"max_queue must be >= 0, got {max_queue}")
+        if rows is not None and not 1 <= rows <= backend.shapes.batch:
+            raise RequestError(f"rows must be in 1..{backend.shapes.batch} (the batch), got {rows}")
+        self.rows = rows or backend.shapes.batch
         self.backend, self.shapes = backend, backend.shapes
         self.limit = position_limit(backend.shapes.max_positions, max_positions)
         self.max_queue, self.ride_along = max_queue, ride_along
@@ -217,12 +225,13 @@ class Engine:
 
     def drive(self, requests: list[Request]) -> Generator[TokenEvent, None, GenerationResult]:
         """Step on the caller's thread until `requests` end, yielding their events; their result."""
-        while True:
-            for request in requests:
-                yield from request.poll()
-            if all(r.ended.is_set() for r in requests):
-                break
-            self.step()
+        pending = list(requests)
+        while pending:
+            for request in pending:
+                yield from request.poll()[0]
+            pending = [r for r in pending if not r.ended.is_set() or not r._events.empty()]
+            if pending:
+                self.step()
         for request in requests:
             request.result()  # raises a step error
         return result_of(requests)
@@ -281,7 +290,7 @@ class Engine:
 
     def _admit(self) -> list[int]:
         fresh = []
-        for slot, occupant in enumerate(self.slots):
+        for slot, occupant in enumerate(self.slots[:self.rows]):
             if occupant is None and self.waiting:
                 request = self.waiting.popleft()
                 request.slot, self.slots[slot] = slot, request

@@ -23,12 +23,12 @@ from runtimes.sampling import SamplingParams
 
 
 class Session:
-    def __init__(self, backend, manifest, tokenizer=None, max_queue: int | None = None):
+    def __init__(self, backend, manifest, tokenizer=None, max_queue: int | None = None, rows: int | None = None):
         self.backend = backend
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.last_result: GenerationResult | None = None
-        self.engine = Engine(backend, max_queue=max_queue,
+        self.engine = Engine(backend, max_queue=max_queue, rows=rows,
                              max_positions=manifest.config.max_position_embeddings).start()
 
     def close(self, grace: float = 0.0) -> None:
@@ -38,7 +38,7 @@ class Session:
     @classmethod
     def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",
              threads: int | None = None, checkpoint: str | Path | None = None,
-             max_queue: int | None = None) -> "Session":
+             max_queue: int | None = None, rows: int | None = None) -> "Session":
         from runtimes.load import open_backend
 
         backend, manifest = open_backend(artifact, runtime, provider=provider, threads=threads, checkpoint=checkpoint)
@@ -47,7 +47,7 @@ class Session:
             from mixtral_export.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
-        return cls(backend, manifest, tokenizer, max_queue=max_queue)
+        return cls(backend, manifest, tokenizer, max_queue=max_queue, rows=rows)
 
     # ---- text <-> ids ----
 

@@ -91,14 +91,17 @@ def build_app(session, model_name: str, request_timeout: float | None = None) ->
         return request.completion
 
     async def timed(request: Request):
-        """The request's events, observing time to first token and between tokens."""
+        """The request's events as they reach the loop, in batches (tokens that arrived together go out
+        in one chunk); observes time to first token and the gaps between tokens as the loop saw them."""
         last = start = time.perf_counter()
-        async for event in request:
+        async for events in request.batches():
             now = time.perf_counter()
             (metrics.itl if last != start else metrics.ttft).observe(now - last)
+            for _ in events[1:]:
+                metrics.itl.observe(0.0)
             last = now
-            metrics.generated_tokens.inc()
-            yield event
+            metrics.generated_tokens.inc(len(events))
+            yield events
 
     async def stream(job: Job, request: Request):
         """SSE: text deltas, a last chunk with the finish reason, usage if asked, [DONE]. A dropped
@@ -106,9 +109,9 @@ def build_app(session, model_name: str, request_timeout: float | None = None) ->
         try:
             if job.kind == "chat":
                 yield sse(chunk(job, "", first=True))  # the role, as OpenAI sends it first
-            async for event in timed(request):
-                if event.text_delta:
-                    yield sse(chunk(job, event.text_delta))
+            async for events in timed(request):
+                if text := "".join(event.text_delta for event in events):
+                    yield sse(chunk(job, text))
             completion = request.completion
             metrics.requests.labels(completion.finish_reason).inc()
             yield sse(chunk(job, None, completion.finish_reason))

@@ -81,6 +81,16 @@ def test_cancel_frees_the_row_at_the_next_step():
     assert waiting.completion.token_ids == alone(PROMPTS[2], config(3))
 
 
+def test_rows_one_serializes_requests():
+    engine = Engine(ToyLM(batch=2, slots=16), rows=1)
+    first, second = engine.submit(PROMPTS[0], config(4)), engine.submit(PROMPTS[2], config(4))
+    engine.step()
+    assert engine.busy_rows == 1 and second.slot is None
+    for _ in engine.drive([first, second]):
+        pass
+    assert second.completion.token_ids == alone(PROMPTS[2], config(4))
+
+
 def test_full_queue_refuses_at_once_and_a_closed_engine_admits_nothing():
     engine = Engine(ToyLM(batch=1), max_queue=2)
     engine.submit([1], config())
