@@ -251,8 +251,21 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           request_timeout: Optional[float] = typer.Option(None, help="Seconds a request may take, queue included"),
           threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: usable cores)"),
           rows: Optional[int] = typer.Option(None, help="Use at most N batch rows (1 = one request at a time)"),
-          checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled")):
+          checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled"),
+          ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
+          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
+    if ray:
+        if rows is not None or checkpoint is not None:
+            raise UsageError("--rows and --checkpoint are not available with --ray")
+        try:
+            from serving.ray_app import serve_on_ray
+        except ImportError as error:
+            raise UsageError(f"--ray needs the ray extra ({error.name} is missing): "
+                             f"pip install 'mixtral-export[ray]'") from None
+        serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
+                     model_name=model_name, threads=threads, request_timeout=request_timeout)
+        return
     try:
         from serving.server import serve as run_server
     except ImportError as error:

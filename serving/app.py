@@ -25,13 +25,15 @@ from serving.openai_api import BadRequest, Job, chunk, error_body, parse, respon
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-def build_app(session, model_name: str, request_timeout: float | None = None) -> FastAPI:
-    """The app; the caller owns the session (and closes it: see serving/server.py)."""
+def build_app(session, model_name: str, request_timeout: float | None = None, replica: str | None = None) -> FastAPI:
+    """The app; the caller owns the session (and closes it: see serving/server.py). `replica` names this
+    copy in an `x-replica` header and /health (Ray Serve runs several)."""
     app = FastAPI(title="mixtral-export", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(session.engine)
     limit = session.engine.limit
     default_chat_tokens = 512 if limit is None else limit  # chat without max_tokens: up to the context
     app.state.session, app.state.metrics = session, metrics
+    headers = {"x-replica": replica} if replica else None
 
     def refuse(status: int, message: str, kind: str, outcome: str, param=None, code=None) -> JSONResponse:
         metrics.requests.labels(outcome).inc()
@@ -73,7 +75,7 @@ def build_app(session, model_name: str, request_timeout: float | None = None) ->
             return refuse(400, str(error), "invalid_request_error", "bad_request", "prompt")
         metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
         if job.stream:
-            return StreamingResponse(stream(job, requests[0]), media_type="text/event-stream")
+            return StreamingResponse(stream(job, requests[0]), media_type="text/event-stream", headers=headers)
         watcher = asyncio.create_task(watch_disconnect(http, requests))
         try:
             completions = await asyncio.gather(*(collect(r) for r in requests))
@@ -82,7 +84,7 @@ def build_app(session, model_name: str, request_timeout: float | None = None) ->
         finally:
             watcher.cancel()
             cancel(requests)
-        return JSONResponse(response(job, completions))
+        return JSONResponse(response(job, completions), headers=headers)
 
     async def collect(request: Request):
         async for _ in timed(request):
@@ -145,7 +147,8 @@ def build_app(session, model_name: str, request_timeout: float | None = None) ->
         engine = session.engine
         status = 503 if engine.closed else 200
         return JSONResponse({"status": "closing" if engine.closed else "ok", "busy_rows": engine.busy_rows,
-                             "batch_rows": engine.shapes.batch, "queue_depth": engine.queue_depth},
+                             "batch_rows": engine.shapes.batch, "queue_depth": engine.queue_depth,
+                             "replica": replica},
                             status_code=status)
 
     @app.get("/metrics")

@@ -50,7 +50,7 @@ class Server:
         self.process = subprocess.Popen(
             [sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # Ray Serve takes ~30 s to come up on a busy machine
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.stdout.read()
             try:
@@ -61,7 +61,7 @@ class Server:
             time.sleep(0.2)
         else:
             self.stop()
-            pytest.fail("the server did not come up in 60 s")
+            pytest.fail("the server did not come up in 180 s")
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
 
     def metric(self, name: str) -> float:
