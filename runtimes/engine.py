@@ -57,7 +57,7 @@ class Request:
         self.error: BaseException | None = None
         self.steps: list[tuple[int, bool, float]] = []  # (engine step, a prefill step?, seconds)
         self._events: queue.SimpleQueue = queue.SimpleQueue()  # TokenEvent..., then None at the end
-        self._wakeup: Callable[[], None] | None = None
+        self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None  # an `async for` consumer
         self._wake_engine = wake_engine
         self.ended = threading.Event()
 
@@ -70,15 +70,15 @@ class Request:
         self.cancelled = True
         self._wake_engine()
 
-    def _put(self, item: TokenEvent | None) -> None:
+    def _put(self, item: TokenEvent | None, wake: bool = True) -> None:
         self._events.put(item)
-        if self._wakeup is not None:
-            self._wakeup()
+        if wake:
+            wake_consumers([self])
 
-    def _end(self, completion: Completion | None, error: BaseException | None = None) -> None:
+    def _end(self, completion: Completion | None, error: BaseException | None = None, wake: bool = True) -> None:
         self.completion, self.error = completion, error
         self.ended.set()
-        self._put(None)
+        self._put(None, wake)
 
     def _item(self, item: TokenEvent | None) -> TokenEvent | None:
         if item is None and self.error is not None:
@@ -103,8 +103,8 @@ class Request:
 
     async def batches(self):
         """Lists of the events ready at each wakeup: a consumer that lags gets them together."""
-        loop, ready = asyncio.get_running_loop(), asyncio.Event()
-        self._wakeup = lambda: loop.call_soon_threadsafe(ready.set)
+        ready = asyncio.Event()
+        self._waiter = asyncio.get_running_loop(), ready
         while True:
             ready.clear()  # a put after this schedules ready.set on the loop
             events, ended = self.poll()
@@ -283,9 +283,10 @@ class Engine:
         self.steps += 1
         with self.lock:
             for r, event in events:
-                r._put(event)
+                r._put(event, wake=False)
                 if r.row.finish_reason is not None:
-                    self._finish(r)
+                    self._finish(r, wake=False)
+        wake_consumers([r for r, _ in events])
         return True
 
     def _admit(self) -> list[int]:
@@ -310,10 +311,28 @@ class Engine:
                 self.waiting.remove(request)
             self._finish(request)
 
-    def _finish(self, request: Request, error: BaseException | None = None) -> None:
+    def _finish(self, request: Request, error: BaseException | None = None, wake: bool = True) -> None:
         if request.slot is not None:
             self.slots[request.slot] = None
-        request._end(None if error else request.row.completion(), error)
+        request._end(None if error else request.row.completion(), error, wake)
+
+
+def wake_consumers(requests: list[Request]) -> None:
+    """One call into each `async for` consumer's loop for all its requests: a cross-thread call is a syscall."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+    for request in requests:
+        if request._waiter is not None:
+            by_loop.setdefault(request._waiter[0], []).append(request._waiter[1])
+    for loop, readies in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(set_all, readies)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
+
+
+def set_all(readies: list[asyncio.Event]) -> None:
+    for ready in readies:
+        ready.set()
 
 
 def result_of(requests: list[Request]) -> GenerationResult:

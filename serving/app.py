@@ -20,7 +20,8 @@ from starlette.exceptions import HTTPException
 from runtimes.engine import EngineClosed, QueueFull, Request
 from runtimes.step import RequestError
 from serving.metrics import ServerMetrics
-from serving.openai_api import BadRequest, Job, chunk, error_body, parse, response, usage_chunk
+from serving.openai_api import (BadRequest, Job, chunk, delta_event, error_body, parse, response, sse_text as sse,
+                                usage_chunk)
 
 DISCONNECT_POLL_SECONDS = 0.25
 
@@ -113,7 +114,7 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
                 yield sse(chunk(job, "", first=True))  # the role, as OpenAI sends it first
             async for events in timed(request):
                 if text := "".join(event.text_delta for event in events):
-                    yield sse(chunk(job, text))
+                    yield delta_event(job, text)
             completion = request.completion
             metrics.requests.labels(completion.finish_reason).inc()
             yield sse(chunk(job, None, completion.finish_reason))
@@ -156,10 +157,6 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
 
 
 def cancel(requests: list[Request]) -> None:

@@ -8,6 +8,7 @@ wrong raises BadRequest (HTTP 400) with the parameter it names.
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +42,20 @@ class Job:
     include_usage: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
+    delta_frame: tuple[str, str] | None = None  # the SSE text around a delta's JSON string, made once
+
+
+def delta_event(job: Job, text: str) -> str:
+    """The SSE event of one text delta: a template filled with the JSON-escaped text (per token: cheap)."""
+    if job.delta_frame is None:
+        marker = "\u0000marker\u0000"
+        before, after = sse_text(chunk(job, marker)).split(json.dumps(marker))
+        job.delta_frame = before, after
+    return job.delta_frame[0] + json.dumps(text) + job.delta_frame[1]
+
+
+def sse_text(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
 
 
 def parse(kind: str, body, session, served_model: str, default_max_tokens: int) -> Job:
