@@ -4,11 +4,13 @@ Two server processes over the same artifact: the engine on every batch row, and 
 baseline (`--rows 1`: one request at a time, what a Session did before the engine). For each
 client count C, N requests with mixed prompt and output lengths (greedy, token-id prompts, the same
 list for both) go through each server, the two interleaved and alternating who goes first each
-round. Reported per C and server: aggregate generated tok/s (completion tokens / wall time), time
-to first token and inter-token latency p50 / p99 (streamed chunks), failures, and how many
-continuous-batching completions differ from the serialized (= solo) run of the same request.
+round. Reported per C and server: aggregate generated tok/s (completion tokens / wall time, pooled
+over rounds), the speedup as the median of per-round ratios (the two runs of a round share the
+machine's load, which on a shared machine moves more than the speedup), time to first token and
+inter-token latency p50 / p99 (streamed chunks), failures, and how many continuous-batching
+completions differ from the serialized (= solo) run of the same request.
 
-    python3 bench/serve_load.py out/tiny-b4 --clients 1,2,4,8,16 --requests 48 --json out/serve.json --plot out/serve.png
+    python3 bench/serve_load.py out/tiny-b4 --clients 1,2,4,8,16 --requests 32 --rounds 6 --threads 1 --json out/serve.json --plot out/serve.png
 """
 from __future__ import annotations
 
@@ -165,35 +167,42 @@ def run(args) -> dict:
         for clients in args.clients:
             requests = workload(args.requests, vocab, args.prompt_lengths, args.output_lengths, args.seed + clients)
             pooled = {mode: ([], 0.0) for mode in MODES}
+            ratios = []  # per round: the two servers measured back to back share the machine's load
             for round_ in range(args.rounds):
+                rates = {}
                 for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
                     outcomes, seconds = load(servers[mode].port, requests, clients)
                     pooled[mode] = (pooled[mode][0] + outcomes, pooled[mode][1] + seconds)
-                    print(f"C={clients} {mode}: {summarize(outcomes, seconds)['tokens_per_second']:.1f} tok/s",
-                          file=sys.stderr, flush=True)
+                    rates[mode] = summarize(outcomes, seconds)["tokens_per_second"]
+                ratios.append(rates["continuous"] / rates["serialized"])
+                print(f"C={clients} round {round_}: {rates['continuous']:.0f} / {rates['serialized']:.0f} tok/s "
+                      f"= {ratios[-1]:.2f}x", file=sys.stderr, flush=True)
             level = {"clients": clients, **{mode: summarize(*pooled[mode]) for mode in MODES}}
             cont, serial = pooled["continuous"][0], pooled["serialized"][0]
             level["mismatches"] = sum(a.ok and b.ok and a.text != b.text for a, b in zip(cont, serial))
-            level["speedup"] = level["continuous"]["tokens_per_second"] / level["serialized"]["tokens_per_second"]
+            level["speedup"] = percentile(ratios, 50)  # median of the per-round ratios
+            level["speedup_range"] = [min(ratios), max(ratios)]
             levels.append(level)
     finally:
         for server in servers.values():
             server.stop()
     return {"artifact": str(args.artifact), "batch": batch, "requests_per_level": args.requests,
             "rounds": args.rounds, "prompt_lengths": args.prompt_lengths, "output_lengths": args.output_lengths,
-            "cpus": os.cpu_count(), "levels": levels}
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "threads": args.threads, "levels": levels}
 
 
 def table(result: dict) -> str:
     ms = lambda s: "-" if s is None else f"{s * 1e3:.0f}"
     lines = [f"artifact {result['artifact']} (batch {result['batch']}), {result['requests_per_level']} requests "
-             f"x {result['rounds']} rounds per level",
-             "| clients | server | tok/s | vs serialized | TTFT p50 / p99 ms | ITL p50 / p99 ms | failures | "
+             f"x {result['rounds']} rounds per level; load average at the end "
+             f"{' '.join(f'{x:.1f}' for x in result['load_average'])} on {result['cpus']} CPUs",
+             "| clients | server | tok/s (pooled) | vs serialized: median (min-max) of rounds | TTFT p50 / p99 ms | ITL p50 / p99 ms | failures | "
              "differs from solo |", "|---|---|---|---|---|---|---|---|"]
     for level in result["levels"]:
         for mode in MODES:
             m = level[mode]
-            ratio = f"{level['speedup']:.2f}x" if mode == "continuous" else "1.00x"
+            low, high = level["speedup_range"]
+            ratio = f"{level['speedup']:.2f}x ({low:.2f}-{high:.2f})" if mode == "continuous" else "1.00x"
             differs = str(level["mismatches"]) if mode == "continuous" else "-"
             lines.append(f"| {level['clients']} | {mode} | {m['tokens_per_second']:.1f} | {ratio} | "
                          f"{ms(m['ttft_p50'])} / {ms(m['ttft_p99'])} | {ms(m['itl_p50'])} / {ms(m['itl_p99'])} | "
