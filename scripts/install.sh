@@ -8,4 +8,5 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".[test]"
+# EXTRAS adds more: EXTRAS=test,serve,ray,plot bash scripts/install.sh (test already has the server's deps)
+"$PY" -m pip install -q -e ".[${EXTRAS:-test}]"
