@@ -32,8 +32,15 @@ class Session:
                              max_positions=manifest.config.max_position_embeddings).start()
 
     def close(self, grace: float = 0.0) -> None:
-        """Stop admitting; running requests get `grace` seconds to finish, then are cancelled."""
+        """Stop admitting; running requests get `grace` seconds to finish, then are cancelled; the
+        engine's thread ends (it holds the backend until then)."""
         self.engine.close(grace)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
     @classmethod
     def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",

@@ -227,3 +227,22 @@ def test_ort_engine_matches_solo_runs_and_a_reused_row_is_clean(tiny_onnx, monke
     monkeypatch.setattr(session.backend, "reset", lambda rows=None: None)  # control: the test can fail
     assert together() != solo
     session.close()
+
+
+def test_eager_reset_clears_only_the_rows_named_and_the_engine_matches_solo(tiny_onnx):
+    from runtimes.load import open_backend
+
+    backend, _ = open_backend(tiny_onnx, "eager")
+    ids = np.full((2, 8), 5, dtype=np.int64)
+    backend.step(ids, np.tile(np.arange(8), (2, 1)))
+    backend.reset(rows=[0])
+    ring = backend.ring
+    assert (ring.cache_positions[0] == NO_POSITION).all() and (ring.cache_positions[1, :8] == np.arange(8)).all()
+    assert not ring.cache_k[:, 0].any() and ring.cache_k[:, 1].abs().sum() > 0
+    prompts, news = [[7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [4, 5, 6]], [9, 4, 6]
+    solo = [generate(backend, [p], config(n)).completions[0].token_ids for p, n in zip(prompts, news)]
+    engine = Engine(backend)
+    requests = [engine.submit(p, config(n), index=i) for i, (p, n) in enumerate(zip(prompts, news))]
+    for _ in engine.drive(requests):
+        pass
+    assert [r.completion.token_ids for r in requests] == solo
