@@ -35,6 +35,7 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
     default_chat_tokens = 512 if limit is None else limit  # chat without max_tokens: up to the context
     app.state.session, app.state.metrics = session, metrics
     headers = {"x-replica": replica} if replica else None
+    has_text = session.tokenizer is not None  # without one, a token's text is its id: "12 "
 
     def refuse(status: int, message: str, kind: str, outcome: str, param=None, code=None) -> JSONResponse:
         metrics.requests.labels(outcome).inc()
@@ -113,7 +114,7 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
             if job.kind == "chat":
                 yield sse(chunk(job, "", first=True))  # the role, as OpenAI sends it first
             async for events in timed(request):
-                if text := "".join(event.text_delta for event in events):
+                if text := "".join(event.text_delta if has_text else f"{event.token_id} " for event in events):
                     yield delta_event(job, text)
             completion = request.completion
             metrics.requests.labels(completion.finish_reason).inc()

@@ -135,6 +135,8 @@ def text_prompts(prompt, session) -> list[list[int]]:
     out = []
     for item in prompt:
         if isinstance(item, str):
+            if session.tokenizer is None:
+                raise BadRequest("this artifact has no tokenizer.model: send the prompt as token ids", "prompt")
             out.append(session.encode(item))
         elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             out.append(list(item))
@@ -144,6 +146,9 @@ def text_prompts(prompt, session) -> list[list[int]]:
 
 
 def chat_prompt(messages, session) -> list[int]:
+    if session.tokenizer is None:
+        raise BadRequest("this artifact has no tokenizer.model: chat needs one; use /v1/completions with "
+                         "token ids", "messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' is required: a non-empty list of {role, content}", "messages")
     plain = []
@@ -165,6 +170,11 @@ def chat_prompt(messages, session) -> list[int]:
         raise BadRequest(str(error), "messages") from None
 
 
+def text_of(completion: Completion) -> str:
+    """The completion's text; without a tokenizer, its token ids as "12 7 " (like Session.stream_ids)."""
+    return completion.text if completion.text is not None else "".join(f"{t} " for t in completion.token_ids)
+
+
 def usage(prompts: list[list[int]], completions: list[Completion]) -> dict:
     prompt = sum(map(len, prompts))
     generated = sum(len(c.token_ids) for c in completions)
@@ -174,11 +184,11 @@ def usage(prompts: list[list[int]], completions: list[Completion]) -> dict:
 def response(job: Job, completions: list[Completion]) -> dict:
     """The whole (non-streamed) response body."""
     if job.kind == "chat":
-        choices = [{"index": n, "message": {"role": "assistant", "content": c.text},
+        choices = [{"index": n, "message": {"role": "assistant", "content": text_of(c)},
                     "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
                    for n, c in enumerate(completions)]
     else:
-        choices = [{"index": n, "text": c.text, "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
+        choices = [{"index": n, "text": text_of(c), "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
                    for n, c in enumerate(completions)]
     return {"id": prefix(job) + job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
             "created": job.created, "model": job.model, "choices": choices,
