@@ -348,6 +348,37 @@ def score(artifact: Path = typer.Argument(..., help="Head artifact folder writte
 
 
 @app.command()
+def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by export", metavar="ARTIFACT"),
+          runtime: str = typer.Option("ort", help="eager | compiled | ort | aoti | trt", metavar="TEXT"),
+          provider: str = typer.Option("cpu", help="cpu | cuda (| trt for ORT's TensorRT provider)", metavar="TEXT"),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on", metavar="TEXT"),
+          port: int = typer.Option(8000, min=0, max=65535, metavar="N"),
+          max_queue: int = typer.Option(64, min=0, help="Requests waiting for a row before new ones get 429", metavar="N"),
+          grace: float = typer.Option(10.0, min=0, help="Seconds running requests get to finish on SIGTERM", metavar="X"),
+          model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)", metavar="TEXT"),
+          request_timeout: Optional[float] = typer.Option(None, help="Seconds a request may take, queue included", metavar="X"),
+          threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: usable cores)", metavar="N"),
+          rows: Optional[int] = typer.Option(None, help="Use at most N batch rows (1 = one request at a time)", metavar="N"),
+          checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled", metavar="PATH"),
+          ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
+          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N")):
+    """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
+    if ray:
+        if rows is not None or checkpoint is not None:
+            raise UsageError("--rows and --checkpoint are not available with --ray")
+        from serving.ray_app import serve_on_ray  # a missing extra is one line (run())
+
+        serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
+                     model_name=model_name, threads=threads, request_timeout=request_timeout)
+        return
+    from serving.server import serve as run_server
+
+    run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
+               model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
+               rows=rows)
+
+
+@app.command()
 def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint and artifact", metavar="OUT_DIR")):
     """The main job on the tiny model: build it, export ONNX, generate on ORT, verify vs eager and HF."""
     checkpoint, artifact = out_dir / "tiny-checkpoint", out_dir / "tiny-onnx"

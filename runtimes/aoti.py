@@ -37,8 +37,8 @@ class AotiBackend:
         self.weights = weights  # user-managed constants: the runners hold raw pointers into these
         self.ring = TorchRing(self.shapes, self.device)
 
-    def reset(self) -> None:
-        self.ring.reset()
+    def reset(self, rows=None) -> None:
+        self.ring.reset(rows)
 
     @torch.inference_mode()
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:

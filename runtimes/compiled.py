@@ -34,6 +34,7 @@ from torch import nn
 from graphs.contract import NO_POSITION, StepShapes
 from mixtral_export.model import TORCH_DTYPES, MixtralStatic
 from runtimes.step import check_step_inputs, ring_writes
+from runtimes.torch_ring import clear
 
 
 class CountingInductor(torch._TorchCompileInductorWrapper):
@@ -102,10 +103,8 @@ class CompiledBackend:
     def compile_count(self) -> int:
         return self.backend.count
 
-    def reset(self) -> None:
-        self.ring.cache_k.zero_()
-        self.ring.cache_v.zero_()
-        self.ring.cache_positions.fill_(NO_POSITION)
+    def reset(self, rows=None) -> None:
+        clear(self.ring.cache_k, self.ring.cache_v, self.ring.cache_positions, rows)
 
     def warmup(self) -> None:
         """Compile (and on CUDA record) both chunk lengths with all-padding steps; the cache is untouched."""

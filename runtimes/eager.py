@@ -32,8 +32,8 @@ class EagerBackend:
         model = load_model(folder, dtype=shapes.dtype, attention_window=shapes.attention_window)
         return cls(model, shapes, device)
 
-    def reset(self) -> None:
-        self.ring.reset()
+    def reset(self, rows=None) -> None:
+        self.ring.reset(rows)
 
     @torch.inference_mode()
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:

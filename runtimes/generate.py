@@ -1,25 +1,22 @@
-"""One generation loop for every backend: grouped, left-padded chunked prefill, then T=1 decode.
+"""Generation for every backend: what a request asks and returns, one row's state, and the batch driver.
 
-Pure numpy. Prompts go through in consecutive groups of `shapes.batch` rows (a short last group is
-filled with dummy rows fed position -1 only); the backend is reset before each group. Each row of a
-group is left-padded (id 0, position -1) to a common multiple of the prefill chunk, so every row's
-last prompt token sits in the last column of the last chunk. An EOS token is kept in token_ids (as
-transformers does) but contributes no text; a stop string ends the row, its text is cut before the
-stop string, and the token that completed it is kept.
+Pure numpy. The loop itself is runtimes/engine.py (continuous batching over the batch rows);
+`generate`/`stream` here submit a list of prompts to a private Engine and step it on the caller's
+thread until all are done: a prompt takes the next free row, is prefilled in chunks, then decoded.
+An EOS token is kept in token_ids (as transformers does) but contributes no text; a stop string
+ends the row, its text is cut before the stop string, and the token that completed it is kept.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Generator, Literal, Protocol, Sequence
 
 import numpy as np
 
-from graphs.contract import NO_POSITION
-from runtimes.sampling import Sampler, SamplingParams
+from runtimes.sampling import SamplingParams
 from runtimes.step import ContextOverflow, RequestError, StepBackend
 
-FinishReason = Literal["eos", "stop_string", "length", "cache_full"]
+FinishReason = Literal["eos", "stop_string", "length", "cache_full", "cancelled", "timeout"]
 
 
 class Detokenizer(Protocol):
@@ -127,7 +124,11 @@ def stream(backend: StepBackend, prompts: Sequence[Sequence[int]], config: Gener
     check_prompts(rows, backend.shapes.vocab_size, limit)
     if config.stop_strings and detokenizer_factory is None:
         raise RequestError("stop_strings are matched on decoded text: they need a detokenizer_factory")
-    return run(backend, rows, config, detokenizer_factory, limit)
+    from runtimes.engine import Engine  # the engine imports this module's types
+
+    engine = Engine(backend, max_positions=limit, ride_along=False)  # decode timings stay pure T=1 steps
+    return engine.drive([engine.submit(prompt, config, detokenizer_factory() if detokenizer_factory else None,
+                                       index=index) for index, prompt in enumerate(rows)])
 
 
 def position_limit(*limits: int | None) -> int | None:
@@ -205,61 +206,3 @@ def held_back(text: str, emitted: int, stops: tuple[str, ...]) -> int:
                 longest = size
                 break
     return longest
-
-
-def run(backend: StepBackend, prompts: list[list[int]], config: GenerationConfig,
-        detokenizer_factory: DetokenizerFactory | None,
-        limit: int | None) -> Generator[TokenEvent, None, GenerationResult]:
-    batch = backend.shapes.batch
-    sampler = Sampler(config.sampling)
-    completions: list[Completion] = []
-    prefill_seconds = decode_seconds = 0.0
-    decode_steps = 0
-    for first in range(0, len(prompts), batch):
-        rows = [Row(index, prompt, list(prompt), detokenizer_factory() if detokenizer_factory else None)
-                for index, prompt in enumerate(prompts[first:first + batch], start=first)]
-        started = time.perf_counter()
-        backend.reset()
-        logits = prefill(backend, [row.prompt for row in rows])  # (rows, V)
-        events = advance(rows, logits, sampler, config, limit)
-        prefill_seconds += time.perf_counter() - started
-        yield from events
-        while live := [slot for slot, row in enumerate(rows) if row.finish_reason is None]:
-            started = time.perf_counter()
-            input_ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
-            positions = np.full((batch, 1), NO_POSITION, dtype=np.int64)  # (B, 1)
-            for slot in live:
-                input_ids[slot, 0] = rows[slot].ids[-1]
-                positions[slot, 0] = len(rows[slot].ids) - 1
-            logits = backend.step(input_ids, positions)[live, 0, :]  # (live, V)
-            events = advance([rows[slot] for slot in live], logits, sampler, config, limit)
-            decode_seconds += time.perf_counter() - started
-            decode_steps += 1
-            yield from events
-        completions.extend(row.completion() for row in rows)
-    return GenerationResult(completions=completions, prefill_seconds=prefill_seconds,
-                            decode_seconds=decode_seconds, prefill_tokens=sum(map(len, prompts)),
-                            decode_steps=decode_steps)
-
-
-def prefill(backend: StepBackend, prompts: list[list[int]]) -> np.ndarray:
-    """Left-pad the group to a multiple of the chunk, run the chunks; each row's next-token logits."""
-    batch, chunk = backend.shapes.batch, backend.shapes.prefill_chunk
-    width = -(-max(map(len, prompts)) // chunk) * chunk
-    input_ids = np.zeros((batch, width), dtype=np.int64)  # (B, W)
-    positions = np.full((batch, width), NO_POSITION, dtype=np.int64)  # (B, W)
-    for slot, prompt in enumerate(prompts):
-        input_ids[slot, width - len(prompt):] = prompt
-        positions[slot, width - len(prompt):] = np.arange(len(prompt))
-    for start in range(0, width, chunk):
-        logits = backend.step(np.ascontiguousarray(input_ids[:, start:start + chunk]),
-                              np.ascontiguousarray(positions[:, start:start + chunk]))  # (B, P, V)
-    return logits[:len(prompts), -1, :]  # (rows, V)
-
-
-def advance(rows: list[Row], logits: np.ndarray, sampler: Sampler, config: GenerationConfig,
-            limit: int | None) -> list[TokenEvent]:
-    """Sample one token for each live row (logits (rows, V)) and record it."""
-    tokens = sampler.next_tokens(logits, [row.ids for row in rows])  # (rows,)
-    return [TokenEvent(row.index, int(token), row.add(int(token), config, limit))
-            for row, token in zip(rows, tokens)]

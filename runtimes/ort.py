@@ -138,10 +138,11 @@ class OrtBackend:
         self.bindings = {chunk: ChunkBinding(self.session, self.shapes, chunk, dtype, cache)
                          for chunk in self.manifest.chunks}
 
-    def reset(self) -> None:
-        self.cache_k.fill(0)
-        self.cache_v.fill(0)
-        self.cache_positions.fill(NO_POSITION)
+    def reset(self, rows=None) -> None:
+        index = slice(None) if rows is None else list(rows)
+        self.cache_k[:, index] = 0  # (L, rows, Hkv, S, D)
+        self.cache_v[:, index] = 0
+        self.cache_positions[index] = NO_POSITION  # (rows, S)
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         check_step_inputs(self.shapes, self.shapes.vocab_size, input_ids, positions)

@@ -10,11 +10,11 @@ A head artifact (graphs/onnx_heads.py: bare model, sequence / token classificati
 answering) is scored instead: `session.score("text")` returns its outputs, `session.classify`
 its label names (config.json's id2label); generation needs a causal-LM artifact.
 
-Thread safety: a Session owns one backend and its KV cache. Each generation holds the session's
-lock from its first step to its last, so calls from several threads are safe but run one at a
-time. For parallel generation open one Session per thread (each holds its own weights), or batch
-prompts into one call (`generate([...])` runs them `shapes.batch` rows at a time). A `stream`
-iterator holds the lock until it is exhausted or closed: close it if you stop early.
+Thread safety: a Session owns one backend and one Engine (runtimes/engine.py) stepping it on a
+background thread; every call submits its prompts to the engine, whose batch rows are request
+slots. Calls from several threads run concurrently, each prompt in its own row as soon as one is
+free, and give the same greedy tokens as run alone. A `stream` iterator closed early cancels its
+request. `last_result` is the last call's result (from whichever thread finished last).
 """
 from __future__ import annotations
 
@@ -22,23 +22,46 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from runtimes.generate import GenerationConfig, GenerationResult, generate, stream
+from runtimes.engine import Engine, Request, result_of
+from runtimes.generate import GenerationConfig, GenerationResult, check_prompts
 from runtimes.heads import HeadResult, score
 from runtimes.sampling import SamplingParams
 from runtimes.step import RequestError
 
 
 class Session:
-    def __init__(self, backend, manifest, tokenizer=None):
+    def __init__(self, backend, manifest, tokenizer=None, max_queue: int | None = None, rows: int | None = None):
         self.backend = backend
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.last_result: GenerationResult | None = None
-        self._lock = threading.Lock()
+        self._score_lock = threading.Lock()  # head artifacts: one scoring batch at a time
+        self._engine = None if manifest.head != "causal-lm" else Engine(
+            backend, max_queue=max_queue, rows=rows, max_positions=manifest.config.max_position_embeddings).start()
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RequestError(f"{self.manifest.folder}: a {self.manifest.head} artifact does not generate; "
+                               f"score it (Session.score)")
+        return self._engine
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop admitting; running requests get `grace` seconds to finish, then are cancelled; the
+        engine's thread ends (it holds the backend until then)."""
+        if self._engine is not None:
+            self._engine.close(grace)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
     @classmethod
     def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",
-             threads: int | None = None, checkpoint: str | Path | None = None) -> "Session":
+             threads: int | None = None, checkpoint: str | Path | None = None,
+             max_queue: int | None = None, rows: int | None = None) -> "Session":
         from runtimes.load import open_backend
 
         backend, manifest = open_backend(artifact, runtime, provider=provider, threads=threads, checkpoint=checkpoint)
@@ -47,7 +70,7 @@ class Session:
             from mixtral_export.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
-        return cls(backend, manifest, tokenizer)
+        return cls(backend, manifest, tokenizer, max_queue=max_queue, rows=rows)
 
     # ---- text <-> ids ----
 
@@ -83,27 +106,34 @@ class Session:
 
     # ---- generation ----
 
+    def submit(self, prompt_ids: list[int], index: int = 0, timeout: float | None = None, **options) -> Request:
+        """Queue one prompt on the engine; iterate the Request (or `async for`) for its tokens."""
+        detokenizer = self.tokenizer.stream_decoder() if self.tokenizer else None
+        return self.engine.submit(prompt_ids, self._config(**options), detokenizer, index=index, timeout=timeout)
+
     def generate_ids(self, prompts: list[list[int]], **options) -> GenerationResult:
-        factory = self.tokenizer.stream_decoder if self.tokenizer else None
-        with self._lock:
-            self.last_result = generate(self.backend, prompts, self._config(**options), detokenizer_factory=factory,
-                                        max_positions=self.manifest.config.max_position_embeddings)
+        check_prompts([[int(t) for t in p] for p in prompts], self.backend.shapes.vocab_size, self.engine.limit)
+        requests: list[Request] = []
+        try:
+            for index, prompt in enumerate(prompts):
+                requests.append(self.submit(prompt, index=index, **options))
+            for request in requests:
+                request.result()
+        finally:
+            for request in requests:
+                request.cancel()  # no-op for the finished; frees rows if the caller gave up
+        self.last_result = result_of(requests)
         return self.last_result
 
     def stream_ids(self, prompt_ids: list[int], **options) -> Iterator[str]:
         """Text pieces of one prompt's continuation as they are produced."""
-        factory = self.tokenizer.stream_decoder if self.tokenizer else None
-        config = self._config(**options)
-        with self._lock:
-            events = stream(self.backend, [prompt_ids], config, detokenizer_factory=factory,
-                            max_positions=self.manifest.config.max_position_embeddings)
-            while True:
-                try:
-                    event = next(events)
-                except StopIteration as done:
-                    self.last_result = done.value
-                    return
-                yield event.text_delta if factory else f"{event.token_id} "
+        request = self.submit(prompt_ids, **options)
+        try:
+            for event in request:
+                yield event.text_delta if self.tokenizer else f"{event.token_id} "
+        finally:
+            request.cancel()
+        self.last_result = result_of([request])
 
     def generate(self, prompt: str | list[str], chat: bool = False, system: str | None = None,
                  **options) -> str | list[str]:
@@ -130,7 +160,7 @@ class Session:
         """Each prompt's head outputs, cut to its own tokens; batched `shapes.batch` rows at a time."""
         if self.head == "causal-lm":
             raise RequestError(f"{self.manifest.folder}: a causal-LM artifact has no head to score; use generate")
-        with self._lock:
+        with self._score_lock:
             return score(self.backend, prompts, self.manifest.config.pad_token_id, padding)
 
     def score(self, prompt: str | list[str], padding: str = "left") -> HeadResult | list[HeadResult]:

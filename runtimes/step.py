@@ -1,7 +1,7 @@
 """The one narrow interface every backend implements, and the ring-cache bookkeeping they share."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -29,8 +29,8 @@ class StepBackend(Protocol):
     shapes: StepShapes
     name: str
 
-    def reset(self) -> None:
-        """Empty the cache of every row."""
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Empty the cache of `rows` (every row when None): a row's next occupant sees nothing of it."""
         ...
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:

@@ -18,10 +18,8 @@ class TorchRing:
         self.cache_positions = torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64,
                                     device=device)  # (B, S)
 
-    def reset(self) -> None:
-        self.cache_k.zero_()
-        self.cache_v.zero_()
-        self.cache_positions.fill_(NO_POSITION)
+    def reset(self, rows=None) -> None:
+        clear(self.cache_k, self.cache_v, self.cache_positions, rows)
 
     def write(self, new_k: torch.Tensor, new_v: torch.Tensor, positions: np.ndarray) -> None:
         """Put a chunk's keys/values (L, B, Hkv, T, D) into slots position % S, real tokens only."""
@@ -30,3 +28,11 @@ class TorchRing:
         self.cache_k[:, rows, :, slots] = new_k[:, rows, :, cols]  # (n, L, Hkv, D) on both sides
         self.cache_v[:, rows, :, slots] = new_v[:, rows, :, cols]
         self.cache_positions[rows, slots] = torch.from_numpy(np.ascontiguousarray(positions)).to(device)[rows, cols]
+
+
+def clear(cache_k: torch.Tensor, cache_v: torch.Tensor, cache_positions: torch.Tensor, rows=None) -> None:
+    """Zero the keys/values (L, B, ...) and free the slots (B, S) of `rows` (all when None)."""
+    index = slice(None) if rows is None else torch.tensor(list(rows), dtype=torch.int64, device=cache_k.device)
+    cache_k[:, index] = 0
+    cache_v[:, index] = 0
+    cache_positions[index] = NO_POSITION

@@ -98,9 +98,9 @@ class TrtBackend:
                        for chunk, profile in record["profiles"].items()}
         torch.cuda.synchronize(self.device)  # profile switches and zero fills are done before the first step
 
-    def reset(self) -> None:
+    def reset(self, rows=None) -> None:
         with torch.cuda.stream(self.stream):
-            self.ring.reset()
+            self.ring.reset(rows)
         self.stream.synchronize()
 
     @torch.inference_mode()

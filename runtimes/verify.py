@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.contract import NO_POSITION
-from runtimes.generate import GenerationConfig, generate, prefill
+from runtimes.engine import Engine
+from runtimes.generate import GenerationConfig, generate
 from runtimes.sampling import SamplingParams
 from runtimes.step import StepBackend
 
@@ -82,19 +82,24 @@ def greedy(backend: StepBackend, prompts: list[list[int]], steps: int) -> list[l
 
 def teacher_forced(backend: StepBackend, prompts: list[list[int]], forced: list[list[int]]) -> list[np.ndarray]:
     """Per prompt (steps, V) logits: step 0 from prefill, step s from decoding forced[row][s - 1]."""
-    batch, out = backend.shapes.batch, []
-    for start in range(0, len(prompts), batch):
-        group, tokens = prompts[start:start + batch], forced[start:start + batch]
-        backend.reset()
-        steps = [prefill(backend, group)]  # (rows, V)
-        for s in range(len(tokens[0]) - 1):
-            ids = np.zeros((batch, 1), dtype=np.int64)  # (B, 1)
-            pos = np.full((batch, 1), NO_POSITION, dtype=np.int64)
-            for row, (prompt, toks) in enumerate(zip(group, tokens)):
-                ids[row, 0], pos[row, 0] = toks[s], len(prompt) + s
-            steps.append(backend.step(ids, pos)[:len(group), 0])
-        out.extend(np.stack(steps, axis=1))  # rows x (steps, V)
-    return out
+    engine = Engine(backend, ride_along=False)
+    feeds = [Forced(tokens) for tokens in forced]
+    requests = [engine.submit(prompt, GenerationConfig(max_new_tokens=len(feed.tokens)), index=n, sampler=feed)
+                for n, (prompt, feed) in enumerate(zip(prompts, feeds))]
+    for _ in engine.drive(requests):
+        pass
+    return [np.stack(feed.logits) for feed in feeds]
+
+
+class Forced:
+    """Stands in for a request's Sampler: feeds a fixed continuation, keeps the logits of each step."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens, self.logits = list(tokens), []
+
+    def next_tokens(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        self.logits.append(np.array(logits[0]))  # (V,)
+        return np.array([self.tokens[len(self.logits) - 1]], dtype=np.int64)
 
 
 def compare(runtime: str, against: str, ours: list[np.ndarray], theirs: list[np.ndarray],

@@ -26,4 +26,5 @@ else
     echo "install: $TORCH, the CPU build from $CPU_INDEX" >&2
     "$PY" -m pip install -q "$TORCH" --index-url "$CPU_INDEX"
 fi
-"$PY" -m pip install -q -e ".[test]"
+# EXTRAS adds more: EXTRAS=test,serve,ray,plot bash scripts/install.sh (test already has the server's deps)
+"$PY" -m pip install -q -e ".[${EXTRAS:-test}]"

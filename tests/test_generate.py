@@ -35,11 +35,16 @@ class ToyLM:
         self.steps = 0
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, rows=None) -> None:
         batch, slots = self.shapes.batch, self.shapes.cache_slots
-        self.cache_ids = np.zeros((batch, slots), dtype=np.int64)  # (B, S)
-        self.cache_positions = np.full((batch, slots), NO_POSITION, dtype=np.int64)  # (B, S)
-        self.fed = [0] * batch  # the next position each row must be given
+        if rows is None:
+            self.cache_ids = np.zeros((batch, slots), dtype=np.int64)  # (B, S)
+            self.cache_positions = np.full((batch, slots), NO_POSITION, dtype=np.int64)  # (B, S)
+            self.fed = [0] * batch  # the next position each row must be given
+        for row in range(batch) if rows is None else rows:
+            self.cache_ids[row] = 0
+            self.cache_positions[row] = NO_POSITION
+            self.fed[row] = 0
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         assert input_ids.shape in ((self.shapes.batch, self.shapes.prefill_chunk), (self.shapes.batch, 1))

@@ -1,0 +1,266 @@
+"""Load benchmark of `mixtral-export serve`: C concurrent HTTP clients, continuous batching against serialized.
+
+Two server processes over the same artifact: the engine on every batch row, and the serialized
+baseline (`--rows 1`: one request at a time, what a Session did before the engine). For each
+client count C, N requests with mixed prompt and output lengths (greedy, token-id prompts, the same
+list for both) go through each server, the two interleaved and alternating who goes first each
+round. Reported per C and server: aggregate generated tok/s (completion tokens / wall time, pooled
+over rounds), the speedup as the median of per-round ratios (the two runs of a round share the
+machine's load, which on a shared machine moves more than the speedup), time to first token and
+inter-token latency p50 / p99 (streamed chunks), failures, and how many continuous-batching
+completions differ from the serialized (= solo) run of the same request.
+
+    python3 bench/serve_load.py out/tiny-b4 --clients 1,2,4,8,16 --requests 32 --rounds 6 --threads 1 --json out/serve.json --plot out/serve.png
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("continuous", "serialized")
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    tokens: int = 0
+    text: str = ""
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+class ServerProcess:
+    def __init__(self, artifact: Path, rows: int | None, threads: int | None):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        command = [sys.executable, "-m", "mixtral_export", "serve", str(artifact), "--port", str(self.port),
+                   "--max-queue", "100000", "--model-name", "bench"]
+        command += ["--rows", str(rows)] if rows else []
+        command += ["--threads", str(threads)] if threads else []
+        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"the server exited: {self.process.stderr.read()}")
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                connection.request("GET", "/health")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise SystemExit("the server did not come up")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def one_request(port: int, prompt: list[int], max_tokens: int) -> Outcome:
+    """A streamed greedy completion; time to first chunk, gaps between chunks, usage tokens."""
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    started = time.perf_counter()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        reply = connection.getresponse()
+        if reply.status != 200:
+            return Outcome(False, error=f"HTTP {reply.status}: {reply.read()[:200]!r}")
+        outcome, last, pending = Outcome(True), None, b""
+        while data := reply.read1(1 << 16):  # whatever has arrived: events that came together, together
+            now = time.perf_counter()
+            *events, pending = (pending + data).split(b"\n\n")
+            for event in events:
+                if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                    continue
+                chunk = json.loads(event[6:])
+                if chunk.get("usage"):
+                    outcome.tokens = chunk["usage"]["completion_tokens"]
+                elif chunk.get("error"):
+                    return Outcome(False, error=str(chunk["error"]))
+                elif chunk["choices"] and chunk["choices"][0]["text"]:
+                    if last is None:
+                        outcome.ttft = now - started
+                    else:
+                        outcome.gaps.append(now - last)
+                    last = now
+                    outcome.text += chunk["choices"][0]["text"]
+        connection.close()
+        return outcome
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        return Outcome(False, error=f"{type(error).__name__}: {error}")
+
+
+def load(port: int, workload: list[tuple[list[int], int]], clients: int) -> tuple[list[Outcome], float]:
+    """`clients` threads take the workload's requests in order until none is left; outcomes, wall seconds."""
+    outcomes: list[Outcome | None] = [None] * len(workload)
+    next_index, lock = [0], threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                index = next_index[0]
+                next_index[0] += 1
+            if index >= len(workload):
+                return
+            outcomes[index] = one_request(port, *workload[index])
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes, time.perf_counter() - started
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summarize(outcomes: list[Outcome], seconds: float) -> dict:
+    good = [o for o in outcomes if o.ok]
+    gaps = [g for o in good for g in o.gaps]
+    ttfts = [o.ttft for o in good if o.ttft is not None]
+    tokens = sum(o.tokens for o in good)
+    return {"requests": len(outcomes), "failures": len(outcomes) - len(good), "seconds": seconds,
+            "generated_tokens": tokens, "tokens_per_second": tokens / seconds,
+            "ttft_p50": percentile(ttfts, 50), "ttft_p99": percentile(ttfts, 99),
+            "itl_p50": percentile(gaps, 50), "itl_p99": percentile(gaps, 99),
+            "errors": sorted({o.error for o in outcomes if not o.ok})[:5]}
+
+
+def workload(count: int, vocab: int, prompt_lengths: tuple[int, int], output_lengths: tuple[int, int],
+             seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(3, vocab) for _ in range(rng.randint(*prompt_lengths))], rng.randint(*output_lengths))
+            for _ in range(count)]
+
+
+def run(args) -> dict:
+    manifest = json.loads((args.artifact / "manifest.json").read_text())
+    batch, vocab = manifest["shapes"]["batch"], manifest["shapes"]["vocab_size"]
+    servers = {"continuous": ServerProcess(args.artifact, None, args.threads),
+               "serialized": ServerProcess(args.artifact, 1, args.threads)}
+    levels = []
+    try:
+        for mode in MODES:  # warm both: first-call allocations out of the measurement
+            load(servers[mode].port, workload(batch, vocab, (4, 8), (4, 8), 0), batch)
+        for clients in args.clients:
+            requests = workload(args.requests, vocab, args.prompt_lengths, args.output_lengths, args.seed + clients)
+            pooled = {mode: ([], 0.0) for mode in MODES}
+            ratios = []  # per round: the two servers measured back to back share the machine's load
+            for round_ in range(args.rounds):
+                rates = {}
+                for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
+                    outcomes, seconds = load(servers[mode].port, requests, clients)
+                    pooled[mode] = (pooled[mode][0] + outcomes, pooled[mode][1] + seconds)
+                    rates[mode] = summarize(outcomes, seconds)["tokens_per_second"]
+                ratios.append(rates["continuous"] / rates["serialized"])
+                print(f"C={clients} round {round_}: {rates['continuous']:.0f} / {rates['serialized']:.0f} tok/s "
+                      f"= {ratios[-1]:.2f}x", file=sys.stderr, flush=True)
+            level = {"clients": clients, **{mode: summarize(*pooled[mode]) for mode in MODES}}
+            cont, serial = pooled["continuous"][0], pooled["serialized"][0]
+            level["mismatches"] = sum(a.ok and b.ok and a.text != b.text for a, b in zip(cont, serial))
+            level["speedup"] = statistics.median(ratios)
+            level["speedup_range"] = [min(ratios), max(ratios)]
+            levels.append(level)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"artifact": str(args.artifact), "batch": batch, "requests_per_level": args.requests,
+            "rounds": args.rounds, "prompt_lengths": args.prompt_lengths, "output_lengths": args.output_lengths,
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "threads": args.threads, "levels": levels}
+
+
+def table(result: dict) -> str:
+    ms = lambda s: "-" if s is None else f"{s * 1e3:.0f}"
+    lines = [f"artifact {result['artifact']} (batch {result['batch']}), {result['requests_per_level']} requests "
+             f"x {result['rounds']} rounds per level; load average at the end "
+             f"{' '.join(f'{x:.1f}' for x in result['load_average'])} on {result['cpus']} CPUs",
+             "| clients | server | tok/s (pooled) | vs serialized: median (min-max) of rounds | TTFT p50 / p99 ms | ITL p50 / p99 ms | failures | "
+             "differs from solo |", "|---|---|---|---|---|---|---|---|"]
+    for level in result["levels"]:
+        for mode in MODES:
+            m = level[mode]
+            low, high = level["speedup_range"]
+            ratio = f"{level['speedup']:.2f}x ({low:.2f}-{high:.2f})" if mode == "continuous" else "1.00x"
+            differs = str(level["mismatches"]) if mode == "continuous" else "-"
+            lines.append(f"| {level['clients']} | {mode} | {m['tokens_per_second']:.1f} | {ratio} | "
+                         f"{ms(m['ttft_p50'])} / {ms(m['ttft_p99'])} | {ms(m['itl_p50'])} / {ms(m['itl_p99'])} | "
+                         f"{m['failures']} | {differs} |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clients = [level["clients"] for level in result["levels"]]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in MODES:
+        left.plot(clients, [level[mode]["tokens_per_second"] for level in result["levels"]], "o-", label=mode)
+        right.plot(clients, [level[mode]["ttft_p50"] * 1e3 for level in result["levels"]], "o-", label=mode)
+    left.set(xlabel="concurrent clients", ylabel="generated tok/s (aggregate)", xscale="log", xticks=clients)
+    right.set(xlabel="concurrent clients", ylabel="TTFT p50 (ms)", xscale="log", yscale="log", xticks=clients)
+    for axis in (left, right):
+        axis.set_xticklabels([str(c) for c in clients])
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"mixtral-export serve: {Path(result['artifact']).name}, batch {result['batch']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def pair(text: str) -> tuple[int, int]:
+    low, high = (int(x) for x in text.split(","))
+    return low, high
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifact", type=Path, help="ONNX artifact folder (export it with --batch >= 4)")
+    parser.add_argument("--clients", default="1,2,4,8,16", type=lambda s: [int(x) for x in s.split(",")])
+    parser.add_argument("--requests", type=int, default=48, help="requests per client count and server")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds per client count, pooled")
+    parser.add_argument("--prompt-lengths", type=pair, default=(4, 48), help="min,max prompt tokens")
+    parser.add_argument("--output-lengths", type=pair, default=(8, 64), help="min,max max_tokens")
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per server")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None, help="PNG (needs matplotlib)")
+    args = parser.parse_args()
+    result = run(args)
+    print(table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.plot:
+        try:
+            plot(result, args.plot)
+        except ImportError:
+            print("no matplotlib: PNG skipped (pip install 'mixtral-export[plot]')", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

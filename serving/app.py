@@ -1,0 +1,172 @@
+"""The OpenAI-compatible HTTP app over one Session (its engine's batch rows serve concurrent requests).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as server-sent
+events), GET /v1/models, GET /health, GET /metrics. Errors have OpenAI's body
+{"error": {"message", "type", "param", "code"}}: 400 for a bad request, 404 for an unknown model
+or route, 429 when the engine's queue is full, 503 while shutting down. A client that disconnects
+cancels its requests, which frees their rows at the next step. No torch on this path.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from runtimes.engine import EngineClosed, QueueFull, Request
+from runtimes.step import RequestError
+from serving.metrics import ServerMetrics
+from serving.openai_api import (BadRequest, Job, chunk, delta_event, error_body, parse, response, sse_text as sse,
+                                usage_chunk)
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+def build_app(session, model_name: str, request_timeout: float | None = None, replica: str | None = None) -> FastAPI:
+    """The app; the caller owns the session (and closes it: see serving/server.py). `replica` names this
+    copy in an `x-replica` header and /health (Ray Serve runs several)."""
+    app = FastAPI(title="mixtral-export", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = ServerMetrics(session.engine)
+    limit = session.engine.limit
+    default_chat_tokens = 512 if limit is None else limit  # chat without max_tokens: up to the context
+    app.state.session, app.state.metrics = session, metrics
+    headers = {"x-replica": replica} if replica else None
+    has_text = session.tokenizer is not None  # without one, a token's text is its id: "12 "
+
+    def refuse(status: int, message: str, kind: str, outcome: str, param=None, code=None) -> JSONResponse:
+        metrics.requests.labels(outcome).inc()
+        return JSONResponse(error_body(message, kind, param, code), status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_, error: HTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(error.detail), kind), status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, error: RequestValidationError):
+        return JSONResponse(error_body(str(error)), status_code=400)
+
+    async def serve(kind: str, http: HttpRequest):
+        try:
+            body = json.loads(await http.body())
+        except ValueError:
+            return refuse(400, "the request body is not valid JSON", "invalid_request_error", "bad_request")
+        try:
+            job = parse(kind, body, session, model_name, default_chat_tokens)
+        except BadRequest as error:
+            return refuse(400, str(error), "invalid_request_error", "bad_request", error.param)
+        if job.model != model_name:
+            return refuse(404, f"the model {job.model!r} does not exist; this server serves {model_name!r}",
+                          "invalid_request_error", "bad_request", "model", "model_not_found")
+        requests: list[Request] = []
+        try:
+            for index, prompt in enumerate(job.prompts):
+                requests.append(session.submit(prompt, index=index, timeout=request_timeout, **job.options))
+        except QueueFull as error:
+            cancel(requests)
+            return refuse(429, str(error), "rate_limit_error", "rejected_queue_full", code="queue_full")
+        except EngineClosed as error:
+            cancel(requests)
+            return refuse(503, str(error), "service_unavailable", "rejected_shutting_down")
+        except RequestError as error:  # too long for the context, bad token ids, ...
+            cancel(requests)
+            return refuse(400, str(error), "invalid_request_error", "bad_request", "prompt")
+        metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
+        if job.stream:
+            return StreamingResponse(stream(job, requests[0]), media_type="text/event-stream", headers=headers)
+        watcher = asyncio.create_task(watch_disconnect(http, requests))
+        try:
+            completions = await asyncio.gather(*(collect(r) for r in requests))
+        except Exception as error:  # a failed backend step
+            return refuse(500, f"generation failed: {error}", "server_error", "error")
+        finally:
+            watcher.cancel()
+            cancel(requests)
+        return JSONResponse(response(job, completions), headers=headers)
+
+    async def collect(request: Request):
+        async for _ in timed(request):
+            pass
+        metrics.requests.labels(request.completion.finish_reason).inc()
+        return request.completion
+
+    async def timed(request: Request):
+        """The request's events as they reach the loop, in batches (tokens that arrived together go out
+        in one chunk); observes time to first token and the gaps between tokens as the loop saw them."""
+        last = start = time.perf_counter()
+        async for events in request.batches():
+            now = time.perf_counter()
+            (metrics.itl if last != start else metrics.ttft).observe(now - last)
+            for _ in events[1:]:
+                metrics.itl.observe(0.0)
+            last = now
+            metrics.generated_tokens.inc(len(events))
+            yield events
+
+    async def stream(job: Job, request: Request):
+        """SSE: text deltas, a last chunk with the finish reason, usage if asked, [DONE]. A dropped
+        connection cancels the generator here, which cancels the request."""
+        try:
+            if job.kind == "chat":
+                yield sse(chunk(job, "", first=True))  # the role, as OpenAI sends it first
+            async for events in timed(request):
+                if text := "".join(event.text_delta if has_text else f"{event.token_id} " for event in events):
+                    yield delta_event(job, text)
+            completion = request.completion
+            metrics.requests.labels(completion.finish_reason).inc()
+            yield sse(chunk(job, None, completion.finish_reason))
+            if job.include_usage:
+                yield sse(usage_chunk(job, completion))
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            metrics.requests.labels("disconnected").inc()
+            raise
+        except Exception as error:  # a failed backend step: tell the client in-band
+            metrics.requests.labels("error").inc()
+            yield sse(error_body(f"generation failed: {error}", "server_error"))
+        finally:
+            request.cancel()
+
+    @app.post("/v1/completions")
+    async def completions(http: HttpRequest):
+        return await serve("completion", http)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HttpRequest):
+        return await serve("chat", http)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
+                                            "owned_by": "mixtral-export"}]}
+
+    @app.get("/health")
+    async def health():
+        engine = session.engine
+        status = 503 if engine.closed else 200
+        return JSONResponse({"status": "closing" if engine.closed else "ok", "busy_rows": engine.busy_rows,
+                             "batch_rows": engine.shapes.batch, "queue_depth": engine.queue_depth,
+                             "replica": replica},
+                            status_code=status)
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def cancel(requests: list[Request]) -> None:
+    for request in requests:
+        request.cancel()
+
+
+async def watch_disconnect(http: HttpRequest, requests: list[Request]) -> None:
+    """Cancel a non-streamed request whose client went away (its row frees at the next step)."""
+    while not await http.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+    cancel(requests)

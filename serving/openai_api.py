@@ -1,0 +1,222 @@
+"""The OpenAI wire format: a request body checked into a Job, completions into response bodies.
+
+Fields mean what they mean in the OpenAI API: `model`, `prompt` (text, token ids, or a list of
+either: one choice each) or `messages` (encoded like `generate --chat`), `max_tokens`
+(`max_completion_tokens` for chat), `temperature` (default 1), `top_p`, `stop` (up to 4 strings,
+cut from the text), `seed`, `stream` (+ `stream_options.include_usage`). Anything a client can get
+wrong raises BadRequest (HTTP 400) with the parameter it names.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from runtimes.generate import Completion
+from runtimes.step import RequestError
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
+               "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
+               "tools": ([],)}  # name -> the values that mean "off" (None always does)
+FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
+                  "cancelled": "length", "timeout": "length"}  # OpenAI knows only stop / length here
+
+
+class BadRequest(RequestError):
+    """A request body the API refuses (HTTP 400); `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class Job:
+    kind: str  # "completion" | "chat"
+    model: str
+    prompts: list[list[int]]  # one per choice
+    options: dict  # Session.submit keyword options
+    stream: bool = False
+    include_usage: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))
+    delta_frame: tuple[str, str] | None = None  # the SSE text around a delta's JSON string, made once
+
+
+def delta_event(job: Job, text: str) -> str:
+    """The SSE event of one text delta: a template filled with the JSON-escaped text (per token: cheap)."""
+    if job.delta_frame is None:
+        marker = "\u0000marker\u0000"
+        before, after = sse_text(chunk(job, marker)).split(json.dumps(marker))
+        job.delta_frame = before, after
+    return job.delta_frame[0] + json.dumps(text) + job.delta_frame[1]
+
+
+def sse_text(payload: dict) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+def parse(kind: str, body, session, served_model: str, default_max_tokens: int) -> Job:
+    """Check an OpenAI request body; the Job to run. `session` encodes text and chat messages."""
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required: a model name from /v1/models", "model")
+    for name, off in UNSUPPORTED.items():
+        if body.get(name) is not None and body[name] not in off:
+            raise BadRequest(f"'{name}' = {body[name]!r} is not supported by this server", name)
+    if kind == "chat":
+        prompts = [chat_prompt(body.get("messages"), session)]
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        max_tokens = default_max_tokens if max_tokens is None else max_tokens
+    else:
+        prompts = text_prompts(body.get("prompt"), session)
+        max_tokens = body.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    stream = checked(body, "stream", bool, False)
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise BadRequest("'stream_options' must be an object", "stream_options")
+    if stream and len(prompts) > 1:
+        raise BadRequest("streaming takes one prompt per request", "prompt")
+    options = dict(max_new_tokens=integer(max_tokens, "max_tokens", low=1),
+                   temperature=number(body, "temperature", 1.0, 0.0, 2.0),
+                   top_p=number(body, "top_p", 1.0, 0.0, 1.0),
+                   seed=None if body.get("seed") is None else integer(body["seed"], "seed"),
+                   stop_strings=stops(body.get("stop")))
+    if options["top_p"] == 0:
+        raise BadRequest("'top_p' must be > 0", "top_p")
+    return Job(kind, model, prompts, options, stream, bool(stream_options.get("include_usage", False)))
+
+
+def checked(body: dict, name: str, kind: type, default):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise BadRequest(f"'{name}' must be a {kind.__name__}, got {value!r}", name)
+    return value
+
+
+def integer(value, name: str, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        raise BadRequest(f"'{name}' must be an integer{f' >= {low}' if low is not None else ''}, got {value!r}", name)
+    return value
+
+
+def number(body: dict, name: str, default: float, low: float, high: float) -> float:
+    value = body.get(name, default)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be a number in [{low}, {high}], got {value!r}", name)
+    return float(value)
+
+
+def stops(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > 4 or not all(isinstance(s, str) and s for s in items):
+        raise BadRequest("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    return tuple(items)
+
+
+def text_prompts(prompt, session) -> list[list[int]]:
+    """A string, a list of token ids, or a list of either: one prompt per choice."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise BadRequest("'prompt' is required: a string, a list of token ids, or a list of either", "prompt")
+    out = []
+    for item in prompt:
+        if isinstance(item, str):
+            if session.tokenizer is None:
+                raise BadRequest("this artifact has no tokenizer.model: send the prompt as token ids", "prompt")
+            out.append(session.encode(item))
+        elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            out.append(list(item))
+        else:
+            raise BadRequest("'prompt' items must be strings or non-empty lists of token ids", "prompt")
+    return out
+
+
+def chat_prompt(messages, session) -> list[int]:
+    if session.tokenizer is None:
+        raise BadRequest("this artifact has no tokenizer.model: chat needs one; use /v1/completions with "
+                         "token ids", "messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' is required: a non-empty list of {role, content}", "messages")
+    plain = []
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise BadRequest("each message must be an object with a 'role' and a 'content'", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: only text ones
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise BadRequest("only text content parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise BadRequest("a message's 'content' must be a string", "messages")
+        plain.append({"role": message["role"], "content": content})
+    try:
+        return session.encode_chat(plain)
+    except ValueError as error:  # the tokenizer's ChatFormatError: roles out of order, unknown role
+        raise BadRequest(str(error), "messages") from None
+
+
+def text_of(completion: Completion) -> str:
+    """The completion's text; without a tokenizer, its token ids as "12 7 " (like Session.stream_ids)."""
+    return completion.text if completion.text is not None else "".join(f"{t} " for t in completion.token_ids)
+
+
+def usage(prompts: list[list[int]], completions: list[Completion]) -> dict:
+    prompt = sum(map(len, prompts))
+    generated = sum(len(c.token_ids) for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
+
+
+def response(job: Job, completions: list[Completion]) -> dict:
+    """The whole (non-streamed) response body."""
+    if job.kind == "chat":
+        choices = [{"index": n, "message": {"role": "assistant", "content": text_of(c)},
+                    "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
+                   for n, c in enumerate(completions)]
+    else:
+        choices = [{"index": n, "text": text_of(c), "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
+                   for n, c in enumerate(completions)]
+    return {"id": prefix(job) + job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
+            "created": job.created, "model": job.model, "choices": choices,
+            "usage": usage(job.prompts, completions)}
+
+
+def chunk(job: Job, text: str | None, finish: str | None = None, first: bool = False) -> dict:
+    """One streamed chunk: a text delta, or (text None) the end with its finish reason."""
+    if job.kind == "chat":
+        delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
+        choice = {"index": 0, "delta": delta, "logprobs": None,
+                  "finish_reason": FINISH_REASONS[finish] if finish else None}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None,
+                  "finish_reason": FINISH_REASONS[finish] if finish else None}
+    return {"id": prefix(job) + job.id, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+            "created": job.created, "model": job.model, "choices": [choice]}
+
+
+def usage_chunk(job: Job, completion: Completion) -> dict:
+    return {"id": prefix(job) + job.id, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
+            "created": job.created, "model": job.model, "choices": [], "usage": usage(job.prompts, [completion])}
+
+
+def prefix(job: Job) -> str:
+    return "chatcmpl-" if job.kind == "chat" else "cmpl-"
+
+
+def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

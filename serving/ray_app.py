@@ -1,0 +1,80 @@
+"""Scale-out on Ray Serve: N replicas, each one Session (one engine over its own backend), same routes.
+
+Ray's HTTP proxy spreads requests over the replicas; each answers with the app of serving/app.py,
+so the OpenAI routes, errors, SSE and /metrics are the same as `mixtral-export serve` (metrics are
+per replica: scrape each, or read the `x-replica` header a response carries). Either
+
+    mixtral-export serve ART --ray --replicas 2 [--port 8000]      # starts or joins a Ray cluster
+    serve run serving.ray_app:app artifact=ART replicas=2           # Ray's own CLI
+
+On a multi-machine cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on
+the others, the artifact at the same path on each), give each replica a machine's CPUs
+(`--threads`, reserved as num_cpus) or a GPU (`--provider cuda`, num_gpus=1).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+from pathlib import Path
+
+from ray import serve
+
+from serving.app import build_app
+
+
+@serve.deployment
+@serve.ingress()
+class Replica:
+    """One engine per replica; the ASGI app is built on the replica, after the artifact is open."""
+
+    def __init__(self, artifact: str, runtime: str = "ort", provider: str = "cpu", max_queue: int = 64,
+                 model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None):
+        from runtimes.session import Session
+
+        self.session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads,
+                                    max_queue=max_queue)
+        self.name = model_name or Path(artifact).resolve().name
+        self.request_timeout = request_timeout
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self.session, self.name, request_timeout=self.request_timeout,
+                         replica=f"{socket.gethostname()}:{os.getpid()}")
+
+    def __del__(self):
+        self.session.close()
+
+
+def deployment(artifact: str, replicas: int = 1, runtime: str = "ort", provider: str = "cpu", max_queue: int = 64,
+               model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None):
+    """The bound application: `replicas` copies of Replica, each reserving its threads (or a GPU)."""
+    actor = {"num_gpus": 1} if provider == "cuda" else {"num_cpus": threads or 1}
+    return Replica.options(num_replicas=replicas, ray_actor_options=actor).bind(
+        str(Path(artifact).resolve()), runtime, provider, max_queue, model_name, threads, request_timeout)
+
+
+def app(args: dict):
+    """`serve run serving.ray_app:app artifact=ART replicas=N [max_queue=..] [threads=..]`."""
+    return deployment(args["artifact"], replicas=int(args.get("replicas", 1)), runtime=args.get("runtime", "ort"),
+                      provider=args.get("provider", "cpu"), max_queue=int(args.get("max_queue", 64)),
+                      model_name=args.get("model_name"),
+                      threads=int(args["threads"]) if args.get("threads") else None)
+
+
+def serve_on_ray(artifact: str | Path, replicas: int, host: str, port: int, **options) -> None:
+    """Start (or join, with RAY_ADDRESS) a Ray cluster, run the app until SIGINT/SIGTERM, shut it down."""
+    import ray
+
+    code = str(Path(__file__).resolve().parents[1])  # replicas import this checkout's serving/ and runtimes/
+    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="warning",
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": code}})
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(deployment(str(artifact), replicas=replicas, **options), name="mixtral-export", route_prefix="/")
+    print(f"serving {Path(artifact).name} on Ray Serve, {replicas} replicas, on http://{host}:{port}/v1", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()

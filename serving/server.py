@@ -1,0 +1,56 @@
+"""Run the OpenAI-compatible app under uvicorn, with a graceful stop on SIGINT / SIGTERM.
+
+On the first signal the engine stops admitting (new requests get 503), running and queued
+requests get `grace` seconds to finish, then are cancelled (their streams end cleanly with the
+text so far); uvicorn waits for the responses to flush, and the process exits 0. A second SIGINT
+forces the exit.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import uvicorn
+
+from serving.app import build_app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's Server, but a signal drains the engine and ends in exit 0 (uvicorn re-raises it)."""
+
+    def __init__(self, config: uvicorn.Config, session, grace: float):
+        super().__init__(config)
+        self.session, self.grace = session, grace
+        self.draining: threading.Thread | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
+        if self.draining is None:
+            self.draining = threading.Thread(target=self.session.close, args=(self.grace,), daemon=True)
+            self.draining.start()
+        self.should_exit = True
+
+
+def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", host: str = "127.0.0.1",
+          port: int = 8000, max_queue: int = 64, grace: float = 10.0, model_name: str | None = None,
+          request_timeout: float | None = None, threads: int | None = None,
+          checkpoint: str | Path | None = None, rows: int | None = None, log_level: str = "warning") -> None:
+    """Open the artifact, serve until a signal, close the engine."""
+    from runtimes.session import Session
+
+    session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
+                           max_queue=max_queue, rows=rows)
+    name = model_name or Path(artifact).resolve().name
+    app = build_app(session, name, request_timeout=request_timeout)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
+                            access_log=False, lifespan="off")
+    server = GracefulServer(config, session, grace)
+    print(f"serving {name} ({runtime}, {session.engine.rows} of {session.backend.shapes.batch} rows, queue {max_queue}) "
+          f"on http://{host}:{port}/v1", flush=True)
+    try:
+        server.run()
+    finally:
+        session.close()

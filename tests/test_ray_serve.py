@@ -1,0 +1,35 @@
+"""Scale-out on Ray Serve: a local Ray cluster, 2 replicas of the engine, requests landing on both."""
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+pytest.importorskip("ray.serve")
+pytest.importorskip("openai")
+
+from tests.test_serve import Server, session  # noqa: E402,F401  (session: a fixture)
+
+
+@pytest.mark.slow
+def test_two_replicas_both_serve_requests(tiny_onnx, session):
+    server = Server(tiny_onnx, "--ray", "--replicas", "2")
+    try:
+        def complete(n):
+            body = json.dumps({"model": "tiny", "prompt": "Simple is better", "max_tokens": 8, "temperature": 0})
+            request = urllib.request.Request(server.url + "/v1/completions", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as reply:
+                return reply.headers["x-replica"], json.loads(reply.read())["choices"][0]["text"]
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(complete, range(32)))
+        expected = session.generate_ids([session.encode("Simple is better")], max_new_tokens=8).completions[0].text
+        assert len({replica for replica, _ in answers}) == 2  # both replicas served
+        assert {text for _, text in answers} == {expected}  # and both answer like the Session
+    finally:
+        code, output = server.stop(signal.SIGTERM, timeout=90)
+    assert code == 0, output

@@ -1,0 +1,220 @@
+"""The OpenAI-compatible server, as a real process on 127.0.0.1, driven by the official openai client."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+
+REPO = Path(__file__).resolve().parents[1]
+# Serves like `mixtral-export serve`, then prints which heavy modules the server process imported.
+WRAPPER = ("import sys; from serving.server import serve; "
+           "serve(sys.argv[1], port=int(sys.argv[2]), threads=1, model_name='tiny', grace=float(sys.argv[3])); "
+           "print('IMPORTED', sorted(m for m in ('torch', 'transformers', 'mixtral_export.model') if m in sys.modules))")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+class Server:
+    def __init__(self, artifact: Path, *flags: str, grace: float | None = None):
+        """`mixtral-export serve` with flags, or (grace given) WRAPPER."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = ["-m", "mixtral_export", "serve", str(artifact), "--port", str(self.port), "--threads", "1",
+                   "--model-name", "tiny", *flags] if grace is None else ["-c", WRAPPER, str(artifact),
+                                                                         str(self.port), str(grace)]
+        self.process = subprocess.Popen(
+            [sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        deadline = time.monotonic() + 180  # Ray Serve takes ~30 s to come up on a busy machine
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.stdout.read()
+            try:
+                if get(self.url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        else:
+            self.stop()
+            pytest.fail("the server did not come up in 180 s")
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+    def metric(self, name: str) -> float:
+        text = get(self.url + "/metrics")[1]
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+    def stop(self, sig=signal.SIGTERM, timeout=30) -> tuple[int, str]:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            output, _ = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            output, _ = self.process.communicate()
+        return self.process.returncode, output
+
+
+@pytest.fixture(scope="module")
+def server(tiny_onnx):
+    running = Server(tiny_onnx, "--max-queue", "1")
+    yield running
+    code, output = running.stop()
+    assert code == 0, output
+
+
+@pytest.fixture(scope="module")
+def session(tiny_onnx):
+    from runtimes.session import Session
+
+    session = Session.open(tiny_onnx)
+    yield session
+    session.close()
+
+
+def test_completion_equals_the_session_and_fills_usage(server, session):
+    reply = server.client.completions.create(model="tiny", prompt="Simple is better", max_tokens=12, temperature=0)
+    expected = session.generate_ids([session.encode("Simple is better")], max_new_tokens=12).completions[0]
+    assert reply.choices[0].text == expected.text and reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens == len(expected.prompt_ids) and reply.usage.completion_tokens == 12
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+    assert [m.id for m in server.client.models.list().data] == ["tiny"]
+
+
+def test_chat_uses_the_generate_chat_encoding(server, session):
+    messages = [{"role": "user", "content": "Hi there"}]
+    reply = server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+    expected = session.generate_ids([session.encode_chat(messages)], max_new_tokens=8).completions[0]
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content == expected.text
+    assert reply.usage.prompt_tokens == len(session.encode_chat(messages))
+
+
+def test_streamed_deltas_build_the_unstreamed_text(server):
+    args = dict(model="tiny", prompt="Flat is better than", max_tokens=16, temperature=0, stop=["ne"])
+    whole = server.client.completions.create(**args)
+    pieces, finish = [], None
+    for part in server.client.completions.create(stream=True, **args):
+        pieces.append(part.choices[0].text)
+        finish = part.choices[0].finish_reason or finish
+    assert "".join(pieces) == whole.choices[0].text and finish == whole.choices[0].finish_reason
+    chat = server.client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                 max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True})
+    parts = list(chat)
+    assert parts[-1].usage.completion_tokens == 6 and parts[-2].choices[0].finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible(server):
+    args = dict(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, top_p=0.9)
+    texts = [server.client.completions.create(seed=seed, **args).choices[0].text for seed in (3, 3, 4)]
+    assert texts[0] == texts[1] != texts[2]
+
+
+@pytest.mark.parametrize("body, param", [
+    (dict(prompt="x", temperature=3), "temperature"), (dict(prompt="x", max_tokens=0), "max_tokens"),
+    (dict(prompt=[]), "prompt"), (dict(prompt="x", stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(prompt="x", n=2), "n"), (dict(prompt=[10**6]), "prompt"), (dict(prompt="x " * 2000), "prompt")])
+def test_bad_requests_get_400_with_an_openai_error_body(server, body, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.client.completions.create(model="tiny", **body)
+    error = caught.value.body
+    assert caught.value.status_code == 400 and error["type"] == "invalid_request_error" and error["message"]
+    assert param is None or error["param"] == param
+
+
+def test_unknown_model_and_bad_json(server):
+    with pytest.raises(openai.NotFoundError):
+        server.client.completions.create(model="gpt-4", prompt="x")
+    request = urllib.request.Request(server.url + "/v1/chat/completions", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 400 and "error" in json.loads(caught.value.read())
+    with pytest.raises(openai.BadRequestError, match="roles"):
+        server.client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "x"}])
+
+
+def test_a_full_queue_gets_429_at_once(server):
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as caught:  # 2 rows + 1 queued < 4 prompts
+        server.client.completions.create(model="tiny", prompt=["a", "b", "c", "d"], max_tokens=500, temperature=0)
+    assert caught.value.status_code == 429 and time.monotonic() - started < 10
+    wait_idle(server)
+    assert server.metric('mixtral_requests_total{outcome="rejected_queue_full"}') >= 1
+
+
+def wait_idle(server, seconds=20):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        health = json.loads(get(server.url + "/health")[1])
+        if health["busy_rows"] == 0 and health["queue_depth"] == 0:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the server still holds requests after {seconds} s: {health}")
+
+
+def test_a_client_disconnecting_mid_stream_frees_its_row(server):
+    before = server.metric('mixtral_requests_total{outcome="disconnected"}')
+    stream = server.client.completions.create(model="tiny", prompt="Long", max_tokens=1000, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()  # drops the connection mid-stream
+    wait_idle(server)
+    assert server.metric('mixtral_requests_total{outcome="disconnected"}') == before + 1
+    reply = server.client.completions.create(model="tiny", prompt="still alive", max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens == 3
+    text = get(server.url + "/metrics")[1]
+    for name in ("mixtral_queue_depth", "mixtral_busy_rows", "mixtral_generated_tokens_total",
+                 "mixtral_time_to_first_token_seconds_bucket", "mixtral_inter_token_latency_seconds_bucket"):
+        assert name in text
+
+
+def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_onnx):
+    server = Server(tiny_onnx, grace=2)
+    results: dict[int, tuple[str, str | None]] = {}
+    first_token = threading.Barrier(3, timeout=30)
+
+    def work(n):
+        text, finish = "", None
+        stream = server.client.completions.create(model="tiny", prompt=f"request {n}", max_tokens=40 if n else 1000,
+                                                  temperature=0, stream=True)
+        for count, part in enumerate(stream):
+            if count == 0:
+                first_token.wait()
+            text += part.choices[0].text
+            finish = part.choices[0].finish_reason or finish
+        results[n] = (text, finish)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    first_token.wait()
+    code, output = server.stop(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert code == 0, output
+    assert "IMPORTED []" in output, output  # the ORT server never imported torch
+    assert results[1][1] == "length"  # 40 tokens: finished within the grace period
+    assert results[0][1] == "length"  # 1000 tokens: cut at the grace period, but the stream ended properly
