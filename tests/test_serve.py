@@ -153,7 +153,7 @@ def test_unknown_model_and_bad_json(server):
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=10)
     assert caught.value.code == 400 and "error" in json.loads(caught.value.read())
-    with pytest.raises(openai.BadRequestError, match="roles"):
+    with pytest.raises(openai.BadRequestError, match="message 0"):
         server.client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "x"}])
 
 
