@@ -105,32 +105,8 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
                progress: Callable[[int, int], None] | None = None, routing: str = "dense") -> MixtralStatic:
     """Build MixtralStatic from a checkpoint folder; `dtype` defaults to the config's."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder")
-    config = MixtralConfig.from_json(folder / "config.json")
-    if dtype is not None:
-        config = config.replace(dtype=dtype)
-    tensors = checkpoint_tensors(folder)
-    fused = any(".mlp.experts." in key for key in tensors)
-    if fused and any(".block_sparse_moe." in key for key in tensors):
-        raise CheckpointError(f"{folder}: mixes the per-expert (block_sparse_moe) and fused (mlp.experts) layouts")
-    targets = weight_targets(config, fused)
-    for key, entry in tensors.items():
-        if key in targets or IGNORED.fullmatch(key):
-            continue
-        if key == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # tied: the embedding is the head; a saved copy is redundant
-        raise CheckpointError(f"{entry.path}: unexpected tensor {key} for this config")
-    for key, target in targets.items():
-        if key not in tensors:
-            raise CheckpointError(f"{folder}: missing tensor {key}")
-        entry = tensors[key]
-        if entry.shape != target.shape:
-            raise CheckpointError(f"{entry.path}: tensor {key} has shape {list(entry.shape)}, "
-                                  f"expected {list(target.shape)}")
-        if entry.dtype not in FILE_DTYPES:
-            raise CheckpointError(f"{entry.path}: tensor {key} has dtype {entry.dtype}; "
-                                  f"expected F32, F16 or BF16")
+    config = checkpoint_config(folder, dtype)
+    tensors, targets = checked_tensors(folder, config)
 
     with torch.device("meta"):  # no memory until to_empty, which allocates the one copy
         model = MixtralStatic(config, attention_window, routing).to(TORCH_DTYPES[config.dtype])
@@ -152,6 +128,68 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
                     if progress is not None:
                         progress(done, total)
     return model.eval()
+
+
+def checkpoint_config(folder: Path, dtype: str | None = None) -> MixtralConfig:
+    """The folder's config.json, as `dtype` when one is given."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    config = MixtralConfig.from_json(folder / "config.json")
+    return config if dtype is None else config.replace(dtype=dtype)
+
+
+def checked_tensors(folder: Path, config: MixtralConfig) -> tuple[dict[str, TensorEntry], dict[str, Target]]:
+    """The checkpoint's tensors and where each goes, every name, shape and dtype checked (headers only)."""
+    tensors = checkpoint_tensors(folder)
+    fused = any(".mlp.experts." in key for key in tensors)
+    if fused and any(".block_sparse_moe." in key for key in tensors):
+        raise CheckpointError(f"{folder}: mixes the per-expert (block_sparse_moe) and fused (mlp.experts) layouts")
+    targets = weight_targets(config, fused)
+    for key, entry in tensors.items():
+        if key in targets or IGNORED.fullmatch(key):
+            continue
+        if key == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # tied: the embedding is the head; a saved copy is redundant
+        raise CheckpointError(f"{entry.path}: unexpected tensor {key} for this config")
+    for key, target in targets.items():
+        if key not in tensors:
+            raise CheckpointError(f"{folder}: missing tensor {key}")
+        entry = tensors[key]
+        if entry.shape != target.shape:
+            raise CheckpointError(f"{entry.path}: tensor {key} has shape {list(entry.shape)}, "
+                                  f"expected {list(target.shape)}")
+        if entry.dtype not in FILE_DTYPES:
+            raise CheckpointError(f"{entry.path}: tensor {key} has dtype {entry.dtype}; "
+                                  f"expected F32, F16 or BF16")
+    return tensors, targets
+
+
+class ParameterReader:
+    """Reads one MixtralStatic parameter at a time straight from the checkpoint's files.
+
+    For building graphs without the model in memory (graphs/placeholder_weights.py): a parameter
+    is assembled from its checkpoint tensors (a stacked expert parameter from 2E or 3E of them)
+    exactly as `load_model` fills it, cast the same way, and nothing else is held.
+    """
+
+    def __init__(self, folder: str | Path, config: MixtralConfig):
+        tensors, targets = checked_tensors(Path(folder), config)
+        self.parts: dict[str, list[tuple[TensorEntry, Target]]] = defaultdict(list)
+        for key, target in targets.items():
+            self.parts[target.param].append((tensors[key], target))
+        if config.tie_word_embeddings:
+            self.parts["lm_head.weight"] = self.parts["embed_tokens.weight"]  # one tensor under two names
+        self.dtype = TORCH_DTYPES[config.dtype]
+
+    def read(self, param: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The parameter `param` (of shape `shape`) in the config's dtype."""
+        if param not in self.parts:
+            raise CheckpointError(f"no checkpoint tensor fills parameter {param}")
+        out = torch.empty(shape, dtype=self.dtype)
+        with torch.no_grad():
+            for entry, target in sorted(self.parts[param], key=lambda part: (str(part[0].path), part[0].start)):
+                _read_tensor(entry, target.select(out), None)
+        return out
 
 
 def _read_tensor(entry: TensorEntry, dest: torch.Tensor, handle) -> None:

@@ -1,0 +1,122 @@
+"""Write a graph's external-data file tensor by tensor, hashing as it goes.
+
+Each initializer larger than EXTERNAL_MIN bytes is materialised (a lazy one reads its parameter
+from the checkpoint only now), written, added to the sha256 and released before the next, so
+peak memory is about one tensor whatever the model's size. The layout is onnx_ir's own
+(`ir.save(..., external_data=...)`): initializers in graph order, densely packed, the same
+threshold; so the file is byte for byte what the exporter's save writes. The graph then points
+at the file (offset, length) and is saved without weights.
+
+A write that fails (a full disk, Ctrl-C) raises out of here and the caller's temp folder goes
+with it (graphs/artifact_folder.py); a full disk is one ExportError line.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphs.artifact_folder import ExportError
+
+EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
+PROGRESS_EVERY = 1.0  # seconds between progress reports
+
+
+def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Write `model` (an onnx_ir model) to `path` and its large initializers to `data_name` beside it.
+
+    Returns the data file's (size, sha256). progress gets one line now and then: bytes written,
+    rate and the time left.
+    """
+    import onnx_ir as ir
+
+    values = [value for value in model.graph.initializers.values()
+              if value.const_value is not None and value.const_value.nbytes > EXTERNAL_MIN]
+    total = sum(value.const_value.nbytes for value in values)
+    if not values:
+        ir.save(model, str(path))
+        return 0, ""
+    data_path = path.parent / data_name
+    digest = hashlib.sha256()
+    report = Progress(data_name, total, progress)
+    offset = 0
+    try:
+        with open(data_path, "wb") as handle:
+            for value in values:
+                tensor = value.const_value
+                length = write_tensor(tensor, handle, digest)
+                if length != tensor.nbytes:
+                    raise ExportError(f"{data_path}: initializer {value.name} gave {length} bytes, "
+                                      f"its shape and dtype say {tensor.nbytes}")
+                value.const_value = ir.ExternalTensor(os.path.normpath(data_name), offset, length, tensor.dtype,
+                                                      shape=tensor.shape, name=tensor.name,
+                                                      base_dir=os.path.normpath(path.parent))
+                offset += length
+                report(offset)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise ExportError(f"{data_path}: {err.strerror} after writing {gb(offset)} of {gb(total)} "
+                              f"(the export needs {gb(total)} free beside the output)") from None
+        raise ExportError(f"{data_path}: cannot write ({err.strerror or err})") from None
+    ir.save(model, str(path))
+    return offset, digest.hexdigest()
+
+
+def write_tensor(tensor, handle, digest) -> int:
+    """Materialise one tensor, write its bytes and hash them; returns the byte count."""
+    data = tensor_bytes(tensor)
+    view = memoryview(data).cast("B")
+    written = 0
+    while written < len(view):
+        written += handle.write(view[written:])
+    digest.update(view)
+    return written
+
+
+def tensor_bytes(tensor):
+    """A tensor's little-endian bytes as a buffer, without the copy tobytes() makes of a big one."""
+    import onnx_ir as ir
+    import torch
+
+    while isinstance(tensor, ir.LazyTensor):
+        tensor = tensor.raw()  # the LazyTensor's function: evaluate it now, once
+    raw = getattr(tensor, "raw", None)
+    if isinstance(raw, torch.Tensor):
+        return raw.detach().contiguous().view(-1).view(torch.uint8).numpy()
+    if isinstance(raw, np.ndarray) and raw.dtype.byteorder in ("=", "<", "|"):
+        return np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    return tensor.tobytes()
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+class Progress:
+    """Turns bytes written into a progress line (at most once a second, and at the end)."""
+
+    def __init__(self, name: str, total: int, say: Callable[[str], None] | None):
+        self.name, self.total, self.say = name, total, say
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if self.say is None or (now - self.last < PROGRESS_EVERY and done < self.total):
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        self.say(f"writing {self.name}: {gb(done)} of {gb(self.total)}, {rate / 1e6:.0f} MB/s, "
+                 f"{duration(left)} left")
+
+
+def duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown time"
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
