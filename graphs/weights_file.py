@@ -12,7 +12,6 @@ with it (graphs/artifact_folder.py); a full disk is one ExportError line.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import time
@@ -21,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from graphs.artifact_folder import ExportError
+from graphs.artifact_folder import DISK_FULL, ExportError
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
 PROGRESS_EVERY = 1.0  # seconds between progress reports
@@ -61,9 +60,9 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
                 del tensor
                 release_freed_memory()
     except OSError as err:
-        if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise ExportError(f"{data_path}: {err.strerror} after writing {gb(offset)} of {gb(total)} "
-                              f"(the export needs {gb(total)} free beside the output)") from None
+        if err.errno in DISK_FULL:
+            raise ExportError(f"{data_path}: {err.strerror} after writing {size(offset)} of {size(total)} "
+                              f"(the weights need {size(total)} free beside the output)") from None
         raise ExportError(f"{data_path}: cannot write ({err.strerror or err})") from None
     ir.save(model, str(path))
     return offset, digest.hexdigest()
@@ -116,8 +115,11 @@ def tensor_bytes(tensor):
     return tensor.tobytes()
 
 
-def gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+def size(n: int) -> str:
+    """Bytes as people read them: 93.41 GB, 1.4 MB, 12 kB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
 
 
 class Progress:
@@ -134,7 +136,7 @@ class Progress:
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         left = (self.total - done) / rate if rate > 0 else float("inf")
-        self.say(f"writing {self.name}: {gb(done)} of {gb(self.total)}, {rate / 1e6:.0f} MB/s, "
+        self.say(f"writing {self.name}: {size(done)} of {size(self.total)}, {rate / 1e6:.0f} MB/s, "
                  f"{duration(left)} left")
 
 
