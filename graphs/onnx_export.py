@@ -116,7 +116,7 @@ def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str):
 
 
 def export_graph(model, shapes: StepShapes, path: Path, opset: int,
-                 weights: Callable[[str, tuple[int, ...]], "torch.Tensor"] | None = None,
+                 weights: Callable[..., "torch.Tensor"] | None = None,
                  progress: Callable[[str], None] | None = None) -> FileEntry | None:
     """torch.export the step with T symbolic and save it with all weights in one external file.
 
@@ -128,7 +128,7 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int,
 
 
 def step_graph(model, shapes: StepShapes, opset: int,
-               weights: Callable[[str, tuple[int, ...]], "torch.Tensor"] | None = None):
+               weights: Callable[..., "torch.Tensor"] | None = None):
     """The step traced with T symbolic, as an onnx_ir model ready to save (see `export_graph`)."""
     import torch
 
@@ -153,12 +153,13 @@ def step_graph(model, shapes: StepShapes, opset: int,
 
 
 def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_names: list[str], opset: int,
-          weights: Callable[[str, tuple[int, ...]], "torch.Tensor"] | None = None):
+          weights: Callable[..., "torch.Tensor"] | None = None):
     """Any module -> an optimized onnx_ir model, as `torch.onnx.export(dynamo=True, optimize=True)` makes it.
 
     With `weights`, the module's parameters are placeholders (fake tensors: `placeholder_model`) and
     every initializer made from a parameter ends up a lazy tensor that reads it with
-    weights(name, shape) when saved (graphs/placeholder_weights.py).
+    weights(name, shape) when saved, or a block of its rows with weights(name, shape, (start, stop))
+    (graphs/placeholder_weights.py).
     """
     import torch
 
@@ -185,7 +186,8 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
                 program.optimize()
                 _ir_passes.rename_inputs(program.model, input_names)
                 _ir_passes.rename_outputs(program.model, output_names)
-                resolve(program.model, tracers, params, read)
+                resolve(program.model, tracers, params, read,
+                        rows=lambda name, start, stop: weights(name, params[name], (start, stop)))
     except PlaceholderError as error:
         raise ExportError(str(error)) from None
     finally:

@@ -27,6 +27,7 @@ import numpy as np
 
 FOLDABLE = 8192  # elements: onnxscript's DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
 FOLDED_FROM = "pkg.onnxscript.optimizer.folded_from"  # onnxscript's provenance metadata key
+PIECE_BYTES = 256 << 20  # a StreamedTensor's largest read
 RECIPE = "weight_recipe"  # Value.meta key (in memory only) where `resolve` leaves each recipe
 
 
@@ -79,8 +80,12 @@ def plant(model, params: dict[str, tuple[int, ...]], read: Callable[[str], "torc
 
 
 def resolve(model, tracers: dict[int, str], params: dict[str, tuple[int, ...]],
-            read: Callable[[str], "torch.Tensor"]) -> dict[str, WeightRecipe]:
+            read: Callable[[str], "torch.Tensor"],
+            rows: Callable[[str, int, int], "torch.Tensor"] | None = None) -> dict[str, WeightRecipe]:
     """Map every initializer built from a traced parameter to its recipe and make it lazy.
+
+    rows(name, start, stop), when given, reads rows [start, stop) of a parameter's first axis, so
+    a parameter written as stored goes to the file a block at a time (`streamed_tensor`).
 
     Returns initializer name -> recipe for each initializer that will be read from the checkpoint
     at write time. Raises PlaceholderError on any initializer that depends on a traced parameter
@@ -95,10 +100,13 @@ def resolve(model, tracers: dict[int, str], params: dict[str, tuple[int, ...]],
         if isinstance(raw, np.ndarray) and (param := traced_param(raw, tracers)) is not None:
             recipe = WeightRecipe(param, permutation(raw, params[param], value.name))
             recipes[value.name] = value.meta[RECIPE] = recipe
-            value.const_value = ir.LazyTensor(
-                lambda r=recipe: ir.tensor_adapters.TorchTensor(
-                    read(r.param).permute(r.perm).contiguous()),
-                dtype=tensor.dtype, shape=ir.Shape(raw.shape), name=value.name)
+            if recipe.perm == tuple(sorted(recipe.perm)) and rows is not None:  # as stored: read in row blocks
+                value.const_value = streamed_tensor(lambda start, stop, p=param: rows(p, start, stop),
+                                                    dtype=tensor.dtype, shape=ir.Shape(raw.shape), name=value.name)
+            else:
+                value.const_value = ir.LazyTensor(
+                    lambda r=recipe: ir.tensor_adapters.TorchTensor(read(r.param).permute(r.perm).contiguous()),
+                    dtype=tensor.dtype, shape=ir.Shape(raw.shape), name=value.name)
             continue
         traced_sources = sorted(set(value.meta.get(FOLDED_FROM, ())) & set(tracers.values()))
         if traced_sources:
@@ -130,3 +138,26 @@ def permutation(array: np.ndarray, shape: tuple[int, ...], name: str) -> tuple[i
         raise PlaceholderError(f"initializer {name} {list(array.shape)} is not a permutation of its "
                                f"parameter {list(shape)}; the placeholder trace cannot write it")
     return perm
+
+
+def streamed_tensor(read_rows: Callable[[int, int], "torch.Tensor"], dtype, shape, name: str):
+    """An initializer read from the checkpoint a block of rows at a time when the file is written.
+
+    A stacked expert parameter (Mixtral 8x7B's w13 is 1.9 GB in bf16) then never sits in memory
+    whole: its `pieces()` yields at most PIECE_BYTES (or one row) at a time. It is an onnx_ir
+    LazyTensor, so anything that asks for the values themselves (numpy(), tobytes()) gets the
+    whole tensor, read then.
+    """
+    import onnx_ir as ir
+
+    class StreamedTensor(ir.LazyTensor):
+        __slots__ = ()
+
+        def pieces(self):
+            rows = self.shape[0]
+            step = max(1, PIECE_BYTES // max(1, self.nbytes // max(rows, 1)))
+            for start in range(0, rows, step):
+                yield read_rows(start, min(rows, start + step))
+
+    return StreamedTensor(lambda: ir.tensor_adapters.TorchTensor(read_rows(0, shape[0])), dtype=dtype, shape=shape,
+                          name=name)

@@ -69,13 +69,17 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
 
 
 def write_tensor(tensor, handle, digest) -> int:
-    """Materialise one tensor, write its bytes and hash them; returns the byte count."""
-    data = tensor_bytes(tensor)
-    view = memoryview(data).cast("B")
+    """Materialise one tensor (a piece at a time when it comes in pieces), write its bytes and hash
+    them; returns the byte count."""
     written = 0
-    while written < len(view):
-        written += handle.write(view[written:])
-    digest.update(view)
+    for piece in tensor.pieces() if hasattr(tensor, "pieces") else (tensor,):
+        view = memoryview(tensor_bytes(piece)).cast("B")
+        done = 0
+        while done < len(view):
+            done += handle.write(view[done:])
+        digest.update(view)
+        written += done
+        del view, piece
     return written
 
 
@@ -107,7 +111,7 @@ def tensor_bytes(tensor):
 
     while isinstance(tensor, ir.LazyTensor):
         tensor = tensor.raw()  # the LazyTensor's function: evaluate it now, once
-    raw = getattr(tensor, "raw", None)
+    raw = tensor if isinstance(tensor, torch.Tensor) else getattr(tensor, "raw", None)
     if isinstance(raw, torch.Tensor):
         return raw.detach().contiguous().view(-1).view(torch.uint8).numpy()
     if isinstance(raw, np.ndarray) and raw.dtype.byteorder in ("=", "<", "|"):

@@ -9,9 +9,10 @@ so peak memory stays near one copy of the weights.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -181,15 +182,37 @@ class ParameterReader:
             self.parts["lm_head.weight"] = self.parts["embed_tokens.weight"]  # one tensor under two names
         self.dtype = TORCH_DTYPES[config.dtype]
 
-    def read(self, param: str, shape: tuple[int, ...]) -> torch.Tensor:
-        """The parameter `param` (of shape `shape`) in the config's dtype."""
+    def read(self, param: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The parameter `param` (of shape `shape`) in the config's dtype, or only its rows
+        [start, stop) along the first axis (one expert of a stacked expert parameter, say)."""
         if param not in self.parts:
             raise CheckpointError(f"no checkpoint tensor fills parameter {param}")
-        out = torch.empty(shape, dtype=self.dtype)
+        start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+        row = math.prod(shape[1:])
+        lo, hi = start * row, stop * row  # the elements wanted, in the parameter's flat order
+        out = torch.empty((stop - start, *shape[1:]) if shape else shape, dtype=self.dtype)
+        flat = out.view(-1)
+        filled = 0
+        whole = torch.empty(shape, device="meta")
         with torch.no_grad():
             for entry, target in sorted(self.parts[param], key=lambda part: (str(part[0].path), part[0].start)):
-                _read_tensor(entry, target.select(out), None)
+                region = target.select(whole)  # where this checkpoint tensor lands: a contiguous range
+                if not region.is_contiguous():
+                    raise CheckpointError(f"{entry.path}: tensor {entry.name} does not fill a contiguous part of {param}")
+                first, last = max(region.storage_offset(), lo), min(region.storage_offset() + region.numel(), hi)
+                if first < last:
+                    _read_tensor(elements(entry, first - region.storage_offset(), last - region.storage_offset()),
+                                 flat[first - lo:last - lo], None)
+                    filled += last - first
+        if filled != out.numel():
+            raise CheckpointError(f"the checkpoint fills {filled} of the {out.numel()} values of {param}")
         return out
+
+
+def elements(entry: TensorEntry, first: int, last: int) -> TensorEntry:
+    """Elements [first, last) of a tensor in its flat order, as an entry of its own (a byte range)."""
+    size = entry.nbytes // max(math.prod(entry.shape), 1)
+    return replace(entry, shape=(last - first,), start=entry.start + first * size, nbytes=(last - first) * size)
 
 
 def _read_tensor(entry: TensorEntry, dest: torch.Tensor, handle) -> None:

@@ -53,6 +53,22 @@ def test_reference_checkpoints_export_byte_for_byte(tmp_path, saved, dtype, rout
     assert_same_artifact(ours, reference_artifact(checkpoint, tmp_path / "theirs", dtype, routing))
 
 
+@pytest.mark.parametrize("layout", ["per-expert", "fused"])
+def test_experts_written_one_row_at_a_time_are_byte_for_byte(tmp_path, monkeypatch, layout):
+    """Every stacked parameter read row by row (one expert, one vocab entry...), from both layouts:
+    per-expert tensors each fill part of a row, a fused v5 tensor is read a byte range at a time."""
+    from safetensors.torch import save_file
+
+    checkpoint = tmp_path / "checkpoint"
+    model = hf_reference(checkpoint)
+    if layout == "fused":
+        (checkpoint / "model.safetensors").unlink()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint / "model.safetensors"))
+    monkeypatch.setattr(pw, "PIECE_BYTES", 1)
+    ours = export_onnx(checkpoint, tmp_path / "ours", dtype="bfloat16", routing="dense", **SHAPES)
+    assert_same_artifact(ours, reference_artifact(checkpoint, tmp_path / "theirs", "bfloat16", "dense"))
+
+
 def test_every_traced_initializer_has_a_recipe(tiny_checkpoint):
     """The tiny model's large parameters: the embedding and experts as stored, the head transposed."""
     from graphs.onnx_export import placeholder_model
