@@ -44,6 +44,7 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
     digest = hashlib.sha256()
     report = Progress(data_name, total, progress)
     offset = 0
+    report(0)
     try:
         with open(data_path, "wb") as handle:
             for value in values:
@@ -135,8 +136,8 @@ class Progress:
 
     def __call__(self, done: int) -> None:
         now = time.monotonic()
-        if self.say is None or (now - self.last < PROGRESS_EVERY and done < self.total):
-            return
+        if self.say is None or (0 < done < self.total and now - self.last < PROGRESS_EVERY):
+            return  # the first line (0 bytes) and the last always come
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         left = (self.total - done) / rate if rate > 0 else float("inf")
