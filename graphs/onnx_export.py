@@ -82,7 +82,10 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
         model = placeholder_model(config, shapes, routing)
         say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={shapes.prefill_chunk}|1, "
             f"S={shapes.cache_slots}, {routing} MoE, {dtype}) with placeholder weights")
-        data = export_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=weights.read, progress=say)
+        try:
+            data = export_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=weights.read, progress=say)
+        except ExportError as error:  # name the artifact's files where the user will look for them
+            raise ExportError(str(error).replace(str(tmp), str(out))) from None
         say("checking the graph")
         check_graph(tmp / GRAPH_NAME, shapes)
         say("writing the manifest")

@@ -75,13 +75,29 @@ def write_tensor(tensor, handle, digest) -> int:
     written = 0
     for piece in tensor.pieces() if hasattr(tensor, "pieces") else (tensor,):
         view = memoryview(tensor_bytes(piece)).cast("B")
-        done = 0
-        while done < len(view):
-            done += handle.write(view[done:])
-        digest.update(view)
+        hashing = hasher().submit(digest.update, view)  # sha256 lets go of the GIL: it runs beside the write
+        try:
+            done = 0
+            while done < len(view):
+                done += handle.write(view[done:])
+        finally:
+            hashing.result()
         written += done
         del view, piece
     return written
+
+
+def hasher():
+    """The one thread that hashes a piece while the main thread writes it."""
+    global _hasher
+    if _hasher is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    return _hasher
+
+
+_hasher = None
 
 
 def release_freed_memory() -> None:
