@@ -1,11 +1,12 @@
 """Write a graph's external-data file tensor by tensor, hashing as it goes.
 
 Each initializer larger than EXTERNAL_MIN bytes is materialised (a lazy one reads its parameter
-from the checkpoint only now), written, added to the sha256 and released before the next, so
-peak memory is about one tensor whatever the model's size. The layout is onnx_ir's own
-(`ir.save(..., external_data=...)`): initializers in graph order, densely packed, the same
-threshold; so the file is byte for byte what the exporter's save writes. The graph then points
-at the file (offset, length) and is saved without weights.
+from the checkpoint only now; one that comes in pieces, a piece at a time), written, added to
+the sha256 and released before the next, so peak memory is about one tensor or piece whatever
+the model's size. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
+in graph order, densely packed, the same threshold; so the file is byte for byte what the
+exporter's save writes. The graph then points at the file (offset, length) and is saved
+without weights.
 
 A write that fails (a full disk, Ctrl-C) raises out of here and the caller's temp folder goes
 with it (graphs/artifact_folder.py); a full disk is one ExportError line.
@@ -61,6 +62,8 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
                 del tensor
                 release_freed_memory()
     except OSError as err:
+        if err.filename is not None and Path(err.filename) != data_path:  # reading the checkpoint failed
+            raise ExportError(f"{err.filename}: cannot read ({err.strerror or err})") from None
         if err.errno in DISK_FULL:
             raise ExportError(f"{data_path}: {err.strerror} after writing {size(offset)} of {size(total)} "
                               f"(the weights need {size(total)} free beside the output)") from None
