@@ -7,6 +7,7 @@ once the new one is complete.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from mixtral_export.destinations import replace_folder
 from mixtral_export.errors import UserError
 
 COPIED_FILES = ("tokenizer.model", "generation_config.json")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write that failed for want of space
 
 
 class ExportError(UserError, RuntimeError):
@@ -36,6 +38,11 @@ def building(out: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
         replace_folder(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno in DISK_FULL:
+            raise ExportError(f"{out}: {err.strerror} while writing the artifact; nothing was left behind") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -121,10 +121,13 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
                    graphs: dict[str, str], opset: int | None = None,
                    tokenizer: str | None = None, bos_token_id: int | None = None,
                    eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
-                   source: str | Path | None = None, routing: str = "dense", labels: tuple[str, ...] = ()) -> Path:
+                   source: str | Path | None = None, routing: str = "dense", labels: tuple[str, ...] = (),
+                   hashed: dict[str, FileEntry] | None = None) -> Path:
     """Hash every file in `folder` and write manifest.json beside them; call it last.
 
     bos/eos default to the config's; the chunk lengths are shapes.chunks (a head graph's: its T).
+    `hashed` gives the sha256 of files the builder hashed as it wrote them (tens of GB need not be
+    read twice); their sizes are still checked against the disk.
     """
     folder = Path(folder)
     if kind not in KINDS:
@@ -158,14 +161,22 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
         "source": None if source is None else str(source),
         "routing": routing,
         **({"head": shapes.head, "labels": list(labels)} if isinstance(shapes, HeadShapes) else {}),
-        "files": {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
-                  for name in names},
+        "files": {name: file_entry(folder / name, (hashed or {}).get(name)) for name in names},
     }
     path = folder / MANIFEST_NAME
     tmp = folder / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(raw, indent=2) + "\n")
     tmp.replace(path)
     return path
+
+
+def file_entry(path: Path, hashed: FileEntry | None) -> dict:
+    size = path.stat().st_size
+    if hashed is None:
+        return {"size": size, "sha256": sha256_file(path)}
+    if hashed.size != size:
+        raise ManifestError(f"{path}: {size} bytes on disk, {hashed.size} hashed while writing")
+    return {"size": size, "sha256": hashed.sha256}
 
 
 def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:

@@ -10,11 +10,18 @@ The weights always go to external data, which is also what lets a > 2 GB model e
 
 Exporter: `torch.onnx.export(dynamo=True)` (torch.export + onnxscript) with `dynamic_shapes`
 marking T. On torch 2.13 it takes ~5 s for the tiny model, keeps every axis but T static (checked
-below), folds the Linear weight transposes into the stored weights, writes bf16 initializers and
-streams external data from the live tensors. The legacy exporter (`dynamo=False`, `dynamic_axes`)
+below), folds the Linear weight transposes into the stored weights and writes bf16 initializers.
+The legacy exporter (`dynamo=False`, `dynamic_axes`)
 is faster (~0.5 s) but deprecated, emits 2.5x the nodes and loses static dims (new_k's head_dim
 comes out as a symbol), so it is not used. Node metadata (FX names, stack traces with the build
 machine's paths) is dropped: it was 85% of model.onnx.
+
+Weights never pass through the tracer: the step is traced once on a model whose parameters are fake
+tensors (shapes without storage), and model.onnx.data is written tensor by tensor straight from the safetensors
+files (graphs/placeholder_weights.py says which parameter, transposed or not, each initializer is;
+graphs/weights_file.py writes and hashes them one at a time). Peak memory is the tracer's plus
+about one tensor, whatever the number of layers; the artifact is byte for byte the one a trace
+with the real weights writes (tests/test_placeholder_export.py).
 
 Routing: "dense" (the default) runs every expert on every token as plain ONNX ops; "gather" makes
 each MoE block one `com.microsoft.MoE` node that reads only each token's top-k experts (ONNX
@@ -26,7 +33,6 @@ folder, so `out_dir` either holds a complete, hashed artifact or is untouched.
 """
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import warnings
@@ -35,7 +41,7 @@ from typing import Callable
 
 from graphs.contract import CHUNK_AXIS, DTYPES, FLOAT_DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes
 from graphs.artifact_folder import ExportError, building, finish
-from graphs.manifest import io_contract
+from graphs.manifest import FileEntry, io_contract
 from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
 from mixtral_export.config import MixtralConfig
 
@@ -70,26 +76,63 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)
     with building(out) as tmp:
-        say(f"loading {checkpoint} as {dtype}")
-        from mixtral_export.checkpoint import load_model
+        from mixtral_export.checkpoint import ParameterReader
 
-        model = load_model(checkpoint, dtype=dtype, attention_window=shapes.attention_window, routing=routing)
+        weights = ParameterReader(checkpoint, config)  # headers only: every tensor checked, none read
+        model = placeholder_model(config, shapes, routing)
         say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={shapes.prefill_chunk}|1, "
-            f"S={shapes.cache_slots}, {routing} MoE)")
-        export_graph(model, shapes, tmp / GRAPH_NAME, opset)
-        del model
-        gc.collect()
+            f"S={shapes.cache_slots}, {routing} MoE, {dtype}) with placeholder weights")
+        try:
+            data = export_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=weights.read, progress=say)
+        except ExportError as error:  # name the artifact's files where the user will look for them
+            raise ExportError(str(error).replace(str(tmp), str(out))) from None
         say("checking the graph")
         check_graph(tmp / GRAPH_NAME, shapes)
-        say("hashing files and writing the manifest")
+        say("writing the manifest")
         finish(tmp, checkpoint, config, kind="onnx", shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
-               routing=routing)
+               routing=routing, hashed={DATA_NAME: data} if data is not None else None)
     say(f"wrote {out}")
     return out
 
 
-def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
-    """torch.export the step with T symbolic and save it with all weights in one external file."""
+def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str):
+    """The step model with fake parameters (torch's FakeTensorMode): shapes and dtypes, no storage.
+
+    Fake rather than meta: they claim the CPU as their device, so the real example inputs and
+    the CPU tensors an op's tracing stand-in makes (torch.onnx.ops.symbolic's) mix with them.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from mixtral_export.model import TORCH_DTYPES, MixtralStatic
+
+    with torch.device("meta"):
+        model = MixtralStatic(config, shapes.attention_window, routing).to(TORCH_DTYPES[shapes.dtype]).eval()
+    fakes = {}  # id(meta parameter) -> its fake: a tied weight stays one parameter
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if id(param) not in fakes:
+                    fakes[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"), requires_grad=False)
+                setattr(module, name, fakes[id(param)])
+    return model
+
+
+def export_graph(model, shapes: StepShapes, path: Path, opset: int,
+                 weights: Callable[..., "torch.Tensor"] | None = None,
+                 progress: Callable[[str], None] | None = None) -> FileEntry | None:
+    """torch.export the step with T symbolic and save it with all weights in one external file.
+
+    `model` holds real weights (weights None) or placeholders (`placeholder_model`), each then
+    read by weights(parameter name, shape) when the file is written. Returns the data file's size
+    and sha256 (None when the graph has no external weights).
+    """
+    return save_graph(step_graph(model, shapes, opset, weights), path, progress)
+
+
+def step_graph(model, shapes: StepShapes, opset: int,
+               weights: Callable[..., "torch.Tensor"] | None = None):
+    """The step traced with T symbolic, as an onnx_ir model ready to save (see `export_graph`)."""
     import torch
 
     from mixtral_export.model import TORCH_DTYPES
@@ -106,32 +149,63 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
     layers = [None] * shapes.num_layers
     dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
                "cache_positions": None}
-    export_program(model, args, path, opset, shapes.input_names, OUTPUT_NAMES, dynamic)
+    graph = trace(model, args, dynamic, list(shapes.input_names), list(OUTPUT_NAMES), opset, weights)
+    name_chunk_axis(graph)
+    lay_out_experts(graph)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
+    return graph
 
 
-def export_program(model, args: tuple, path: Path, opset: int, input_names, output_names,
-                   dynamic: dict | None = None) -> None:
-    """Trace `model` on `args` (T symbolic where `dynamic` says) and save it, every weight in one
-    external file; shared by the step graph and the head graphs (graphs/onnx_heads.py)."""
+def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_names: list[str], opset: int,
+          weights: Callable[..., "torch.Tensor"] | None = None):
+    """Any module -> an optimized onnx_ir model, as `torch.onnx.export(dynamo=True, optimize=True)` makes it.
+
+    With `weights`, the module's parameters are placeholders (fake tensors: `placeholder_model`) and
+    every initializer made from a parameter ends up a lazy tensor that reads it with
+    weights(name, shape) when saved, or a block of its rows with weights(name, shape, (start, stop))
+    (graphs/placeholder_weights.py).
+    """
     import torch
 
+    from graphs.placeholder_weights import PlaceholderError, plant, resolve
+
+    params = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
     exporter_log = logging.getLogger("torch.onnx")
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # it warns per missing torchvision op and chats per stage
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic,
-                                        input_names=list(input_names), output_names=list(output_names),
-                                        opset_version=opset, optimize=True, verbose=False)
-            for node in program.model.graph.all_nodes():  # FX names and stack traces with build paths
-                node.metadata_props.clear()
-            if dynamic is not None:
-                name_chunk_axis(program.model)
-            lay_out_experts(program.model)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
-            program.save(str(path), external_data=True)
+            if weights is None:
+                program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic, input_names=input_names,
+                                            output_names=output_names, opset_version=opset, optimize=True,
+                                            verbose=False)
+            else:  # optimize=True's steps, in its order, with the placeholders planted before optimizing
+                from torch.onnx._internal.exporter import _ir_passes
+
+                program = torch.onnx.export(model, args, dynamo=True, dynamic_shapes=dynamic, opset_version=opset,
+                                            optimize=False, verbose=False)
+                read = lambda name: weights(name, params[name])  # noqa: E731
+                tracers = plant(program.model, params, read)
+                program.optimize()
+                _ir_passes.rename_inputs(program.model, input_names)
+                _ir_passes.rename_outputs(program.model, output_names)
+                resolve(program.model, tracers, params, read,
+                        rows=lambda name, start, stop: weights(name, params[name], (start, stop)))
+    except PlaceholderError as error:
+        raise ExportError(str(error)) from None
     finally:
         exporter_log.setLevel(level)
+    for node in program.model.graph.all_nodes():  # FX names and stack traces with build paths
+        node.metadata_props.clear()
+    return program.model
+
+
+def save_graph(graph, path: Path, progress: Callable[[str], None] | None = None) -> FileEntry | None:
+    """Write the graph to `path` and its weights to DATA_NAME beside it, one tensor at a time."""
+    from graphs.weights_file import save_with_weights
+
+    size, sha256 = save_with_weights(graph, path, DATA_NAME, progress)
+    return FileEntry(size, sha256) if size else None
 
 
 def name_chunk_axis(model) -> None:
@@ -174,7 +248,8 @@ def check_graph(path: Path, shapes: StepShapes) -> None:
 
 
 def check_onnx_file(path: Path):
-    """ONNX checker and shape inference (both by path, for > 2 GB), weights only in DATA_NAME; the proto."""
+    """ONNX checker and shape inference (both by path, for > 2 GB), weights only in DATA_NAME; the proto.
+    Shared by the step graph and the head graphs (graphs/onnx_heads.py)."""
     import onnx
 
     try:
@@ -189,6 +264,3 @@ def check_onnx_file(path: Path):
     if locations - {DATA_NAME}:
         raise ExportError(f"{path}: weights in {sorted(locations)}, expected only {DATA_NAME}")
     return proto
-
-
-

@@ -14,8 +14,8 @@ from typing import Callable
 
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.contract import DTYPES, FLOAT_DTYPES, HEAD_INPUT_NAMES, HeadShapes
-from graphs.onnx_export import GRAPH_NAME, check_onnx_file, export_program
-from graphs.onnx_moe import OnnxMoeError, check_gather_supported, route_through_moe_nodes
+from graphs.onnx_export import GRAPH_NAME, check_onnx_file, save_graph, trace
+from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
 from mixtral_export.config import MixtralConfig
 
 
@@ -58,14 +58,16 @@ def export_head_onnx(checkpoint_folder: str | Path, out_dir: str | Path, head: s
     return out
 
 
-def export_head_graph(model, shapes: HeadShapes, path: Path, opset: int) -> None:
+def export_head_graph(model, shapes: HeadShapes, path: Path, opset: int):
     """torch.export the HeadModel at its static (B, T) and save it with all weights in one external file."""
     import torch
 
     ids = torch.zeros(shapes.batch, shapes.seq_len, dtype=torch.int64)  # (B, T)
     mask = torch.ones(shapes.batch, shapes.seq_len, dtype=torch.int64)  # (B, T)
     route_through_moe_nodes(model.body)  # gather: one com.microsoft.MoE node per block
-    export_program(model, (ids, mask), path, opset, HEAD_INPUT_NAMES, shapes.output_names)
+    graph = trace(model, (ids, mask), None, list(HEAD_INPUT_NAMES), list(shapes.output_names), opset)
+    lay_out_experts(graph)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
+    return save_graph(graph, path)
 
 
 def check_head_graph(path: Path, shapes: HeadShapes) -> None:

@@ -33,7 +33,8 @@ How it gets into the graph: before tracing, `route_through_moe_nodes` makes each
 block (mixtral_export/model.py, which knows nothing of ONNX) call `moe_node`, a
 `torch.onnx.ops.symbolic` op that the exporter writes as this node, with the model's own w13/w2
 parameters as fc1/fc2. `lay_out_experts` then swaps each for a lazy tensor
-that yields the sliced, interleaved layout when the file is saved: one layer's copy at a time,
+that yields the sliced, interleaved layout when the file is saved (reading the parameter from the
+checkpoint only then, graphs/placeholder_weights.py): one layer's copy at a time,
 nothing kept in memory, and the graph has no reshuffling ops for ONNX Runtime to fold at load.
 (A torch custom op with an onnxscript translation would work too, but still needs this weight
 pass and adds an op registry.)
@@ -135,8 +136,11 @@ def lay_out_experts(model) -> int:
 
 
 def torch_view(tensor) -> torch.Tensor:
+    import onnx_ir as ir
     import torch
 
+    while isinstance(tensor, ir.LazyTensor):  # a weight read from the checkpoint only now
+        tensor = tensor.raw()
     return tensor.raw if isinstance(getattr(tensor, "raw", None), torch.Tensor) else torch.from_numpy(tensor.numpy())
 
 

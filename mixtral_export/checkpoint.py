@@ -9,9 +9,10 @@ so peak memory stays near one copy of the weights.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -106,15 +107,8 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
                progress: Callable[[int, int], None] | None = None, routing: str = "dense") -> MixtralStatic:
     """Build MixtralStatic from a checkpoint folder; `dtype` defaults to the config's."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder")
-    config = MixtralConfig.from_json(folder / "config.json")
-    if dtype is not None:
-        config = config.replace(dtype=dtype)
-    tensors = checkpoint_tensors(folder)
-    targets = weight_targets(config, _fused(folder, tensors))
-    # tied: the embedding is the head; a saved copy is redundant
-    _check_tensors(folder, tensors, targets, ignored={"lm_head.weight"} if config.tie_word_embeddings else set())
+    config = checkpoint_config(folder, dtype)
+    tensors, targets = checked_tensors(folder, config)
 
     with torch.device("meta"):  # no memory until to_empty, which allocates the one copy
         model = MixtralStatic(config, attention_window, routing).to(TORCH_DTYPES[config.dtype])
@@ -132,11 +126,7 @@ def load_head_model(folder: str | Path, head: str | None = None, dtype: str | No
     from .head_model import HeadModel
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder")
-    config = MixtralConfig.from_json(folder / "config.json")
-    if dtype is not None:
-        config = config.replace(dtype=dtype)
+    config = checkpoint_config(folder, dtype)
     tensors = checkpoint_tensors(folder)
     chosen = read_head(folder, {key: entry.shape for key, entry in tensors.items()}, head)
     if chosen.kind == "causal-lm":
@@ -156,6 +146,73 @@ def load_head_model(folder: str | Path, head: str | None = None, dtype: str | No
     model = model.to_empty(device="cpu")
     _read_tensors(tensors, targets, dict(model.named_parameters()), progress)
     return model.eval()
+
+
+def checkpoint_config(folder: Path, dtype: str | None = None) -> MixtralConfig:
+    """The folder's config.json, as `dtype` when one is given."""
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    config = MixtralConfig.from_json(folder / "config.json")
+    return config if dtype is None else config.replace(dtype=dtype)
+
+
+def checked_tensors(folder: Path, config: MixtralConfig) -> tuple[dict[str, TensorEntry], dict[str, Target]]:
+    """The checkpoint's tensors and where each goes, every name, shape and dtype checked (headers only)."""
+    tensors = checkpoint_tensors(folder)
+    targets = weight_targets(config, _fused(folder, tensors))
+    # tied: the embedding is the head; a saved copy is redundant
+    _check_tensors(folder, tensors, targets, ignored={"lm_head.weight"} if config.tie_word_embeddings else set())
+    return tensors, targets
+
+
+class ParameterReader:
+    """Reads one MixtralStatic parameter at a time straight from the checkpoint's files.
+
+    For building graphs without the model in memory (graphs/placeholder_weights.py): a parameter
+    is assembled from its checkpoint tensors (a stacked expert parameter from 2E or 3E of them)
+    exactly as `load_model` fills it, cast the same way, and nothing else is held.
+    """
+
+    def __init__(self, folder: str | Path, config: MixtralConfig):
+        tensors, targets = checked_tensors(Path(folder), config)
+        self.parts: dict[str, list[tuple[TensorEntry, Target]]] = defaultdict(list)
+        for key, target in targets.items():
+            self.parts[target.param].append((tensors[key], target))
+        if config.tie_word_embeddings:
+            self.parts["lm_head.weight"] = self.parts["embed_tokens.weight"]  # one tensor under two names
+        self.dtype = TORCH_DTYPES[config.dtype]
+
+    def read(self, param: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The parameter `param` (of shape `shape`) in the config's dtype, or only its rows
+        [start, stop) along the first axis (one expert of a stacked expert parameter, say)."""
+        if param not in self.parts:
+            raise CheckpointError(f"no checkpoint tensor fills parameter {param}")
+        start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+        row = math.prod(shape[1:])
+        lo, hi = start * row, stop * row  # the elements wanted, in the parameter's flat order
+        out = torch.empty((stop - start, *shape[1:]) if shape else shape, dtype=self.dtype)
+        flat = out.view(-1)
+        filled = 0
+        whole = torch.empty(shape, device="meta")
+        with torch.no_grad():
+            for entry, target in sorted(self.parts[param], key=lambda part: (str(part[0].path), part[0].start)):
+                region = target.select(whole)  # where this checkpoint tensor lands: a contiguous range
+                if not region.is_contiguous():
+                    raise CheckpointError(f"{entry.path}: tensor {entry.name} does not fill a contiguous part of {param}")
+                first, last = max(region.storage_offset(), lo), min(region.storage_offset() + region.numel(), hi)
+                if first < last:
+                    _read_tensor(elements(entry, first - region.storage_offset(), last - region.storage_offset()),
+                                 flat[first - lo:last - lo], None)
+                    filled += last - first
+        if filled != out.numel():
+            raise CheckpointError(f"the checkpoint fills {filled} of the {out.numel()} values of {param}")
+        return out
+
+
+def elements(entry: TensorEntry, first: int, last: int) -> TensorEntry:
+    """Elements [first, last) of a tensor in its flat order, as an entry of its own (a byte range)."""
+    size = entry.nbytes // max(math.prod(entry.shape), 1)
+    return replace(entry, shape=(last - first,), start=entry.start + first * size, nbytes=(last - first) * size)
 
 
 def _fused(folder: Path, tensors: dict[str, TensorEntry]) -> bool:

@@ -7,6 +7,7 @@ greedy run gives the first step where its continuation diverges. Tolerances depe
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -116,20 +117,33 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
-def verify_backends(backends: dict[str, StepBackend], prompts: list[list[int]], steps: int, dtype: str,
+def verify_backends(backends: dict, prompts: list[list[int]], steps: int, dtype: str,
                     artifact: str = "", reference=None) -> VerifyReport:
-    """Compare every backend with the first one, and (if given) every backend with the reference."""
+    """Compare every backend with the first one, and (if given) every backend with the reference.
+
+    A backend (or the reference) may be given as a zero-argument function that opens it: it is then
+    opened for its own turn only and dropped before the next opens, so a big artifact's weights
+    are in memory once at a time (the eager model and the transformers reference each hold the
+    whole checkpoint).
+    """
     names = list(backends)
     baseline = names[0]
     tolerance = TOLERANCES[dtype]
-    continuation = greedy(backends[baseline], prompts, steps)
-    forced = {name: teacher_forced(backends[name], prompts, continuation) for name in names}
-    own = {name: (continuation if name == baseline else greedy(backends[name], prompts, steps)) for name in names}
+    continuation, forced, own = None, {}, {}
+    for name in names:
+        backend = opened(backends[name])
+        if continuation is None:
+            continuation = greedy(backend, prompts, steps)
+        forced[name] = teacher_forced(backend, prompts, continuation)
+        own[name] = continuation if name == baseline else greedy(backend, prompts, steps)
+        backend = None
+        gc.collect()
     comparisons = []
     for name in names[1:]:
         divergence = [first_divergence(a, b) for a, b in zip(own[name], continuation)]
         comparisons.append(compare(name, baseline, forced[name], forced[baseline], divergence, tolerance))
     if reference is not None:
+        reference = opened(reference)
         ref_logits = reference.teacher_forced(prompts, continuation)
         ref_greedy = reference.greedy(prompts, steps)
         for name in names:
@@ -137,6 +151,13 @@ def verify_backends(backends: dict[str, StepBackend], prompts: list[list[int]], 
             comparisons.append(compare(name, "hf", forced[name], ref_logits, divergence, tolerance))
     return VerifyReport(artifact=artifact, dtype=dtype, steps=steps, prompts=prompts, continuation=continuation,
                         comparisons=comparisons)
+
+
+def opened(backend_or_opener):
+    """The backend itself, or what its opener returns (a runtime or the reference, opened now)."""
+    is_open = not isinstance(backend_or_opener, type) and (hasattr(backend_or_opener, "step")
+                                                          or hasattr(backend_or_opener, "teacher_forced"))
+    return backend_or_opener if is_open else backend_or_opener()
 
 
 class HFReference:
@@ -193,9 +214,10 @@ def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | 
         raise RuntimeLoadError(f"--runtimes needs distinct runtime names, got {','.join(runtimes)}")
     if len(runtimes) < 2 and reference is None:
         raise RuntimeLoadError("nothing to compare: give two runtimes or --reference hf")
-    backends, manifest = {}, None
-    for name in runtimes:
-        backends[name], manifest = open_backend(artifact, name, checkpoint=checkpoint)
+    from graphs.manifest import load_manifest
+
+    manifest = load_manifest(artifact, verify_files=False)  # each backend checks the files as it opens
+    backends = {name: (lambda name=name: open_backend(artifact, name, checkpoint=checkpoint)[0]) for name in runtimes}
     tokenizer = None
     if manifest.tokenizer:
         from mixtral_export.tokenizer import Tokenizer
@@ -210,7 +232,7 @@ def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | 
         source = Path(checkpoint) if checkpoint else Path(manifest.source or "")
         if not (source / "config.json").exists():
             raise RuntimeLoadError(f"{manifest.folder}: --reference hf needs the source checkpoint ({source})")
-        ref = HFReference(source)
+        ref = lambda: HFReference(source)  # noqa: E731  opened once every runtime is done and dropped
     return verify_backends(backends, prompts, steps, shapes.dtype, artifact=str(artifact), reference=ref)
 
 

@@ -62,3 +62,34 @@ def test_verify_fails_a_runtime_whose_logits_drift(tmp_path):
     bad = verify_backends({"ort": OrtBackend(artifact), "drift": Drifting(artifact)}, prompts, 24, "float32")
     assert good.passed and not bad.passed
     assert 9e-4 < bad.comparisons[0].max_abs < 1.1e-3
+
+
+def test_verify_holds_one_runtime_at_a_time(tiny_onnx):
+    """Runtimes given as openers are opened in turn, each dropped before the next (and the reference
+    after them all): verifying a big artifact holds its weights once, not once per runtime."""
+    import weakref
+
+    opened = []
+
+    def opener():
+        assert all(ref() is None for ref in opened), "the previous runtime is still alive"
+        backend = OrtBackend(tiny_onnx)
+        opened.append(weakref.ref(backend))
+        return backend
+
+    class Reference:
+        def __init__(self):
+            assert all(ref() is None for ref in opened), "a runtime is alive when the reference opens"
+            self.backend = OrtBackend(tiny_onnx)
+
+        def teacher_forced(self, prompts, forced):
+            return teacher_forced(self.backend, prompts, forced)
+
+        def greedy(self, prompts, steps):
+            from runtimes.verify import greedy
+
+            return greedy(self.backend, prompts, steps)
+
+    prompts = random_prompts([9, 4], 1000)
+    report = verify_backends({"a": opener, "b": opener}, prompts, 8, "float32", reference=Reference)
+    assert report.passed and len(opened) == 2 and len(report.comparisons) == 3

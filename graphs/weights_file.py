@@ -1,0 +1,171 @@
+"""Write a graph's external-data file tensor by tensor, hashing as it goes.
+
+Each initializer larger than EXTERNAL_MIN bytes is materialised (a lazy one reads its parameter
+from the checkpoint only now; one that comes in pieces, a piece at a time), written, added to
+the sha256 and released before the next, so peak memory is about one tensor or piece whatever
+the model's size. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
+in graph order, densely packed, the same threshold; so the file is byte for byte what the
+exporter's save writes. The graph then points at the file (offset, length) and is saved
+without weights.
+
+A write that fails (a full disk, Ctrl-C) raises out of here and the caller's temp folder goes
+with it (graphs/artifact_folder.py); a full disk is one ExportError line.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from graphs.artifact_folder import DISK_FULL, ExportError
+
+EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
+PROGRESS_EVERY = 1.0  # seconds between progress reports
+
+
+def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Write `model` (an onnx_ir model) to `path` and its large initializers to `data_name` beside it.
+
+    Returns the data file's (size, sha256). progress gets one line now and then: bytes written,
+    rate and the time left.
+    """
+    import onnx_ir as ir
+
+    values = [value for value in model.graph.initializers.values()
+              if value.const_value is not None and value.const_value.nbytes > EXTERNAL_MIN]
+    total = sum(value.const_value.nbytes for value in values)
+    if not values:
+        ir.save(model, str(path))
+        return 0, ""
+    data_path = path.parent / data_name
+    digest = hashlib.sha256()
+    report = Progress(data_name, total, progress)
+    offset = 0
+    report(0)
+    try:
+        with open(data_path, "wb") as handle:
+            for value in values:
+                tensor = value.const_value
+                length = write_tensor(tensor, handle, digest)
+                if length != tensor.nbytes:
+                    raise ExportError(f"{data_path}: initializer {value.name} gave {length} bytes, "
+                                      f"its shape and dtype say {tensor.nbytes}")
+                value.const_value = ir.ExternalTensor(os.path.normpath(data_name), offset, length, tensor.dtype,
+                                                      shape=tensor.shape, name=tensor.name,
+                                                      base_dir=os.path.normpath(path.parent))
+                offset += length
+                report(offset)
+                del tensor
+                release_freed_memory()
+    except OSError as err:
+        if err.filename is not None and Path(err.filename) != data_path:  # reading the checkpoint failed
+            raise ExportError(f"{err.filename}: cannot read ({err.strerror or err})") from None
+        if err.errno in DISK_FULL:
+            raise ExportError(f"{data_path}: {err.strerror} after writing {size(offset)} of {size(total)} "
+                              f"(the weights need {size(total)} free beside the output)") from None
+        raise ExportError(f"{data_path}: cannot write ({err.strerror or err})") from None
+    ir.save(model, str(path))
+    return offset, digest.hexdigest()
+
+
+def write_tensor(tensor, handle, digest) -> int:
+    """Materialise one tensor (a piece at a time when it comes in pieces), write its bytes and hash
+    them; returns the byte count."""
+    written = 0
+    for piece in tensor.pieces() if hasattr(tensor, "pieces") else (tensor,):
+        view = memoryview(tensor_bytes(piece)).cast("B")
+        hashing = hasher().submit(digest.update, view)  # sha256 lets go of the GIL: it runs beside the write
+        try:
+            done = 0
+            while done < len(view):
+                done += handle.write(view[done:])
+        finally:
+            hashing.result()
+        written += done
+        del view, piece
+    return written
+
+
+def hasher():
+    """The one thread that hashes a piece while the main thread writes it."""
+    global _hasher
+    if _hasher is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
+    return _hasher
+
+
+_hasher = None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim; elsewhere nothing).
+
+    Tensors of a few tens of MB land in malloc's heap once its mmap threshold has risen past
+    them; freed, they fragment it, and without this the resident size creeps up layer by layer.
+    """
+    global _trim
+    if _trim is None:
+        try:
+            import ctypes
+
+            _trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _trim = False
+    if _trim:
+        _trim(0)
+
+
+_trim = None
+
+
+def tensor_bytes(tensor):
+    """A tensor's little-endian bytes as a buffer, without the copy tobytes() makes of a big one."""
+    import onnx_ir as ir
+    import torch
+
+    while isinstance(tensor, ir.LazyTensor):
+        tensor = tensor.raw()  # the LazyTensor's function: evaluate it now, once
+    raw = tensor if isinstance(tensor, torch.Tensor) else getattr(tensor, "raw", None)
+    if isinstance(raw, torch.Tensor):
+        return raw.detach().contiguous().view(-1).view(torch.uint8).numpy()
+    if isinstance(raw, np.ndarray) and raw.dtype.byteorder in ("=", "<", "|"):
+        return np.ascontiguousarray(raw).reshape(-1).view(np.uint8)
+    return tensor.tobytes()
+
+
+def size(n: int) -> str:
+    """Bytes as people read them: 93.41 GB, 1.4 MB, 12 kB."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+class Progress:
+    """Turns bytes written into a progress line (at most once a second, and at the end)."""
+
+    def __init__(self, name: str, total: int, say: Callable[[str], None] | None):
+        self.name, self.total, self.say = name, total, say
+        self.start = self.last = time.monotonic()
+
+    def __call__(self, done: int) -> None:
+        now = time.monotonic()
+        if self.say is None or (0 < done < self.total and now - self.last < PROGRESS_EVERY):
+            return  # the first line (0 bytes) and the last always come
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        self.say(f"writing {self.name}: {size(done)} of {size(self.total)}, {rate / 1e6:.0f} MB/s, "
+                 f"{duration(left)} left")
+
+
+def duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "unknown time"
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
