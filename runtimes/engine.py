@@ -207,10 +207,17 @@ class Engine:
         if self.thread is None:
             self.step()  # retires the cancelled ones
         else:
-            with self.lock:
-                self.stopping = True
-                self.lock.notify_all()
+            self.stop()
             self.thread.join()
+
+    def stop(self) -> None:
+        """Tell the stepping thread to end once nothing is left (cancelled requests end at its next
+        step); does not wait, so a garbage-collected Session can call it from any thread."""
+        with self.lock:
+            self.closed = self.stopping = True
+            for request in [*self.waiting, *filter(None, self.slots)]:
+                request.cancelled = True
+            self.lock.notify_all()
 
     # ---- the stepping thread ----
 

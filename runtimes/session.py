@@ -14,6 +14,7 @@ request. `last_result` is the last call's result (from whichever thread finished
 """
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +31,7 @@ class Session:
         self.last_result: GenerationResult | None = None
         self.engine = Engine(backend, max_queue=max_queue, rows=rows,
                              max_positions=manifest.config.max_position_embeddings).start()
+        weakref.finalize(self, self.engine.stop)  # a Session dropped unclosed still ends its thread
 
     def close(self, grace: float = 0.0) -> None:
         """Stop admitting; running requests get `grace` seconds to finish, then are cancelled; the
