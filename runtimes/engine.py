@@ -235,7 +235,8 @@ class Engine:
         pending = list(requests)
         while pending:
             for request in pending:
-                yield from request.poll()[0]
+                if request.slot is not None or request.ended.is_set():  # queued ones have nothing yet
+                    yield from request.poll()[0]
             pending = [r for r in pending if not r.ended.is_set() or not r._events.empty()]
             if pending:
                 self.step()
