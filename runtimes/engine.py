@@ -207,10 +207,17 @@ class Engine:
         if self.thread is None:
             self.step()  # retires the cancelled ones
         else:
-            with self.lock:
-                self.stopping = True
-                self.lock.notify_all()
+            self.stop()
             self.thread.join()
+
+    def stop(self) -> None:
+        """Tell the stepping thread to end once nothing is left (cancelled requests end at its next
+        step); does not wait, so a garbage-collected Session can call it from any thread."""
+        with self.lock:
+            self.closed = self.stopping = True
+            for request in [*self.waiting, *filter(None, self.slots)]:
+                request.cancelled = True
+            self.lock.notify_all()
 
     # ---- the stepping thread ----
 
@@ -228,7 +235,8 @@ class Engine:
         pending = list(requests)
         while pending:
             for request in pending:
-                yield from request.poll()[0]
+                if request.slot is not None or request.ended.is_set():  # queued ones have nothing yet
+                    yield from request.poll()[0]
             pending = [r for r in pending if not r.ended.is_set() or not r._events.empty()]
             if pending:
                 self.step()

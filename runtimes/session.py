@@ -19,6 +19,7 @@ request. `last_result` is the last call's result (from whichever thread finished
 from __future__ import annotations
 
 import threading
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -38,6 +39,8 @@ class Session:
         self._score_lock = threading.Lock()  # head artifacts: one scoring batch at a time
         self._engine = None if manifest.head != "causal-lm" else Engine(
             backend, max_queue=max_queue, rows=rows, max_positions=manifest.config.max_position_embeddings).start()
+        if self._engine is not None:
+            weakref.finalize(self, self._engine.stop)  # a Session dropped unclosed still ends its thread
 
     @property
     def engine(self) -> Engine:

@@ -122,7 +122,7 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
             if job.include_usage:
                 yield sse(usage_chunk(job, completion))
             yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # how a dropped client reaches us depends on Starlette
             metrics.requests.labels("disconnected").inc()
             raise
         except Exception as error:  # a failed backend step: tell the client in-band

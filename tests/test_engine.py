@@ -178,6 +178,20 @@ def test_close_with_grace_lets_running_requests_finish_and_cancels_the_rest():
     assert short.completion.finish_reason == "length"
 
 
+def test_a_dropped_session_ends_its_engine_thread(tiny_onnx):
+    import gc
+
+    from runtimes.session import Session
+
+    session = Session.open(tiny_onnx)
+    thread = session.engine.thread
+    assert session.generate("hi", max_new_tokens=2) and thread.is_alive()
+    del session
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
 def test_stop_string_and_text_per_request():
     lm = ToyLM(batch=2, slots=16)
     full = generate(ToyLM(slots=16), [PROMPTS[0]], config(20), Pieces).completions[0]

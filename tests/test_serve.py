@@ -218,3 +218,18 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_onnx):
     assert "IMPORTED []" in output, output  # the ORT server never imported torch
     assert results[1][1] == "length"  # 40 tokens: finished within the grace period
     assert results[0][1] == "length"  # 1000 tokens: cut at the grace period, but the stream ended properly
+
+
+@pytest.mark.slow
+def test_load_bench_runs_and_writes_json(tiny_onnx, tmp_path):
+    out = tmp_path / "serve.json"
+    run = subprocess.run([sys.executable, "bench/serve_load.py", str(tiny_onnx), "--clients", "1,2", "--requests", "4",
+                          "--rounds", "2", "--threads", "1", "--json", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(out.read_text())
+    assert [level["clients"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        assert level["mismatches"] == 0 and level["speedup"] > 0
+        assert all(level[mode]["failures"] == 0 and level[mode]["generated_tokens"] > 0
+                   for mode in ("continuous", "serialized"))
