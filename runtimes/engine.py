@@ -219,6 +219,13 @@ class Engine:
                 request.cancelled = True
             self.lock.notify_all()
 
+    def stop_and_wait(self, timeout: float = 10.0) -> None:
+        """`stop`, then wait for the stepping thread (unless called on it): at interpreter exit a
+        thread still inside a torch or ORT step aborts the process ("terminate called ...")."""
+        self.stop()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
     # ---- the stepping thread ----
 
     def _serve(self) -> None:

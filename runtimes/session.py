@@ -40,7 +40,7 @@ class Session:
         self._engine = None if manifest.head != "causal-lm" else Engine(
             backend, max_queue=max_queue, rows=rows, max_positions=manifest.config.max_position_embeddings).start()
         if self._engine is not None:
-            weakref.finalize(self, self._engine.stop)  # a Session dropped unclosed still ends its thread
+            weakref.finalize(self, self._engine.stop_and_wait)  # dropped unclosed, or at exit: its thread ends
 
     @property
     def engine(self) -> Engine:
