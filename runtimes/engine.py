@@ -88,14 +88,12 @@ class Request:
     def poll(self) -> tuple[list[TokenEvent], bool]:
         """Events already produced, without waiting, and whether the request has ended."""
         out = []
-        while True:
-            try:
-                item = self._item(self._events.get_nowait())
-            except queue.Empty:
-                return out, False
+        while not self._events.empty():  # this consumer is the only reader: no queue.Empty to raise
+            item = self._item(self._events.get_nowait())
             if item is None:
                 return out, True
             out.append(item)
+        return out, False
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while (item := self._item(self._events.get())) is not None:

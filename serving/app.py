@@ -118,10 +118,8 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
                     yield delta_event(job, text)
             completion = request.completion
             metrics.requests.labels(completion.finish_reason).inc()
-            yield sse(chunk(job, None, completion.finish_reason))
-            if job.include_usage:
-                yield sse(usage_chunk(job, completion))
-            yield "data: [DONE]\n\n"
+            usage = sse(usage_chunk(job, completion)) if job.include_usage else ""
+            yield sse(chunk(job, None, completion.finish_reason)) + usage + "data: [DONE]\n\n"  # one write
         except (asyncio.CancelledError, GeneratorExit):  # how a dropped client reaches us depends on Starlette
             metrics.requests.labels("disconnected").inc()
             raise
