@@ -38,11 +38,19 @@ class SamplingParams:
 
 
 class Sampler:
-    """Chooses one token per row; its generator is seeded once, so a seed replays a whole run."""
+    """Chooses one token per row; its generator is seeded once, so a seed replays a whole run. The
+    generator is made at the first draw: greedy requests (most of a server's) never pay for seeding
+    one from OS entropy."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.params.seed)
+        return self._rng
 
     def next_tokens(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
         """logits (B, V) for the next position; history[b] = row b's prompt + generated ids."""
