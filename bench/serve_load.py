@@ -8,7 +8,8 @@ round. Reported per C and server: aggregate generated tok/s (completion tokens /
 over rounds), the speedup as the median of per-round ratios (the two runs of a round share the
 machine's load, which on a shared machine moves more than the speedup), time to first token and
 inter-token latency p50 / p99 (streamed chunks), failures, and how many continuous-batching
-completions differ from the serialized (= solo) run of the same request.
+completions differ from the serialized (= solo) run of the same request. `--stream-interval N` starts
+both servers with it (a chunk per N tokens after the first: inter-token latency is then per chunk).
 
     python3 bench/serve_load.py out/tiny-b4 --clients 1,2,4,8,16 --requests 32 --rounds 6 --threads 1 --json out/serve.json --plot out/serve.png
 """
@@ -43,7 +44,7 @@ class Outcome:
 
 
 class ServerProcess:
-    def __init__(self, artifact: Path, rows: int | None, threads: int | None):
+    def __init__(self, artifact: Path, rows: int | None, threads: int | None, stream_interval: int = 1):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -51,6 +52,7 @@ class ServerProcess:
                    "--max-queue", "100000", "--model-name", "bench"]
         command += ["--rows", str(rows)] if rows else []
         command += ["--threads", str(threads)] if threads else []
+        command += ["--stream-interval", str(stream_interval)]
         self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
@@ -159,8 +161,8 @@ def workload(count: int, vocab: int, prompt_lengths: tuple[int, int], output_len
 def run(args) -> dict:
     manifest = json.loads((args.artifact / "manifest.json").read_text())
     batch, vocab = manifest["shapes"]["batch"], manifest["shapes"]["vocab_size"]
-    servers = {"continuous": ServerProcess(args.artifact, None, args.threads),
-               "serialized": ServerProcess(args.artifact, 1, args.threads)}
+    servers = {"continuous": ServerProcess(args.artifact, None, args.threads, args.stream_interval),
+               "serialized": ServerProcess(args.artifact, 1, args.threads, args.stream_interval)}
     levels = []
     try:
         for mode in MODES:  # warm both: first-call allocations out of the measurement
@@ -189,13 +191,14 @@ def run(args) -> dict:
             server.stop()
     return {"artifact": str(args.artifact), "batch": batch, "requests_per_level": args.requests,
             "rounds": args.rounds, "prompt_lengths": args.prompt_lengths, "output_lengths": args.output_lengths,
-            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "threads": args.threads, "levels": levels}
+            "cpus": os.cpu_count(), "load_average": os.getloadavg(), "threads": args.threads,
+            "stream_interval": args.stream_interval, "levels": levels}
 
 
 def table(result: dict) -> str:
     ms = lambda s: "-" if s is None else f"{s * 1e3:.0f}"
     lines = [f"artifact {result['artifact']} (batch {result['batch']}), {result['requests_per_level']} requests "
-             f"x {result['rounds']} rounds per level; load average at the end "
+             f"x {result['rounds']} rounds per level, stream interval {result.get('stream_interval', 1)}; load average at the end "
              f"{' '.join(f'{x:.1f}' for x in result['load_average'])} on {result['cpus']} CPUs",
              "| clients | server | tok/s (pooled) | vs serialized: median (min-max) of rounds | TTFT p50 / p99 ms | ITL p50 / p99 ms | failures | "
              "differs from solo |", "|---|---|---|---|---|---|---|---|"]
@@ -247,6 +250,8 @@ def main() -> None:
     parser.add_argument("--output-lengths", type=pair, default=(8, 64), help="min,max max_tokens")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads per server")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="both servers' --stream-interval (tokens per SSE chunk; ITL is then per chunk)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG (needs matplotlib)")
     args = parser.parse_args()

@@ -29,7 +29,7 @@ import numpy as np
 from graphs.contract import NO_POSITION
 from runtimes.generate import (Completion, Detokenizer, GenerationConfig, GenerationResult, Row, TokenEvent,
                                check_prompts, position_limit)
-from runtimes.sampling import Sampler
+from runtimes.sampling import Sampler, next_tokens
 from runtimes.step import RequestError, StepBackend
 
 
@@ -88,14 +88,12 @@ class Request:
     def poll(self) -> tuple[list[TokenEvent], bool]:
         """Events already produced, without waiting, and whether the request has ended."""
         out = []
-        while True:
-            try:
-                item = self._item(self._events.get_nowait())
-            except queue.Empty:
-                return out, False
+        while not self._events.empty():  # this consumer is the only reader: no queue.Empty to raise
+            item = self._item(self._events.get_nowait())
             if item is None:
                 return out, True
             out.append(item)
+        return out, False
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while (item := self._item(self._events.get())) is not None:
@@ -283,10 +281,10 @@ class Engine:
                 sample_at.append((r, 0))
         try:
             logits = self.backend.step(input_ids, positions)  # (B, T, V)
-            events = []
-            for r, column in sample_at:
-                token = int(r.sampler.next_tokens(logits[r.slot, column][None, :], [r.row.ids])[0])
-                events.append((r, TokenEvent(r.row.index, token, r.row.add(token, r.config, self.limit))))
+            ready = logits[[r.slot for r, _ in sample_at], [column for _, column in sample_at]]  # (n, V)
+            tokens = next_tokens([r.sampler for r, _ in sample_at], ready, [r.row.ids for r, _ in sample_at])
+            events = [(r, TokenEvent(r.row.index, token, r.row.add(token, r.config, self.limit)))
+                      for (r, _), token in zip(sample_at, tokens)]
         except Exception as error:  # a failed step ends every request in it, never the engine
             with self.lock:
                 for r in live:

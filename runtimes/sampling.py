@@ -38,11 +38,19 @@ class SamplingParams:
 
 
 class Sampler:
-    """Chooses one token per row; its generator is seeded once, so a seed replays a whole run."""
+    """Chooses one token per row; its generator is seeded once, so a seed replays a whole run. The
+    generator is made at the first draw: greedy requests (most of a server's) never pay for seeding
+    one from OS entropy."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.rng = np.random.default_rng(params.seed)
+        self._rng: np.random.Generator | None = None
+
+    @property
+    def rng(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = np.random.default_rng(self.params.seed)
+        return self._rng
 
     def next_tokens(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
         """logits (B, V) for the next position; history[b] = row b's prompt + generated ids."""
@@ -72,6 +80,29 @@ class Sampler:
         threshold = self.rng.random(batch) * cdf[:, -1]  # (B,)
         picked = np.minimum((cdf <= threshold[:, None]).sum(axis=-1), vocab - 1)  # first cdf > u
         return order[np.arange(batch), picked].astype(np.int64)
+
+
+def plain_greedy(sampler) -> bool:
+    """A Sampler that takes the argmax as is (greedy, no repetition penalty): batchable across rows."""
+    return isinstance(sampler, Sampler) and sampler.params.greedy and sampler.params.repetition_penalty == 1.0
+
+
+def next_tokens(samplers: list, logits: np.ndarray, history: list[list[int]]) -> list[int]:
+    """One token per row of logits (n, V), row i chosen by samplers[i]: all plain greedy rows in one
+    argmax (the engine's common case, one numpy call per step instead of one per row), every other
+    row by its own sampler, so a seeded draw depends on its own request only."""
+    tokens = [0] * len(samplers)
+    greedy = [i for i, sampler in enumerate(samplers) if plain_greedy(sampler)]
+    if greedy:
+        scores = logits[greedy] if len(greedy) < len(samplers) else logits  # (g, V)
+        if np.isnan(scores).any():
+            raise ValueError("logits contain NaN")
+        for i, token in zip(greedy, scores.argmax(axis=-1).tolist()):  # first maximum = lowest id, like torch
+            tokens[i] = token
+    for i, sampler in enumerate(samplers):
+        if not plain_greedy(sampler):
+            tokens[i] = int(sampler.next_tokens(logits[i:i + 1], [history[i]])[0])
+    return tokens
 
 
 def penalize_repeats(logits: np.ndarray, history: list[list[int]], penalty: float) -> np.ndarray:

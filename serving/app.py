@@ -20,15 +20,20 @@ from starlette.exceptions import HTTPException
 from runtimes.engine import EngineClosed, QueueFull, Request
 from runtimes.step import RequestError
 from serving.metrics import ServerMetrics
-from serving.openai_api import (BadRequest, Job, chunk, delta_event, error_body, parse, response, sse_text as sse,
+from serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response, sse_text as sse,
                                 usage_chunk)
 
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-def build_app(session, model_name: str, request_timeout: float | None = None, replica: str | None = None) -> FastAPI:
+def build_app(session, model_name: str, request_timeout: float | None = None, replica: str | None = None,
+              stream_interval: int = 1) -> FastAPI:
     """The app; the caller owns the session (and closes it: see serving/server.py). `replica` names this
-    copy in an `x-replica` header and /health (Ray Serve runs several)."""
+    copy in an `x-replica` header and /health (Ray Serve runs several). A stream sends its first token
+    at once, then a chunk per `stream_interval` tokens (each chunk is a socket write on the event loop,
+    the serving cost per token: see README "Serving")."""
+    if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
+        raise RequestError(f"stream_interval must be an integer >= 1 (tokens per streamed chunk), got {stream_interval!r}")
     app = FastAPI(title="mixtral-export", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(session.engine)
     limit = session.engine.limit
@@ -113,15 +118,16 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
         try:
             if job.kind == "chat":
                 yield sse(chunk(job, "", first=True))  # the role, as OpenAI sends it first
+            grouper = Grouper(stream_interval)
             async for events in timed(request):
-                if text := "".join(event.text_delta if has_text else f"{event.token_id} " for event in events):
+                text = "".join(event.text_delta if has_text else f"{event.token_id} " for event in events)
+                if text := grouper.add(text, len(events)):
                     yield delta_event(job, text)
             completion = request.completion
             metrics.requests.labels(completion.finish_reason).inc()
-            yield sse(chunk(job, None, completion.finish_reason))
-            if job.include_usage:
-                yield sse(usage_chunk(job, completion))
-            yield "data: [DONE]\n\n"
+            usage = sse(usage_chunk(job, completion)) if job.include_usage else ""
+            held = delta_event(job, text) if (text := grouper.rest()) else ""
+            yield held + sse(chunk(job, None, completion.finish_reason)) + usage + "data: [DONE]\n\n"  # one write
         except (asyncio.CancelledError, GeneratorExit):  # how a dropped client reaches us depends on Starlette
             metrics.requests.labels("disconnected").inc()
             raise

@@ -54,6 +54,27 @@ def delta_event(job: Job, text: str) -> str:
     return job.delta_frame[0] + json.dumps(text) + job.delta_frame[1]
 
 
+class Grouper:
+    """A stream's text let out at its first token, then once `interval` tokens have gathered: each
+    streamed chunk is a socket write on the event loop, the server's main cost per token."""
+
+    def __init__(self, interval: int):
+        self.interval, self.held, self.tokens, self.sent = interval, "", 0, False
+
+    def add(self, text: str, tokens: int) -> str:
+        """The text to send now ("" = hold it)."""
+        self.held += text
+        self.tokens += tokens
+        if not self.held or (self.sent and self.tokens < self.interval):
+            return ""
+        out, self.held, self.tokens, self.sent = self.held, "", 0, True
+        return out
+
+    def rest(self) -> str:
+        out, self.held, self.tokens = self.held, "", 0
+        return out
+
+
 def sse_text(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 

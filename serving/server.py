@@ -37,14 +37,15 @@ class GracefulServer(uvicorn.Server):
 def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", host: str = "127.0.0.1",
           port: int = 8000, max_queue: int = 64, grace: float = 10.0, model_name: str | None = None,
           request_timeout: float | None = None, threads: int | None = None,
-          checkpoint: str | Path | None = None, rows: int | None = None, log_level: str = "warning") -> None:
+          checkpoint: str | Path | None = None, rows: int | None = None, log_level: str = "warning",
+          stream_interval: int = 1) -> None:
     """Open the artifact, serve until a signal, close the engine."""
     from runtimes.session import Session
 
     session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
                            max_queue=max_queue, rows=rows)
     name = model_name or Path(artifact).resolve().name
-    app = build_app(session, name, request_timeout=request_timeout)
+    app = build_app(session, name, request_timeout=request_timeout, stream_interval=stream_interval)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
                             access_log=False, lifespan="off")
     server = GracefulServer(config, session, grace)

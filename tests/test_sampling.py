@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtimes.sampling import Sampler, SamplingParams
+from runtimes.sampling import Sampler, SamplingParams, next_tokens
 
 
 def random_logits(rows=4, vocab=50, seed=0) -> np.ndarray:
@@ -92,3 +92,29 @@ def test_nan_logits_are_refused():
     logits[0, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         Sampler(SamplingParams()).next_tokens(logits, no_history(1))
+
+
+def test_batched_choice_equals_each_row_on_its_own_sampler():
+    """The engine's one call per step: plain greedy rows in one argmax, the others (seeded draws, a penalty)
+    by their own sampler, each the same token as that row alone, its generator advanced once."""
+    logits = random_logits(rows=6, seed=3)
+    logits[1, [7, 2]] = 9.0  # a tie: the lowest id wins
+    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=1.0, seed=5),
+              SamplingParams(repetition_penalty=1.3), SamplingParams(temperature=0.7, top_p=0.9, seed=8),
+              SamplingParams()]
+    history = [[1, 2], [3], [4, 4], [int(logits[3].argmax()), 0], [], [9]]
+    together = next_tokens([Sampler(p) for p in params], logits, history)
+    alone = [int(Sampler(p).next_tokens(logits[i:i + 1], [history[i]])[0]) for i, p in enumerate(params)]
+    assert together == alone and together[1] == 2
+    assert together[3] != int(logits[3].argmax())  # the penalty row really went through its sampler
+    seeded = Sampler(params[2])
+    draws = [next_tokens([seeded], random_logits(rows=1, seed=s), [[]])[0] for s in range(2)]
+    fresh = Sampler(params[2])
+    assert draws == [int(fresh.next_tokens(random_logits(rows=1, seed=s), [[]])[0]) for s in range(2)]
+
+
+def test_batched_choice_refuses_nan_in_a_greedy_row():
+    logits = random_logits(rows=3)
+    logits[2, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        next_tokens([Sampler(SamplingParams()) for _ in range(3)], logits, no_history(3))

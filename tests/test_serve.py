@@ -128,6 +128,33 @@ def test_streamed_deltas_build_the_unstreamed_text(server):
     assert parts[-1].usage.completion_tokens == 6 and parts[-2].choices[0].finish_reason == "length"
 
 
+def test_a_stream_interval_sends_fewer_chunks_of_the_same_text(server, tiny_onnx):
+    """--stream-interval 4: the first token at once, then a chunk per 4 tokens; the same text and usage."""
+    args = dict(model="tiny", prompt="Readability counts", max_tokens=17, temperature=0,
+                stream_options={"include_usage": True})
+    every = [p for p in server.client.completions.create(stream=True, **args)]
+    grouped = Server(tiny_onnx, "--stream-interval", "4")
+    try:
+        fewer = [p for p in grouped.client.completions.create(stream=True, **args)]
+    finally:
+        assert grouped.stop()[0] == 0
+    text = lambda parts: "".join(p.choices[0].text for p in parts if p.choices)
+    chunks = lambda parts: sum(bool(p.choices and p.choices[0].text) for p in parts)
+    assert text(fewer) == text(every) and fewer[-1].usage.completion_tokens == 17
+    assert 1 <= chunks(fewer) <= min(chunks(every), 1 + 4 + 1)  # first token, 16 more in 4s, what was held
+
+
+def test_the_grouper_lets_out_the_first_token_then_every_interval():
+    from serving.openai_api import Grouper
+
+    grouper = Grouper(3)
+    sent = [grouper.add(text, tokens) for text, tokens in
+            [("a", 1), ("", 1), ("b", 1), ("c", 1), ("d", 1), ("ef", 2), ("g", 1), ("h", 1)]]
+    assert sent == ["a", "", "", "bc", "", "def", "", ""] and grouper.rest() == "gh"
+    assert grouper.add("i", 1) == "" and grouper.rest() == "i"  # the end sends what was held
+    assert [Grouper(1).add(t, 1) for t in "xyz"] == ["x", "y", "z"]  # interval 1: every token as it comes
+
+
 def test_seeded_sampling_is_reproducible(server):
     args = dict(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, top_p=0.9)
     texts = [server.client.completions.create(seed=seed, **args).choices[0].text for seed in (3, 3, 4)]
