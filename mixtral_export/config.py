@@ -147,13 +147,7 @@ class MixtralConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_dict(self) -> dict:
         """The config as Hugging Face's config.json (transformers v5 spelling)."""
@@ -178,6 +172,16 @@ class MixtralConfig:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return MixtralConfig(**values)
+
+
+def read_config_json(path: Path) -> dict:
+    """config.json as a dict; a missing or malformed file is one ConfigError line naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
 
 
 def _rope_theta(raw: dict, source: str) -> float:

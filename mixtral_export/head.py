@@ -7,13 +7,12 @@ under MixtralModel) and each head's own tensors beside it. The head is what conf
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from graphs.contract import HEAD_KINDS
 
-from .config import ConfigError
+from .config import ConfigError, read_config_json
 
 HEADS = ("causal-lm", *HEAD_KINDS)
 ARCHITECTURES = {"MixtralForCausalLM": "causal-lm", "MixtralModel": "model",
@@ -50,12 +49,7 @@ class Head:
 def read_head(folder: str | Path, tensors: dict[str, tuple[int, ...]], override: str | None = None) -> Head:
     """The head of the checkpoint in `folder` given its tensors (name -> shape); `override` picks another."""
     path = Path(folder) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    raw = read_config_json(path)
     architectures = raw.get("architectures") or []
     declared = ARCHITECTURES.get(architectures[0]) if isinstance(architectures, list) and architectures else None
     bare = "embed_tokens.weight" in tensors and "model.embed_tokens.weight" not in tensors
