@@ -161,7 +161,7 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
 
     With `weights`, the module's parameters are placeholders (fake tensors: `placeholder_model`) and
     every initializer made from a parameter ends up a lazy tensor that reads it with
-    weights(name, shape) when saved, or a block of its rows with weights(name, shape, (start, stop))
+    weights(name, shape) when saved, or a run of its flat elements with weights(name, shape, elements=(first, last))
     (graphs/placeholder_weights.py).
     """
     import torch
@@ -190,7 +190,7 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
                 _ir_passes.rename_inputs(program.model, input_names)
                 _ir_passes.rename_outputs(program.model, output_names)
                 resolve(program.model, tracers, params, read,
-                        rows=lambda name, start, stop: weights(name, params[name], (start, stop)))
+                        span=lambda name, first, last: weights(name, params[name], elements=(first, last)))
     except PlaceholderError as error:
         raise ExportError(str(error)) from None
     finally:

@@ -182,15 +182,21 @@ class ParameterReader:
             self.parts["lm_head.weight"] = self.parts["embed_tokens.weight"]  # one tensor under two names
         self.dtype = TORCH_DTYPES[config.dtype]
 
-    def read(self, param: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, param: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None,
+             elements: tuple[int, int] | None = None) -> torch.Tensor:
         """The parameter `param` (of shape `shape`) in the config's dtype, or only its rows
-        [start, stop) along the first axis (one expert of a stacked expert parameter, say)."""
+        [start, stop) along the first axis (one expert of a stacked expert parameter, say), or
+        only elements [first, last) of its flat order, as a 1-D tensor (a slice of one expert's rows)."""
         if param not in self.parts:
             raise CheckpointError(f"no checkpoint tensor fills parameter {param}")
-        start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
         row = math.prod(shape[1:])
-        lo, hi = start * row, stop * row  # the elements wanted, in the parameter's flat order
-        out = torch.empty((stop - start, *shape[1:]) if shape else shape, dtype=self.dtype)
+        if elements is not None:
+            lo, hi = elements
+            out = torch.empty(hi - lo, dtype=self.dtype)
+        else:
+            start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+            lo, hi = start * row, stop * row  # the elements wanted, in the parameter's flat order
+            out = torch.empty((stop - start, *shape[1:]) if shape else shape, dtype=self.dtype)
         flat = out.view(-1)
         filled = 0
         whole = torch.empty(shape, device="meta")
@@ -201,7 +207,7 @@ class ParameterReader:
                     raise CheckpointError(f"{entry.path}: tensor {entry.name} does not fill a contiguous part of {param}")
                 first, last = max(region.storage_offset(), lo), min(region.storage_offset() + region.numel(), hi)
                 if first < last:
-                    _read_tensor(elements(entry, first - region.storage_offset(), last - region.storage_offset()),
+                    _read_tensor(elements_of(entry, first - region.storage_offset(), last - region.storage_offset()),
                                  flat[first - lo:last - lo], None)
                     filled += last - first
         if filled != out.numel():
@@ -209,7 +215,7 @@ class ParameterReader:
         return out
 
 
-def elements(entry: TensorEntry, first: int, last: int) -> TensorEntry:
+def elements_of(entry: TensorEntry, first: int, last: int) -> TensorEntry:
     """Elements [first, last) of a tensor in its flat order, as an entry of its own (a byte range)."""
     size = entry.nbytes // max(math.prod(entry.shape), 1)
     return replace(entry, shape=(last - first,), start=entry.start + first * size, nbytes=(last - first) * size)
