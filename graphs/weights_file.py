@@ -24,6 +24,7 @@ import numpy as np
 from graphs.artifact_folder import DISK_FULL, ExportError
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
+WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (see README "export ... larger than memory")
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 
 
@@ -81,8 +82,8 @@ def write_tensor(tensor, handle, digest) -> int:
         hashing = hasher().submit(digest.update, view)  # sha256 lets go of the GIL: it runs beside the write
         try:
             done = 0
-            while done < len(view):
-                done += handle.write(view[done:])
+            while done < len(view):  # a few MB per write: one 256 MB write ran at a tenth of the rate
+                done += handle.write(view[done:done + WRITE_BYTES])
         finally:
             hashing.result()
         written += done

@@ -62,3 +62,16 @@ def test_export_peak_memory_does_not_grow_with_layers(tmp_path, routing):
     peak_four = export_peak(four, tmp_path / "four-onnx", routing)
     # Holding the weights would add 3 layers (~157 MB); streaming them adds the tracer's bigger graph only.
     assert peak_four - peak_one < layer_bytes / 2, (peak_one, peak_four, layer_bytes)
+
+
+@pytest.mark.slow
+def test_gather_export_holds_no_more_than_dense(tmp_path):
+    """Gathered routing streams its sliced expert layout: no whole w13 and sliced copy of it at once.
+    Dense holds one piece (here a whole w13, 33.5 MB); gather one w2 (16.8 MB) and a virtual expert."""
+    one, _ = checkpoint(tmp_path / "one", 1)
+    config = MixtralConfig(num_hidden_layers=1, dtype="float32", **WIDE)
+    w13_bytes = config.num_local_experts * 2 * config.intermediate_size * config.hidden_size * 4
+    dense = export_peak(one, tmp_path / "dense", "dense")
+    gather = export_peak(one, tmp_path / "gather", "gather")
+    # Assembling w13 whole and then its sliced copy would add a w13 over dense's peak.
+    assert gather - dense < w13_bytes / 2, (dense, gather, w13_bytes)
