@@ -53,6 +53,32 @@ DTYPES = {d.name: d for d in (DType("float32", 1, "tensor(float)", 4), DType("fl
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what weights, caches and a build's dtype may be
 
 
+@dataclass(frozen=True)
+class WeightScheme:
+    """Weight-only quantization of one artifact (graphs/quantize.py does the arithmetic).
+
+    Block-wise along K (a weight's input features): each run of `block_size` weights of one
+    output row shares a float32 scale, and with symmetric=False a `bits`-wide zero point;
+    symmetric codes sit around the fixed zero point 2^(bits-1) (what ONNX Runtime assumes when
+    none is stored). Activations stay float, except that ONNX Runtime's 8-bit QMoE CPU kernel has
+    no float kernel and rounds each expert GEMM's input to int8 per block (expert_activations).
+    """
+
+    name: str
+    bits: int
+    symmetric: bool
+    expert_activations: str  # "float32" | "int8": what the expert GEMMs of com.microsoft.QMoE read
+
+
+WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True, expert_activations="int8"),
+                                      WeightScheme("int4", 4, symmetric=False, expert_activations="float32"))}
+FLOAT_WEIGHTS = "float"  # --weights default: the build's dtype, no quantization
+QUANT_BLOCK_SIZES = (32, 64, 128)
+DEFAULT_QUANT_BLOCK = 32
+# Which weights a scheme quantizes; the token embeddings, the router and the norms stay float.
+QUANTIZED_WEIGHTS = ("experts", "attention", "lm_head")
+
+
 class ContractError(UserError, ValueError):
     """Build parameters that cannot describe a valid step graph."""
 

@@ -1,0 +1,115 @@
+"""Block-wise weight-only quantization in the packed layouts ONNX Runtime's MatMulNBits and QMoE take.
+
+A weight W (..., N, K) (N output rows, K input features; a Linear's weight, one expert's fc1 or
+fc2) is cut along K into blocks of `block_size`; each (row, block) gets a float32 scale and, for
+an asymmetric scheme, a zero point z; the code of w is q = clip(round(w / scale) + z). What the
+kernels compute with is dequantize(): (q - z) * scale, z = 2^(bits-1) when none is stored.
+Rounding is numpy's (half to even): the same weights always give the same bytes.
+
+Layouts (checked against onnxruntime 1.32's CPU kernels in tests/test_quantize.py):
+  packed       (..., N, K/block, block*bits/8) uint8: 4-bit codes two to a byte, the even
+               element of K in the low nibble (MatMulNBits' B; QMoE's fc weights as
+               (E, N, K*bits/8), the same bytes)
+  scales       (..., N, K/block) float32
+  zero_points  (..., N, ceil(K/block*bits/8)) uint8, packed like the codes, or None (symmetric)
+
+Pure numpy, one weight at a time, so an exporter can apply it to each tensor as it streams.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphs.contract import QUANT_BLOCK_SIZES, WeightScheme
+from mixtral_export.errors import UserError
+
+
+class QuantizeError(UserError, ValueError):
+    """A weight this scheme cannot quantize (shape, block size); one line."""
+
+
+@dataclass(frozen=True)
+class Quantized:
+    packed: np.ndarray  # (..., N, K/block, block*bits/8) uint8
+    scales: np.ndarray  # (..., N, K/block) float32
+    zero_points: np.ndarray | None  # (..., N, ceil(K/block*bits/8)) uint8; None: 2^(bits-1)
+    bits: int
+    block_size: int
+
+
+def check_block(k: int, block_size: int, name: str) -> None:
+    if block_size not in QUANT_BLOCK_SIZES:
+        raise QuantizeError(f"{name}: block size {block_size} is not one of {', '.join(map(str, QUANT_BLOCK_SIZES))}")
+    if k % block_size:
+        raise QuantizeError(f"{name}: {k} input features do not split into blocks of {block_size}; "
+                            f"pick a block size that divides {k}")
+
+
+def quantize(w: np.ndarray, scheme: WeightScheme, block_size: int, name: str = "weight") -> Quantized:
+    """W (..., N, K) float -> codes, scales and zero points; leading dims (experts) one at a time."""
+    w = np.asarray(w)
+    check_block(w.shape[-1], block_size, name)
+    if w.ndim > 2:
+        parts = [quantize(sub, scheme, block_size, name) for sub in w]
+        stack = lambda field: np.stack([getattr(p, field) for p in parts])  # noqa: E731
+        return Quantized(stack("packed"), stack("scales"), None if scheme.symmetric else stack("zero_points"),
+                         scheme.bits, block_size)
+    n, k = w.shape
+    blocks = w.astype(np.float32, copy=False).reshape(n, k // block_size, block_size)  # (N, K/b, b)
+    if scheme.symmetric:
+        top = 2 ** (scheme.bits - 1) - 1  # codes -top..top around the fixed zero point
+        scales = np.abs(blocks).max(-1) / np.float32(top)  # (N, K/b)
+        zero = np.float32(2 ** (scheme.bits - 1))
+        scales[scales == 0] = 1
+        codes = np.clip(np.round(blocks / scales[..., None]), -top, top) + zero
+        zero_points = None
+    else:
+        top = 2 ** scheme.bits - 1  # codes 0..top, zero exactly representable
+        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)  # (N, K/b)
+        scales = (high - low) / np.float32(top)
+        scales[scales == 0] = 1
+        zeros = np.clip(np.round(-low / scales), 0, top)  # (N, K/b)
+        codes = np.clip(np.round(blocks / scales[..., None]) + zeros[..., None], 0, top)
+        zero_points = pack(zeros.astype(np.uint8), scheme.bits)  # (N, ceil(K/b * bits/8))
+    packed = pack(codes.astype(np.uint8).reshape(n, k), scheme.bits)  # (N, K*bits/8)
+    return Quantized(packed.reshape(n, k // block_size, block_size * scheme.bits // 8),
+                     scales.astype(np.float32), zero_points, scheme.bits, block_size)
+
+
+def dequantize(q: Quantized) -> np.ndarray:
+    """The float32 weight (..., N, K) the kernels compute with: (code - zero point) * scale."""
+    *lead, blocks, _ = q.packed.shape
+    codes = unpack(q.packed.reshape(*lead, -1), q.bits).astype(np.float32)  # (..., N, K)
+    codes = codes.reshape(*lead, blocks, q.block_size)  # (..., N, K/b, b)
+    if q.zero_points is None:
+        zeros = np.float32(2 ** (q.bits - 1))
+    else:
+        zeros = unpack(q.zero_points, q.bits)[..., :blocks].astype(np.float32)[..., None]  # (..., N, K/b, 1)
+    return ((codes - zeros) * q.scales[..., None]).reshape(*lead, blocks * q.block_size)
+
+
+def error(w: np.ndarray, q: Quantized) -> dict[str, float]:
+    """Max and mean |w - dequantize(q)| over the whole tensor."""
+    diff = np.abs(np.asarray(w, dtype=np.float32) - dequantize(q))
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean(dtype=np.float64))}
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes (..., K) -> (..., ceil(K*bits/8)): 8-bit as is, 4-bit element 2j low nibble, 2j+1 high."""
+    if bits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    if bits != 4:
+        raise QuantizeError(f"{bits}-bit codes are not supported (4 or 8)")
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)  # pad a nibble
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """(..., ceil(K*bits/8)) -> uint8 codes (..., K or K+1)."""
+    if bits == 8:
+        return packed
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
+    return out
