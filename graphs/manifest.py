@@ -68,6 +68,9 @@ class Manifest:
     source: str | None = None  # the checkpoint folder it was built from, as the builder saw it
     routing: str = "dense"  # how the MoE blocks compute: "dense" | "gather" (mixtral_export/model.py)
     engines: dict[str, dict] = field(default_factory=dict)  # engine file -> its build record (TensorRT)
+    # Weight-only quantization (graphs/onnx_quant.py): scheme, bits, symmetric, block_size,
+    # expert_activations and per tensor {kind, max_abs, mean_abs}; None = float weights.
+    quantization: dict | None = None
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -114,7 +117,8 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
                    graphs: dict[str, str], opset: int | None = None,
                    tokenizer: str | None = None, bos_token_id: int | None = None,
                    eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
-                   source: str | Path | None = None, routing: str = "dense") -> Path:
+                   source: str | Path | None = None, routing: str = "dense",
+                   quantization: dict | None = None) -> Path:
     """Hash every file in `folder` and write manifest.json beside them; call it last.
 
     bos/eos default to the config's; the chunk lengths are shapes.chunks.
@@ -150,6 +154,7 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
         "device": device,
         "source": None if source is None else str(source),
         "routing": routing,
+        **({"quantization": quantization} if quantization else {}),
         "files": {name: {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
                   for name in names},
     }
@@ -215,7 +220,7 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
             created=raw["created"], tokenizer=raw["tokenizer"], bos_token_id=raw["bos_token_id"],
             eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,), files=files,
             device=raw.get("device"), source=raw.get("source"), engines=dict(raw.get("engines") or {}),
-            routing=raw.get("routing", "dense"))
+            routing=raw.get("routing", "dense"), quantization=raw.get("quantization"))
     except ConfigError as err:
         raise ManifestError(str(err)) from None
     except KeyError as err:

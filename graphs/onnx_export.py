@@ -16,6 +16,10 @@ is faster (~0.5 s) but deprecated, emits 2.5x the nodes and loses static dims (n
 comes out as a symbol), so it is not used. Node metadata (FX names, stack traces with the build
 machine's paths) is dropped: it was 85% of model.onnx.
 
+Weights: "float" (the default) stores them in the build's dtype; "int8" / "int4" quantizes the
+experts, attention projections and lm_head block-wise (graphs/onnx_quant.py, gathered routing and
+float32 only); the manifest's `quantization` records the scheme and each tensor's error.
+
 Routing: "dense" (the default) runs every expert on every token as plain ONNX ops; "gather" makes
 each MoE block one `com.microsoft.MoE` node that reads only each token's top-k experts (ONNX
 Runtime contrib op, silu models only; see graphs/onnx_moe.py). The manifest records which.
@@ -33,10 +37,12 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import CHUNK_AXIS, DTYPES, FLOAT_DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes
+from graphs.contract import (CHUNK_AXIS, DEFAULT_QUANT_BLOCK, DTYPES, FLOAT_DTYPES, FLOAT_WEIGHTS, NO_POSITION,
+                             OUTPUT_NAMES, StepShapes)
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.manifest import io_contract
 from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
+from graphs.onnx_quant import check_weights, quantize_weights
 from mixtral_export.config import MixtralConfig
 
 GRAPH_NAME = "model.onnx"
@@ -45,11 +51,13 @@ DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external
 
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
                 prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False, opset: int = 18,
-                progress: Callable[[str], None] | None = None, routing: str = "dense") -> Path:
+                progress: Callable[[str], None] | None = None, routing: str = "dense",
+                weights: str = FLOAT_WEIGHTS, block_size: int = DEFAULT_QUANT_BLOCK) -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
 
     dtype None means the checkpoint's own; the graph's logits are float32 whatever the dtype.
-    routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring).
+    routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring);
+    weights "float" | "int8" | "int4" with block_size 32 | 64 | 128 how its weights are stored.
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
@@ -66,6 +74,7 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
             check_gather_supported(config.hidden_act, str(out))
         except OnnxMoeError as error:
             raise ExportError(str(error)) from None
+    scheme = check_weights(weights, block_size, routing, dtype, out)
     config = config.replace(dtype=dtype)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)
@@ -76,20 +85,21 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
         model = load_model(checkpoint, dtype=dtype, attention_window=shapes.attention_window, routing=routing)
         say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={shapes.prefill_chunk}|1, "
             f"S={shapes.cache_slots}, {routing} MoE)")
-        export_graph(model, shapes, tmp / GRAPH_NAME, opset)
+        quantization = export_graph(model, shapes, tmp / GRAPH_NAME, opset, scheme, block_size)
         del model
         gc.collect()
         say("checking the graph")
         check_graph(tmp / GRAPH_NAME, shapes)
         say("hashing files and writing the manifest")
         finish(tmp, checkpoint, config, kind="onnx", shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
-               routing=routing)
+               routing=routing, quantization=quantization)
     say(f"wrote {out}")
     return out
 
 
-def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
-    """torch.export the step with T symbolic and save it with all weights in one external file."""
+def export_graph(model, shapes: StepShapes, path: Path, opset: int, scheme=None, block_size: int = 1) -> dict | None:
+    """torch.export the step with T symbolic and save it with all weights in one external file;
+    returns the quantization record (None for float weights)."""
     import torch
 
     from mixtral_export.model import TORCH_DTYPES
@@ -101,7 +111,7 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
             list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
             list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
             torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64))  # (B, S)
-    route_through_moe_nodes(model)  # gather: one com.microsoft.MoE node per block
+    route_through_moe_nodes(model, block_size if scheme else 1)  # gather: one com.microsoft.MoE node per block
     chunk = torch.export.Dim(CHUNK_AXIS, min=1)
     layers = [None] * shapes.num_layers
     dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
@@ -119,9 +129,11 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int) -> None:
                 node.metadata_props.clear()
             name_chunk_axis(program.model)
             lay_out_experts(program.model)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
-            program.save(str(path), external_data=True)
+            quantization = scheme and quantize_weights(program.model, model, scheme, block_size)
+            program.save(str(path), external_data=True)  # quantizes one weight at a time, filling the errors
     finally:
         exporter_log.setLevel(level)
+    return quantization
 
 
 def name_chunk_axis(model) -> None:

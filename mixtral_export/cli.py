@@ -95,6 +95,9 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
            opset: int = typer.Option(18, help="ONNX opset (>= 18)", metavar="N"),
            routing: str = typer.Option("dense", help="dense: every expert on every token; gather: only each "
                                                      "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
+           weights: str = typer.Option("float", help="float: the dtype's; int8 | int4: block-wise weight-only "
+                                                     "(experts, attention, lm_head; needs --routing gather)", metavar="TEXT"),
+           block_size: int = typer.Option(32, help="int8/int4: weights per quantization block (32 | 64 | 128)", metavar="N"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
            device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT")):
     """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest."""
@@ -102,8 +105,10 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
         raise UsageError(f"--routing {routing!r} is not available (dense, gather)")
     if format == "onnx":
         from graphs.onnx_export import export_onnx as build
-        options = dict(opset=opset)
+        options = dict(opset=opset, weights=weights, block_size=block_size)
     elif format == "aoti":
+        if weights != "float":
+            raise UsageError(f"--weights {weights}: quantized weights are exported for ONNX Runtime only (--format onnx)")
         from graphs.aoti_export import export_aoti as build
         options = dict(device=device)
     else:
@@ -167,6 +172,11 @@ def _describe(artifact: Path) -> None:
     window = s.attention_window if s.attention_window is not None else f"none (at most {s.cache_slots} positions)"
     out.print(f"  shapes  batch {s.batch}, prefill chunk {s.prefill_chunk}, decode chunk 1, cache slots "
               f"{s.cache_slots}, attention window {window}", highlight=False)
+    if q := manifest.quantization:
+        worst = max(q["tensors"].items(), key=lambda item: item[1]["max_abs"])
+        out.print(f"  weights {q['scheme']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, block {q['block_size']}) "
+                  f"on {len(q['tensors'])} tensors, largest |error| {worst[1]['max_abs']:.2e} ({worst[0]}); "
+                  f"expert activations {q['expert_activations']}", highlight=False)
     for name, info in sorted(manifest.files.items()):
         out.print(f"  file    {name}  {info.size:,} bytes  sha256 {info.sha256[:16]}...", highlight=False)
 
