@@ -142,14 +142,15 @@ class MoE(nn.Module):
 
     def expert_input(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) as the expert GEMMs read it: as is, or with activation_block set, rounded to
-        int8 per block of K (scale max|x| / 127), which is what ONNX Runtime's 8-bit QMoE CPU
-        kernel does, so eager on an int8 artifact's dequantized weights computes what it computes."""
+        int8 per block of K (scale max|x| / 127, times its reciprocal, half to even) exactly as ONNX
+        Runtime's 8-bit QMoE CPU kernel does, so eager on an int8 artifact's dequantized weights
+        computes what it computes (dividing by the scale instead flips a code now and then)."""
         if self.activation_block is None:
             return x
         blocks = x.reshape(*x.shape[:-1], -1, self.activation_block)  # (..., K/b, b)
         scale = blocks.abs().amax(-1, keepdim=True) / 127
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        return (torch.round(blocks / scale) * scale).reshape(x.shape)
+        return (torch.round(blocks * (1 / scale)) * scale).reshape(x.shape)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         top_w, top_i = self.top_k_routing(x)

@@ -4,6 +4,13 @@ The baseline (the first runtime, usually eager) generates a greedy continuation 
 Every runtime is then teacher-forced through that same token sequence (chunked prefill, then one
 decode step per token), so its per-step logits compare position for position; each runtime's own
 greedy run gives the first step where its continuation diverges. Tolerances depend on dtype.
+
+A quantized artifact (int8/int4 weights) is judged twice over. Its baseline, eager, runs on the
+artifact's own dequantized weights, so the comparison at the fp32 tolerance checks ONNX
+Runtime's quantized kernels. What quantization costs is reported apart, against eager on the
+float weights (and transformers, with --reference hf): top-1 agreement, mean and p99 KL
+divergence of the next-token distribution over the same teacher-forced steps, and the first step
+where each runtime's greedy continuation leaves the float model's.
 """
 from __future__ import annotations
 
@@ -57,6 +64,18 @@ class Comparison:
 
 
 @dataclass
+class QuantizationCost:
+    """One runtime on quantized weights against a float model; reported, not judged."""
+
+    runtime: str
+    against: str  # "float" (eager on the checkpoint's weights) or "hf"
+    top1_agreement: float
+    kl_mean: float  # KL(float || quantized) of the next-token distribution, nats, over every step
+    kl_p99: float
+    first_divergence: list[int | None]  # per prompt: first greedy step that differs from the float model's
+
+
+@dataclass
 class VerifyReport:
     artifact: str
     dtype: str
@@ -64,6 +83,8 @@ class VerifyReport:
     prompts: list[list[int]]
     continuation: list[list[int]]  # the baseline's greedy tokens
     comparisons: list[Comparison]
+    quantization: dict | None = None  # the manifest's record, tensors left out
+    quantization_cost: list[QuantizationCost] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -72,7 +93,9 @@ class VerifyReport:
     def to_json(self) -> dict:
         return {"artifact": self.artifact, "dtype": self.dtype, "steps": self.steps, "passed": self.passed,
                 "prompts": self.prompts, "continuation": self.continuation,
-                "comparisons": [asdict(c) | {"passed": c.passed} for c in self.comparisons]}
+                "comparisons": [asdict(c) | {"passed": c.passed} for c in self.comparisons],
+                **({"quantization": self.quantization,
+                    "quantization_cost": [asdict(c) for c in self.quantization_cost]} if self.quantization else {})}
 
 
 def greedy(backend: StepBackend, prompts: list[list[int]], steps: int) -> list[list[int]]:
@@ -107,13 +130,37 @@ def compare(runtime: str, against: str, ours: list[np.ndarray], theirs: list[np.
                       per_step_max_abs=[[float(x) for x in d.max(-1)] for d in diffs], tolerance=tolerance)
 
 
+def kl_divergence(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """KL(softmax(reference) || softmax(ours)) per row of (steps, V) logits, in float64."""
+    def log_softmax(x):
+        x = x.astype(np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    log_p, log_q = log_softmax(reference), log_softmax(ours)
+    return (np.exp(log_p) * (log_p - log_q)).sum(-1)
+
+
+def quantization_cost(runtime: str, against: str, ours: list[np.ndarray], theirs: list[np.ndarray],
+                      divergence: list[int | None]) -> QuantizationCost:
+    kl = np.concatenate([kl_divergence(b, a) for a, b in zip(ours, theirs)])
+    agree = np.concatenate([a.argmax(-1) == b.argmax(-1) for a, b in zip(ours, theirs)])
+    return QuantizationCost(runtime=runtime, against=against, top1_agreement=float(agree.mean()),
+                            kl_mean=float(kl.mean()), kl_p99=float(np.percentile(kl, 99)), first_divergence=divergence)
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
 
 
 def verify_backends(backends: dict[str, StepBackend], prompts: list[list[int]], steps: int, dtype: str,
-                    artifact: str = "", reference=None) -> VerifyReport:
-    """Compare every backend with the first one, and (if given) every backend with the reference."""
+                    artifact: str = "", reference=None, float_backend: StepBackend | None = None,
+                    quantization: dict | None = None) -> VerifyReport:
+    """Compare every backend with the first one, and (if given) every backend with the reference.
+
+    With `quantization` (the backends run quantized weights), the reference and `float_backend`
+    (the same model on float weights) are not held to the tolerance but measure the cost.
+    """
     names = list(backends)
     baseline = names[0]
     tolerance = TOLERANCES[dtype]
@@ -124,14 +171,22 @@ def verify_backends(backends: dict[str, StepBackend], prompts: list[list[int]], 
     for name in names[1:]:
         divergence = [first_divergence(a, b) for a, b in zip(own[name], continuation)]
         comparisons.append(compare(name, baseline, forced[name], forced[baseline], divergence, tolerance))
+    floats = {}
+    if float_backend is not None:
+        floats["float"] = (teacher_forced(float_backend, prompts, continuation), greedy(float_backend, prompts, steps))
     if reference is not None:
-        ref_logits = reference.teacher_forced(prompts, continuation)
-        ref_greedy = reference.greedy(prompts, steps)
+        floats["hf"] = (reference.teacher_forced(prompts, continuation), reference.greedy(prompts, steps))
+    costs = []
+    for against, (ref_logits, ref_greedy) in floats.items():
         for name in names:
             divergence = [first_divergence(a, b) for a, b in zip(own[name], ref_greedy)]
-            comparisons.append(compare(name, "hf", forced[name], ref_logits, divergence, tolerance))
+            if quantization:
+                costs.append(quantization_cost(name, against, forced[name], ref_logits, divergence))
+            else:
+                comparisons.append(compare(name, against, forced[name], ref_logits, divergence, tolerance))
+    summary = quantization and {key: value for key, value in quantization.items() if key != "tensors"}
     return VerifyReport(artifact=artifact, dtype=dtype, steps=steps, prompts=prompts, continuation=continuation,
-                        comparisons=comparisons)
+                        comparisons=comparisons, quantization=summary or None, quantization_cost=costs)
 
 
 class HFReference:
@@ -191,6 +246,11 @@ def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | 
     backends, manifest = {}, None
     for name in runtimes:
         backends[name], manifest = open_backend(artifact, name, checkpoint=checkpoint)
+    float_backend = None
+    if manifest.quantization:
+        from runtimes.load import eager_backend
+
+        float_backend = eager_backend(manifest, checkpoint, float_weights=True)
     tokenizer = None
     if manifest.tokenizer:
         from mixtral_export.tokenizer import Tokenizer
@@ -206,7 +266,8 @@ def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | 
         if not (source / "config.json").exists():
             raise RuntimeLoadError(f"{manifest.folder}: --reference hf needs the source checkpoint ({source})")
         ref = HFReference(source)
-    return verify_backends(backends, prompts, steps, shapes.dtype, artifact=str(artifact), reference=ref)
+    return verify_backends(backends, prompts, steps, shapes.dtype, artifact=str(artifact), reference=ref,
+                           float_backend=float_backend, quantization=manifest.quantization)
 
 
 def print_report(report: VerifyReport, console) -> None:
@@ -227,4 +288,15 @@ def print_report(report: VerifyReport, console) -> None:
     console.print(f"tolerance ({report.dtype}): max|dlogit| <= {t.max_abs if t.max_abs is not None else 'not judged'}, "
                   f"top-1 agreement >= {t.min_top1:.0%}, same greedy tokens: {'required' if t.same_greedy else 'reported'}",
                   highlight=False)
+    if report.quantization_cost:
+        q = report.quantization
+        cost = Table(title=Text(f"what {q['scheme']} weights (block {q['block_size']}) cost against float weights"))
+        for column in ("runtime", "vs", "top-1", "KL mean", "KL p99", "diverges at"):
+            cost.add_column(column, no_wrap=True)
+        for c in report.quantization_cost:
+            cost.add_row(c.runtime, c.against, f"{c.top1_agreement:.1%}", f"{c.kl_mean:.2e}", f"{c.kl_p99:.2e}",
+                         ",".join("-" if d is None else str(d) for d in c.first_divergence))
+        console.print(cost)
+        console.print("the quantized runtimes are judged against eager on the same dequantized weights; "
+                      "the cost is reported, not judged", highlight=False)
     console.print(Text("all within tolerance", "green") if report.passed else Text("outside tolerance", "red"))

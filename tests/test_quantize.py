@@ -88,7 +88,7 @@ def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
     b = x.reshape(*x.shape[:-1], -1, block)
     s = np.abs(b).max(-1, keepdims=True) / np.float32(127)
     s[s == 0] = 1
-    return (np.round(b / s) * s).reshape(x.shape)
+    return (np.round(b * (1 / s)) * s).reshape(x.shape)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
