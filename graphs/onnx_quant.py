@@ -25,7 +25,7 @@ import numpy as np
 from graphs.artifact_folder import ExportError
 from graphs.contract import FLOAT_WEIGHTS, QUANT_BLOCK_SIZES, WEIGHT_SCHEMES, WeightScheme
 from graphs.onnx_moe import MOE_DOMAIN
-from graphs.quantize import QuantizeError, Quantized, check_block, error, quantize
+from graphs.quantize import QuantizeError, Quantized, check_block, quantize_with_error
 
 QMOE_OP, NBITS_OP = "QMoE", "MatMulNBits"
 
@@ -105,9 +105,8 @@ class OneWeightCache:
     def get(self, name: str, source: Callable[[], np.ndarray]) -> Quantized:
         if self.key != name:
             self.key, self.value = None, None  # drop the last one before making the next
-            w = source()
-            q = quantize(w, self.scheme, self.block_size, name)
-            self.errors[name] = {"kind": self.kinds[name], **error(w, q)}
+            q, stats = quantize_with_error(source(), self.scheme, self.block_size, name)
+            self.errors[name] = {"kind": self.kinds[name], **stats}
             self.key, self.value = name, q
         return self.value
 

@@ -48,13 +48,33 @@ def check_block(k: int, block_size: int, name: str) -> None:
 
 def quantize(w: np.ndarray, scheme: WeightScheme, block_size: int, name: str = "weight") -> Quantized:
     """W (..., N, K) float -> codes, scales and zero points; leading dims (experts) one at a time."""
+    return quantize_with_error(w, scheme, block_size, name)[0]
+
+
+def quantize_with_error(w: np.ndarray, scheme: WeightScheme, block_size: int,
+                        name: str = "weight") -> tuple[Quantized, dict[str, float]]:
+    """quantize() and error() together, one (N, K) matrix at a time: a 3.8 GB stack of experts
+    never has a float copy made of it whole."""
     w = np.asarray(w)
-    check_block(w.shape[-1], block_size, name)
-    if w.ndim > 2:
-        parts = [quantize(sub, scheme, block_size, name) for sub in w]
-        stack = lambda field: np.stack([getattr(p, field) for p in parts])  # noqa: E731
-        return Quantized(stack("packed"), stack("scales"), None if scheme.symmetric else stack("zero_points"),
-                         scheme.bits, block_size)
+    *lead, n, k = w.shape
+    check_block(k, block_size, name)
+    blocks, bits = k // block_size, scheme.bits
+    packed = np.empty((*lead, n, blocks, block_size * bits // 8), np.uint8)
+    scales = np.empty((*lead, n, blocks), np.float32)
+    zero_points = None if scheme.symmetric else np.empty((*lead, n, -(-blocks * bits // 8)), np.uint8)
+    worst, total = 0.0, 0.0
+    for index in np.ndindex(*lead):
+        one = quantize_matrix(w[index], scheme, block_size)
+        packed[index], scales[index] = one.packed, one.scales
+        if zero_points is not None:
+            zero_points[index] = one.zero_points
+        diff = np.abs(w[index].astype(np.float32, copy=False) - dequantize(one))  # (N, K)
+        worst, total = max(worst, float(diff.max())), total + float(diff.sum(dtype=np.float64))
+    return (Quantized(packed, scales, zero_points, bits, block_size),
+            {"max_abs": worst, "mean_abs": total / max(w.size, 1)})
+
+
+def quantize_matrix(w: np.ndarray, scheme: WeightScheme, block_size: int) -> Quantized:
     n, k = w.shape
     blocks = w.astype(np.float32, copy=False).reshape(n, k // block_size, block_size)  # (N, K/b, b)
     if scheme.symmetric:

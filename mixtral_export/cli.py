@@ -327,7 +327,10 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode tokens/s against context length", metavar="PATH"),
           markdown: bool = typer.Option(False, help="Print the tables as Markdown"),
           ort_spin: bool = typer.Option(False, help="Let ONNX Runtime's threads spin between ops (OpenMP's do)"),
-          rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled", metavar="N")):
+          rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled", metavar="N"),
+          weights: str = typer.Option("fp32", help="Precisions of ort-gather, comma-separated: fp32, int8, int4 "
+                                                   "(one artifact each)", metavar="TEXT"),
+          block_size: int = typer.Option(32, help="Quantization block of int8/int4 weights", metavar="N")):
     """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "bench" / "run.py").is_file():
@@ -351,7 +354,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
     options = BenchOptions(model=model, layers=layers, runtimes=names, contexts=_int_list(contexts, "--contexts"),
                            decode_steps=decode_steps, repeats=repeats, warmup=warmup, prefill_chunk=prefill_chunk,
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
-                           timeout=timeout, ort_spin=ort_spin, rounds=rounds)
+                           timeout=timeout, ort_spin=ort_spin, rounds=rounds,
+                           weights=tuple(w.strip() for w in weights.split(",") if w.strip()), block_size=block_size)
     result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
     if json_path is not None:
         write_report(json_path, result, "bench")
