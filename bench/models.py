@@ -119,12 +119,12 @@ def export_if_stale(model: BenchModel, routing: str, shapes: StepShapes, say: Ca
     from graphs.onnx_export import export_onnx
 
     out = artifact_path(model, routing, shapes, weights, block_size)
-    quantization = None if weights == "fp32" else (weights, block_size)
+    quantization = None if weights == "fp32" else (weights, block_size, "int8")
     try:
         manifest = load_manifest(out, verify_files=False)
         q = manifest.quantization
         if (manifest.shapes == shapes and manifest.routing == routing
-                and (q and (q["scheme"], q["block_size"])) == quantization
+                and (q and (q["scheme"], q["block_size"], q.get("activations"))) == quantization
                 and manifest.source == str(model.checkpoint.resolve())):
             return out
     except ManifestError:

@@ -60,18 +60,20 @@ class WeightScheme:
     Block-wise along K (a weight's input features): each run of `block_size` weights of one
     output row shares a float32 scale, and with symmetric=False a `bits`-wide zero point;
     symmetric codes sit around the fixed zero point 2^(bits-1) (what ONNX Runtime assumes when
-    none is stored). Activations stay float, except that ONNX Runtime's 8-bit QMoE CPU kernel has
-    no float kernel and rounds each expert GEMM's input to int8 per block (expert_activations).
+    none is stored). Every quantized GEMM rounds its input to int8 per block (scale max|x|/127),
+    as llama.cpp's q8_0/q4_0 dot products do: ONNX Runtime's CPU kernels (accuracy_level 4) are
+    fast only that way (with float inputs MatMulNBits ran lm_head 100x slower at 8 bits and 2.3x
+    at 4; the 8-bit QMoE kernel has no float path at all).
     """
 
     name: str
     bits: int
     symmetric: bool
-    expert_activations: str  # "float32" | "int8": what the expert GEMMs of com.microsoft.QMoE read
+    activations: str = "int8"  # what the quantized GEMMs read (the runtimes' accuracy_level 4)
 
 
-WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True, expert_activations="int8"),
-                                      WeightScheme("int4", 4, symmetric=False, expert_activations="float32"))}
+WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True), WeightScheme("int4", 4, symmetric=False))}
+INT8_ACTIVATIONS = 4  # com.microsoft QMoE / MatMulNBits accuracy_level: inputs rounded to int8 per block
 FLOAT_WEIGHTS = "float"  # --weights default: the build's dtype, no quantization
 QUANT_BLOCK_SIZES = (32, 64, 128)
 DEFAULT_QUANT_BLOCK = 32

@@ -69,7 +69,7 @@ class Manifest:
     routing: str = "dense"  # how the MoE blocks compute: "dense" | "gather" (mixtral_export/model.py)
     engines: dict[str, dict] = field(default_factory=dict)  # engine file -> its build record (TensorRT)
     # Weight-only quantization (graphs/onnx_quant.py): scheme, bits, symmetric, block_size,
-    # expert_activations and per tensor {kind, max_abs, mean_abs}; None = float weights.
+    # activations and per tensor {kind, max_abs, mean_abs}; None = float weights.
     quantization: dict | None = None
 
     def path(self, name: str) -> Path:

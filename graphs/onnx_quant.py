@@ -7,6 +7,7 @@ A rewrite of the onnx_ir model between tracing and saving (graphs/onnx_export.py
                                     expert_weight_bits, block_size, weights_prepacked=0 (raw layout)
   MatMul(h, W (K, N))           ->  MatMulNBits(h, codes (N, K/b, b*bits/8), scales[, zero points])
                                     for q/k/v/o of every layer and lm_head
+  both with accuracy_level=4: inputs rounded to int8 per block (see WeightScheme)
 
 The step contract (inputs, outputs, ring) is unchanged. Embeddings, router and norms stay float.
 Every quantized initializer is an `ir.LazyTensor` that quantizes its float source when the file
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from graphs.artifact_folder import ExportError
-from graphs.contract import FLOAT_WEIGHTS, QUANT_BLOCK_SIZES, WEIGHT_SCHEMES, WeightScheme
+from graphs.contract import FLOAT_WEIGHTS, INT8_ACTIVATIONS, QUANT_BLOCK_SIZES, WEIGHT_SCHEMES, WeightScheme
 from graphs.onnx_moe import MOE_DOMAIN
 from graphs.quantize import QuantizeError, Quantized, check_block, quantize_with_error
 
@@ -50,7 +51,7 @@ def quantize_weights(model, torch_model, scheme: WeightScheme, block_size: int) 
     if block_size not in QUANT_BLOCK_SIZES:
         raise QuantizeError(f"block size {block_size} is not one of {', '.join(map(str, QUANT_BLOCK_SIZES))}")
     record = {"scheme": scheme.name, "bits": scheme.bits, "symmetric": scheme.symmetric, "block_size": block_size,
-              "expert_activations": scheme.expert_activations, "tensors": {}}
+              "activations": scheme.activations, "tensors": {}}
     cache = OneWeightCache(scheme, block_size, record["tensors"])
     graph = model.graph
     moe_nodes = [n for n in graph.all_nodes() if n.domain == MOE_DOMAIN and n.op_type == "MoE"]
@@ -65,7 +66,8 @@ def quantize_weights(model, torch_model, scheme: WeightScheme, block_size: int) 
             inputs += [parts[2], parts[5]]
         attributes = {a.name: a.value for a in node.attributes.values()}
         replace(graph, node, QMOE_OP, inputs, dict(attributes, expert_weight_bits=scheme.bits,
-                                                   block_size=block_size, weights_prepacked=0))
+                                                   block_size=block_size, weights_prepacked=0,
+                                                   accuracy_level=INT8_ACTIVATIONS))
     named = linear_weights(torch_model)
     matmuls = [n for n in graph.all_nodes() if n.domain == "" and n.op_type == "MatMul"
                and n.inputs[1] is not None and n.inputs[1].const_value is not None
@@ -81,7 +83,7 @@ def quantize_weights(model, torch_model, scheme: WeightScheme, block_size: int) 
         codes = quantized_inputs(graph, weight, name, "lm_head" if name == "lm_head.weight" else "attention", cache,
                                  transpose=True)
         replace(graph, node, NBITS_OP, [node.inputs[0], *codes],
-                dict(K=k, N=n, bits=scheme.bits, block_size=block_size, accuracy_level=0))
+                dict(K=k, N=n, bits=scheme.bits, block_size=block_size, accuracy_level=INT8_ACTIVATIONS))
     return record
 
 

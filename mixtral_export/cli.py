@@ -176,7 +176,7 @@ def _describe(artifact: Path) -> None:
         worst = max(q["tensors"].items(), key=lambda item: item[1]["max_abs"])
         out.print(f"  weights {q['scheme']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, block {q['block_size']}) "
                   f"on {len(q['tensors'])} tensors, largest |error| {worst[1]['max_abs']:.2e} ({worst[0]}); "
-                  f"expert activations {q['expert_activations']}", highlight=False)
+                  f"GEMM inputs {q['activations']}", highlight=False)
     for name, info in sorted(manifest.files.items()):
         out.print(f"  file    {name}  {info.size:,} bytes  sha256 {info.sha256[:16]}...", highlight=False)
 

@@ -98,6 +98,17 @@ class Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
+def int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (..., K) rounded to int8 per block of K (scale max|x| / 127, times its reciprocal, half to
+    even), exactly as ONNX Runtime's quantized CPU kernels round their inputs, so eager on a
+    quantized artifact's dequantized weights computes what they compute (dividing by the scale
+    instead flips a code now and then)."""
+    blocks = x.reshape(*x.shape[:-1], -1, block)  # (..., K/b, b)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.round(blocks * (1 / scale)) * scale).reshape(x.shape)
+
+
 class MoE(nn.Module):
     """Mixtral's top-k routing (fp32 router softmax, top-k, renormalise) computed one of two ways.
 
@@ -123,7 +134,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(h, e, bias=False)
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))  # rows [0, I) = w1 (gate), [I, 2I) = w3 (up)
         self.w2 = nn.Parameter(torch.empty(e, h, i))
-        self.activation_block: int | None = None  # set: expert GEMM inputs rounded to int8 (expert_input)
+        self.activation_block: int | None = None  # set: expert GEMM inputs rounded to int8 (int8_blocks)
 
     def top_k_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H) -> renormalised top-k softmax weights (N, k) fp32 and expert ids (N, k)."""
@@ -141,16 +152,8 @@ class MoE(nn.Module):
         return out.reshape(b, t, h)
 
     def expert_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) as the expert GEMMs read it: as is, or with activation_block set, rounded to
-        int8 per block of K (scale max|x| / 127, times its reciprocal, half to even) exactly as ONNX
-        Runtime's 8-bit QMoE CPU kernel does, so eager on an int8 artifact's dequantized weights
-        computes what it computes (dividing by the scale instead flips a code now and then)."""
-        if self.activation_block is None:
-            return x
-        blocks = x.reshape(*x.shape[:-1], -1, self.activation_block)  # (..., K/b, b)
-        scale = blocks.abs().amax(-1, keepdim=True) / 127
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-        return (torch.round(blocks * (1 / scale)) * scale).reshape(x.shape)
+        """x (..., K) as the expert GEMMs read it: as is, or rounded by int8_blocks."""
+        return x if self.activation_block is None else int8_blocks(x, self.activation_block)
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         top_w, top_i = self.top_k_routing(x)

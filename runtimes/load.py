@@ -74,13 +74,15 @@ def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, devi
     return EagerBackend(model, manifest.shapes, device=device)
 
 
-def dequantize_model(model, record: dict) -> None:
+def dequantize_model(model, record: dict, round_activations: bool = True) -> None:
     """Replace every weight the manifest's quantization record lists by its dequantized self, quantized
-    exactly as the export did (graphs/quantize.py); int8 experts also round their GEMM inputs."""
+    exactly as the export did (graphs/quantize.py), and round the inputs of those GEMMs to int8
+    per block as ORT's kernels do (record["activations"])."""
     import torch
 
     from graphs.contract import WEIGHT_SCHEMES
     from graphs.quantize import dequantize, quantize
+    from mixtral_export.model import int8_blocks
 
     scheme, block = WEIGHT_SCHEMES[record["scheme"]], int(record["block_size"])
     for name in record["tensors"]:
@@ -88,5 +90,9 @@ def dequantize_model(model, record: dict) -> None:
         weight = getattr(owner, attr).detach()
         values = dequantize(quantize(weight.float().numpy(), scheme, block, name))
         setattr(owner, attr, torch.nn.Parameter(torch.from_numpy(values).to(weight.dtype), requires_grad=False))
-        if attr == "w13" and record.get("expert_activations") == "int8":
+        if not round_activations or record.get("activations") != "int8":
+            continue
+        if attr == "w13":
             owner.activation_block = block
+        elif isinstance(owner, torch.nn.Linear):
+            owner.register_forward_pre_hook(lambda module, args: (int8_blocks(args[0], block),))

@@ -6,8 +6,11 @@ decode step per token), so its per-step logits compare position for position; ea
 greedy run gives the first step where its continuation diverges. Tolerances depend on dtype.
 
 A quantized artifact (int8/int4 weights) is judged twice over. Its baseline, eager, runs on the
-artifact's own dequantized weights, so the comparison at the fp32 tolerance checks ONNX
-Runtime's quantized kernels. What quantization costs is reported apart, against eager on the
+artifact's own dequantized weights and rounds each quantized GEMM's input to int8 as the kernels
+do, so the comparison checks ONNX Runtime's quantized kernels at the fp32 tolerance, judged on
+the median step: that rounding is discontinuous, and a 1e-6 difference upstream now and then
+moves one input by a code (measured: 1 step in 80 at 8e-2 on the tiny int8 model, which the
+cache then carries), so the largest step is reported, not judged. What quantization costs is reported apart, against eager on the
 float weights (and transformers, with --reference hf): top-1 agreement, mean and p99 KL
 divergence of the next-token distribution over the same teacher-forced steps, and the first step
 where each runtime's greedy continuation leaves the float model's.
@@ -36,6 +39,7 @@ class Tolerance:
     max_abs: float | None  # bound on every step's max |logit difference|, or None: not judged
     min_top1: float  # fraction of steps whose argmax must agree
     same_greedy: bool  # the greedy continuation must equal the baseline's token for token
+    median_step_abs: float | None = None  # bound on the median over steps of each step's max |difference|
 
 
 TOLERANCES = {
@@ -43,6 +47,7 @@ TOLERANCES = {
     "float16": Tolerance(max_abs=None, min_top1=0.9, same_greedy=False),
     "bfloat16": Tolerance(max_abs=None, min_top1=0.85, same_greedy=False),
 }
+QUANTIZED_TOLERANCE = Tolerance(max_abs=None, min_top1=1.0, same_greedy=True, median_step_abs=1e-4)
 
 
 @dataclass
@@ -56,10 +61,13 @@ class Comparison:
     per_step_max_abs: list[list[float]]  # per prompt, per step
     tolerance: Tolerance
     passed: bool = field(init=False)
+    median_step_abs: float = field(init=False)
 
     def __post_init__(self) -> None:
         t = self.tolerance
+        self.median_step_abs = float(np.median([x for steps in self.per_step_max_abs for x in steps]))
         self.passed = ((t.max_abs is None or self.max_abs <= t.max_abs) and self.top1_agreement >= t.min_top1
+                       and (t.median_step_abs is None or self.median_step_abs <= t.median_step_abs)
                        and (not t.same_greedy or all(d is None for d in self.first_divergence)))
 
 
@@ -163,7 +171,7 @@ def verify_backends(backends: dict[str, StepBackend], prompts: list[list[int]], 
     """
     names = list(backends)
     baseline = names[0]
-    tolerance = TOLERANCES[dtype]
+    tolerance = QUANTIZED_TOLERANCE if quantization else TOLERANCES[dtype]
     continuation = greedy(backends[baseline], prompts, steps)
     forced = {name: teacher_forced(backends[name], prompts, continuation) for name in names}
     own = {name: (continuation if name == baseline else greedy(backends[name], prompts, steps)) for name in names}
@@ -284,7 +292,10 @@ def print_report(report: VerifyReport, console) -> None:
                       f"{c.top1_agreement:.0%}", diverged,
                       Text("pass", "green") if c.passed else Text("FAIL", "red"))
     console.print(table)
-    t = TOLERANCES[report.dtype]
+    t = QUANTIZED_TOLERANCE if report.quantization else TOLERANCES[report.dtype]
+    if t.median_step_abs is not None:
+        console.print(f"median step's max|dlogit| <= {t.median_step_abs} (int8-rounded GEMM inputs: see runtimes/verify.py): "
+                      + ", ".join(f"{c.runtime} {c.median_step_abs:.1e}" for c in report.comparisons), highlight=False)
     console.print(f"tolerance ({report.dtype}): max|dlogit| <= {t.max_abs if t.max_abs is not None else 'not judged'}, "
                   f"top-1 agreement >= {t.min_top1:.0%}, same greedy tokens: {'required' if t.same_greedy else 'reported'}",
                   highlight=False)

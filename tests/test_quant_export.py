@@ -1,10 +1,12 @@
 """export --weights int8|int4: the rewritten graph, its manifest, and parity split into kernels and quantization.
 
 Tolerances (tiny model, 2 prompts x 40 greedy steps, the long prompt wrapping the 32-slot ring):
-  ORT on the quantized artifact vs eager on its dequantized weights: the fp32 tolerance
-    (max |dlogit| <= 1e-4, identical greedy tokens; measured 5.2e-6 for both)
+  ORT on the quantized artifact vs eager on its dequantized weights with int8-rounded GEMM inputs:
+    the fp32 tolerance on the median step (<= 1e-4; measured ~3e-6), identical greedy tokens and
+    top-1; the largest step is 5e-6 for int4 but 8e-2 for int8, where one rounding flips at step
+    20 of one prompt (runtimes/verify.py)
   what quantization costs vs eager on the float weights (measured: int8 top-1 98.8%,
-    KL mean 2.9e-4, p99 7.4e-4; int4 top-1 85%, KL mean 0.065, p99 0.17): int8 top-1 >= 95%, KL mean <= 2e-3;
+    KL mean 5.1e-4, p99 1.3e-3; int4 top-1 85%, KL mean 0.066, p99 0.18): int8 top-1 >= 95%, KL mean <= 2e-3;
     int4 top-1 >= 70%, KL mean <= 0.2; both KL > 0 (the weights really are quantized).
 """
 from __future__ import annotations
@@ -45,7 +47,10 @@ def test_graph_runs_quantized_kernels_and_manifest_records_each_tensor(quantized
     assert not any(n.op_type == "MatMul" and n.input[1] in weights for n in graph.node)  # no float weight MatMul left
     q = manifest.quantization
     assert (q["scheme"], q["bits"], q["block_size"]) == (scheme, WEIGHT_SCHEMES[scheme].bits, 32)
-    assert q["expert_activations"] == WEIGHT_SCHEMES[scheme].expert_activations
+    assert q["activations"] == "int8"
+    attrs = {n.op_type: {a.name: a.i for a in n.attribute if a.name == "accuracy_level"} for n in graph.node
+             if n.op_type in ("QMoE", "MatMulNBits")}
+    assert attrs == {"QMoE": {"accuracy_level": 4}, "MatMulNBits": {"accuracy_level": 4}}
     assert len(q["tensors"]) == 6 * layers + 1 and "embed_tokens.weight" not in q["tensors"]
     model = load_model(tiny_checkpoint, dtype="float32", routing="gather")
     for name in ("lm_head.weight", "layers.1.moe.w2", "layers.0.self_attn.k_proj.weight"):
@@ -62,13 +67,16 @@ def test_ort_matches_eager_on_dequantized_weights_and_cost_is_reported(quantized
     scheme, artifact = quantized
     report = verify_artifact(artifact, ["eager", "ort"], steps=40)
     (kernels,) = report.comparisons
-    assert kernels.passed and kernels.max_abs <= 1e-4 and all(d is None for d in kernels.first_divergence)
+    assert kernels.passed and kernels.median_step_abs <= 1e-4 and all(d is None for d in kernels.first_divergence)
+    assert kernels.top1_agreement == 1.0
+    within = np.mean([x <= 1e-4 for steps in kernels.per_step_max_abs for x in steps])
+    assert within >= 0.7  # measured: int4 every step, int8 all but the 19 after one flip
     costs = {c.runtime: c for c in report.quantization_cost}
     assert set(costs) == {"eager", "ort"} and all(c.against == "float" for c in report.quantization_cost)
     for cost in costs.values():
         assert cost.top1_agreement >= COST[scheme]["min_top1"]
         assert 0 < cost.kl_mean <= COST[scheme]["max_kl"] and cost.kl_p99 >= cost.kl_mean
-    assert costs["ort"].kl_mean == pytest.approx(costs["eager"].kl_mean, rel=1e-2)
+    assert costs["ort"].kl_mean == pytest.approx(costs["eager"].kl_mean, rel=5e-2)  # int8: 1% apart (one flip)
     saved = report.to_json()
     assert saved["quantization"]["scheme"] == scheme and len(saved["quantization_cost"]) == 2
     json.dumps(saved)
@@ -76,9 +84,9 @@ def test_ort_matches_eager_on_dequantized_weights_and_cost_is_reported(quantized
 
 @pytest.mark.slow
 def test_int8_parity_needs_the_kernels_int8_activations(tiny_checkpoint, tmp_path_factory):
-    """Without rounding the expert inputs as QMoE's 8-bit kernel does, eager misses ORT by far more than 1e-4."""
+    """Without rounding the GEMM inputs as the kernels do, eager misses ORT by far more than 1e-4."""
     from graphs.manifest import load_manifest
-    from runtimes.load import eager_backend, open_backend
+    from runtimes.load import dequantize_model, eager_backend, open_backend
     from runtimes.verify import greedy, teacher_forced
 
     artifact = export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("q8") / "int8", prefill_chunk=8,
@@ -90,9 +98,9 @@ def test_int8_parity_needs_the_kernels_int8_activations(tiny_checkpoint, tmp_pat
     forced = greedy(eager, prompts, 8)
     want = teacher_forced(ort_backend, prompts, forced)[0]
     assert np.abs(teacher_forced(eager, prompts, forced)[0] - want).max() <= 1e-4
-    for layer in eager.model.layers:
-        layer.moe.activation_block = None
-    assert np.abs(teacher_forced(eager, prompts, forced)[0] - want).max() > 1e-3
+    unrounded = eager_backend(manifest, float_weights=True)
+    dequantize_model(unrounded.model, manifest.quantization, round_activations=False)
+    assert np.abs(teacher_forced(unrounded, prompts, forced)[0] - want).max() > 1e-3
 
 
 @pytest.mark.parametrize("options, message", [

@@ -2,14 +2,15 @@
 
 The kernel tests build one-node graphs (MatMulNBits, QMoE) from our packed bytes and compare the
 kernel with float math on dequantize()'s weights: they fail if a nibble, a block or a zero point
-were laid out differently from what onnxruntime 1.32's CPU kernels expect.
+were laid out differently from what onnxruntime 1.32's CPU kernels expect. With accuracy_level 4
+(what exports use) the kernels round their inputs to int8 per block; the float math does too.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from graphs.contract import WEIGHT_SCHEMES
+from graphs.contract import INT8_ACTIVATIONS, WEIGHT_SCHEMES
 from graphs.quantize import QuantizeError, dequantize, error, quantize
 
 onnx = pytest.importorskip("onnx")
@@ -65,7 +66,8 @@ def test_block_that_does_not_divide_k_is_refused_in_one_line():
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
 @pytest.mark.parametrize("block", [32, 128])
-def test_matmulnbits_reads_our_layout(scheme, block):
+@pytest.mark.parametrize("accuracy", [0, INT8_ACTIVATIONS])
+def test_matmulnbits_reads_our_layout(scheme, block, accuracy):
     rng = np.random.default_rng(2)
     k, n = 256, 48
     w = rng.standard_normal((n, k)).astype(np.float32)  # (N, K): a Linear's weight
@@ -74,25 +76,31 @@ def test_matmulnbits_reads_our_layout(scheme, block):
     if q.zero_points is not None:
         inits.append(numpy_helper.from_array(q.zero_points, "zp"))
     node = helper.make_node("MatMulNBits", [i.name for i in [helper.make_tensor_value_info("A", 1, None)] + inits],
-                            ["Y"], domain="com.microsoft", K=k, N=n, bits=scheme.bits, block_size=block)
+                            ["Y"], domain="com.microsoft", K=k, N=n, bits=scheme.bits, block_size=block,
+                            accuracy_level=accuracy)
     s = session(node, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
                 helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n]), inits)
     a = rng.standard_normal((5, k)).astype(np.float32)
     y = s.run(None, {"A": a})[0]
-    np.testing.assert_allclose(y, a @ dequantize(q).T, atol=1e-4)  # measured <= 3e-5
+    rounded = int8_blocks(a, block) if accuracy == INT8_ACTIVATIONS else a
+    np.testing.assert_allclose(y, rounded @ dequantize(q).T, atol=1e-4)  # measured <= 3e-5
+    if accuracy == INT8_ACTIVATIONS:
+        assert np.abs(y - a @ dequantize(q).T).max() > 1e-3  # the inputs really are rounded
     assert np.abs(y - a @ w.T).max() > 1e-3  # the weights really are quantized
 
 
 def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
-    """What the 8-bit QMoE kernel feeds its GEMMs: x rounded to int8 per block of K, scale absmax/127."""
+    """What the kernels feed their GEMMs at accuracy_level 4: x rounded to int8 per block of K, scale absmax/127."""
     b = x.reshape(*x.shape[:-1], -1, block)
     s = np.abs(b).max(-1, keepdims=True) / np.float32(127)
     s[s == 0] = 1
     return (np.round(b * (1 / s)) * s).reshape(x.shape)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
-def test_qmoe_reads_our_layout(scheme):
+@pytest.mark.parametrize("scheme, accuracy", [(WEIGHT_SCHEMES["int8"], INT8_ACTIVATIONS), (WEIGHT_SCHEMES["int4"], 0),
+                                              (WEIGHT_SCHEMES["int4"], INT8_ACTIVATIONS)], ids=["int8", "int4-float", "int4"])
+def test_qmoe_reads_our_layout(scheme, accuracy):
+    """int8 experts always read int8 inputs (no float kernel); int4 ones at accuracy_level 4."""
     rng = np.random.default_rng(3)
     e, h, inter, k, t, block = 4, 128, 64, 2, 6, 32
     fc1 = rng.standard_normal((e, 2 * inter, h)).astype(np.float32) * 0.1  # rows interleaved gate, up
@@ -106,13 +114,13 @@ def test_qmoe_reads_our_layout(scheme):
         names += ["z1", "z2"]
     node = helper.make_node("QMoE", names, ["y"], domain="com.microsoft", k=k, activation_type="swiglu",
                             swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=scheme.bits,
-                            block_size=block, weights_prepacked=0)
+                            block_size=block, weights_prepacked=0, accuracy_level=accuracy)
     s = session(node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
                        helper.make_tensor_value_info("r", TensorProto.FLOAT, [t, e])],
                 helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h]), inits)
     x, r = rng.standard_normal((t, h)).astype(np.float32), rng.standard_normal((t, e)).astype(np.float32)
     y = s.run(None, {"x": x, "r": r})[0]
-    act = (lambda v: int8_blocks(v, block)) if scheme.expert_activations == "int8" else (lambda v: v)
+    act = (lambda v: int8_blocks(v, block)) if scheme.bits == 8 or accuracy == INT8_ACTIVATIONS else (lambda v: v)
 
     def reference(w1, w2, act):
         p = np.exp(r - r.max(-1, keepdims=True))

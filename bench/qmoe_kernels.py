@@ -1,0 +1,89 @@
+"""How fast ONNX Runtime's quantized MoE kernel runs one Mixtral-sized MoE block, per precision and chunk length.
+
+    python3 bench/qmoe_kernels.py [--tokens 1,16,128] [--rounds 3] [--threads N]
+
+One com.microsoft.QMoE node (8 experts, hidden 4096, intermediate 14336, top-2,
+sliced 8 ways as graphs/onnx_moe.py exports it) on random codes, timed interleaved in one process
+for every variant: int8 (its CPU kernel always rounds activations to int8); int4 with float
+activations (accuracy_level 0, what `export --weights int4` writes) and with int8 activations
+(accuracy_level 4). Prints ms per call (median) and the GB/s of expert bytes that implies for T=1.
+(fp32 is left out: its 3.8 GB node does not fit one protobuf; bench/step_profile.py times it in a graph.)
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from runtimes.ort import session_options, usable_cores  # noqa: E402
+
+E, H, I, K, PARTS, BLOCK = 8, 4096, 14336, 2, int(__import__("os").environ.get("QMOE_PARTS", 8)), 32
+
+
+def node_session(bits: int, accuracy: int, threads: int):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    e, inter = E * PARTS, I // PARTS  # (P*E) virtual experts of I/P units
+    attrs = dict(k=K * PARTS, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)
+
+    def codes(n, k):
+        return rng.integers(0, 256, (e, n, k * bits // 8), dtype=np.uint8)
+
+    def scales(n, k):
+        return (rng.random((e, n, k // BLOCK), dtype=np.float32) * 1e-3).astype(np.float32)
+
+    parts = [codes(2 * inter, H), scales(2 * inter, H), codes(H, inter), scales(H, inter)]
+    inits = [numpy_helper.from_array(a, n) for a, n in zip(parts, ("w1", "s1", "w2", "s2"))]
+    node = helper.make_node("QMoE", ["x", "r", "w1", "s1", "", "w2", "s2"], ["y"], domain="com.microsoft",
+                            expert_weight_bits=bits, block_size=BLOCK, weights_prepacked=0,
+                            accuracy_level=accuracy, **attrs)
+    weight_bytes = sum(a.nbytes for a in parts)
+    graph = helper.make_graph([node], "moe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", H]),
+                                              helper.make_tensor_value_info("r", TensorProto.FLOAT, ["T", e])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", H])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(threads, spin=False),
+                                   providers=["CPUExecutionProvider"])
+    return session, weight_bytes * K / E  # bytes a token's top-k experts hold
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="1,16,128")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=usable_cores())
+    args = parser.parse_args()
+    variants = {"int8": (8, 0), "int4 float act": (4, 0), "int4 int8 act": (4, 4)}
+    sessions = {name: node_session(bits, acc, args.threads) for name, (bits, acc) in variants.items()}
+    rng = np.random.default_rng(1)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    times = {(name, t): [] for name in variants for t in tokens}
+    for _ in range(args.rounds):
+        for t in tokens:
+            x = rng.standard_normal((t, H), dtype=np.float32)
+            r = np.repeat(rng.standard_normal((t, E), dtype=np.float32), PARTS, axis=1)  # (T, P*E)
+            for name, (session, _) in sessions.items():
+                session.run(None, {"x": x, "r": r})  # warm
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    session.run(None, {"x": x, "r": r})
+                    times[name, t].append(time.perf_counter() - start)
+    for name, (_, active) in sessions.items():
+        cells = []
+        for t in tokens:
+            ms = 1e3 * statistics.median(times[name, t])
+            cells.append(f"T={t} {ms:.1f} ms" + (f" ({active / ms / 1e6:.1f} GB/s)" if t == 1 else ""))
+        print(f"{name:15s} " + ", ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
