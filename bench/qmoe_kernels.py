@@ -1,6 +1,6 @@
 """How fast ONNX Runtime's quantized MoE kernel runs one Mixtral-sized MoE block, per precision and chunk length.
 
-    python3 bench/qmoe_kernels.py [--tokens 1,16,128] [--rounds 3] [--threads N]
+    python3 bench/qmoe_kernels.py [--tokens 1,16,128] [--rounds 3] [--threads N] [--parts 8]
 
 One com.microsoft.QMoE node (8 experts, hidden 4096, intermediate 14336, top-2,
 sliced 8 ways as graphs/onnx_moe.py exports it) on random codes, timed interleaved in one process
@@ -23,16 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtimes.ort import session_options, usable_cores  # noqa: E402
 
-E, H, I, K, PARTS, BLOCK = 8, 4096, 14336, 2, int(__import__("os").environ.get("QMOE_PARTS", 8)), 32
+E, H, I, K, BLOCK = 8, 4096, 14336, 2, 32
 
 
-def node_session(bits: int, accuracy: int, threads: int):
+def node_session(bits: int, accuracy: int, threads: int, parts: int):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    e, inter = E * PARTS, I // PARTS  # (P*E) virtual experts of I/P units
-    attrs = dict(k=K * PARTS, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)
+    e, inter = E * parts, I // parts  # (P*E) virtual experts of I/P units
+    attrs = dict(k=K * parts, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1)
 
     def codes(n, k):
         return rng.integers(0, 256, (e, n, k * bits // 8), dtype=np.uint8)
@@ -61,16 +61,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=usable_cores())
+    parser.add_argument("--parts", type=int, default=8, help="Slices per expert (graphs/onnx_moe.py)")
     args = parser.parse_args()
     variants = {"int8": (8, 0), "int4 float act": (4, 0), "int4 int8 act": (4, 4)}
-    sessions = {name: node_session(bits, acc, args.threads) for name, (bits, acc) in variants.items()}
+    sessions = {name: node_session(bits, acc, args.threads, args.parts) for name, (bits, acc) in variants.items()}
     rng = np.random.default_rng(1)
     tokens = [int(t) for t in args.tokens.split(",")]
     times = {(name, t): [] for name in variants for t in tokens}
     for _ in range(args.rounds):
         for t in tokens:
             x = rng.standard_normal((t, H), dtype=np.float32)
-            r = np.repeat(rng.standard_normal((t, E), dtype=np.float32), PARTS, axis=1)  # (T, P*E)
+            r = np.tile(rng.standard_normal((t, E), dtype=np.float32), (1, args.parts))  # (T, P*E): slice p of e at p*E+e
             for name, (session, _) in sessions.items():
                 session.run(None, {"x": x, "r": r})  # warm
                 for _ in range(args.repeats):
