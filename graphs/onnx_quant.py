@@ -150,11 +150,10 @@ def replace(graph, node, op_type: str, inputs: list, attributes: dict) -> None:
     """Put a com.microsoft `op_type` node where `node` was, with its output's name, and drop the
     float initializers it no longer uses."""
     import onnx_ir as ir
-    import onnx_ir.convenience
-    from onnx_ir.convenience import replace_nodes_and_values
+    from onnx_ir.convenience import convert_attributes, replace_nodes_and_values
 
     old_inputs = [v for v in node.inputs if v is not None and v.const_value is not None]
-    new = ir.Node(MOE_DOMAIN, op_type, inputs, attributes=ir.convenience.convert_attributes(attributes),
+    new = ir.Node(MOE_DOMAIN, op_type, inputs, attributes=convert_attributes(attributes),
                   num_outputs=1, name=f"{node.name}_{op_type}")
     new.outputs[0].shape, new.outputs[0].type = node.outputs[0].shape, node.outputs[0].type
     replace_nodes_and_values(graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]])

@@ -65,14 +65,14 @@ def test_manifest_describes_the_build(tiny_onnx, tiny_checkpoint):
 
 def fake_exporter(source):
     """Stands in for torch's exporter: copies an already exported graph, so the rest runs for real."""
-    def export_graph(model, shapes, path, opset):
+    def export_graph(model, shapes, path, opset, *quantization):
         shutil.copyfile(source / GRAPH_NAME, path)
         shutil.copyfile(source / DATA_NAME, path.parent / DATA_NAME)
     return export_graph
 
 
 def failing_exporter(error: BaseException):
-    def export_graph(model, shapes, path, opset):
+    def export_graph(model, shapes, path, opset, *quantization):
         path.write_bytes(b"half a graph")
         raise error
     return export_graph
