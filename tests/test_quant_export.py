@@ -12,6 +12,9 @@ Tolerances (tiny model, 2 prompts x 40 greedy steps, the long prompt wrapping th
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from graphs.contract import WEIGHT_SCHEMES
 from graphs.onnx_export import export_onnx
 from graphs.quantize import QuantizeError, error, quantize
 
+REPO = Path(__file__).resolve().parents[1]
 COST = {"int8": dict(min_top1=0.95, max_kl=2e-3), "int4": dict(min_top1=0.70, max_kl=0.2)}
 
 
@@ -123,3 +127,41 @@ def test_float_artifact_has_no_quantization_record(tiny_onnx):
 
     assert load_manifest(tiny_onnx).quantization is None
     assert "quantization" not in json.loads((tiny_onnx / "manifest.json").read_text())
+
+
+def test_quantized_artifact_serves_on_ort_without_torch(quantized):
+    scheme, artifact = quantized
+    code = ("import sys; from runtimes.session import Session; "
+            f"s = Session.open({str(artifact)!r}); print(repr(s.generate('hello', max_new_tokens=4))); "
+            "bad = [m for m in ('torch', 'mixtral_export.model', 'onnx_ir') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_cli_refuses_bad_weights_in_one_line(tiny_checkpoint, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "mixtral_export", "export", str(tiny_checkpoint), "-o",
+                          str(tmp_path / "art"), "--weights", "int4"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'art'}: int4 weights need --routing gather and "
+                                               f"float32 activations (com.microsoft.QMoE quantizes the gathered "
+                                               f"experts); got dense, float32"]
+    assert not (tmp_path / "art").exists()
+
+
+def test_bytes_per_token_count_each_quantized_weight_at_its_precision(tiny_checkpoint):
+    """fp32 minus int8/int4 bytes = the quantized weights a decode step reads x the bytes saved on each."""
+    from bench.roofline import decode_bytes
+    from mixtral_export.checkpoint import load_model
+
+    model = load_model(tiny_checkpoint, dtype="float32", routing="gather")
+    config = model.config
+    read = sum(p.numel() for name, p in model.named_parameters()
+               if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"))
+               or name == "lm_head.weight")
+    read += sum(p.numel() * config.num_experts_per_tok // config.num_local_experts
+                for name, p in model.named_parameters() if name.endswith(("moe.w13", "moe.w2")))
+    fp32 = decode_bytes(config, "gather", 32)
+    assert fp32 - decode_bytes(config, "gather", 32, "int8", 32) == int(read * (4 - (8 + 32 / 32) / 8))
+    assert fp32 - decode_bytes(config, "gather", 32, "int4", 64) == int(read * (4 - (4 + 32 / 64 + 4 / 64) / 8))
