@@ -64,28 +64,30 @@ def check_gather_supported(hidden_act: str, where: str) -> None:
                            f"silu(gate) * up); this model's hidden_act is {hidden_act!r}; use routing 'dense'")
 
 
-def expert_parts(intermediate: int) -> int:
-    """The most slices, up to MAX_EXPERT_PARTS, that split the intermediate dimension evenly."""
+def expert_parts(intermediate: int, block: int = 1) -> int:
+    """The most slices, up to MAX_EXPERT_PARTS, that split the intermediate dimension evenly
+    (into whole quantization blocks of `block` units: fc2's blocks run along I)."""
     parts = MAX_EXPERT_PARTS
-    while intermediate % parts:
+    while parts > 1 and intermediate % (parts * block):
         parts //= 2
     return parts
 
 
-def route_through_moe_nodes(model) -> int:
+def route_through_moe_nodes(model, block: int = 1) -> int:
     """Make every gathered MoE block of a MixtralStatic trace as `moe_node`; returns how many.
 
-    For exporting only: the model's own forward stays as it is for every other use.
+    For exporting only: the model's own forward stays as it is for every other use. `block`:
+    the quantization block the expert slices must hold whole (1: float weights).
     """
     count = 0
     for layer in model.layers:
         if layer.moe.routing == "gather":
-            layer.moe.forward = functools.partial(moe_node, layer.moe)
+            layer.moe.forward = functools.partial(moe_node, layer.moe, block=block)
             count += 1
     return count
 
 
-def moe_node(moe, x: torch.Tensor) -> torch.Tensor:
+def moe_node(moe, x: torch.Tensor, block: int = 1) -> torch.Tensor:
     """(B, T, H) -> (B, T, H) through one com.microsoft.MoE node over `moe`'s parameters.
 
     Each expert runs as `parts` slices of its intermediate dimension; the router logits are
@@ -96,7 +98,7 @@ def moe_node(moe, x: torch.Tensor) -> torch.Tensor:
 
     b, t, h = x.shape
     x = x.reshape(b * t, h)  # (N, H)
-    parts = expert_parts(moe.intermediate)
+    parts = expert_parts(moe.intermediate, block)
     logits = moe.gate(x).repeat(1, parts)  # (N, parts * E): slice p of expert e is virtual expert p * E + e
     out = torch.onnx.ops.symbolic(
         f"{MOE_DOMAIN}::MoE", (x, logits, moe.w13, None, moe.w2),
