@@ -207,7 +207,9 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
                 _ir_passes.rename_inputs(program.model, input_names)
                 _ir_passes.rename_outputs(program.model, output_names)
                 resolve(program.model, tracers, params, read,
-                        span=lambda name, first, last: weights(name, params[name], elements=(first, last)))
+                        span=lambda name, first, last: weights(name, params[name], elements=(first, last)),
+                        stored=lambda name, first, last: weights(name, params[name], elements=(first, last),
+                                                                 stored=True))
     except PlaceholderError as error:
         raise ExportError(str(error)) from None
     finally:

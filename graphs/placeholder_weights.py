@@ -81,11 +81,14 @@ def plant(model, params: dict[str, tuple[int, ...]], read: Callable[[str], "torc
 
 def resolve(model, tracers: dict[int, str], params: dict[str, tuple[int, ...]],
             read: Callable[[str], "torch.Tensor"],
-            span: Callable[[str, int, int], "torch.Tensor"] | None = None) -> dict[str, WeightRecipe]:
+            span: Callable[[str, int, int], "torch.Tensor"] | None = None,
+            stored: Callable[[str, int, int], list | None] | None = None) -> dict[str, WeightRecipe]:
     """Map every initializer built from a traced parameter to its recipe and make it lazy.
 
     span(name, first, last), when given, reads elements [first, last) of a parameter's flat order
-    (1-D), so a parameter written as stored goes to the file a block at a time (`streamed_tensor`).
+    (1-D), so a parameter written as stored goes to the file a block at a time (`streamed_tensor`);
+    stored(name, first, last), when given, says where those elements lie in the checkpoint's files
+    when they lie there as the graph needs them (or None), so they can be copied file to file.
 
     Returns initializer name -> recipe for each initializer that will be read from the checkpoint
     at write time. Raises PlaceholderError on any initializer that depends on a traced parameter
@@ -101,8 +104,10 @@ def resolve(model, tracers: dict[int, str], params: dict[str, tuple[int, ...]],
             recipe = WeightRecipe(param, permutation(raw, params[param], value.name))
             recipes[value.name] = value.meta[RECIPE] = recipe
             if recipe.perm == tuple(sorted(recipe.perm)) and span is not None:  # as stored: read in row blocks
-                value.const_value = streamed_tensor(lambda first, last, p=param: span(p, first, last),
-                                                    dtype=tensor.dtype, shape=ir.Shape(raw.shape), name=value.name)
+                value.const_value = streamed_tensor(
+                    lambda first, last, p=param: span(p, first, last), dtype=tensor.dtype,
+                    shape=ir.Shape(raw.shape), name=value.name,
+                    stored=None if stored is None else (lambda first, last, p=param: stored(p, first, last)))
             else:
                 value.const_value = ir.LazyTensor(
                     lambda r=recipe: ir.tensor_adapters.TorchTensor(read(r.param).permute(r.perm).contiguous()),
@@ -140,14 +145,16 @@ def permutation(array: np.ndarray, shape: tuple[int, ...], name: str) -> tuple[i
     return perm
 
 
-def streamed_tensor(read_span: Callable[[int, int], "torch.Tensor"], dtype, shape, name: str):
+def streamed_tensor(read_span: Callable[[int, int], "torch.Tensor"], dtype, shape, name: str,
+                    stored: Callable[[int, int], list | None] | None = None):
     """An initializer read from the checkpoint a block of rows at a time when the file is written.
 
     A stacked expert parameter (Mixtral 8x7B's w13 is 1.9 GB in bf16) then never sits in memory
     whole: its `pieces()` yields at most PIECE_BYTES (or one row) at a time, and `span(first, last)`
     reads any run of its flat elements (graphs/onnx_moe.py lays out expert slices from those). It
     is an onnx_ir LazyTensor, so anything that asks for the values themselves (numpy(), tobytes())
-    gets the whole tensor, read then.
+    gets the whole tensor, read then. `stored_ranges()` gives the checkpoint byte ranges that hold
+    it as it is (`stored`), or None.
     """
     import math
 
@@ -161,6 +168,9 @@ def streamed_tensor(read_span: Callable[[int, int], "torch.Tensor"], dtype, shap
 
         def span(self, first: int, last: int):
             return read_span(first, last)  # (last - first,)
+
+        def stored_ranges(self):
+            return stored(0, math.prod(dims)) if stored is not None else None
 
         def pieces(self):
             rows = self.shape[0]

@@ -183,12 +183,19 @@ class ParameterReader:
         self.dtype = TORCH_DTYPES[config.dtype]
 
     def read(self, param: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None,
-             elements: tuple[int, int] | None = None) -> torch.Tensor:
+             elements: tuple[int, int] | None = None, stored: bool = False):
         """The parameter `param` (of shape `shape`) in the config's dtype, or only its rows
         [start, stop) along the first axis (one expert of a stacked expert parameter, say), or
-        only elements [first, last) of its flat order, as a 1-D tensor (a slice of one expert's rows)."""
+        only elements [first, last) of its flat order, as a 1-D tensor (a slice of one expert's rows).
+
+        stored=True: those elements as byte ranges of the checkpoint's files (TensorEntry, in
+        order) when the files hold them exactly as the parameter does (same dtype), else None;
+        a writer can then copy them file to file without reading them through Python.
+        """
         if param not in self.parts:
             raise CheckpointError(f"no checkpoint tensor fills parameter {param}")
+        if stored:
+            return self._stored(param, shape, *(elements or (0, math.prod(shape))))
         row = math.prod(shape[1:])
         if elements is not None:
             lo, hi = elements
@@ -213,6 +220,24 @@ class ParameterReader:
         if filled != out.numel():
             raise CheckpointError(f"the checkpoint fills {filled} of the {out.numel()} values of {param}")
         return out
+
+    def _stored(self, param: str, shape: tuple[int, ...], lo: int, hi: int) -> list[TensorEntry] | None:
+        runs = []
+        whole = torch.empty(shape, device="meta")
+        for entry, target in self.parts[param]:
+            region = target.select(whole)
+            if FILE_DTYPES[entry.dtype] != self.dtype or not region.is_contiguous():
+                return None
+            first, last = max(region.storage_offset(), lo), min(region.storage_offset() + region.numel(), hi)
+            if first < last:
+                runs.append((first, elements_of(entry, first - region.storage_offset(), last - region.storage_offset())))
+        runs.sort(key=lambda run: run[0])
+        covered = lo
+        for first, entry in runs:  # each run starts where the last ended, and they end at hi
+            if first != covered:
+                return None
+            covered += entry.shape[0]
+        return [entry for _, entry in runs] if covered == hi else None
 
 
 def elements_of(entry: TensorEntry, first: int, last: int) -> TensorEntry:
