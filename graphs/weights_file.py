@@ -3,7 +3,8 @@
 Each initializer larger than EXTERNAL_MIN bytes is materialised (a lazy one reads its parameter
 from the checkpoint only now; one that comes in pieces, a piece at a time), written, added to
 the sha256 and released before the next, so peak memory is about one tensor or piece whatever
-the model's size. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
+the model's size. One stored in the checkpoint exactly as the graph holds it is copied file to
+file by the kernel (`copy_range`), hashed from the page cache beside the copy. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
 in graph order, densely packed, the same threshold; so the file is byte for byte what the
 exporter's save writes. The graph then points at the file (offset, length) and is saved
 without weights.
@@ -25,7 +26,7 @@ import numpy as np
 from graphs.artifact_folder import DISK_FULL, ExportError
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
-WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (see README "export ... larger than memory")
+WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel, and copy_range's buffer (README "Measured")
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 
 
