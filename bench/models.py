@@ -61,18 +61,20 @@ def bench_model(model: str, layers: int, work_dir: Path) -> BenchModel:
                       work_dir / checkpoint.name, False)
 
 
-def artifact_path(model: BenchModel, routing: str, shapes: StepShapes) -> Path:
-    return model.folder / f"onnx-{routing}-s{shapes.cache_slots}-p{shapes.prefill_chunk}"
+def artifact_path(model: BenchModel, routing: str, shapes: StepShapes, weights: str = "fp32",
+                  block_size: int = 32) -> Path:
+    quantized = "" if weights == "fp32" else f"-{weights}-b{block_size}"
+    return model.folder / f"onnx-{routing}-s{shapes.cache_slots}-p{shapes.prefill_chunk}{quantized}"
 
 
-def build(model: str, layers: int, work_dir: Path, artifacts: list[tuple[str, StepShapes]],
+def build(model: str, layers: int, work_dir: Path, artifacts: list[tuple[str, StepShapes, str, int]],
           say: Callable[[str], None]) -> None:
     """Write the checkpoint, then export each artifact that is missing or stale, each step in a child
     process of its own (a torch export does not hand all its memory back, and two in one process ran
     a 2-layer mixtral-shaped build out of 24 GiB); progress lines go to `say` as they come."""
     base = {"model": model, "layers": layers, "work_dir": str(work_dir)}
-    steps = [{**base, "artifact": None}] + [{**base, "artifact": (routing, shapes.to_dict())}
-                                            for routing, shapes in artifacts]
+    steps = [{**base, "artifact": None}] + [{**base, "artifact": (routing, shapes.to_dict(), weights, block)}
+                                            for routing, shapes, weights, block in artifacts]
     for spec in steps:
         last = ""
         with subprocess.Popen([sys.executable, "-m", "bench.models", json.dumps(spec)], cwd=REPO,
@@ -110,22 +112,27 @@ def matches(checkpoint: Path, config: MixtralConfig) -> bool:
         return False
 
 
-def export_if_stale(model: BenchModel, routing: str, shapes: StepShapes, say: Callable[[str], None]) -> Path:
-    """The ONNX artifact for these shapes and routing: the one already built, or a fresh export."""
+def export_if_stale(model: BenchModel, routing: str, shapes: StepShapes, say: Callable[[str], None],
+                    weights: str = "fp32", block_size: int = 32) -> Path:
+    """The ONNX artifact for these shapes, routing and weights: the one already built, or a fresh export."""
     from graphs.manifest import ManifestError, load_manifest
     from graphs.onnx_export import export_onnx
 
-    out = artifact_path(model, routing, shapes)
+    out = artifact_path(model, routing, shapes, weights, block_size)
+    quantization = None if weights == "fp32" else (weights, block_size, "int8")
     try:
         manifest = load_manifest(out, verify_files=False)
+        q = manifest.quantization
         if (manifest.shapes == shapes and manifest.routing == routing
+                and (q and (q["scheme"], q["block_size"], q.get("activations"))) == quantization
                 and manifest.source == str(model.checkpoint.resolve())):
             return out
     except ManifestError:
         pass
     say(f"exporting {out.name}")
     return export_onnx(model.checkpoint, out, dtype=shapes.dtype, batch=shapes.batch,
-                       prefill_chunk=shapes.prefill_chunk, cache_slots=shapes.cache_slots, routing=routing)
+                       prefill_chunk=shapes.prefill_chunk, cache_slots=shapes.cache_slots, routing=routing,
+                       weights="float" if weights == "fp32" else weights, block_size=block_size)
 
 
 def folder_bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
@@ -140,8 +147,8 @@ def main() -> None:
         if spec["artifact"] is None:
             write_checkpoint_if_stale(model, say)
         else:
-            routing, shapes = spec["artifact"]
-            export_if_stale(model, routing, StepShapes.from_dict(shapes), say)
+            routing, shapes, weights, block = spec["artifact"]
+            export_if_stale(model, routing, StepShapes.from_dict(shapes), say, weights, block)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -44,19 +44,20 @@ def table(report: dict, markdown: bool = False):
                   f"read {every['read']['median']:.1f} GB/s on {bandwidth['threads']} threads)")
     grid = Table(title=title, box=box.MARKDOWN if markdown else box.SIMPLE_HEAD)
     for column in ("runtime", "S", "context", "TTFT ms", "prefill tok/s", "decode tok/s (min-max)",
-                   "vs transformers", "of bound", "peak RSS", "on disk"):
+                   "vs transformers", "read/token", "of bound", "peak RSS", "on disk"):
         grid.add_column(column, justify="left" if column == "runtime" else "right", no_wrap=True)
     for run in report["runs"]:
         if "error" in run:
             grid.add_row(run["label"], str(run["cache_slots"] or "-"), "-", "-", "-", f"error: {run['error']}",
-                         "-", "-", "-", "-")
+                         "-", "-", "-", "-", "-")
             continue
         for point in run["contexts"]:
             decode = point["decode_tokens_per_s"]
             grid.add_row(run["label"], str(run["cache_slots"] or "-"), str(point["context"]),
                          f"{1e3 * point['ttft_s']['median']:,.1f}", rate(point["prefill_tokens_per_s"]["median"]),
                          f"{rate(decode['median'])} ({rate(decode['min'])}-{rate(decode['max'])})",
-                         ratio(point["vs_transformers"]), ratio(point["fraction_of_bound"], percent=True),
+                         ratio(point["vs_transformers"]), size(point["bytes_per_token"]),
+                         ratio(point["fraction_of_bound"], percent=True),
                          size(run["peak_rss_bytes"]), size(run["artifact_bytes"]))
     return grid
 

@@ -7,6 +7,8 @@ from memory for one token, so tokens/s <= bandwidth / bytes read per token. Thos
                 + the experts run: all E (dense) or the token's top k (gather; transformers too)
     once        the embedding row of the token, the final norm and the lm_head
 
+With int8/int4 weights (--weights) the quantized tensors (attention, experts, lm_head) count their
+codes plus a float32 scale per block (and a zero point per block at 4 bits); the rest stays fp32.
 The KV part is the cache slots S for the static graphs (they attend over the whole ring, masked)
 and the context length for transformers (its cache grows with the sequence).
 """
@@ -15,20 +17,34 @@ from __future__ import annotations
 from mixtral_export.config import MixtralConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+WEIGHTS = ("fp32", "int8", "int4")  # bench --weights: fp32 = the checkpoint's float32
 
 
-def decode_bytes(config: MixtralConfig, routing: str, kv_positions: int) -> int:
+def weight_bytes(weights: str, dtype: str, block_size: int) -> float:
+    """Bytes per element of a quantized tensor (codes, scale, zero point) or of a float one."""
+    if weights == "fp32":
+        return DTYPE_BYTES[dtype]
+    from graphs.contract import WEIGHT_SCHEMES
+
+    scheme = WEIGHT_SCHEMES[weights]
+    return (scheme.bits + 32 / block_size + (0 if scheme.symmetric else scheme.bits / block_size)) / 8
+
+
+def decode_bytes(config: MixtralConfig, routing: str, kv_positions: int, weights: str = "fp32",
+                 block_size: int = 32) -> int:
     """Bytes of weights and cache one batch-1 decode step reads under `routing` ("dense" | "gather")."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     experts = config.num_local_experts if routing == "dense" else config.num_experts_per_tok
-    layer = (h * q + 2 * h * kv + q * h  # q, k, v, o projections
-             + config.num_local_experts * h + 2 * h  # router, two RMSNorms
-             + experts * 3 * h * i  # w1, w3, w2 of each expert run
-             + 2 * kv * kv_positions)  # keys and values attended to
-    once = h + h + v * h  # the token's embedding row, the final norm, lm_head
-    return (config.num_hidden_layers * layer + once) * DTYPE_BYTES[config.dtype]
+    full, quantized = DTYPE_BYTES[config.dtype], weight_bytes(weights, config.dtype, block_size)
+    layer = ((h * q + 2 * h * kv + q * h) * quantized  # q, k, v, o projections
+             + (config.num_local_experts * h + 2 * h) * full  # router, two RMSNorms
+             + experts * 3 * h * i * quantized  # w1, w3, w2 of each expert run
+             + 2 * kv * kv_positions * full)  # keys and values attended to
+    once = (h + h) * full + v * h * quantized  # the token's embedding row, the final norm, lm_head
+    return int(config.num_hidden_layers * layer + once)
 
 
-def bound_tokens_per_second(bandwidth_gbps: float, config: MixtralConfig, routing: str, kv_positions: int) -> float:
-    return bandwidth_gbps * 1e9 / decode_bytes(config, routing, kv_positions)
+def bound_tokens_per_second(bandwidth_gbps: float, config: MixtralConfig, routing: str, kv_positions: int,
+                            weights: str = "fp32", block_size: int = 32) -> float:
+    return bandwidth_gbps * 1e9 / decode_bytes(config, routing, kv_positions, weights, block_size)

@@ -15,6 +15,9 @@
 4. per runtime and context: decode tokens/s over transformers' and over the bandwidth bound
    (bench/roofline.py), and gathered over dense routing.
 
+`weights` adds precision as a dimension: ort-gather runs once per entry (fp32, int8, int4: one
+artifact each, `export --weights`), its bytes per token and bound counted at that precision.
+
 Numbers are medians with min/max over all repeats. On a shared machine another job's burst can
 slow one runtime and not the next: `rounds` > 1 runs steps 2-3 again, interleaved (A B C A B C),
 and pools the samples, so a burst spreads over all runtimes instead of skewing one ratio. Each
@@ -37,6 +40,7 @@ if str(REPO) not in sys.path:  # `python3 bench/run.py` puts bench/, not the rep
     sys.path.insert(0, str(REPO))
 
 from bench.models import BenchError, BenchModel, artifact_path, bench_model, build, folder_bytes  # noqa: E402
+from bench.roofline import WEIGHTS  # noqa: E402
 from bench.summary import merge, pooled_bandwidth, summarise  # noqa: E402
 from bench.worker import OURS, RUNTIMES  # noqa: E402
 
@@ -62,6 +66,8 @@ class BenchOptions:
     seed: int = 0
     timeout: float | None = None  # seconds per worker
     rounds: int = 1  # interleaved passes over all runtimes, samples pooled
+    weights: tuple[str, ...] = ("fp32",)  # ort-gather once per precision (bench/roofline.py WEIGHTS)
+    block_size: int = 32  # int8/int4 quantization block
     ort_spin: bool = False  # OrtBackend's default; True lets ORT's threads spin between ops, as OpenMP's do
 
     def resolved(self) -> "BenchOptions":
@@ -79,6 +85,11 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
     unknown = [r for r in options.runtimes if r not in RUNTIMES]
     if unknown or not options.runtimes:
         raise BenchError(f"unknown runtime {', '.join(unknown) or '(none)'} (one of {', '.join(RUNTIMES)})")
+    bad = [w for w in options.weights if w not in WEIGHTS]
+    if bad or not options.weights:
+        raise BenchError(f"unknown weights {', '.join(bad) or '(none)'} (one of {', '.join(WEIGHTS)})")
+    if options.weights != ("fp32",) and "ort-gather" not in options.runtimes:
+        raise BenchError("--weights int8/int4 apply to ort-gather; add it to --runtimes")
     options.work_dir.mkdir(parents=True, exist_ok=True)
     model = bench_model(options.model, options.layers, options.work_dir)
     slots = options.cache_slots or (None,)
@@ -89,10 +100,13 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
     if "compiled" in runtimes and not (REPO / "runtimes" / "compiled.py").is_file():
         say("skipping compiled: runtimes/compiled.py is not there")
         runtimes.remove("compiled")
-    artifacts = [(OURS[r], s) for r in runtimes if r.startswith("ort") for s in shapes]
+    precisions = {r: (options.weights if r == "ort-gather" else ("fp32",)) for r in runtimes}
+    artifacts = [(OURS[r], s, w, options.block_size) for r in runtimes if r.startswith("ort") for s in shapes
+                 for w in precisions[r]]
     build(options.model, options.layers, options.work_dir, artifacts, say)
-    jobs = [job(options, model, runtime, s, artifact_path(model, OURS[runtime], s) if runtime.startswith("ort")
-                else None, len(shapes) > 1) for runtime in runtimes for s in (shapes if runtime in OURS else (None,))]
+    jobs = [job(options, model, runtime, s, artifact_path(model, OURS[runtime], s, w, options.block_size)
+                if runtime.startswith("ort") else None, len(shapes) > 1, w)
+            for runtime in runtimes for s in (shapes if runtime in OURS else (None,)) for w in precisions[runtime]]
     probes: list[dict] = []
     results: list[list[dict]] = [[] for _ in jobs]
     for n in range(options.rounds):
@@ -115,12 +129,16 @@ def check_contexts(options: BenchOptions, model: BenchModel, shapes: list) -> No
                          f"need {longest} positions; this model and cache serve {min(limits)}")
 
 
-def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact: Path | None, many: bool) -> dict:
+def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact: Path | None, many: bool,
+        weights: str = "fp32") -> dict:
     """A worker spec: what to load and how to time it."""
     routing = OURS.get(runtime, "gather")  # transformers runs only the routed experts
     label = f"{runtime} S={shapes.cache_slots}" if many and shapes is not None else runtime
+    if len(options.weights) > 1 or weights != "fp32":
+        label += f" {weights}" if runtime == "ort-gather" else ""
     size = folder_bytes(artifact, (".onnx", ".data")) if artifact else folder_bytes(model.checkpoint, (".safetensors",))
-    return {"runtime": runtime, "label": label, "routing": routing,
+    return {"runtime": runtime, "label": label, "routing": routing, "weights": weights,
+            "block_size": options.block_size,
             "cache_slots": shapes.cache_slots if shapes is not None else None,
             "shapes": shapes.to_dict() if shapes is not None else None,
             "checkpoint": str(model.checkpoint), "artifact": str(artifact) if artifact else None,

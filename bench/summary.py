@@ -26,6 +26,7 @@ def pooled_bandwidth(probes: list[dict]) -> dict:
 def merge(spec: dict, found: list[dict]) -> dict:
     """One run record from a job's rounds: its samples pooled and summarised, its peak memory the highest."""
     head = {k: spec[k] for k in ("runtime", "label", "routing", "cache_slots", "artifact", "artifact_bytes")}
+    head.update(weights=spec.get("weights", "fp32"), block_size=spec.get("block_size", 32))
     failed = [r["error"] for r in found if "error" in r]
     if failed:
         return {**head, "error": failed[0]}
@@ -56,9 +57,10 @@ def summarise(settings: dict, model: BenchModel, bandwidth: dict, runs: list[dic
     for run in runs:
         for point in run.get("contexts", []):
             kv = run["cache_slots"] if run["cache_slots"] is not None else point["context"]
-            point["bytes_per_token"] = decode_bytes(model.config, run["routing"], kv)
+            weights = (run.get("weights", "fp32"), run.get("block_size", 32))
+            point["bytes_per_token"] = decode_bytes(model.config, run["routing"], kv, *weights)
             decode = point["decode_tokens_per_s"]["median"]
-            bound = bound_tokens_per_second(limit, model.config, run["routing"], kv) if limit else None
+            bound = bound_tokens_per_second(limit, model.config, run["routing"], kv, *weights) if limit else None
             point["bound_tokens_per_s"], point["fraction_of_bound"] = bound, decode / bound if bound else None
             ref = next((p["decode_tokens_per_s"]["median"] for p in (reference or {}).get("contexts", [])
                         if p["context"] == point["context"]), None)
@@ -77,7 +79,8 @@ def gather_over_dense(runs: list[dict]) -> list[dict]:
     pairs = (("ort-gather", "ort-dense"), ("eager-gather", "eager"))
     out = []
     for gather_name, dense_name in pairs:
-        for g in (r for r in runs if r["runtime"] == gather_name and "contexts" in r):
+        for g in (r for r in runs if r["runtime"] == gather_name and "contexts" in r
+                  and r.get("weights", "fp32") == "fp32"):
             d = next((r for r in runs if r["runtime"] == dense_name and r["cache_slots"] == g["cache_slots"]
                       and "contexts" in r), None)
             for gp, dp in zip(g["contexts"], d["contexts"] if d else []):

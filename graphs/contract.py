@@ -53,6 +53,34 @@ DTYPES = {d.name: d for d in (DType("float32", 1, "tensor(float)", 4), DType("fl
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what weights, caches and a build's dtype may be
 
 
+@dataclass(frozen=True)
+class WeightScheme:
+    """Weight-only quantization of one artifact (graphs/quantize.py does the arithmetic).
+
+    Block-wise along K (a weight's input features): each run of `block_size` weights of one
+    output row shares a float32 scale, and with symmetric=False a `bits`-wide zero point;
+    symmetric codes sit around the fixed zero point 2^(bits-1) (what ONNX Runtime assumes when
+    none is stored). Every quantized GEMM rounds its input to int8 per block (scale max|x|/127),
+    as llama.cpp's q8_0/q4_0 dot products do: ONNX Runtime's CPU kernels (accuracy_level 4) are
+    fast only that way (with float inputs MatMulNBits ran lm_head 100x slower at 8 bits and 2.3x
+    at 4; the 8-bit QMoE kernel has no float path at all).
+    """
+
+    name: str
+    bits: int
+    symmetric: bool
+    activations: str = "int8"  # what the quantized GEMMs read (the runtimes' accuracy_level 4)
+
+
+WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True), WeightScheme("int4", 4, symmetric=False))}
+INT8_ACTIVATIONS = 4  # com.microsoft QMoE / MatMulNBits accuracy_level: inputs rounded to int8 per block
+FLOAT_WEIGHTS = "float"  # --weights default: the build's dtype, no quantization
+QUANT_BLOCK_SIZES = (32, 64, 128)
+DEFAULT_QUANT_BLOCK = 32
+# Which weights a scheme quantizes; the token embeddings, the router and the norms stay float.
+QUANTIZED_WEIGHTS = ("experts", "attention", "lm_head")
+
+
 class ContractError(UserError, ValueError):
     """Build parameters that cannot describe a valid step graph."""
 

@@ -70,6 +70,9 @@ class Manifest:
     engines: dict[str, dict] = field(default_factory=dict)  # engine file -> its build record (TensorRT)
     head: str = "causal-lm"  # what the graph computes: the step graph, or one of contract.HEAD_KINDS
     labels: tuple[str, ...] = ()  # a classification head's label names by class id (config.json's id2label)
+    # Weight-only quantization (graphs/onnx_quant.py): scheme, bits, symmetric, block_size,
+    # activations and per tensor {kind, max_abs, mean_abs}; None = float weights.
+    quantization: dict | None = None
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -122,7 +125,7 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
                    tokenizer: str | None = None, bos_token_id: int | None = None,
                    eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
                    source: str | Path | None = None, routing: str = "dense", labels: tuple[str, ...] = (),
-                   hashed: dict[str, FileEntry] | None = None) -> Path:
+                   hashed: dict[str, FileEntry] | None = None, quantization: dict | None = None) -> Path:
     """Hash every file in `folder` and write manifest.json beside them; call it last.
 
     bos/eos default to the config's; the chunk lengths are shapes.chunks (a head graph's: its T).
@@ -161,6 +164,7 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
         "source": None if source is None else str(source),
         "routing": routing,
         **({"head": shapes.head, "labels": list(labels)} if isinstance(shapes, HeadShapes) else {}),
+        **({"quantization": quantization} if quantization else {}),
         "files": {name: file_entry(folder / name, (hashed or {}).get(name)) for name in names},
     }
     path = folder / MANIFEST_NAME
@@ -235,7 +239,8 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
             created=raw["created"], tokenizer=raw["tokenizer"], bos_token_id=raw["bos_token_id"],
             eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,), files=files,
             device=raw.get("device"), source=raw.get("source"), engines=dict(raw.get("engines") or {}),
-            routing=raw.get("routing", "dense"), head=head, labels=tuple(str(x) for x in raw.get("labels", ())))
+            routing=raw.get("routing", "dense"), head=head, labels=tuple(str(x) for x in raw.get("labels", ())),
+            quantization=raw.get("quantization"))
     except ConfigError as err:
         raise ManifestError(str(err)) from None
     except KeyError as err:

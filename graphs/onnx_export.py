@@ -23,6 +23,11 @@ graphs/weights_file.py writes and hashes them one at a time). Peak memory is the
 about one tensor, whatever the number of layers; the artifact is byte for byte the one a trace
 with the real weights writes (tests/test_placeholder_export.py).
 
+Weights: "float" (the default) stores them in the build's dtype; "int8" / "int4" quantizes the
+experts, attention projections and lm_head block-wise (graphs/onnx_quant.py, gathered routing and
+float32 only), each weight (each virtual expert of a stacked one) as it streams from the
+checkpoint; the manifest's `quantization` records the scheme and each tensor's error.
+
 Routing: "dense" (the default) runs every expert on every token as plain ONNX ops; "gather" makes
 each MoE block one `com.microsoft.MoE` node that reads only each token's top-k experts (ONNX
 Runtime contrib op, silu models only; see graphs/onnx_moe.py). The manifest records which.
@@ -39,10 +44,12 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import CHUNK_AXIS, DTYPES, FLOAT_DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes
+from graphs.contract import (CHUNK_AXIS, DEFAULT_QUANT_BLOCK, DTYPES, FLOAT_DTYPES, FLOAT_WEIGHTS, NO_POSITION,
+                             OUTPUT_NAMES, StepShapes)
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.manifest import FileEntry, io_contract
 from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
+from graphs.onnx_quant import check_weights, quantize_weights
 from mixtral_export.config import MixtralConfig
 
 GRAPH_NAME = "model.onnx"
@@ -51,11 +58,13 @@ DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external
 
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
                 prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False, opset: int = 18,
-                progress: Callable[[str], None] | None = None, routing: str = "dense") -> Path:
+                progress: Callable[[str], None] | None = None, routing: str = "dense",
+                weights: str = FLOAT_WEIGHTS, block_size: int = DEFAULT_QUANT_BLOCK) -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
 
     dtype None means the checkpoint's own; the graph's logits are float32 whatever the dtype.
-    routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring).
+    routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring);
+    weights "float" | "int8" | "int4" with block_size 32 | 64 | 128 how its weights are stored.
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
@@ -72,25 +81,27 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
             check_gather_supported(config.hidden_act, str(out))
         except OnnxMoeError as error:
             raise ExportError(str(error)) from None
+    scheme = check_weights(weights, block_size, routing, dtype, out)
     config = config.replace(dtype=dtype)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)
     with building(out) as tmp:
         from mixtral_export.checkpoint import ParameterReader
 
-        weights = ParameterReader(checkpoint, config)  # headers only: every tensor checked, none read
+        reader = ParameterReader(checkpoint, config)  # headers only: every tensor checked, none read
         model = placeholder_model(config, shapes, routing)
         say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={shapes.prefill_chunk}|1, "
             f"S={shapes.cache_slots}, {routing} MoE, {dtype}) with placeholder weights")
         try:
-            data = export_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=weights.read, progress=say)
+            data, quantization = export_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=reader.read,
+                                              progress=say, scheme=scheme, block_size=block_size)
         except ExportError as error:  # name the artifact's files where the user will look for them
             raise ExportError(str(error).replace(str(tmp), str(out))) from None
         say("checking the graph")
         check_graph(tmp / GRAPH_NAME, shapes)
         say("writing the manifest")
         finish(tmp, checkpoint, config, kind="onnx", shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
-               routing=routing, hashed={DATA_NAME: data} if data is not None else None)
+               routing=routing, hashed={DATA_NAME: data} if data is not None else None, quantization=quantization)
     say(f"wrote {out}")
     return out
 
@@ -120,19 +131,25 @@ def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str):
 
 def export_graph(model, shapes: StepShapes, path: Path, opset: int,
                  weights: Callable[..., "torch.Tensor"] | None = None,
-                 progress: Callable[[str], None] | None = None) -> FileEntry | None:
+                 progress: Callable[[str], None] | None = None, scheme=None,
+                 block_size: int = DEFAULT_QUANT_BLOCK) -> tuple[FileEntry | None, dict | None]:
     """torch.export the step with T symbolic and save it with all weights in one external file.
 
     `model` holds real weights (weights None) or placeholders (`placeholder_model`), each then
-    read by weights(parameter name, shape) when the file is written. Returns the data file's size
-    and sha256 (None when the graph has no external weights).
+    read by weights(parameter name, shape) when the file is written. With `scheme` (a
+    contract.WeightScheme) the weights are quantized as they are written. Returns the data file's
+    size and sha256 (None when the graph has no external weights) and the quantization record
+    (None for float weights).
     """
-    return save_graph(step_graph(model, shapes, opset, weights), path, progress)
+    graph = step_graph(model, shapes, opset, weights, block=block_size if scheme else 1)
+    quantization = quantize_weights(graph, model, scheme, block_size, weights) if scheme else None
+    return save_graph(graph, path, progress), quantization  # quantizes one weight at a time, filling the errors
 
 
 def step_graph(model, shapes: StepShapes, opset: int,
-               weights: Callable[..., "torch.Tensor"] | None = None):
-    """The step traced with T symbolic, as an onnx_ir model ready to save (see `export_graph`)."""
+               weights: Callable[..., "torch.Tensor"] | None = None, block: int = 1):
+    """The step traced with T symbolic, as an onnx_ir model ready to save (see `export_graph`);
+    `block`: the quantization block each gathered expert slice must hold whole (1: float weights)."""
     import torch
 
     from mixtral_export.model import TORCH_DTYPES
@@ -144,7 +161,7 @@ def step_graph(model, shapes: StepShapes, opset: int,
             list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
             list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
             torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64))  # (B, S)
-    route_through_moe_nodes(model)  # gather: one com.microsoft.MoE node per block
+    route_through_moe_nodes(model, block)  # gather: one com.microsoft.MoE node per block
     chunk = torch.export.Dim(CHUNK_AXIS, min=1)
     layers = [None] * shapes.num_layers
     dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
@@ -161,7 +178,7 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
 
     With `weights`, the module's parameters are placeholders (fake tensors: `placeholder_model`) and
     every initializer made from a parameter ends up a lazy tensor that reads it with
-    weights(name, shape) when saved, or a block of its rows with weights(name, shape, (start, stop))
+    weights(name, shape) when saved, or a run of its flat elements with weights(name, shape, elements=(first, last))
     (graphs/placeholder_weights.py).
     """
     import torch
@@ -190,7 +207,9 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
                 _ir_passes.rename_inputs(program.model, input_names)
                 _ir_passes.rename_outputs(program.model, output_names)
                 resolve(program.model, tracers, params, read,
-                        rows=lambda name, start, stop: weights(name, params[name], (start, stop)))
+                        span=lambda name, first, last: weights(name, params[name], elements=(first, last)),
+                        stored=lambda name, first, last: weights(name, params[name], elements=(first, last),
+                                                                 stored=True))
     except PlaceholderError as error:
         raise ExportError(str(error)) from None
     finally:

@@ -33,9 +33,9 @@ How it gets into the graph: before tracing, `route_through_moe_nodes` makes each
 block (mixtral_export/model.py, which knows nothing of ONNX) call `moe_node`, a
 `torch.onnx.ops.symbolic` op that the exporter writes as this node, with the model's own w13/w2
 parameters as fc1/fc2. `lay_out_experts` then swaps each for a lazy tensor
-that yields the sliced, interleaved layout when the file is saved (reading the parameter from the
-checkpoint only then, graphs/placeholder_weights.py): one layer's copy at a time,
-nothing kept in memory, and the graph has no reshuffling ops for ONNX Runtime to fold at load.
+that yields the sliced, interleaved layout when the file is saved, reading the parameter from the
+checkpoint only then (graphs/placeholder_weights.py) one virtual expert at a time (w2: one layer's
+w2 at a time, see `expert_slices`); the graph has no reshuffling ops for ONNX Runtime to fold at load.
 (A torch custom op with an onnxscript translation would work too, but still needs this weight
 pass and adds an op registry.)
 """
@@ -64,28 +64,30 @@ def check_gather_supported(hidden_act: str, where: str) -> None:
                            f"silu(gate) * up); this model's hidden_act is {hidden_act!r}; use routing 'dense'")
 
 
-def expert_parts(intermediate: int) -> int:
-    """The most slices, up to MAX_EXPERT_PARTS, that split the intermediate dimension evenly."""
+def expert_parts(intermediate: int, block: int = 1) -> int:
+    """The most slices, up to MAX_EXPERT_PARTS, that split the intermediate dimension evenly
+    (into whole quantization blocks of `block` units: fc2's blocks run along I)."""
     parts = MAX_EXPERT_PARTS
-    while intermediate % parts:
+    while parts > 1 and intermediate % (parts * block):
         parts //= 2
     return parts
 
 
-def route_through_moe_nodes(model) -> int:
+def route_through_moe_nodes(model, block: int = 1) -> int:
     """Make every gathered MoE block of a MixtralStatic trace as `moe_node`; returns how many.
 
-    For exporting only: the model's own forward stays as it is for every other use.
+    For exporting only: the model's own forward stays as it is for every other use. `block`:
+    the quantization block the expert slices must hold whole (1: float weights).
     """
     count = 0
     for layer in model.layers:
         if layer.moe.routing == "gather":
-            layer.moe.forward = functools.partial(moe_node, layer.moe)
+            layer.moe.forward = functools.partial(moe_node, layer.moe, block=block)
             count += 1
     return count
 
 
-def moe_node(moe, x: torch.Tensor) -> torch.Tensor:
+def moe_node(moe, x: torch.Tensor, block: int = 1) -> torch.Tensor:
     """(B, T, H) -> (B, T, H) through one com.microsoft.MoE node over `moe`'s parameters.
 
     Each expert runs as `parts` slices of its intermediate dimension; the router logits are
@@ -96,7 +98,7 @@ def moe_node(moe, x: torch.Tensor) -> torch.Tensor:
 
     b, t, h = x.shape
     x = x.reshape(b * t, h)  # (N, H)
-    parts = expert_parts(moe.intermediate)
+    parts = expert_parts(moe.intermediate, block)
     logits = moe.gate(x).repeat(1, parts)  # (N, parts * E): slice p of expert e is virtual expert p * E + e
     out = torch.onnx.ops.symbolic(
         f"{MOE_DOMAIN}::MoE", (x, logits, moe.w13, None, moe.w2),
@@ -127,12 +129,56 @@ def lay_out_experts(model) -> int:
         for value, lay_out in ((fc1, fc1_slices), (fc2, fc2_slices)):
             e, rows, cols = value.const_value.shape
             shape = ir.Shape([e * parts, rows // parts, cols] if value is fc1 else [e * parts, rows, cols // parts])
-            value.const_value = ir.LazyTensor(
-                lambda w=value.const_value, f=lay_out, p=parts: ir.tensor_adapters.TorchTensor(f(torch_view(w), p)),
-                dtype=value.const_value.dtype, shape=shape, name=value.name)
+            value.const_value = sliced_tensor(value.const_value, lay_out, parts, shape)
             value.shape = shape
         count += 1
     return count
+
+
+def sliced_tensor(source, lay_out, parts: int, shape):
+    """`source` (w13 or w2) in the node's sliced layout, computed only when the file is written.
+
+    A source streamed from the checkpoint (graphs/placeholder_weights.py, it has `span`) comes
+    back in `pieces()`, one virtual expert at a time (`expert_slices`), so a layer's stacked
+    experts are never copied whole; any other source is laid out whole, when asked for.
+    """
+    import onnx_ir as ir
+
+    class SlicedExperts(ir.LazyTensor):
+        __slots__ = ()
+
+        if hasattr(source, "span"):
+            def pieces(self):
+                return expert_slices(source, lay_out, parts)
+
+    return SlicedExperts(lambda: ir.tensor_adapters.TorchTensor(lay_out(torch_view(source), parts)),
+                         dtype=source.dtype, shape=shape, name=source.name)
+
+
+def expert_slices(source, lay_out, parts: int):
+    """Virtual experts p * E + e in order, each read from `source` (a StreamedTensor of w13 or w2).
+
+    fc1: virtual expert (p, e) is two runs of w13[e]'s rows (gate units, up units of slice p),
+    read as they are and interleaved: nothing but that slice in memory. fc2: a slice is columns of
+    w2[e], strided in the file; reading w2[e] once per slice would read the layer P times, so w2 is
+    read once, whole (half of w13's size), and sliced from memory.
+    """
+    import torch
+
+    e, rows, cols = (int(d) for d in source.shape)
+    if lay_out is fc1_slices:
+        inter, units = rows // 2, rows // 2 // parts
+        for p in range(parts):
+            for x in range(e):
+                gate, up = (source.span((x * rows + first) * cols, (x * rows + first + units) * cols).view(units, cols)
+                            for first in (p * units, inter + p * units))  # (I/P, H) each
+                yield torch.stack((gate, up), dim=1).view(2 * units, cols)  # (I/P, 2, H) -> (2I/P, H) interleaved
+        return
+    w2 = source.span(0, e * rows * cols).view(e, rows, cols)  # (E, H, I)
+    units = cols // parts
+    for p in range(parts):
+        for x in range(e):
+            yield w2[x, :, p * units:(p + 1) * units].contiguous()  # (H, I/P)
 
 
 def torch_view(tensor) -> torch.Tensor:

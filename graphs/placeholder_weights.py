@@ -81,11 +81,14 @@ def plant(model, params: dict[str, tuple[int, ...]], read: Callable[[str], "torc
 
 def resolve(model, tracers: dict[int, str], params: dict[str, tuple[int, ...]],
             read: Callable[[str], "torch.Tensor"],
-            rows: Callable[[str, int, int], "torch.Tensor"] | None = None) -> dict[str, WeightRecipe]:
+            span: Callable[[str, int, int], "torch.Tensor"] | None = None,
+            stored: Callable[[str, int, int], list | None] | None = None) -> dict[str, WeightRecipe]:
     """Map every initializer built from a traced parameter to its recipe and make it lazy.
 
-    rows(name, start, stop), when given, reads rows [start, stop) of a parameter's first axis, so
-    a parameter written as stored goes to the file a block at a time (`streamed_tensor`).
+    span(name, first, last), when given, reads elements [first, last) of a parameter's flat order
+    (1-D), so a parameter written as stored goes to the file a block at a time (`streamed_tensor`);
+    stored(name, first, last), when given, says where those elements lie in the checkpoint's files
+    when they lie there as the graph needs them (or None), so they can be copied file to file.
 
     Returns initializer name -> recipe for each initializer that will be read from the checkpoint
     at write time. Raises PlaceholderError on any initializer that depends on a traced parameter
@@ -100,9 +103,11 @@ def resolve(model, tracers: dict[int, str], params: dict[str, tuple[int, ...]],
         if isinstance(raw, np.ndarray) and (param := traced_param(raw, tracers)) is not None:
             recipe = WeightRecipe(param, permutation(raw, params[param], value.name))
             recipes[value.name] = value.meta[RECIPE] = recipe
-            if recipe.perm == tuple(sorted(recipe.perm)) and rows is not None:  # as stored: read in row blocks
-                value.const_value = streamed_tensor(lambda start, stop, p=param: rows(p, start, stop),
-                                                    dtype=tensor.dtype, shape=ir.Shape(raw.shape), name=value.name)
+            if recipe.perm == tuple(sorted(recipe.perm)) and span is not None:  # as stored: read in row blocks
+                value.const_value = streamed_tensor(
+                    lambda first, last, p=param: span(p, first, last), dtype=tensor.dtype,
+                    shape=ir.Shape(raw.shape), name=value.name,
+                    stored=None if stored is None else (lambda first, last, p=param: stored(p, first, last)))
             else:
                 value.const_value = ir.LazyTensor(
                     lambda r=recipe: ir.tensor_adapters.TorchTensor(read(r.param).permute(r.perm).contiguous()),
@@ -140,24 +145,39 @@ def permutation(array: np.ndarray, shape: tuple[int, ...], name: str) -> tuple[i
     return perm
 
 
-def streamed_tensor(read_rows: Callable[[int, int], "torch.Tensor"], dtype, shape, name: str):
+def streamed_tensor(read_span: Callable[[int, int], "torch.Tensor"], dtype, shape, name: str,
+                    stored: Callable[[int, int], list | None] | None = None):
     """An initializer read from the checkpoint a block of rows at a time when the file is written.
 
     A stacked expert parameter (Mixtral 8x7B's w13 is 1.9 GB in bf16) then never sits in memory
-    whole: its `pieces()` yields at most PIECE_BYTES (or one row) at a time. It is an onnx_ir
-    LazyTensor, so anything that asks for the values themselves (numpy(), tobytes()) gets the
-    whole tensor, read then.
+    whole: its `pieces()` yields at most PIECE_BYTES (or one row) at a time, and `span(first, last)`
+    reads any run of its flat elements (graphs/onnx_moe.py lays out expert slices from those). It
+    is an onnx_ir LazyTensor, so anything that asks for the values themselves (numpy(), tobytes())
+    gets the whole tensor, read then. `stored_ranges()` gives the checkpoint byte ranges that hold
+    it as it is (`stored`), or None.
     """
+    import math
+
     import onnx_ir as ir
+
+    dims = tuple(int(d) for d in shape)
+    row = math.prod(dims[1:])
 
     class StreamedTensor(ir.LazyTensor):
         __slots__ = ()
+
+        def span(self, first: int, last: int):
+            return read_span(first, last)  # (last - first,)
+
+        def stored_ranges(self):
+            return stored(0, math.prod(dims)) if stored is not None else None
 
         def pieces(self):
             rows = self.shape[0]
             step = max(1, PIECE_BYTES // max(1, self.nbytes // max(rows, 1)))
             for start in range(0, rows, step):
-                yield read_rows(start, min(rows, start + step))
+                stop = min(rows, start + step)
+                yield read_span(start * row, stop * row).view(stop - start, *dims[1:])  # (rows, ...)
 
-    return StreamedTensor(lambda: ir.tensor_adapters.TorchTensor(read_rows(0, shape[0])), dtype=dtype, shape=shape,
-                          name=name)
+    return StreamedTensor(lambda: ir.tensor_adapters.TorchTensor(read_span(0, dims[0] * row).view(dims)),
+                          dtype=dtype, shape=shape, name=name)

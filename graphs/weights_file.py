@@ -3,7 +3,8 @@
 Each initializer larger than EXTERNAL_MIN bytes is materialised (a lazy one reads its parameter
 from the checkpoint only now; one that comes in pieces, a piece at a time), written, added to
 the sha256 and released before the next, so peak memory is about one tensor or piece whatever
-the model's size. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
+the model's size. One stored in the checkpoint exactly as the graph holds it is copied file to
+file by the kernel (`copy_range`), hashed from the page cache beside the copy. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
 in graph order, densely packed, the same threshold; so the file is byte for byte what the
 exporter's save writes. The graph then points at the file (offset, length) and is saved
 without weights.
@@ -13,6 +14,7 @@ with it (graphs/artifact_folder.py); a full disk is one ExportError line.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -24,6 +26,7 @@ import numpy as np
 from graphs.artifact_folder import DISK_FULL, ExportError
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
+WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel, and copy_range's buffer (README "Measured")
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 
 
@@ -47,7 +50,7 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
     offset = 0
     report(0)
     try:
-        with open(data_path, "wb") as handle:
+        with open(data_path, "wb", buffering=0) as handle:  # unbuffered: copy_range writes past Python
             for value in values:
                 tensor = value.const_value
                 length = write_tensor(tensor, handle, digest)
@@ -74,20 +77,78 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
 
 def write_tensor(tensor, handle, digest) -> int:
     """Materialise one tensor (a piece at a time when it comes in pieces), write its bytes and hash
-    them; returns the byte count."""
+    them; returns the byte count. One stored in the checkpoint as it is written is copied file to
+    file (`copy_range`)."""
+    ranges = tensor.stored_ranges() if hasattr(tensor, "stored_ranges") else None
+    if ranges:
+        return sum(copy_range(entry, handle, digest) for entry in ranges)
     written = 0
     for piece in tensor.pieces() if hasattr(tensor, "pieces") else (tensor,):
         view = memoryview(tensor_bytes(piece)).cast("B")
         hashing = hasher().submit(digest.update, view)  # sha256 lets go of the GIL: it runs beside the write
         try:
             done = 0
-            while done < len(view):
-                done += handle.write(view[done:])
+            while done < len(view):  # a few MB per write: one 256 MB write ran at a tenth of the rate
+                done += handle.write(view[done:done + WRITE_BYTES])
         finally:
             hashing.result()
         written += done
         del view, piece
     return written
+
+
+def copy_range(entry, handle, digest) -> int:
+    """Copy a checkpoint byte range (a TensorEntry) to the end of `handle` with the kernel's
+    copy_file_range, hashing it as it goes (read once more, from the page cache, on the hashing
+    thread's turn). Writing through Python ran at 0.3-0.4 GB/s on this machine where the kernel's
+    copy ran at 1.3-2.5 GB/s; where the kernel cannot copy (another filesystem, no such call), the
+    bytes read for the hash are written."""
+    global _kernel_copy
+    buffer = copy_buffer()
+    done = 0
+    with open(entry.path, "rb", buffering=0) as source:
+        source.seek(entry.start)
+        while done < entry.nbytes:
+            view = buffer[:min(len(buffer), entry.nbytes - done)]
+            got = source.readinto(view)
+            if not got:
+                raise ExportError(f"{entry.path}: truncated while reading tensor {entry.name}")
+            hashing = hasher().submit(digest.update, view[:got])
+            try:
+                copied = 0
+                while copied < got and _kernel_copy:
+                    try:
+                        step = os.copy_file_range(source.fileno(), handle.fileno(), got - copied,
+                                                  entry.start + done + copied)
+                    except OSError as err:
+                        if err.errno not in NO_KERNEL_COPY or copied:
+                            raise
+                        _kernel_copy = False
+                        break
+                    if not step:
+                        raise ExportError(f"{entry.path}: truncated while reading tensor {entry.name}")
+                    copied += step
+                while copied < got:
+                    copied += handle.write(view[copied:got])
+            finally:
+                hashing.result()
+            done += got
+    return done
+
+
+NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
+_kernel_copy = hasattr(os, "copy_file_range")
+
+
+def copy_buffer() -> memoryview:
+    """The one WRITE_BYTES buffer `copy_range` reads into (for the hash)."""
+    global _copy_buffer
+    if _copy_buffer is None:
+        _copy_buffer = memoryview(bytearray(WRITE_BYTES))
+    return _copy_buffer
+
+
+_copy_buffer = None
 
 
 def hasher():

@@ -182,15 +182,28 @@ class ParameterReader:
             self.parts["lm_head.weight"] = self.parts["embed_tokens.weight"]  # one tensor under two names
         self.dtype = TORCH_DTYPES[config.dtype]
 
-    def read(self, param: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read(self, param: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None,
+             elements: tuple[int, int] | None = None, stored: bool = False):
         """The parameter `param` (of shape `shape`) in the config's dtype, or only its rows
-        [start, stop) along the first axis (one expert of a stacked expert parameter, say)."""
+        [start, stop) along the first axis (one expert of a stacked expert parameter, say), or
+        only elements [first, last) of its flat order, as a 1-D tensor (a slice of one expert's rows).
+
+        stored=True: those elements as byte ranges of the checkpoint's files (TensorEntry, in
+        order) when the files hold them exactly as the parameter does (same dtype), else None;
+        a writer can then copy them file to file without reading them through Python.
+        """
         if param not in self.parts:
             raise CheckpointError(f"no checkpoint tensor fills parameter {param}")
-        start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+        if stored:
+            return self._stored(param, shape, *(elements or (0, math.prod(shape))))
         row = math.prod(shape[1:])
-        lo, hi = start * row, stop * row  # the elements wanted, in the parameter's flat order
-        out = torch.empty((stop - start, *shape[1:]) if shape else shape, dtype=self.dtype)
+        if elements is not None:
+            lo, hi = elements
+            out = torch.empty(hi - lo, dtype=self.dtype)
+        else:
+            start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
+            lo, hi = start * row, stop * row  # the elements wanted, in the parameter's flat order
+            out = torch.empty((stop - start, *shape[1:]) if shape else shape, dtype=self.dtype)
         flat = out.view(-1)
         filled = 0
         whole = torch.empty(shape, device="meta")
@@ -201,15 +214,33 @@ class ParameterReader:
                     raise CheckpointError(f"{entry.path}: tensor {entry.name} does not fill a contiguous part of {param}")
                 first, last = max(region.storage_offset(), lo), min(region.storage_offset() + region.numel(), hi)
                 if first < last:
-                    _read_tensor(elements(entry, first - region.storage_offset(), last - region.storage_offset()),
+                    _read_tensor(elements_of(entry, first - region.storage_offset(), last - region.storage_offset()),
                                  flat[first - lo:last - lo], None)
                     filled += last - first
         if filled != out.numel():
             raise CheckpointError(f"the checkpoint fills {filled} of the {out.numel()} values of {param}")
         return out
 
+    def _stored(self, param: str, shape: tuple[int, ...], lo: int, hi: int) -> list[TensorEntry] | None:
+        runs = []
+        whole = torch.empty(shape, device="meta")
+        for entry, target in self.parts[param]:
+            region = target.select(whole)
+            if FILE_DTYPES[entry.dtype] != self.dtype or not region.is_contiguous():
+                return None
+            first, last = max(region.storage_offset(), lo), min(region.storage_offset() + region.numel(), hi)
+            if first < last:
+                runs.append((first, elements_of(entry, first - region.storage_offset(), last - region.storage_offset())))
+        runs.sort(key=lambda run: run[0])
+        covered = lo
+        for first, entry in runs:  # each run starts where the last ended, and they end at hi
+            if first != covered:
+                return None
+            covered += entry.shape[0]
+        return [entry for _, entry in runs] if covered == hi else None
 
-def elements(entry: TensorEntry, first: int, last: int) -> TensorEntry:
+
+def elements_of(entry: TensorEntry, first: int, last: int) -> TensorEntry:
     """Elements [first, last) of a tensor in its flat order, as an entry of its own (a byte range)."""
     size = entry.nbytes // max(math.prod(entry.shape), 1)
     return replace(entry, shape=(last - first,), start=entry.start + first * size, nbytes=(last - first) * size)

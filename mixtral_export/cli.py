@@ -95,6 +95,9 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
            opset: int = typer.Option(18, help="ONNX opset (>= 18)", metavar="N"),
            routing: str = typer.Option("dense", help="dense: every expert on every token; gather: only each "
                                                      "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
+           weights: str = typer.Option("float", help="float: the dtype's; int8 | int4: block-wise weight-only "
+                                                     "(experts, attention, lm_head; needs --routing gather)", metavar="TEXT"),
+           block_size: int = typer.Option(32, help="int8/int4: weights per quantization block (32 | 64 | 128)", metavar="N"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
            device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT"),
            head: Optional[str] = typer.Option(None, help="causal-lm | model | sequence-classification | "
@@ -117,8 +120,10 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
         return
     if format == "onnx":
         from graphs.onnx_export import export_onnx as build
-        options = dict(opset=opset)
+        options = dict(opset=opset, weights=weights, block_size=block_size)
     elif format == "aoti":
+        if weights != "float":
+            raise UsageError(f"--weights {weights}: quantized weights are exported for ONNX Runtime only (--format onnx)")
         from graphs.aoti_export import export_aoti as build
         options = dict(device=device)
     else:
@@ -202,6 +207,11 @@ def _describe(artifact: Path) -> None:
     window = s.attention_window if s.attention_window is not None else f"none (at most {s.cache_slots} positions)"
     out.print(f"  shapes  batch {s.batch}, prefill chunk {s.prefill_chunk}, decode chunk 1, cache slots "
               f"{s.cache_slots}, attention window {window}", highlight=False)
+    if q := manifest.quantization:
+        worst = max(q["tensors"].items(), key=lambda item: item[1]["max_abs"])
+        out.print(f"  weights {q['scheme']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, block {q['block_size']}) "
+                  f"on {len(q['tensors'])} tensors, largest |error| {worst[1]['max_abs']:.2e} ({worst[0]}); "
+                  f"GEMM inputs {q['activations']}", highlight=False)
     for name, info in sorted(manifest.files.items()):
         out.print(f"  file    {name}  {info.size:,} bytes  sha256 {info.sha256[:16]}...", highlight=False)
 
@@ -432,7 +442,10 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           plot: Optional[Path] = typer.Option(None, help="Write a PNG of decode tokens/s against context length", metavar="PATH"),
           markdown: bool = typer.Option(False, help="Print the tables as Markdown"),
           ort_spin: bool = typer.Option(False, help="Let ONNX Runtime's threads spin between ops (OpenMP's do)"),
-          rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled", metavar="N")):
+          rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled", metavar="N"),
+          weights: str = typer.Option("fp32", help="Precisions of ort-gather, comma-separated: fp32, int8, int4 "
+                                                   "(one artifact each)", metavar="TEXT"),
+          block_size: int = typer.Option(32, help="Quantization block of int8/int4 weights", metavar="N")):
     """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "bench" / "run.py").is_file():
@@ -456,7 +469,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
     options = BenchOptions(model=model, layers=layers, runtimes=names, contexts=_int_list(contexts, "--contexts"),
                            decode_steps=decode_steps, repeats=repeats, warmup=warmup, prefill_chunk=prefill_chunk,
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
-                           timeout=timeout, ort_spin=ort_spin, rounds=rounds)
+                           timeout=timeout, ort_spin=ort_spin, rounds=rounds,
+                           weights=tuple(w.strip() for w in weights.split(",") if w.strip()), block_size=block_size)
     result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
     if json_path is not None:
         write_report(json_path, result, "bench")

@@ -98,6 +98,17 @@ class Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
+def int8_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (..., K) rounded to int8 per block of K (scale max|x| / 127, times its reciprocal, half to
+    even), exactly as ONNX Runtime's quantized CPU kernels round their inputs, so eager on a
+    quantized artifact's dequantized weights computes what they compute (dividing by the scale
+    instead flips a code now and then)."""
+    blocks = x.reshape(*x.shape[:-1], -1, block)  # (..., K/b, b)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.round(blocks * (1 / scale)) * scale).reshape(x.shape)
+
+
 class MoE(nn.Module):
     """Mixtral's top-k routing (fp32 router softmax, top-k, renormalise) computed one of two ways.
 
@@ -123,6 +134,7 @@ class MoE(nn.Module):
         self.gate = nn.Linear(h, e, bias=False)
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))  # rows [0, I) = w1 (gate), [I, 2I) = w3 (up)
         self.w2 = nn.Parameter(torch.empty(e, h, i))
+        self.activation_block: int | None = None  # set: expert GEMM inputs rounded to int8 (int8_blocks)
 
     def top_k_routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, H) -> renormalised top-k softmax weights (N, k) fp32 and expert ids (N, k)."""
@@ -139,20 +151,26 @@ class MoE(nn.Module):
             out = self.dense(x)
         return out.reshape(b, t, h)
 
+    def expert_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) as the expert GEMMs read it: as is, or rounded by int8_blocks."""
+        return x if self.activation_block is None else int8_blocks(x, self.activation_block)
+
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         top_w, top_i = self.top_k_routing(x)
         weights = torch.zeros(x.shape[0], self.w13.shape[0], dtype=torch.float32,
                               device=x.device).scatter(1, top_i, top_w)  # (N, E)
-        up = torch.matmul(self.w13, x.t())  # (E, 2I, N)
+        up = torch.matmul(self.w13, self.expert_input(x).t())  # (E, 2I, N)
         hidden = self.act(up[:, : self.intermediate]) * up[:, self.intermediate:]  # (E, I, N)
+        if self.activation_block is not None:
+            hidden = self.expert_input(hidden.transpose(1, 2)).transpose(1, 2)  # blocks run along I
         out = torch.matmul(self.w2, hidden)  # (E, H, N)
         out = (out.float() * weights.t()[:, None, :]).sum(dim=0)  # (H, N)
         return out.t().to(x.dtype)
 
     def gathered(self, x: torch.Tensor) -> torch.Tensor:
         top_w, top_i = self.top_k_routing(x)
-        up = torch.matmul(self.w13[top_i], x[:, None, :, None])[..., 0]  # (N, k, 2I, H) @ (N, 1, H, 1) -> (N, k, 2I)
-        hidden = self.act(up[..., : self.intermediate]) * up[..., self.intermediate:]  # (N, k, I)
+        up = torch.matmul(self.w13[top_i], self.expert_input(x)[:, None, :, None])[..., 0]  # (N, k, 2I, H) @ (N, 1, H, 1) -> (N, k, 2I)
+        hidden = self.expert_input(self.act(up[..., : self.intermediate]) * up[..., self.intermediate:])  # (N, k, I)
         out = torch.matmul(self.w2[top_i], hidden[..., None])[..., 0]  # (N, k, H, I) @ (N, k, I, 1) -> (N, k, H)
         return (out.float() * top_w[..., None]).sum(dim=1).to(x.dtype)  # (N, H)
 

@@ -53,8 +53,13 @@ def _torch_device(provider: str) -> str:
     return provider
 
 
-def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, device: str = "cpu"):
-    """The PyTorch model on the checkpoint the artifact was built from, with the artifact's shapes."""
+def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, device: str = "cpu",
+                  float_weights: bool = False):
+    """The PyTorch model on the checkpoint the artifact was built from, with the artifact's shapes.
+
+    On a quantized artifact it runs on the artifact's dequantized weights (so comparing it with
+    ORT checks the kernels, not the quantization), unless float_weights asks for the originals.
+    """
     from mixtral_export.checkpoint import load_model
     from mixtral_export.config import MixtralConfig
     from runtimes.eager import EagerBackend
@@ -63,6 +68,8 @@ def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, devi
     check_compatible(manifest, MixtralConfig.from_json(source))
     model = load_model(source, dtype=manifest.shapes.dtype, attention_window=manifest.shapes.attention_window,
                        routing=manifest.routing)
+    if manifest.quantization and not float_weights:
+        dequantize_model(model, manifest.quantization)
     return EagerBackend(model, manifest.shapes, device=device)
 
 
@@ -91,3 +98,27 @@ def _source(manifest: Manifest, checkpoint: str | Path | None) -> Path:
         raise RuntimeLoadError(f"{manifest.folder}: the eager runtime needs the source checkpoint "
                                f"({source or 'not recorded'} is not there); pass its folder")
     return source
+
+
+def dequantize_model(model, record: dict, round_activations: bool = True) -> None:
+    """Replace every weight the manifest's quantization record lists by its dequantized self, quantized
+    exactly as the export did (graphs/quantize.py), and round the inputs of those GEMMs to int8
+    per block as ORT's kernels do (record["activations"])."""
+    import torch
+
+    from graphs.contract import WEIGHT_SCHEMES
+    from graphs.quantize import dequantize, quantize
+    from mixtral_export.model import int8_blocks
+
+    scheme, block = WEIGHT_SCHEMES[record["scheme"]], int(record["block_size"])
+    for name in record["tensors"]:
+        owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+        weight = getattr(owner, attr).detach()
+        values = dequantize(quantize(weight.float().numpy(), scheme, block, name))
+        setattr(owner, attr, torch.nn.Parameter(torch.from_numpy(values).to(weight.dtype), requires_grad=False))
+        if not round_activations or record.get("activations") != "int8":
+            continue
+        if attr == "w13":
+            owner.activation_block = block
+        elif isinstance(owner, torch.nn.Linear):
+            owner.register_forward_pre_hook(lambda module, args: (int8_blocks(args[0], block),))

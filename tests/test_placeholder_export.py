@@ -122,3 +122,18 @@ def test_a_value_computed_from_a_tracer_fails_loudly():
     model.graph.register_initializer(computed)
     with pytest.raises(pw.PlaceholderError, match="scaled is computed from w"):
         pw.resolve(model, tracers, {"w": (64, 256)}, read=lambda name: None)
+
+
+def test_stored_tensors_are_copied_file_to_file_or_written_the_same(tiny_checkpoint, tmp_path, monkeypatch):
+    """Parameters stored as the graph needs them go through copy_file_range; where the kernel cannot
+    copy (another filesystem), the bytes read for the hash are written instead: the same file."""
+    from graphs import weights_file as wf
+
+    copied = []
+    copy_range = wf.copy_range
+    monkeypatch.setattr(wf, "copy_range", lambda entry, *rest: copied.append(entry.name) or copy_range(entry, *rest))
+    kernel = export_onnx(tiny_checkpoint, tmp_path / "kernel", dtype="float32", routing="dense", **SHAPES)
+    assert any(".experts." in name for name in copied) and "model.embed_tokens.weight" in copied
+    monkeypatch.setattr(wf, "_kernel_copy", False)
+    written = export_onnx(tiny_checkpoint, tmp_path / "written", dtype="float32", routing="dense", **SHAPES)
+    assert_same_artifact(kernel, written)

@@ -1,0 +1,151 @@
+"""Block-wise weight-only quantization in the packed layouts ONNX Runtime's MatMulNBits and QMoE take.
+
+A weight W (..., N, K) (N output rows, K input features; a Linear's weight, one expert's fc1 or
+fc2) is cut along K into blocks of `block_size`; each (row, block) gets a float32 scale and, for
+an asymmetric scheme, a zero point z; the code of w is q = clip(round(w / scale) + z). What the
+kernels compute with is dequantize(): (q - z) * scale, z = 2^(bits-1) when none is stored.
+Rounding is numpy's (half to even): the same weights always give the same bytes.
+
+Layouts (checked against onnxruntime 1.32's CPU kernels in tests/test_quantize.py):
+  packed       (..., N, K/block, block*bits/8) uint8: 4-bit codes two to a byte, the even
+               element of K in the low nibble (MatMulNBits' B; QMoE's fc weights as
+               (E, N, K*bits/8), the same bytes)
+  scales       (..., N, K/block) float32
+  zero_points  (..., N, ceil(K/block*bits/8)) uint8, packed like the codes, or None (symmetric)
+
+Pure numpy, one weight at a time, so an exporter can apply it to each tensor as it streams.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphs.contract import QUANT_BLOCK_SIZES, WeightScheme
+from mixtral_export.errors import UserError
+
+
+class QuantizeError(UserError, ValueError):
+    """A weight this scheme cannot quantize (shape, block size); one line."""
+
+
+@dataclass(frozen=True)
+class Quantized:
+    packed: np.ndarray  # (..., N, K/block, block*bits/8) uint8
+    scales: np.ndarray  # (..., N, K/block) float32
+    zero_points: np.ndarray | None  # (..., N, ceil(K/block*bits/8)) uint8; None: 2^(bits-1)
+    bits: int
+    block_size: int
+
+
+def check_block(k: int, block_size: int, name: str) -> None:
+    if block_size not in QUANT_BLOCK_SIZES:
+        raise QuantizeError(f"{name}: block size {block_size} is not one of {', '.join(map(str, QUANT_BLOCK_SIZES))}")
+    if k % block_size:
+        raise QuantizeError(f"{name}: {k} input features do not split into blocks of {block_size}; "
+                            f"pick a block size that divides {k}")
+
+
+def quantize(w: np.ndarray, scheme: WeightScheme, block_size: int, name: str = "weight") -> Quantized:
+    """W (..., N, K) float -> codes, scales and zero points; leading dims (experts) one at a time."""
+    return quantize_with_error(w, scheme, block_size, name)[0]
+
+
+def quantize_with_error(w: np.ndarray, scheme: WeightScheme, block_size: int,
+                        name: str = "weight") -> tuple[Quantized, dict[str, float]]:
+    """quantize() and error() together, one (N, K) matrix at a time: a 3.8 GB stack of experts
+    never has a float copy made of it whole."""
+    w = np.asarray(w)
+    *lead, n, k = w.shape
+    return quantize_matrices((w[index] for index in np.ndindex(*lead)), (*lead, n, k), scheme, block_size, name)
+
+
+def quantize_matrices(matrices, shape: tuple[int, ...], scheme: WeightScheme, block_size: int,
+                      name: str = "weight") -> tuple[Quantized, dict[str, float]]:
+    """quantize_with_error() of the weight `shape` (..., N, K) given as its (N, K) matrices in
+    order (a stack of experts as it streams from the checkpoint, one virtual expert at a time)."""
+    *lead, n, k = shape
+    check_block(k, block_size, name)
+    blocks, bits = k // block_size, scheme.bits
+    packed = np.empty((*lead, n, blocks, block_size * bits // 8), np.uint8)
+    scales = np.empty((*lead, n, blocks), np.float32)
+    zero_points = None if scheme.symmetric else np.empty((*lead, n, -(-blocks * bits // 8)), np.uint8)
+    worst, total, size = 0.0, 0.0, 0
+    indices = np.ndindex(*lead)
+    for matrix in matrices:
+        index = next(indices)
+        matrix = np.asarray(matrix)
+        if matrix.shape != (n, k):
+            raise QuantizeError(f"{name}: a matrix of shape {list(matrix.shape)}, expected {[n, k]}")
+        one = quantize_matrix(matrix, scheme, block_size)
+        packed[index], scales[index] = one.packed, one.scales
+        if zero_points is not None:
+            zero_points[index] = one.zero_points
+        diff = np.abs(matrix.astype(np.float32, copy=False) - dequantize(one))  # (N, K)
+        worst, total, size = max(worst, float(diff.max())), total + float(diff.sum(dtype=np.float64)), size + diff.size
+    if size != math.prod(shape):
+        raise QuantizeError(f"{name}: got {size} of its {math.prod(shape)} values")
+    return (Quantized(packed, scales, zero_points, bits, block_size),
+            {"max_abs": worst, "mean_abs": total / max(size, 1)})
+
+
+def quantize_matrix(w: np.ndarray, scheme: WeightScheme, block_size: int) -> Quantized:
+    n, k = w.shape
+    blocks = w.astype(np.float32, copy=False).reshape(n, k // block_size, block_size)  # (N, K/b, b)
+    if scheme.symmetric:
+        top = 2 ** (scheme.bits - 1) - 1  # codes -top..top around the fixed zero point
+        scales = np.abs(blocks).max(-1) / np.float32(top)  # (N, K/b)
+        zero = np.float32(2 ** (scheme.bits - 1))
+        scales[scales == 0] = 1
+        codes = np.clip(np.round(blocks / scales[..., None]), -top, top) + zero
+        zero_points = None
+    else:
+        top = 2 ** scheme.bits - 1  # codes 0..top, zero exactly representable
+        low, high = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)  # (N, K/b)
+        scales = (high - low) / np.float32(top)
+        scales[scales == 0] = 1
+        zeros = np.clip(np.round(-low / scales), 0, top)  # (N, K/b)
+        codes = np.clip(np.round(blocks / scales[..., None]) + zeros[..., None], 0, top)
+        zero_points = pack(zeros.astype(np.uint8), scheme.bits)  # (N, ceil(K/b * bits/8))
+    packed = pack(codes.astype(np.uint8).reshape(n, k), scheme.bits)  # (N, K*bits/8)
+    return Quantized(packed.reshape(n, k // block_size, block_size * scheme.bits // 8),
+                     scales.astype(np.float32), zero_points, scheme.bits, block_size)
+
+
+def dequantize(q: Quantized) -> np.ndarray:
+    """The float32 weight (..., N, K) the kernels compute with: (code - zero point) * scale."""
+    *lead, blocks, _ = q.packed.shape
+    codes = unpack(q.packed.reshape(*lead, -1), q.bits).astype(np.float32)  # (..., N, K)
+    codes = codes.reshape(*lead, blocks, q.block_size)  # (..., N, K/b, b)
+    if q.zero_points is None:
+        zeros = np.float32(2 ** (q.bits - 1))
+    else:
+        zeros = unpack(q.zero_points, q.bits)[..., :blocks].astype(np.float32)[..., None]  # (..., N, K/b, 1)
+    return ((codes - zeros) * q.scales[..., None]).reshape(*lead, blocks * q.block_size)
+
+
+def error(w: np.ndarray, q: Quantized) -> dict[str, float]:
+    """Max and mean |w - dequantize(q)| over the whole tensor."""
+    diff = np.abs(np.asarray(w, dtype=np.float32) - dequantize(q))
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean(dtype=np.float64))}
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes (..., K) -> (..., ceil(K*bits/8)): 8-bit as is, 4-bit element 2j low nibble, 2j+1 high."""
+    if bits == 8:
+        return np.ascontiguousarray(codes, dtype=np.uint8)
+    if bits != 4:
+        raise QuantizeError(f"{bits}-bit codes are not supported (4 or 8)")
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], axis=-1)  # pad a nibble
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """(..., ceil(K*bits/8)) -> uint8 codes (..., K or K+1)."""
+    if bits == 8:
+        return packed
+    out = np.empty((*packed.shape[:-1], packed.shape[-1] * 2), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
+    return out

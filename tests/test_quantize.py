@@ -1,0 +1,138 @@
+"""graphs/quantize.py: deterministic block-wise codes, and the layouts onnxruntime's kernels read.
+
+The kernel tests build one-node graphs (MatMulNBits, QMoE) from our packed bytes and compare the
+kernel with float math on dequantize()'s weights: they fail if a nibble, a block or a zero point
+were laid out differently from what onnxruntime 1.32's CPU kernels expect. With accuracy_level 4
+(what exports use) the kernels round their inputs to int8 per block; the float math does too.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphs.contract import INT8_ACTIVATIONS, WEIGHT_SCHEMES
+from graphs.quantize import QuantizeError, dequantize, error, quantize
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+SCHEMES = list(WEIGHT_SCHEMES.values())
+
+
+def session(node, inputs, output, inits):
+    graph = helper.make_graph([node], "g", inputs, [output], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_round_trip_error_is_within_half_a_step(scheme, block):
+    w = np.random.default_rng(0).standard_normal((24, 256)).astype(np.float32)
+    q = quantize(w, scheme, block)
+    assert q.packed.shape == (24, 256 // block, block * scheme.bits // 8) and q.packed.dtype == np.uint8
+    assert q.scales.shape == (24, 256 // block)
+    deq = dequantize(q)
+    step = np.repeat(q.scales, block, axis=-1)  # (N, K): each weight's quantization step
+    assert np.all(np.abs(w - deq) <= step / 2 * (1 + 1e-5))
+    stats = error(w, q)
+    assert stats["max_abs"] == pytest.approx(np.abs(w - deq).max()) and 0 < stats["mean_abs"] < stats["max_abs"]
+    again = quantize(w.copy(), scheme, block)
+    assert again.packed.tobytes() == q.packed.tobytes() and again.scales.tobytes() == q.scales.tobytes()
+
+
+def test_exact_grid_values_survive_and_zero_blocks_are_zero():
+    scheme = WEIGHT_SCHEMES["int4"]
+    w = np.zeros((2, 64), np.float32)
+    w[0, :32] = np.tile(np.arange(-7, 9, dtype=np.float32) * 0.5, 2)  # -3.5..4 in steps of 0.5: the int4 grid
+    np.testing.assert_array_equal(dequantize(quantize(w, scheme, 32))[0], w[0])
+    assert not dequantize(quantize(w, scheme, 32))[1].any()
+
+
+def test_leading_expert_axis_quantizes_each_expert_alone():
+    w = np.random.default_rng(1).standard_normal((3, 8, 64)).astype(np.float32)
+    q = quantize(w, WEIGHT_SCHEMES["int4"], 32)
+    assert q.zero_points.shape == (3, 8, 1)  # 2 blocks of 4-bit zero points in one byte
+    np.testing.assert_array_equal(dequantize(q)[1], dequantize(quantize(w[1], WEIGHT_SCHEMES["int4"], 32)))
+
+
+def test_block_that_does_not_divide_k_is_refused_in_one_line():
+    with pytest.raises(QuantizeError, match="layers.0.w: 48 input features do not split into blocks of 32"):
+        quantize(np.zeros((4, 48), np.float32), WEIGHT_SCHEMES["int8"], 32, name="layers.0.w")
+    with pytest.raises(QuantizeError, match="block size 16 is not one of"):
+        quantize(np.zeros((4, 64), np.float32), WEIGHT_SCHEMES["int8"], 16)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("block", [32, 128])
+@pytest.mark.parametrize("accuracy", [0, INT8_ACTIVATIONS])
+def test_matmulnbits_reads_our_layout(scheme, block, accuracy):
+    rng = np.random.default_rng(2)
+    k, n = 256, 48
+    w = rng.standard_normal((n, k)).astype(np.float32)  # (N, K): a Linear's weight
+    q = quantize(w, scheme, block)
+    inits = [numpy_helper.from_array(q.packed, "B"), numpy_helper.from_array(q.scales, "scales")]
+    if q.zero_points is not None:
+        inits.append(numpy_helper.from_array(q.zero_points, "zp"))
+    node = helper.make_node("MatMulNBits", [i.name for i in [helper.make_tensor_value_info("A", 1, None)] + inits],
+                            ["Y"], domain="com.microsoft", K=k, N=n, bits=scheme.bits, block_size=block,
+                            accuracy_level=accuracy)
+    s = session(node, [helper.make_tensor_value_info("A", TensorProto.FLOAT, [None, k])],
+                helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, n]), inits)
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    y = s.run(None, {"A": a})[0]
+    rounded = int8_blocks(a, block) if accuracy == INT8_ACTIVATIONS else a
+    np.testing.assert_allclose(y, rounded @ dequantize(q).T, atol=1e-4)  # measured <= 3e-5
+    if accuracy == INT8_ACTIVATIONS:
+        assert np.abs(y - a @ dequantize(q).T).max() > 1e-3  # the inputs really are rounded
+    assert np.abs(y - a @ w.T).max() > 1e-3  # the weights really are quantized
+
+
+def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
+    """What the kernels feed their GEMMs at accuracy_level 4: x rounded to int8 per block of K, scale absmax/127."""
+    b = x.reshape(*x.shape[:-1], -1, block)
+    s = np.abs(b).max(-1, keepdims=True) / np.float32(127)
+    s[s == 0] = 1
+    return (np.round(b * (1 / s)) * s).reshape(x.shape)
+
+
+@pytest.mark.parametrize("scheme, accuracy", [(WEIGHT_SCHEMES["int8"], INT8_ACTIVATIONS), (WEIGHT_SCHEMES["int4"], 0),
+                                              (WEIGHT_SCHEMES["int4"], INT8_ACTIVATIONS)], ids=["int8", "int4-float", "int4"])
+def test_qmoe_reads_our_layout(scheme, accuracy):
+    """int8 experts always read int8 inputs (no float kernel); int4 ones at accuracy_level 4."""
+    rng = np.random.default_rng(3)
+    e, h, inter, k, t, block = 4, 128, 64, 2, 6, 32
+    fc1 = rng.standard_normal((e, 2 * inter, h)).astype(np.float32) * 0.1  # rows interleaved gate, up
+    fc2 = rng.standard_normal((e, h, inter)).astype(np.float32) * 0.1
+    q1, q2 = quantize(fc1, scheme, block), quantize(fc2, scheme, block)
+    inits = [numpy_helper.from_array(q1.packed.reshape(e, 2 * inter, -1), "w1"), numpy_helper.from_array(q1.scales, "s1"),
+             numpy_helper.from_array(q2.packed.reshape(e, h, -1), "w2"), numpy_helper.from_array(q2.scales, "s2")]
+    names = ["x", "r", "w1", "s1", "", "w2", "s2", "", "", "", ""]
+    if q1.zero_points is not None:
+        inits += [numpy_helper.from_array(q1.zero_points, "z1"), numpy_helper.from_array(q2.zero_points, "z2")]
+        names += ["z1", "z2"]
+    node = helper.make_node("QMoE", names, ["y"], domain="com.microsoft", k=k, activation_type="swiglu",
+                            swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=scheme.bits,
+                            block_size=block, weights_prepacked=0, accuracy_level=accuracy)
+    s = session(node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
+                       helper.make_tensor_value_info("r", TensorProto.FLOAT, [t, e])],
+                helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h]), inits)
+    x, r = rng.standard_normal((t, h)).astype(np.float32), rng.standard_normal((t, e)).astype(np.float32)
+    y = s.run(None, {"x": x, "r": r})[0]
+    act = (lambda v: int8_blocks(v, block)) if scheme.bits == 8 or accuracy == INT8_ACTIVATIONS else (lambda v: v)
+
+    def reference(w1, w2, act):
+        p = np.exp(r - r.max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        out = np.zeros_like(x)
+        for i in range(t):
+            top = np.argsort(-p[i])[:k]
+            for j, weight in zip(top, p[i, top] / p[i, top].sum()):
+                up = w1[j] @ act(x[i])
+                gate, lin = up[0::2], up[1::2]
+                out[i] += weight * (w2[j] @ act(gate / (1 + np.exp(-gate)) * lin))
+        return out
+
+    np.testing.assert_allclose(y, reference(dequantize(q1), dequantize(q2), act), atol=1e-5)  # measured ~1e-6
+    assert np.abs(y - reference(fc1, fc2, lambda v: v)).max() > 1e-3
