@@ -68,21 +68,9 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
-    config = MixtralConfig.from_json(checkpoint / "config.json")
-    dtype = dtype or config.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
-    from mixtral_export.model import ROUTINGS
-
-    if routing not in ROUTINGS:
-        raise ExportError(f"{out}: routing {routing!r} is not supported (one of {', '.join(ROUTINGS)})")
-    if routing == "gather":
-        try:
-            check_gather_supported(config.hidden_act, str(out))
-        except OnnxMoeError as error:
-            raise ExportError(str(error)) from None
+    config = export_config(checkpoint, out, dtype, routing)
+    dtype = config.dtype
     scheme = check_weights(weights, block_size, routing, dtype, out)
-    config = config.replace(dtype=dtype)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)
     with building(out) as tmp:
@@ -104,6 +92,25 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
                routing=routing, hashed={DATA_NAME: data} if data is not None else None, quantization=quantization)
     say(f"wrote {out}")
     return out
+
+
+def export_config(checkpoint: Path, out: Path, dtype: str | None, routing: str) -> MixtralConfig:
+    """The checkpoint's config as the build's dtype (None: its own), with dtype and routing checked;
+    shared by the step graph and the head graphs (graphs/onnx_heads.py)."""
+    config = MixtralConfig.from_json(checkpoint / "config.json")
+    dtype = dtype or config.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
+    from mixtral_export.model import ROUTINGS
+
+    if routing not in ROUTINGS:
+        raise ExportError(f"{out}: routing {routing!r} is not supported (one of {', '.join(ROUTINGS)})")
+    if routing == "gather":
+        try:
+            check_gather_supported(config.hidden_act, str(out))
+        except OnnxMoeError as error:
+            raise ExportError(str(error)) from None
+    return config.replace(dtype=dtype)
 
 
 def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str):

@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 from graphs.artifact_folder import ExportError, building, finish
-from graphs.contract import DTYPES, FLOAT_DTYPES, HEAD_INPUT_NAMES, HeadShapes
-from graphs.onnx_export import GRAPH_NAME, check_onnx_file, save_graph, trace
-from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
-from mixtral_export.config import MixtralConfig
+from graphs.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
+from graphs.onnx_export import GRAPH_NAME, check_onnx_file, export_config, save_graph, trace
+from graphs.onnx_moe import lay_out_experts, route_through_moe_nodes
 
 
 def export_head_onnx(checkpoint_folder: str | Path, out_dir: str | Path, head: str | None = None,
@@ -25,18 +24,8 @@ def export_head_onnx(checkpoint_folder: str | Path, out_dir: str | Path, head: s
     """Export the checkpoint's head (config.json's, or `head`) as a static (batch, seq_len) graph."""
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
-    config = MixtralConfig.from_json(checkpoint / "config.json")
-    dtype = dtype or config.dtype
-    if dtype not in FLOAT_DTYPES:
-        raise ExportError(f"{out}: dtype {dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
-    if routing not in ("dense", "gather"):
-        raise ExportError(f"{out}: routing {routing!r} is not supported (one of dense, gather)")
-    if routing == "gather":
-        try:
-            check_gather_supported(config.hidden_act, str(out))
-        except OnnxMoeError as error:
-            raise ExportError(str(error)) from None
-    config = config.replace(dtype=dtype)
+    config = export_config(checkpoint, out, dtype, routing)
+    dtype = config.dtype
     with building(out) as tmp:
         say(f"loading {checkpoint} as {dtype}")
         from mixtral_export.checkpoint import load_head_model
