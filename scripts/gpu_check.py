@@ -16,6 +16,7 @@ when any check that ran failed.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -135,11 +136,15 @@ def run_checks(folder: Path, scratch: Path, device: str) -> tuple[dict, dict]:
         marked = [p.name for p in (REPO / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()]
         if not marked:
             raise Skip("no tests are marked gpu")
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests"], cwd=REPO,
                               capture_output=True, text=True)
-        if done.returncode == 5:  # pytest: no test ran (every gpu test deselected or skipped)
-            raise Skip(f"no gpu test ran ({', '.join(marked)} collected nothing runnable)")
-        return {"files": marked, "returncode": done.returncode, "tail": done.stdout[-1500:],
+        summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+        passed, failed = (re.search(rf"(\d+) {word}", summary) for word in ("passed", "failed"))
+        if done.returncode == 5 or (done.returncode == 0 and not passed):  # nothing ran, or every test skipped
+            skips = [line for line in done.stdout.splitlines() if line.startswith("SKIPPED")]
+            raise Skip(f"no gpu test ran ({summary or 'pytest exit 5'}): {'; '.join(skips)[:400]}")
+        return {"files": marked, "returncode": done.returncode, "summary": summary, "tail": done.stdout[-1500:],
+                "passed": int(passed.group(1)) if passed else 0, "failed": int(failed.group(1)) if failed else 0,
                 "ok": done.returncode == 0}
 
     checks = {}
