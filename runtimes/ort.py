@@ -64,6 +64,20 @@ def session_options(threads: int | None, spin: bool) -> ort.SessionOptions:
     return options
 
 
+def check_provider(manifest: Manifest, provider: str) -> str:
+    """ONNX Runtime's name of `provider`, after checking it exists here and runs the artifact's dtype."""
+    if provider not in PROVIDERS:
+        raise OrtBackendError(f"provider {provider!r} is not supported (one of {', '.join(PROVIDERS)})")
+    if provider == "cpu" and manifest.dtype == "bfloat16":
+        raise OrtBackendError(f"{manifest.folder / MANIFEST_NAME}: bfloat16 graphs do not run on ONNX Runtime's "
+                              f"CPU provider (no bf16 kernels); use provider='cuda' or export float32/float16")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise OrtBackendError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
+                              f"(available: {', '.join(available)})")
+    return PROVIDERS[provider]
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -106,23 +120,15 @@ class OrtBackend:
     def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
                  verify_files: bool = True, spin: bool = False, preload: bool = True):
         self.manifest: Manifest = load_manifest(artifact_dir, verify_files=verify_files)
-        manifest_path = self.manifest.folder / MANIFEST_NAME
         if self.manifest.kind != "onnx":
-            raise OrtBackendError(f"{manifest_path}: a {self.manifest.kind!r} artifact, not an ONNX one")
-        if provider not in PROVIDERS:
-            raise OrtBackendError(f"provider {provider!r} is not supported (one of {', '.join(PROVIDERS)})")
-        if provider == "cpu" and self.manifest.dtype == "bfloat16":
-            raise OrtBackendError(f"{manifest_path}: bfloat16 graphs do not run on ONNX Runtime's CPU provider "
-                                  f"(no bf16 kernels); use provider='cuda' or export float32/float16")
-        available = ort.get_available_providers()
-        if PROVIDERS[provider] not in available:
-            raise OrtBackendError(f"{PROVIDERS[provider]} is not available in this onnxruntime "
-                                  f"(available: {', '.join(available)})")
+            raise OrtBackendError(f"{self.manifest.folder / MANIFEST_NAME}: a {self.manifest.kind!r} artifact, "
+                                  f"not an ONNX one")
+        provider_name = check_provider(self.manifest, provider)
         self.provider = provider
         self.shapes: StepShapes = self.manifest.shapes
         before = anonymous_mappings() if preload else set()
         self.session = ort.InferenceSession(str(self.manifest.graph_path("step")), session_options(threads, spin),
-                                            providers=[PROVIDERS[provider]])
+                                            providers=[provider_name])
         check_session_io(self.session, self.manifest)
         data_files = [self.manifest.path(name) for name in self.manifest.files if name.endswith(".data")]
         # see runtimes/resident_weights.py: mapped weights paged in, on huge pages where the kernel can

@@ -13,7 +13,7 @@ import onnxruntime as ort
 from graphs.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
 from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 from runtimes.heads import check_head_inputs
-from runtimes.ort import PROVIDERS, OrtBackendError, session_options
+from runtimes.ort import OrtBackendError, check_provider, session_options
 from runtimes.resident_weights import make_resident
 
 
@@ -28,16 +28,10 @@ class OrtHeadBackend:
         path = self.manifest.folder / MANIFEST_NAME
         if not isinstance(self.manifest.shapes, HeadShapes):
             raise OrtBackendError(f"{path}: a causal-LM step artifact, not a head graph (use the step backend)")
-        if provider not in PROVIDERS:
-            raise OrtBackendError(f"provider {provider!r} is not supported (one of {', '.join(PROVIDERS)})")
-        if provider == "cpu" and self.manifest.dtype == "bfloat16":
-            raise OrtBackendError(f"{path}: bfloat16 graphs do not run on ONNX Runtime's CPU provider "
-                                  f"(no bf16 kernels); use provider='cuda' or export float32/float16")
-        if PROVIDERS[provider] not in ort.get_available_providers():
-            raise OrtBackendError(f"{PROVIDERS[provider]} is not available in this onnxruntime")
+        provider_name = check_provider(self.manifest, provider)
         self.shapes: HeadShapes = self.manifest.shapes
         self.session = ort.InferenceSession(str(self.manifest.graph_path("head")), session_options(threads, False),
-                                            providers=[PROVIDERS[provider]])
+                                            providers=[provider_name])
         check_head_session_io(self.session, self.manifest)
         data_files = [self.manifest.path(name) for name in self.manifest.files if name.endswith(".data")]
         self.resident_bytes = make_resident(data_files) if preload else 0
