@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -61,37 +63,56 @@ def anonymous_mappings() -> set[tuple[int, int]]:
     return {(start, end) for start, end, path in all_mappings() if not path}
 
 
+def new_ranges(before: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The anonymous address ranges mapped since `before`. The kernel merges a new anonymous mapping
+    into an adjacent old one with the same flags, so a new buffer can show up as part of a grown
+    mapping: subtract the old ranges instead of comparing whole mappings."""
+    old = sorted(before)
+    out = []
+    for start, end in sorted(anonymous_mappings()):
+        cursor = start
+        for old_start, old_end in old:
+            if old_end <= cursor or old_start >= end:
+                continue
+            if old_start > cursor:
+                out.append((cursor, old_start))
+            cursor = max(cursor, old_end)
+        if cursor < end:
+            out.append((cursor, end))
+    return out
+
+
 def collapse_new_buffers(before: set[tuple[int, int]]) -> int:
-    """Move every large, fully written anonymous mapping that is not in `before` onto huge pages
+    """Move every large, fully written anonymous range mapped since `before` onto huge pages
     (MADV_COLLAPSE copies it into 2 MiB pages: measured ~2 s per GB here); returns the bytes collapsed."""
     if not sys.platform.startswith("linux"):
         return 0
     madvise = madvise_function()
     if madvise is None:
         return 0
-    new = [(start, end) for start, end in anonymous_mappings() - before if end - start >= COLLAPSE_AT_LEAST]
-    resident = resident_sizes()
     done = 0
-    for start, end in new:
-        if resident.get(start, 0) < end - start:  # partly untouched (an arena's reserve): collapsing would fill it
-            continue
-        madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE)
-        if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_COLLAPSE) == 0:
-            done += end - start
+    for start, end in new_ranges(before):
+        size = end - start
+        if size < COLLAPSE_AT_LEAST or not fully_resident(start, size):
+            continue  # small, or partly untouched (an arena's reserve): collapsing would fill it in
+        madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_HUGEPAGE)
+        for _ in range(3):  # EAGAIN: a page was briefly locked or no huge page was free yet
+            if madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_COLLAPSE) == 0:
+                done += size
+                break
+            if ctypes.get_errno() != errno.EAGAIN:
+                break
     return done
 
 
-def resident_sizes() -> dict[int, int]:
-    """Start address -> resident bytes of every mapping of this process (/proc/self/smaps)."""
-    out, start = {}, None
-    with open("/proc/self/smaps") as smaps:
-        for line in smaps:
-            head = line.split(maxsplit=1)[0]
-            if "-" in head and not head.endswith(":"):
-                start = int(head.split("-")[0], 16)
-            elif head == "Rss:" and start is not None:
-                out[start] = int(line.split()[1]) * 1024
-    return out
+def fully_resident(start: int, size: int) -> bool:
+    """mincore over [start, start + size): whether every page is backed by memory."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(size), vec) != 0:
+        return False
+    return 0 not in bytes(vec)  # bit 0 of each byte: resident; the other bits are reserved (zero)
 
 
 def file_mappings() -> list[tuple[int, int, str]]:

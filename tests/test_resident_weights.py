@@ -144,6 +144,16 @@ def test_a_written_buffer_allocated_since_the_snapshot_moves_to_huge_pages():
     buffer.close()
 
 
+def test_a_buffer_merged_into_an_older_mapping_counts_as_new(monkeypatch):
+    """The kernel merges a new anonymous mapping into an adjacent one with the same flags: only the
+    part that was not mapped before is new (what failed in CI: the grown mapping looked old)."""
+    before = {(0x1000, 0x5000), (0x9000, 0xA000)}
+    monkeypatch.setattr(resident_weights, "anonymous_mappings",
+                        lambda: {(0x0000, 0x5000), (0x8000, 0xC000), (0xD000, 0xE000)})
+    assert resident_weights.new_ranges(before) == [(0x0000, 0x1000), (0x8000, 0x9000), (0xA000, 0xC000),
+                                                   (0xD000, 0xE000)]
+
+
 def resident_bytes(view: np.ndarray) -> int:
     """mincore over the pages of `view`: how much of it is backed by memory."""
     start = view.ctypes.data
