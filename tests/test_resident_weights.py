@@ -103,11 +103,12 @@ def collapse_works() -> bool:
     """Whether this kernel moves a written anonymous buffer onto huge pages when asked."""
     if not THP.exists() or "[never]" in THP.read_text():
         return False
-    with mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as probe:
+    size = resident_weights.COLLAPSE_AT_LEAST + (4 << 20)  # as the test buffers
+    with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as probe:
         view = np.frombuffer(probe, dtype=np.uint8)
         view[:] = 1
         madvise = resident_weights.madvise_function()
-        ok = madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(8 << 20), resident_weights.MADV_COLLAPSE) == 0
+        ok = madvise(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(size), resident_weights.MADV_COLLAPSE) == 0
         del view
         return ok
 
