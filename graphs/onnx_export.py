@@ -214,7 +214,8 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
                 _ir_passes.rename_inputs(program.model, input_names)
                 _ir_passes.rename_outputs(program.model, output_names)
                 resolve(program.model, tracers, params, read,
-                        span=lambda name, first, last: weights(name, params[name], elements=(first, last)),
+                        span=lambda name, first, last, out=None: weights(name, params[name], elements=(first, last),
+                                                                         out=out),
                         stored=lambda name, first, last: weights(name, params[name], elements=(first, last),
                                                                  stored=True))
     except PlaceholderError as error:

@@ -151,6 +151,9 @@ def sliced_tensor(source, lay_out, parts: int, shape):
             def pieces(self):
                 return expert_slices(source, lay_out, parts)
 
+            def chunks(self, limit: int):
+                return expert_chunks(source, lay_out, parts, limit)
+
     return SlicedExperts(lambda: ir.tensor_adapters.TorchTensor(lay_out(torch_view(source), parts)),
                          dtype=source.dtype, shape=shape, name=source.name)
 
@@ -179,6 +182,60 @@ def expert_slices(source, lay_out, parts: int):
     for p in range(parts):
         for x in range(e):
             yield w2[x, :, p * units:(p + 1) * units].contiguous()  # (H, I/P)
+
+
+def expert_chunks(source, lay_out, parts: int, limit: int):
+    """The layout of `expert_slices` as (nbytes, fill(dest)) runs of at most `limit` bytes (one
+    row at least), for a writer that fills its own reused buffers (graphs/weights_file.py): nothing
+    is allocated per slice and no bytes are copied but into dest.
+
+    fc1: a run of gate/up row pairs of virtual expert (p, e): the gate rows and the up rows are
+    read as they lie in w13 into one reused scratch buffer, then interleaved into dest by one
+    strided copy. fc2: rows of a column slice of w2[e], copied from the layer's w2, read whole
+    once as `expert_slices` does.
+    """
+    e, rows, cols = (int(d) for d in source.shape)
+    item = int(source.dtype.itemsize)
+    if lay_out is fc1_slices:
+        inter, units = rows // 2, rows // 2 // parts
+        step = max(1, limit // (2 * cols * item))  # row pairs per run
+        for p in range(parts):
+            for x in range(e):
+                for first in range(0, units, step):
+                    pairs = min(step, units - first)
+                    gate, up = ((x * rows + start + first) * cols for start in (p * units, inter + p * units))
+                    yield 2 * pairs * cols * item, functools.partial(interleave_rows, source, gate, up, pairs, cols)
+        return
+    w2 = source.span(0, e * rows * cols).view(e, rows, cols)  # (E, H, I)
+    units = cols // parts
+    step = max(1, limit // (units * item))  # rows of a slice per run
+    for p in range(parts):
+        for x in range(e):
+            for first in range(0, rows, step):
+                block = w2[x, first:first + step, p * units:(p + 1) * units]  # (rows, I/P), strided
+                yield block.numel() * item, lambda dest, block=block: dest.view(block.dtype).view(block.shape).copy_(block)
+
+
+def interleave_rows(source, gate: int, up: int, pairs: int, cols: int, dest: torch.Tensor) -> None:
+    """dest (uint8) <- `pairs` gate rows from flat element `gate` of `source` interleaved with as
+    many up rows from element `up`: gate_0, up_0, gate_1, up_1, ... (swiglu_fusion=1)."""
+    scratch = scratch_bytes(dest.numel() // 2)
+    for n, start in enumerate((gate, up)):
+        rows = source.span(start, start + pairs * cols, out=scratch).view(pairs, cols)  # (pairs, H)
+        dest.view(rows.dtype).view(pairs, 2, cols)[:, n].copy_(rows)
+
+
+def scratch_bytes(nbytes: int) -> torch.Tensor:
+    """A uint8 buffer of at least `nbytes`, allocated once and reused (no page faults per slice)."""
+    global _scratch
+    import torch
+
+    if _scratch is None or _scratch.numel() < nbytes:
+        _scratch = torch.empty(nbytes, dtype=torch.uint8)
+    return _scratch[:nbytes]
+
+
+_scratch = None
 
 
 def torch_view(tensor) -> torch.Tensor:

@@ -85,8 +85,9 @@ def resolve(model, tracers: dict[int, str], params: dict[str, tuple[int, ...]],
             stored: Callable[[str, int, int], list | None] | None = None) -> dict[str, WeightRecipe]:
     """Map every initializer built from a traced parameter to its recipe and make it lazy.
 
-    span(name, first, last), when given, reads elements [first, last) of a parameter's flat order
-    (1-D), so a parameter written as stored goes to the file a block at a time (`streamed_tensor`);
+    span(name, first, last, out=None), when given, reads elements [first, last) of a parameter's
+    flat order (1-D; into `out`, a uint8 tensor of their bytes, when given), so a parameter written
+    as stored goes to the file a block at a time (`streamed_tensor`);
     stored(name, first, last), when given, says where those elements lie in the checkpoint's files
     when they lie there as the graph needs them (or None), so they can be copied file to file.
 
@@ -105,7 +106,7 @@ def resolve(model, tracers: dict[int, str], params: dict[str, tuple[int, ...]],
             recipes[value.name] = value.meta[RECIPE] = recipe
             if recipe.perm == tuple(sorted(recipe.perm)) and span is not None:  # as stored: read in row blocks
                 value.const_value = streamed_tensor(
-                    lambda first, last, p=param: span(p, first, last), dtype=tensor.dtype,
+                    lambda first, last, out=None, p=param: span(p, first, last, out=out), dtype=tensor.dtype,
                     shape=ir.Shape(raw.shape), name=value.name,
                     stored=None if stored is None else (lambda first, last, p=param: stored(p, first, last)))
             else:
@@ -145,12 +146,13 @@ def permutation(array: np.ndarray, shape: tuple[int, ...], name: str) -> tuple[i
     return perm
 
 
-def streamed_tensor(read_span: Callable[[int, int], "torch.Tensor"], dtype, shape, name: str,
+def streamed_tensor(read_span: Callable[..., "torch.Tensor"], dtype, shape, name: str,
                     stored: Callable[[int, int], list | None] | None = None):
     """An initializer read from the checkpoint a block of rows at a time when the file is written.
 
     A stacked expert parameter (Mixtral 8x7B's w13 is 1.9 GB in bf16) then never sits in memory
-    whole: its `pieces()` yields at most PIECE_BYTES (or one row) at a time, and `span(first, last)`
+    whole: its `pieces()` yields at most PIECE_BYTES (or one row) at a time, `chunks(limit)` fills a
+    writer's buffers a run of elements at a time (graphs/weights_file.py), and `span(first, last)`
     reads any run of its flat elements (graphs/onnx_moe.py lays out expert slices from those). It
     is an onnx_ir LazyTensor, so anything that asks for the values themselves (numpy(), tobytes())
     gets the whole tensor, read then. `stored_ranges()` gives the checkpoint byte ranges that hold
@@ -166,8 +168,18 @@ def streamed_tensor(read_span: Callable[[int, int], "torch.Tensor"], dtype, shap
     class StreamedTensor(ir.LazyTensor):
         __slots__ = ()
 
-        def span(self, first: int, last: int):
-            return read_span(first, last)  # (last - first,)
+        def span(self, first: int, last: int, out=None):
+            return read_span(first, last, out=out)  # (last - first,), into out's bytes when given
+
+        def chunks(self, limit: int):
+            """(nbytes, fill(dest)) per run of at most `limit` bytes (one element at least), in order;
+            fill reads the run into dest, a uint8 tensor of nbytes."""
+            item = int(self.dtype.itemsize)
+            total = math.prod(dims)
+            step = max(1, limit // item)
+            for first in range(0, total, step):
+                last = min(total, first + step)
+                yield (last - first) * item, lambda dest, a=first, b=last: read_span(a, b, out=dest)
 
         def stored_ranges(self):
             return stored(0, math.prod(dims)) if stored is not None else None

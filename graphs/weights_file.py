@@ -14,6 +14,7 @@ with it (graphs/artifact_folder.py); a full disk is one ExportError line.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -26,7 +27,9 @@ import numpy as np
 from graphs.artifact_folder import DISK_FULL, ExportError
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
-WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel, and copy_range's buffer (README "Measured")
+WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (README "Measured")
+CHUNK_BYTES = 4 << 20  # one BufferRing buffer: what one read or fill, hash and write() handle
+RING = 3  # BufferRing's buffers: one being hashed while the next is filled and written
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 
 
@@ -50,10 +53,11 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
     offset = 0
     report(0)
     try:
-        with open(data_path, "wb", buffering=0) as handle:  # unbuffered: copy_range writes past Python
+        ring = BufferRing(digest)
+        with open(data_path, "wb", buffering=0) as handle, torch_on_one_thread():  # unbuffered: copy_range writes past Python
             for value in values:
                 tensor = value.const_value
-                length = write_tensor(tensor, handle, digest)
+                length = write_tensor(tensor, handle, digest, ring)
                 if length != tensor.nbytes:
                     raise ExportError(f"{data_path}: initializer {value.name} gave {length} bytes, "
                                       f"its shape and dtype say {tensor.nbytes}")
@@ -64,6 +68,7 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
                 report(offset)
                 del tensor
                 release_freed_memory()
+            ring.drain()
     except OSError as err:
         if err.filename is not None and Path(err.filename) != data_path:  # reading the checkpoint failed
             raise ExportError(f"{err.filename}: cannot read ({err.strerror or err})") from None
@@ -75,80 +80,134 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
     return offset, digest.hexdigest()
 
 
-def write_tensor(tensor, handle, digest) -> int:
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """Run torch's ops (casts, transposes, expert layouts) on the writing thread alone while the
+    file is written: the hashing thread keeps another core busy, and torch's intra-op pool then
+    waits on descheduled workers (a 2 MB strided copy_ ran at 0.26 GB/s with 2 threads on this
+    loaded 2-core machine, 39 GB/s with 1; README "Measured")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def write_tensor(tensor, handle, digest, ring: BufferRing | None = None) -> int:
     """Materialise one tensor (a piece at a time when it comes in pieces), write its bytes and hash
     them; returns the byte count. One stored in the checkpoint as it is written is copied file to
-    file (`copy_range`)."""
+    file (`copy_range`); one that fills buffers (`chunks(limit)`: a cast, a gathered expert
+    layout) is written through `ring`'s reused buffers."""
+    ring = ring or BufferRing(digest)
     ranges = tensor.stored_ranges() if hasattr(tensor, "stored_ranges") else None
     if ranges:
-        return sum(copy_range(entry, handle, digest) for entry in ranges)
+        return sum(copy_range(entry, handle, ring) for entry in ranges)
+    if hasattr(tensor, "chunks"):
+        return write_chunks(tensor.chunks(CHUNK_BYTES), handle, ring)
     written = 0
     for piece in tensor.pieces() if hasattr(tensor, "pieces") else (tensor,):
         view = memoryview(tensor_bytes(piece)).cast("B")
         hashing = hasher().submit(digest.update, view)  # sha256 lets go of the GIL: it runs beside the write
         try:
-            done = 0
-            while done < len(view):  # a few MB per write: one 256 MB write ran at a tenth of the rate
-                done += handle.write(view[done:done + WRITE_BYTES])
+            written += write_all(handle, view)
         finally:
             hashing.result()
-        written += done
         del view, piece
     return written
 
 
-def copy_range(entry, handle, digest) -> int:
+def write_chunks(chunks, handle, ring: BufferRing) -> int:
+    """Write (nbytes, fill(dest)) runs: each filled into the ring's next buffer, handed to the
+    hashing thread and written while the next one is filled. Returns the byte count."""
+    written = 0
+    for nbytes, fill in chunks:
+        buffer = ring.take(nbytes)
+        fill(buffer)
+        view = memoryview(buffer.numpy())
+        ring.hash(view)
+        written += write_all(handle, view)
+    return written
+
+
+def write_all(handle, view: memoryview) -> int:
+    done = 0
+    while done < len(view):  # a few MB per write: one 256 MB write ran at a tenth of the rate
+        done += handle.write(view[done:done + WRITE_BYTES])
+    return done
+
+
+def copy_range(entry, handle, ring: BufferRing) -> int:
     """Copy a checkpoint byte range (a TensorEntry) to the end of `handle` with the kernel's
-    copy_file_range, hashing it as it goes (read once more, from the page cache, on the hashing
-    thread's turn). Writing through Python ran at 0.3-0.4 GB/s on this machine where the kernel's
+    copy_file_range, hashing it as it goes (read once more, from the page cache, into the ring's
+    buffers for the hashing thread). Writing through Python ran at 0.3-0.4 GB/s on this machine where the kernel's
     copy ran at 1.3-2.5 GB/s; where the kernel cannot copy (another filesystem, no such call), the
     bytes read for the hash are written."""
     global _kernel_copy
-    buffer = copy_buffer()
     done = 0
     with open(entry.path, "rb", buffering=0) as source:
         source.seek(entry.start)
         while done < entry.nbytes:
-            view = buffer[:min(len(buffer), entry.nbytes - done)]
+            view = memoryview(ring.take(min(CHUNK_BYTES, entry.nbytes - done)).numpy())
             got = source.readinto(view)
             if not got:
                 raise ExportError(f"{entry.path}: truncated while reading tensor {entry.name}")
-            hashing = hasher().submit(digest.update, view[:got])
-            try:
-                copied = 0
-                while copied < got and _kernel_copy:
-                    try:
-                        step = os.copy_file_range(source.fileno(), handle.fileno(), got - copied,
-                                                  entry.start + done + copied)
-                    except OSError as err:
-                        if err.errno not in NO_KERNEL_COPY or copied:
-                            raise
-                        _kernel_copy = False
-                        break
-                    if not step:
-                        raise ExportError(f"{entry.path}: truncated while reading tensor {entry.name}")
-                    copied += step
-                while copied < got:
-                    copied += handle.write(view[copied:got])
-            finally:
-                hashing.result()
+            ring.hash(view[:got])
+            copied = 0
+            while copied < got and _kernel_copy:
+                try:
+                    step = os.copy_file_range(source.fileno(), handle.fileno(), got - copied,
+                                              entry.start + done + copied)
+                except OSError as err:
+                    if err.errno not in NO_KERNEL_COPY or copied:
+                        raise
+                    _kernel_copy = False
+                    break
+                if not step:
+                    raise ExportError(f"{entry.path}: truncated while reading tensor {entry.name}")
+                copied += step
+            if copied < got:
+                write_all(handle, view[copied:got])
             done += got
     return done
 
 
+class BufferRing:
+    """RING reused buffers of CHUNK_BYTES and the digest they feed: a buffer is handed out again
+    only once the hashing thread is done with its last contents, so filling (reading, laying
+    out) and writing the next chunk overlap the hash of this one, without allocating per chunk."""
+
+    def __init__(self, digest):
+        import torch
+
+        self.digest = digest
+        self.buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8) for _ in range(RING)]
+        self.pending = [None] * RING
+        self.turn = 0
+
+    def take(self, nbytes: int):
+        """The next buffer's first nbytes (a uint8 tensor), once its last hash is done."""
+        self.turn = (self.turn + 1) % RING
+        if self.pending[self.turn] is not None:
+            self.pending[self.turn].result()
+            self.pending[self.turn] = None
+        return self.buffers[self.turn][:nbytes]
+
+    def hash(self, view: memoryview) -> None:
+        """Hash `view` (of the buffer last taken) on the hashing thread, in order."""
+        self.pending[self.turn] = hasher().submit(self.digest.update, view)
+
+    def drain(self) -> None:
+        for n, hashing in enumerate(self.pending):
+            if hashing is not None:
+                hashing.result()
+                self.pending[n] = None
+
+
 NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 _kernel_copy = hasattr(os, "copy_file_range")
-
-
-def copy_buffer() -> memoryview:
-    """The one WRITE_BYTES buffer `copy_range` reads into (for the hash)."""
-    global _copy_buffer
-    if _copy_buffer is None:
-        _copy_buffer = memoryview(bytearray(WRITE_BYTES))
-    return _copy_buffer
-
-
-_copy_buffer = None
 
 
 def hasher():

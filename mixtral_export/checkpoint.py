@@ -181,9 +181,10 @@ class ParameterReader:
         if config.tie_word_embeddings:
             self.parts["lm_head.weight"] = self.parts["embed_tokens.weight"]  # one tensor under two names
         self.dtype = TORCH_DTYPES[config.dtype]
+        self._regions: dict[tuple[str, tuple[int, ...]], list[tuple[int, int, TensorEntry]]] = {}
 
     def read(self, param: str, shape: tuple[int, ...], rows: tuple[int, int] | None = None,
-             elements: tuple[int, int] | None = None, stored: bool = False):
+             elements: tuple[int, int] | None = None, stored: bool = False, out: torch.Tensor | None = None):
         """The parameter `param` (of shape `shape`) in the config's dtype, or only its rows
         [start, stop) along the first axis (one expert of a stacked expert parameter, say), or
         only elements [first, last) of its flat order, as a 1-D tensor (a slice of one expert's rows).
@@ -191,6 +192,8 @@ class ParameterReader:
         stored=True: those elements as byte ranges of the checkpoint's files (TensorEntry, in
         order) when the files hold them exactly as the parameter does (same dtype), else None;
         a writer can then copy them file to file without reading them through Python.
+        out: with `elements`, a uint8 tensor of exactly their bytes to read them into (a writer's
+        reused buffer: no allocation); returned viewed as the config's dtype.
         """
         if param not in self.parts:
             raise CheckpointError(f"no checkpoint tensor fills parameter {param}")
@@ -199,27 +202,39 @@ class ParameterReader:
         row = math.prod(shape[1:])
         if elements is not None:
             lo, hi = elements
-            out = torch.empty(hi - lo, dtype=self.dtype)
+            out = torch.empty(hi - lo, dtype=self.dtype) if out is None else out.view(self.dtype)  # (hi - lo,)
+            if out.numel() != hi - lo:
+                raise ValueError(f"{param}: out holds {out.numel()} values, elements [{lo}, {hi}) are {hi - lo}")
         else:
             start, stop = rows if rows is not None else (0, shape[0] if shape else 1)
             lo, hi = start * row, stop * row  # the elements wanted, in the parameter's flat order
             out = torch.empty((stop - start, *shape[1:]) if shape else shape, dtype=self.dtype)
         flat = out.view(-1)
         filled = 0
-        whole = torch.empty(shape, device="meta")
         with torch.no_grad():
-            for entry, target in sorted(self.parts[param], key=lambda part: (str(part[0].path), part[0].start)):
-                region = target.select(whole)  # where this checkpoint tensor lands: a contiguous range
-                if not region.is_contiguous():
-                    raise CheckpointError(f"{entry.path}: tensor {entry.name} does not fill a contiguous part of {param}")
-                first, last = max(region.storage_offset(), lo), min(region.storage_offset() + region.numel(), hi)
+            for start, count, entry in self.regions(param, shape):
+                first, last = max(start, lo), min(start + count, hi)
                 if first < last:
-                    _read_tensor(elements_of(entry, first - region.storage_offset(), last - region.storage_offset()),
-                                 flat[first - lo:last - lo], None)
+                    _read_tensor(elements_of(entry, first - start, last - start), flat[first - lo:last - lo], None)
                     filled += last - first
         if filled != out.numel():
             raise CheckpointError(f"the checkpoint fills {filled} of the {out.numel()} values of {param}")
         return out
+
+    def regions(self, param: str, shape: tuple[int, ...]) -> list[tuple[int, int, TensorEntry]]:
+        """(first element, element count, checkpoint tensor) of each part of `param`, in file order;
+        worked out once per parameter (a writer reads a stacked one in many small spans)."""
+        key = (param, tuple(shape))
+        if key not in self._regions:
+            whole = torch.empty(shape, device="meta")
+            regions = []
+            for entry, target in sorted(self.parts[param], key=lambda part: (str(part[0].path), part[0].start)):
+                region = target.select(whole)  # where this checkpoint tensor lands: a contiguous range
+                if not region.is_contiguous():
+                    raise CheckpointError(f"{entry.path}: tensor {entry.name} does not fill a contiguous part of {param}")
+                regions.append((region.storage_offset(), region.numel(), entry))
+            self._regions[key] = regions
+        return self._regions[key]
 
     def _stored(self, param: str, shape: tuple[int, ...], lo: int, hi: int) -> list[TensorEntry] | None:
         runs = []

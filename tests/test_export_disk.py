@@ -41,11 +41,11 @@ def failing_write(error: BaseException, after: int):
     """write_tensor that writes `after` tensors, then raises `error` (a disk filling, a Ctrl-C)."""
     real, calls = weights_file.write_tensor, []
 
-    def write_tensor(tensor, handle, digest):
+    def write_tensor(tensor, handle, digest, *ring):
         calls.append(tensor.name)
         if len(calls) > after:
             raise error
-        return real(tensor, handle, digest)
+        return real(tensor, handle, digest, *ring)
     return write_tensor
 
 
