@@ -1,10 +1,11 @@
 """Peak memory and time of an ONNX export against the model's size, next to a plain copy of its bytes.
 
 For each layer count, writes a checkpoint with Mixtral 8x7B dimensions (zeroed weights, written
-shard by shard so the benchmark itself stays small; 1 GiB shards like the real one), exports it in a fresh process (peak RSS = its VmHWM, time = wall
-time of export_onnx), then copies the checkpoint's shards with plain file copies (the same number
-of bytes, read and written once) and removes everything before the next count, so the disk holds
-one model and one export at a time.
+shard by shard so the benchmark itself stays small; 1 GiB shards like the real one), copies its
+shards with plain file copies (the same number of bytes, read and written once), exports it in a
+fresh process (peak RSS = its VmHWM, time = wall time of export_onnx), copies the shards again
+(copy, export, copy: interleaved), removing each output at once and everything before the next
+count, so the disk holds one model and one export (or copy) at a time.
 
     python3 bench/export_memory.py --layers 1,2,4 --dtype bfloat16 [--routing dense] [--dir DIR]
 """
@@ -107,9 +108,12 @@ def write(folder: Path, layers: int, dtype: str) -> int:
 
 
 def measure(folder: Path, layers: int, dtype: str, routing: str) -> dict:
+    """One run: a plain copy, the export, a plain copy again (interleaved: the page cache's
+    write-back swings a copy's time 3x from minute to minute), each output removed at once."""
     repo = str(Path(__file__).resolve().parents[1])
-    checkpoint, art, copy = folder / "checkpoint", folder / "onnx", folder / "copy"
+    checkpoint, art = folder / "checkpoint", folder / "onnx"
     weights = write(checkpoint, layers, dtype)
+    before, copied = plain_copy(checkpoint, folder / "copy")
     done = subprocess.run([sys.executable, "-c", EXPORT, str(checkpoint), str(art), routing, repo],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -117,18 +121,24 @@ def measure(folder: Path, layers: int, dtype: str, routing: str) -> dict:
     export = json.loads(done.stdout.strip().splitlines()[-1])
     written = (art / "model.onnx.data").stat().st_size
     shutil.rmtree(art)
-    copy.mkdir()
-    start = time.perf_counter()
-    for shard in sorted(checkpoint.glob("*.safetensors")):
-        shutil.copyfile(shard, copy / shard.name)
-    copy_seconds = time.perf_counter() - start
-    copied = sum(p.stat().st_size for p in copy.iterdir())
-    shutil.rmtree(copy)
+    after, _ = plain_copy(checkpoint, folder / "copy")
     shutil.rmtree(checkpoint)
     return {"layers": layers, "dtype": dtype, "routing": routing, "weights_bytes": weights,
             "written_bytes": written, "export_seconds": export["seconds"], "export_peak_rss": export["peak"],
             "trace_seconds": export["trace_seconds"], "write_seconds": export["write_seconds"],
-            "copied_bytes": copied, "copy_seconds": copy_seconds}
+            "copied_bytes": copied, "copy_seconds": [before, after]}
+
+
+def plain_copy(checkpoint: Path, copy: Path) -> tuple[float, int]:
+    """Seconds to copy the checkpoint's shards with shutil (the kernel's copy), and the bytes; removed after."""
+    copy.mkdir()
+    start = time.perf_counter()
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        shutil.copyfile(shard, copy / shard.name)
+    seconds = time.perf_counter() - start
+    copied = sum(p.stat().st_size for p in copy.iterdir())
+    shutil.rmtree(copy)
+    return seconds, copied
 
 
 def main() -> None:
@@ -149,14 +159,16 @@ def main() -> None:
             row["import_baseline_rss"] = base
             rows.append(row)
             gb = 1e9
+            copies = " / ".join(f"{c:.1f} s" for c in row["copy_seconds"])
+            copy_rates = " / ".join(f"{row['copied_bytes'] / c / 1e6:.0f}" for c in row["copy_seconds"])
+            ratios = " / ".join(f"{row['write_seconds'] / c:.2f}x" for c in row["copy_seconds"])
             print(f"layers={layers} {args.dtype} {args.routing}: weights {row['weights_bytes'] / gb:.2f} GB, "
                   f"export {row['export_seconds']:.1f} s (trace {row['trace_seconds']:.1f} s, "
                   f"write {row['written_bytes'] / gb:.2f} GB in {row['write_seconds']:.1f} s = "
                   f"{row['written_bytes'] / row['write_seconds'] / 1e6:.0f} MB/s); peak RSS "
                   f"{row['export_peak_rss'] / (1 << 30):.2f} GiB (imports alone {base / (1 << 30):.2f} GiB); "
-                  f"plain copy of {row['copied_bytes'] / gb:.2f} GB {row['copy_seconds']:.1f} s "
-                  f"({row['copied_bytes'] / row['copy_seconds'] / 1e6:.0f} MB/s); "
-                  f"write / copy = {row['write_seconds'] / row['copy_seconds']:.2f}x", flush=True)
+                  f"plain copy of {row['copied_bytes'] / gb:.2f} GB before / after the export {copies} "
+                  f"({copy_rates} MB/s); write / copy = {ratios}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

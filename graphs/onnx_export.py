@@ -120,12 +120,20 @@ def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str):
     the CPU tensors an op's tracing stand-in makes (torch.onnx.ops.symbolic's) mix with them.
     """
     import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mixtral_export.model import TORCH_DTYPES, MixtralStatic
 
     with torch.device("meta"):
         model = MixtralStatic(config, shapes.attention_window, routing).to(TORCH_DTYPES[shapes.dtype]).eval()
+    return fake_parameters(model)
+
+
+def fake_parameters(model):
+    """`model` (built on the meta device) with every parameter a fake CPU tensor; returns it.
+    Shared with the head graphs (graphs/onnx_heads.py)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     fakes = {}  # id(meta parameter) -> its fake: a tied weight stays one parameter
     with FakeTensorMode(allow_non_fake_inputs=True):
         for module in model.modules():
@@ -186,7 +194,7 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
     With `weights`, the module's parameters are placeholders (fake tensors: `placeholder_model`) and
     every initializer made from a parameter ends up a lazy tensor that reads it with
     weights(name, shape) when saved, or a run of its flat elements with weights(name, shape, elements=(first, last))
-    (graphs/placeholder_weights.py).
+    (into a writer's buffer with out=...; graphs/placeholder_weights.py).
     """
     import torch
 

@@ -2,19 +2,19 @@
 
 The bare model, sequence / token classification and question answering run one static (B, T)
 batch with no cache (graphs/contract.py, HeadShapes), so their graph has no free axis at all.
-Tracing, external data, the graph checks and the atomic folder are the step export's
-(graphs/onnx_export.py, graphs/artifact_folder.py); the manifest records the head, its labels and
-its I/O. The causal LM stays the step graph: `export_onnx`.
+Tracing with placeholder weights (the checkpoint is read only as the weights file is written,
+one tensor at a time), external data, the graph checks and the atomic folder are the step
+export's (graphs/onnx_export.py, graphs/artifact_folder.py); the manifest records the head, its
+labels and its I/O. The causal LM stays the step graph: `export_onnx`.
 """
 from __future__ import annotations
 
-import gc
 from pathlib import Path
 from typing import Callable
 
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
-from graphs.onnx_export import GRAPH_NAME, check_onnx_file, export_config, save_graph, trace
+from graphs.onnx_export import GRAPH_NAME, check_onnx_file, export_config, fake_parameters, save_graph, trace
 from graphs.onnx_moe import lay_out_experts, route_through_moe_nodes
 
 
@@ -27,17 +27,20 @@ def export_head_onnx(checkpoint_folder: str | Path, out_dir: str | Path, head: s
     config = export_config(checkpoint, out, dtype, routing)
     dtype = config.dtype
     with building(out) as tmp:
-        say(f"loading {checkpoint} as {dtype}")
-        from mixtral_export.checkpoint import load_head_model
+        from mixtral_export.checkpoint import ParameterReader, checked_head_tensors
 
-        model = load_head_model(checkpoint, head=head, dtype=dtype, routing=routing)
-        shapes = HeadShapes(head=model.head.kind, batch=batch, seq_len=seq_len, hidden_size=config.hidden_size,
-                            num_labels=model.head.num_labels, dtype=dtype)
-        labels = model.head.labels
-        say(f"exporting the {shapes.head} head {GRAPH_NAME} (opset {opset}, B={batch}, T={seq_len}, {routing} MoE)")
-        export_head_graph(model, shapes, tmp / GRAPH_NAME, opset)
-        del model
-        gc.collect()
+        chosen, tensors, targets = checked_head_tensors(checkpoint, config, head)
+        reader = ParameterReader(checkpoint, config, (tensors, targets))  # headers only: none read yet
+        model = placeholder_head_model(config, chosen, routing)
+        shapes = HeadShapes(head=chosen.kind, batch=batch, seq_len=seq_len, hidden_size=config.hidden_size,
+                            num_labels=chosen.num_labels, dtype=dtype)
+        labels = chosen.labels
+        say(f"exporting the {shapes.head} head {GRAPH_NAME} (opset {opset}, B={batch}, T={seq_len}, {routing} MoE) "
+            f"with placeholder weights")
+        try:
+            export_head_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=reader.read, progress=say)
+        except ExportError as error:  # name the artifact's files where the user will look for them
+            raise ExportError(str(error).replace(str(tmp), str(out))) from None
         say("checking the graph")
         check_head_graph(tmp / GRAPH_NAME, shapes)
         say("hashing files and writing the manifest")
@@ -47,16 +50,35 @@ def export_head_onnx(checkpoint_folder: str | Path, out_dir: str | Path, head: s
     return out
 
 
-def export_head_graph(model, shapes: HeadShapes, path: Path, opset: int):
-    """torch.export the HeadModel at its static (B, T) and save it with all weights in one external file."""
+def placeholder_head_model(config, head, routing: str):
+    """The HeadModel with fake parameters (shapes and dtypes, no storage), as the step's
+    `placeholder_model`: its weights are read from the checkpoint only when the file is written."""
+    import torch
+
+    from mixtral_export.head_model import HeadModel
+    from mixtral_export.model import TORCH_DTYPES
+
+    with torch.device("meta"):
+        model = HeadModel(config, head, routing).to(TORCH_DTYPES[config.dtype]).eval()
+    return fake_parameters(model)
+
+
+def export_head_graph(model, shapes: HeadShapes, path: Path, opset: int,
+                      weights: Callable[..., "torch.Tensor"] | None = None,
+                      progress: Callable[[str], None] | None = None):
+    """torch.export the HeadModel at its static (B, T) and save it with all weights in one external file.
+
+    `model` holds real weights (weights None) or placeholders (`placeholder_head_model`), each then
+    read by weights(parameter name, shape) when the file is written (graphs/onnx_export.py's `trace`).
+    """
     import torch
 
     ids = torch.zeros(shapes.batch, shapes.seq_len, dtype=torch.int64)  # (B, T)
     mask = torch.ones(shapes.batch, shapes.seq_len, dtype=torch.int64)  # (B, T)
     route_through_moe_nodes(model.body)  # gather: one com.microsoft.MoE node per block
-    graph = trace(model, (ids, mask), None, list(HEAD_INPUT_NAMES), list(shapes.output_names), opset)
+    graph = trace(model, (ids, mask), None, list(HEAD_INPUT_NAMES), list(shapes.output_names), opset, weights)
     lay_out_experts(graph)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
-    return save_graph(graph, path)
+    return save_graph(graph, path, progress)
 
 
 def check_head_graph(path: Path, shapes: HeadShapes) -> None:

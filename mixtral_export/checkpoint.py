@@ -122,11 +122,24 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
 def load_head_model(folder: str | Path, head: str | None = None, dtype: str | None = None, routing: str = "dense",
                     progress: Callable[[int, int], None] | None = None):
     """Build the HeadModel of a checkpoint's non-generative head (`head` overrides config.json's)."""
-    from .head import ALL_HEAD_TENSORS, read_head
     from .head_model import HeadModel
 
     folder = Path(folder)
     config = checkpoint_config(folder, dtype)
+    chosen, tensors, targets = checked_head_tensors(folder, config, head)
+
+    with torch.device("meta"):
+        model = HeadModel(config, chosen, routing).to(TORCH_DTYPES[config.dtype])
+    model = model.to_empty(device="cpu")
+    _read_tensors(tensors, targets, dict(model.named_parameters()), progress)
+    return model.eval()
+
+
+def checked_head_tensors(folder: Path, config: MixtralConfig, head: str | None = None):
+    """The checkpoint's non-generative head (`head` overrides config.json's), its tensors and where
+    each goes in a HeadModel, every name, shape and dtype checked (headers only)."""
+    from .head import ALL_HEAD_TENSORS, read_head
+
     tensors = checkpoint_tensors(folder)
     chosen = read_head(folder, {key: entry.shape for key, entry in tensors.items()}, head)
     if chosen.kind == "causal-lm":
@@ -140,12 +153,7 @@ def load_head_model(folder: str | Path, head: str | None = None, dtype: str | No
              "question-answering": {"qa_outputs.weight": (2, h), "qa_outputs.bias": (2,)}}.get(chosen.kind, {})
     targets.update({key: Target(key, shape) for key, shape in owned.items()})
     _check_tensors(folder, tensors, targets, ignored=ALL_HEAD_TENSORS - set(owned))  # another head's: unused
-
-    with torch.device("meta"):
-        model = HeadModel(config, chosen, routing).to(TORCH_DTYPES[config.dtype])
-    model = model.to_empty(device="cpu")
-    _read_tensors(tensors, targets, dict(model.named_parameters()), progress)
-    return model.eval()
+    return chosen, tensors, targets
 
 
 def checkpoint_config(folder: Path, dtype: str | None = None) -> MixtralConfig:
@@ -173,12 +181,15 @@ class ParameterReader:
     exactly as `load_model` fills it, cast the same way, and nothing else is held.
     """
 
-    def __init__(self, folder: str | Path, config: MixtralConfig):
-        tensors, targets = checked_tensors(Path(folder), config)
+    def __init__(self, folder: str | Path, config: MixtralConfig,
+                 checked: tuple[dict[str, TensorEntry], dict[str, Target]] | None = None):
+        """checked: the checkpoint's tensors and targets when the model is not a MixtralStatic
+        (a HeadModel's, from `checked_head_tensors`); by default `checked_tensors`'."""
+        tensors, targets = checked or checked_tensors(Path(folder), config)
         self.parts: dict[str, list[tuple[TensorEntry, Target]]] = defaultdict(list)
         for key, target in targets.items():
             self.parts[target.param].append((tensors[key], target))
-        if config.tie_word_embeddings:
+        if config.tie_word_embeddings and checked is None:
             self.parts["lm_head.weight"] = self.parts["embed_tokens.weight"]  # one tensor under two names
         self.dtype = TORCH_DTYPES[config.dtype]
         self._regions: dict[tuple[str, tuple[int, ...]], list[tuple[int, int, TensorEntry]]] = {}

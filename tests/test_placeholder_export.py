@@ -69,6 +69,45 @@ def test_experts_written_one_row_at_a_time_are_byte_for_byte(tmp_path, monkeypat
     assert_same_artifact(ours, reference_artifact(checkpoint, tmp_path / "theirs", "bfloat16", "dense"))
 
 
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float32])
+def test_writes_in_runs_smaller_than_a_row_are_byte_for_byte(tmp_path, monkeypatch, saved):
+    """The buffer ring's runs far below a row (700 bytes: gathered fc1 row pairs and fc2 slice rows
+    one at a time, casts split mid-row, copy_file_range chunks hashed from maps at unaligned
+    offsets) give the same file as one run per tensor."""
+    from graphs import weights_file as wf
+
+    checkpoint = tmp_path / "checkpoint"
+    hf_reference(checkpoint, dtype=saved)
+    monkeypatch.setattr(wf, "CHUNK_BYTES", 700)
+    ours = export_onnx(checkpoint, tmp_path / "ours", dtype="float32", routing="gather", **SHAPES)
+    assert_same_artifact(ours, reference_artifact(checkpoint, tmp_path / "theirs", "float32", "gather"))
+
+
+@pytest.mark.parametrize("head, dtype, routing", [
+    ("sequence-classification", "float32", "dense"),
+    ("question-answering", "bfloat16", "gather"),  # a cast, the sliced experts, a bias
+])
+def test_head_graphs_are_byte_for_byte_the_real_trace(tmp_path, head, dtype, routing):
+    """export --head traces with placeholder weights too: the same graph and data file as tracing
+    the loaded HeadModel."""
+    from graphs.contract import HeadShapes
+    from graphs.onnx_heads import check_head_graph, export_head_graph, export_head_onnx
+    from mixtral_export.checkpoint import load_head_model
+    from tests.reference_models import hf_head_reference
+
+    checkpoint = tmp_path / "checkpoint"
+    hf_head_reference(checkpoint, head, pad_token_id=0)
+    ours = export_head_onnx(checkpoint, tmp_path / "ours", dtype=dtype, batch=2, seq_len=12, routing=routing)
+    model = load_head_model(checkpoint, dtype=dtype, routing=routing)
+    shapes = HeadShapes(head=head, batch=2, seq_len=12, hidden_size=model.body.config.hidden_size,
+                        num_labels=model.head.num_labels, dtype=dtype)
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    export_head_graph(model, shapes, theirs / GRAPH_NAME, 18)
+    check_head_graph(theirs / GRAPH_NAME, shapes)  # export_head_onnx runs it too; it rewrites the graph
+    assert_same_artifact(ours, theirs)
+
+
 def test_every_traced_initializer_has_a_recipe(tiny_checkpoint):
     """The tiny model's large parameters: the embedding and experts as stored, the head transposed."""
     from graphs.onnx_export import placeholder_model
