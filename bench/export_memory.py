@@ -4,8 +4,9 @@ For each layer count, writes a checkpoint with Mixtral 8x7B dimensions (zeroed w
 shard by shard so the benchmark itself stays small; 1 GiB shards like the real one), copies its
 shards with plain file copies (the same number of bytes, read and written once), exports it in a
 fresh process (peak RSS = its VmHWM, time = wall time of export_onnx), copies the shards again
-(copy, export, copy: interleaved), removing each output at once and everything before the next
-count, so the disk holds one model and one export (or copy) at a time.
+(copy, export, copy: interleaved; each after a sync, so none starts with another's write-back
+pending), removing each output at once and everything before the next count, so the disk holds
+one model and one export (or copy) at a time.
 
     python3 bench/export_memory.py --layers 1,2,4 --dtype bfloat16 [--routing dense] [--dir DIR]
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import struct
 import subprocess
@@ -114,6 +116,7 @@ def measure(folder: Path, layers: int, dtype: str, routing: str) -> dict:
     checkpoint, art = folder / "checkpoint", folder / "onnx"
     weights = write(checkpoint, layers, dtype)
     before, copied = plain_copy(checkpoint, folder / "copy")
+    os.sync()
     done = subprocess.run([sys.executable, "-c", EXPORT, str(checkpoint), str(art), routing, repo],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -132,6 +135,7 @@ def measure(folder: Path, layers: int, dtype: str, routing: str) -> dict:
 def plain_copy(checkpoint: Path, copy: Path) -> tuple[float, int]:
     """Seconds to copy the checkpoint's shards with shutil (the kernel's copy), and the bytes; removed after."""
     copy.mkdir()
+    os.sync()  # every phase starts with nothing waiting to be written back (the checkpoint just written...)
     start = time.perf_counter()
     for shard in sorted(checkpoint.glob("*.safetensors")):
         shutil.copyfile(shard, copy / shard.name)
