@@ -13,6 +13,7 @@ one model and one export (or copy) at a time.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -125,11 +126,24 @@ def measure(folder: Path, layers: int, dtype: str, routing: str) -> dict:
     written = (art / "model.onnx.data").stat().st_size
     shutil.rmtree(art)
     after, _ = plain_copy(checkpoint, folder / "copy")
+    hash_seconds = sha256_seconds(checkpoint)
     shutil.rmtree(checkpoint)
     return {"layers": layers, "dtype": dtype, "routing": routing, "weights_bytes": weights,
             "written_bytes": written, "export_seconds": export["seconds"], "export_peak_rss": export["peak"],
             "trace_seconds": export["trace_seconds"], "write_seconds": export["write_seconds"],
-            "copied_bytes": copied, "copy_seconds": [before, after]}
+            "copied_bytes": copied, "copy_seconds": [before, after], "sha256_seconds": hash_seconds}
+
+
+def sha256_seconds(checkpoint: Path) -> float:
+    """Seconds to sha256 the checkpoint's shards alone (the hash every export pays and a copy does not)."""
+    buffer = memoryview(bytearray(8 << 20))
+    start = time.perf_counter()
+    for shard in sorted(checkpoint.glob("*.safetensors")):
+        digest = hashlib.sha256()
+        with open(shard, "rb", buffering=0) as handle:
+            while got := handle.readinto(buffer):
+                digest.update(buffer[:got])
+    return time.perf_counter() - start
 
 
 def plain_copy(checkpoint: Path, copy: Path) -> tuple[float, int]:
@@ -172,7 +186,8 @@ def main() -> None:
                   f"{row['written_bytes'] / row['write_seconds'] / 1e6:.0f} MB/s); peak RSS "
                   f"{row['export_peak_rss'] / (1 << 30):.2f} GiB (imports alone {base / (1 << 30):.2f} GiB); "
                   f"plain copy of {row['copied_bytes'] / gb:.2f} GB before / after the export {copies} "
-                  f"({copy_rates} MB/s); write / copy = {ratios}", flush=True)
+                  f"({copy_rates} MB/s); write / copy = {ratios}; sha256 of the same bytes alone "
+                  f"{row['sha256_seconds']:.1f} s", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
