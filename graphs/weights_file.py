@@ -4,7 +4,9 @@ Each initializer larger than EXTERNAL_MIN bytes is materialised (a lazy one read
 from the checkpoint only now; one that comes in pieces, a piece at a time), written, added to
 the sha256 and released before the next, so peak memory is about one tensor or piece whatever
 the model's size. One stored in the checkpoint exactly as the graph holds it is copied file to
-file by the kernel (`copy_range`), hashed from the page cache beside the copy. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
+file by the kernel (`copy_range`), hashed from the page cache beside the copy; one that is laid
+out or cast as it is read (`chunks`) fills a ring of reused buffers that a hashing thread and a
+writing thread take over while the next fills (`BufferRing`). The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
 in graph order, densely packed, the same threshold; so the file is byte for byte what the
 exporter's save writes. The graph then points at the file (offset, length) and is saved
 without weights.
