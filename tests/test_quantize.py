@@ -100,7 +100,9 @@ def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
 @pytest.mark.parametrize("scheme, accuracy", [(WEIGHT_SCHEMES["int8"], INT8_ACTIVATIONS), (WEIGHT_SCHEMES["int4"], 0),
                                               (WEIGHT_SCHEMES["int4"], INT8_ACTIVATIONS)], ids=["int8", "int4-float", "int4"])
 def test_qmoe_reads_our_layout(scheme, accuracy):
-    """int8 experts always read int8 inputs (no float kernel); int4 ones at accuracy_level 4."""
+    """int8 experts always read int8 inputs (no float kernel); int4 ones at accuracy_level 4. Wired as
+    exports wire it (graphs/onnx_quant.py): router_weights (input 14) = softmax(router logits) times 1
+    for a real token, 0 for padding, which the kernel routes to no expert (its output row is 0)."""
     rng = np.random.default_rng(3)
     e, h, inter, k, t, block = 4, 128, 64, 2, 6, 32
     fc1 = rng.standard_normal((e, 2 * inter, h)).astype(np.float32) * 0.1  # rows interleaved gate, up
@@ -112,14 +114,21 @@ def test_qmoe_reads_our_layout(scheme, accuracy):
     if q1.zero_points is not None:
         inits += [numpy_helper.from_array(q1.zero_points, "z1"), numpy_helper.from_array(q2.zero_points, "z2")]
         names += ["z1", "z2"]
+    names += [""] * (14 - len(names)) + ["w"]
     node = helper.make_node("QMoE", names, ["y"], domain="com.microsoft", k=k, activation_type="swiglu",
                             swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=scheme.bits,
                             block_size=block, weights_prepacked=0, accuracy_level=accuracy)
     s = session(node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
-                       helper.make_tensor_value_info("r", TensorProto.FLOAT, [t, e])],
+                       helper.make_tensor_value_info("r", TensorProto.FLOAT, [t, e]),
+                       helper.make_tensor_value_info("w", TensorProto.FLOAT, [t, e])],
                 helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h]), inits)
     x, r = rng.standard_normal((t, h)).astype(np.float32), rng.standard_normal((t, e)).astype(np.float32)
-    y = s.run(None, {"x": x, "r": r})[0]
+    softmax = np.exp(r - r.max(-1, keepdims=True)) / np.exp(r - r.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    y = s.run(None, {"x": x, "r": r, "w": softmax})[0]
+    live = (np.arange(t) % 3 != 1).astype(np.float32)[:, None]  # (T, 1): every third row padding
+    padded = s.run(None, {"x": x, "r": r, "w": softmax * live})[0]
+    assert not padded[live[:, 0] == 0].any()
+    np.testing.assert_allclose(padded[live[:, 0] == 1], y[live[:, 0] == 1], atol=1e-6)
     act = (lambda v: int8_blocks(v, block)) if scheme.bits == 8 or accuracy == INT8_ACTIVATIONS else (lambda v: v)
 
     def reference(w1, w2, act):
