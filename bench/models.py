@@ -115,16 +115,17 @@ def matches(checkpoint: Path, config: MixtralConfig) -> bool:
 def export_if_stale(model: BenchModel, routing: str, shapes: StepShapes, say: Callable[[str], None],
                     weights: str = "fp32", block_size: int = 32) -> Path:
     """The ONNX artifact for these shapes, routing and weights: the one already built, or a fresh export."""
+    from graphs.contract import WEIGHT_SCHEMES
     from graphs.manifest import ManifestError, load_manifest
     from graphs.onnx_export import export_onnx
 
     out = artifact_path(model, routing, shapes, weights, block_size)
-    quantization = None if weights == "fp32" else (weights, block_size, "int8")
+    quantization = None if weights == "fp32" else (weights, WEIGHT_SCHEMES[weights].symmetric, block_size, "int8")
     try:
         manifest = load_manifest(out, verify_files=False)
         q = manifest.quantization
         if (manifest.shapes == shapes and manifest.routing == routing
-                and (q and (q["scheme"], q["block_size"], q.get("activations"))) == quantization
+                and (q and (q["scheme"], q["symmetric"], q["block_size"], q.get("activations"))) == quantization
                 and manifest.source == str(model.checkpoint.resolve())):
             return out
     except ManifestError:

@@ -72,7 +72,7 @@ class WeightScheme:
     activations: str = "int8"  # what the quantized GEMMs read (the runtimes' accuracy_level 4)
 
 
-WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True), WeightScheme("int4", 4, symmetric=False))}
+WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True), WeightScheme("int4", 4, symmetric=True))}
 INT8_ACTIVATIONS = 4  # com.microsoft QMoE / MatMulNBits accuracy_level: inputs rounded to int8 per block
 FLOAT_WEIGHTS = "float"  # --weights default: the build's dtype, no quantization
 QUANT_BLOCK_SIZES = (32, 64, 128)

@@ -9,6 +9,14 @@ A rewrite of the onnx_ir model between tracing and saving (graphs/onnx_export.py
                                     for q/k/v/o of every layer and lm_head
   both with accuracy_level=4: inputs rounded to int8 per block (see WeightScheme)
 
+Padding rows skip the experts. QMoE's optional router_weights input (14) carries the weights it
+mixes the chosen experts with (router_probs then only picks them): softmax(router logits) times
+1 for a real token, 0 for a padding one (position -1, graphs/contract.py). The kernel renormalises
+them over the top k and routes a token nowhere when their sum is 0, so a chunk costs expert
+reads and GEMMs for its real tokens only (a 16-token prompt in a 128-token chunk costs the MoE
+what a 16-token chunk does). A real token's weights are the same softmax over its top k as
+without the input; what a padding row computes is not part of the contract.
+
 The step contract (inputs, outputs, ring) is unchanged. Embeddings, router and norms stay float.
 Every quantized initializer is an `ir.LazyTensor` that quantizes its float source when the file
 is written (graphs/quantize.py, one weight at a time; a weight's codes, scales and zero points are
@@ -59,6 +67,7 @@ def quantize_weights(model, torch_model, scheme: WeightScheme, block_size: int,
     cache = OneWeightCache(scheme, block_size, record["tensors"])
     graph = model.graph
     moe_nodes = [n for n in graph.all_nodes() if n.domain == MOE_DOMAIN and n.op_type == "MoE"]
+    live = live_rows(graph, moe_nodes[0]) if moe_nodes else None  # (N, 1): 1 real token, 0 padding
     for node in moe_nodes:
         fc1, fc2 = node.inputs[2], node.inputs[4]
         parts = [*quantized_inputs(graph, fc1, fc1.name, "experts", cache),
@@ -66,8 +75,8 @@ def quantize_weights(model, torch_model, scheme: WeightScheme, block_size: int,
         inputs = [node.inputs[0], node.inputs[1], parts[0], parts[1], None]
         step = 2 if scheme.symmetric else 3
         inputs += [parts[step], parts[step + 1], None, None, None, None]
-        if not scheme.symmetric:
-            inputs += [parts[2], parts[5]]
+        inputs += [parts[2], parts[5]] if not scheme.symmetric else [None, None]
+        inputs += [None, router_weights(graph, node, live)]  # 13: fc3 zero points, 14: router_weights
         attributes = {a.name: a.value for a in node.attributes.values()}
         replace(graph, node, QMOE_OP, inputs, dict(attributes, expert_weight_bits=scheme.bits,
                                                    block_size=block_size, weights_prepacked=0,
@@ -90,6 +99,37 @@ def quantize_weights(model, torch_model, scheme: WeightScheme, block_size: int,
         replace(graph, node, NBITS_OP, [node.inputs[0], *codes],
                 dict(K=k, N=n, bits=scheme.bits, block_size=block_size, accuracy_level=INT8_ACTIVATIONS))
     return record
+
+
+def live_rows(graph, before) -> object:
+    """(N, 1) float32, N = B * T: 1.0 where the graph input `positions` holds a token, 0.0 for
+    padding (NO_POSITION); the nodes go in before `before`."""
+    import onnx_ir as ir
+
+    positions = next((v for v in graph.inputs if v.name == "positions"), None)
+    if positions is None:
+        raise QuantizeError("the step graph has no `positions` input to tell real tokens from padding")
+    first = ir.Value(name="live_rows.first_position", const_value=ir.tensor(np.array(0, np.int64)))
+    flat = ir.Value(name="live_rows.shape", const_value=ir.tensor(np.array([-1, 1], np.int64)))
+    for value in (first, flat):
+        graph.register_initializer(value)
+    real = ir.node("GreaterOrEqual", [positions, first])  # (B, T) bool
+    as_float = ir.node("Cast", [real.outputs[0]], attributes={"to": ir.DataType.FLOAT})  # (B, T)
+    rows = ir.node("Reshape", [as_float.outputs[0], flat])  # (B * T, 1)
+    rows.outputs[0].name = "live_rows"
+    graph.insert_before(before, [real, as_float, rows])
+    return rows.outputs[0]
+
+
+def router_weights(graph, node, live) -> object:
+    """QMoE's router_weights for `node`: softmax of its router logits (N, E'), zeroed on padding rows."""
+    import onnx_ir as ir
+
+    softmax = ir.node("Softmax", [node.inputs[1]], attributes={"axis": -1})  # (N, E')
+    masked = ir.node("Mul", [softmax.outputs[0], live])  # (N, E')
+    masked.outputs[0].name = f"{node.name}.router_weights"
+    graph.insert_before(node, [softmax, masked])
+    return masked.outputs[0]
 
 
 def is_transposed(weight, name: str, values: Callable[[], object]) -> bool:

@@ -4,6 +4,9 @@ A weight W (..., N, K) (N output rows, K input features; a Linear's weight, one 
 fc2) is cut along K into blocks of `block_size`; each (row, block) gets a float32 scale and, for
 an asymmetric scheme, a zero point z; the code of w is q = clip(round(w / scale) + z). What the
 kernels compute with is dequantize(): (q - z) * scale, z = 2^(bits-1) when none is stored.
+Symmetric codes follow llama.cpp's: 8-bit as q8_0 (scale max|w| / 127), 4-bit as q4_0 (the
+block's largest-magnitude weight is code 0, i.e. -8, so all 16 codes are used; its scale may be
+negative, which the kernels take as it is).
 Rounding is numpy's (half to even): the same weights always give the same bytes.
 
 Layouts (checked against onnxruntime 1.32's CPU kernels in tests/test_quantize.py):
@@ -94,11 +97,14 @@ def quantize_matrix(w: np.ndarray, scheme: WeightScheme, block_size: int) -> Qua
     n, k = w.shape
     blocks = w.astype(np.float32, copy=False).reshape(n, k // block_size, block_size)  # (N, K/b, b)
     if scheme.symmetric:
-        top = 2 ** (scheme.bits - 1) - 1  # codes -top..top around the fixed zero point
-        scales = np.abs(blocks).max(-1) / np.float32(top)  # (N, K/b)
-        zero = np.float32(2 ** (scheme.bits - 1))
+        half = 2 ** (scheme.bits - 1)
+        if scheme.bits == 8:  # llama.cpp q8_0's rule: codes -127..127, scale max|w| / 127
+            low, high, scales = -(half - 1), half - 1, np.abs(blocks).max(-1) / np.float32(half - 1)  # (N, K/b)
+        else:  # q4_0's rule: the block's largest-magnitude weight m is code -8, scale m / -8 (may be negative)
+            extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]  # (N, K/b)
+            low, high, scales = -half, half - 1, extreme / np.float32(-half)
         scales[scales == 0] = 1
-        codes = np.clip(np.round(blocks / scales[..., None]), -top, top) + zero
+        codes = np.clip(np.round(blocks / scales[..., None]), low, high) + np.float32(half)
         zero_points = None
     else:
         top = 2 ** scheme.bits - 1  # codes 0..top, zero exactly representable

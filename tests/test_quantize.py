@@ -10,14 +10,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphs.contract import INT8_ACTIVATIONS, WEIGHT_SCHEMES
+from graphs.contract import INT8_ACTIVATIONS, WEIGHT_SCHEMES, WeightScheme
 from graphs.quantize import QuantizeError, dequantize, error, quantize
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-SCHEMES = list(WEIGHT_SCHEMES.values())
+ASYMMETRIC_INT4 = WeightScheme("int4", 4, symmetric=False)  # zero points: what graphs/quantize.py also supports
+SCHEMES = [*WEIGHT_SCHEMES.values(), ASYMMETRIC_INT4]
 
 
 def session(node, inputs, output, inits):
@@ -26,7 +27,7 @@ def session(node, inputs, output, inits):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("" if s.symmetric else "-asymmetric"))
 @pytest.mark.parametrize("block", [32, 64, 128])
 def test_round_trip_error_is_within_half_a_step(scheme, block):
     w = np.random.default_rng(0).standard_normal((24, 256)).astype(np.float32)
@@ -34,27 +35,34 @@ def test_round_trip_error_is_within_half_a_step(scheme, block):
     assert q.packed.shape == (24, 256 // block, block * scheme.bits // 8) and q.packed.dtype == np.uint8
     assert q.scales.shape == (24, 256 // block)
     deq = dequantize(q)
-    step = np.repeat(q.scales, block, axis=-1)  # (N, K): each weight's quantization step
-    assert np.all(np.abs(w - deq) <= step / 2 * (1 + 1e-5))
+    step = np.abs(np.repeat(q.scales, block, axis=-1))  # (N, K): each weight's quantization step
+    # q4_0's rule spends code -8 on the largest |w|: the other sign's end clips to 7 steps, one step off at most
+    clipped = (np.abs(deq) >= (2 ** (scheme.bits - 1) - 1) * step * (1 - 1e-6)) & (np.abs(w) > np.abs(deq))
+    assert np.all(np.abs(w - deq)[~clipped] <= step[~clipped] / 2 * (1 + 1e-5))
+    assert np.all(np.abs(w - deq)[clipped] <= step[clipped] * (1 + 1e-5))
     stats = error(w, q)
     assert stats["max_abs"] == pytest.approx(np.abs(w - deq).max()) and 0 < stats["mean_abs"] < stats["max_abs"]
     again = quantize(w.copy(), scheme, block)
     assert again.packed.tobytes() == q.packed.tobytes() and again.scales.tobytes() == q.scales.tobytes()
 
 
-def test_exact_grid_values_survive_and_zero_blocks_are_zero():
-    scheme = WEIGHT_SCHEMES["int4"]
-    w = np.zeros((2, 64), np.float32)
-    w[0, :32] = np.tile(np.arange(-7, 9, dtype=np.float32) * 0.5, 2)  # -3.5..4 in steps of 0.5: the int4 grid
-    np.testing.assert_array_equal(dequantize(quantize(w, scheme, 32))[0], w[0])
-    assert not dequantize(quantize(w, scheme, 32))[1].any()
+@pytest.mark.parametrize("scheme", [WEIGHT_SCHEMES["int4"], ASYMMETRIC_INT4], ids=["int4", "int4-asymmetric"])
+def test_exact_grid_values_survive_and_zero_blocks_are_zero(scheme):
+    w = np.zeros((3, 64), np.float32)
+    w[0, :32] = np.tile(np.arange(-8, 8, dtype=np.float32) * 0.5, 2)  # -4..3.5 in steps of 0.5: q4_0's grid
+    w[1, :32] = -w[0, :32]  # the largest magnitude positive: a negative scale
+    deq = dequantize(quantize(w, scheme, 32))
+    np.testing.assert_array_equal(deq[:2], w[:2])
+    assert not deq[2].any()
 
 
-def test_leading_expert_axis_quantizes_each_expert_alone():
+@pytest.mark.parametrize("scheme", [WEIGHT_SCHEMES["int4"], ASYMMETRIC_INT4], ids=["int4", "int4-asymmetric"])
+def test_leading_expert_axis_quantizes_each_expert_alone(scheme):
     w = np.random.default_rng(1).standard_normal((3, 8, 64)).astype(np.float32)
-    q = quantize(w, WEIGHT_SCHEMES["int4"], 32)
-    assert q.zero_points.shape == (3, 8, 1)  # 2 blocks of 4-bit zero points in one byte
-    np.testing.assert_array_equal(dequantize(q)[1], dequantize(quantize(w[1], WEIGHT_SCHEMES["int4"], 32)))
+    q = quantize(w, scheme, 32)
+    assert q.scales.shape == (3, 8, 2)
+    assert q.zero_points is None if scheme.symmetric else q.zero_points.shape == (3, 8, 1)  # 2 zero points a byte
+    np.testing.assert_array_equal(dequantize(q)[1], dequantize(quantize(w[1], scheme, 32)))
 
 
 def test_block_that_does_not_divide_k_is_refused_in_one_line():
@@ -64,7 +72,7 @@ def test_block_that_does_not_divide_k_is_refused_in_one_line():
         quantize(np.zeros((4, 64), np.float32), WEIGHT_SCHEMES["int8"], 16)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("" if s.symmetric else "-asymmetric"))
 @pytest.mark.parametrize("block", [32, 128])
 @pytest.mark.parametrize("accuracy", [0, INT8_ACTIVATIONS])
 def test_matmulnbits_reads_our_layout(scheme, block, accuracy):
@@ -98,9 +106,12 @@ def int8_blocks(x: np.ndarray, block: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("scheme, accuracy", [(WEIGHT_SCHEMES["int8"], INT8_ACTIVATIONS), (WEIGHT_SCHEMES["int4"], 0),
-                                              (WEIGHT_SCHEMES["int4"], INT8_ACTIVATIONS)], ids=["int8", "int4-float", "int4"])
+                                              (WEIGHT_SCHEMES["int4"], INT8_ACTIVATIONS), (ASYMMETRIC_INT4, INT8_ACTIVATIONS)],
+                         ids=["int8", "int4-float", "int4", "int4-asymmetric"])
 def test_qmoe_reads_our_layout(scheme, accuracy):
-    """int8 experts always read int8 inputs (no float kernel); int4 ones at accuracy_level 4."""
+    """int8 experts always read int8 inputs (no float kernel); int4 ones at accuracy_level 4. Wired as
+    exports wire it (graphs/onnx_quant.py): router_weights (input 14) = softmax(router logits) times 1
+    for a real token, 0 for padding, which the kernel routes to no expert (its output row is 0)."""
     rng = np.random.default_rng(3)
     e, h, inter, k, t, block = 4, 128, 64, 2, 6, 32
     fc1 = rng.standard_normal((e, 2 * inter, h)).astype(np.float32) * 0.1  # rows interleaved gate, up
@@ -112,14 +123,21 @@ def test_qmoe_reads_our_layout(scheme, accuracy):
     if q1.zero_points is not None:
         inits += [numpy_helper.from_array(q1.zero_points, "z1"), numpy_helper.from_array(q2.zero_points, "z2")]
         names += ["z1", "z2"]
+    names += [""] * (14 - len(names)) + ["w"]
     node = helper.make_node("QMoE", names, ["y"], domain="com.microsoft", k=k, activation_type="swiglu",
                             swiglu_fusion=1, normalize_routing_weights=1, expert_weight_bits=scheme.bits,
                             block_size=block, weights_prepacked=0, accuracy_level=accuracy)
     s = session(node, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, h]),
-                       helper.make_tensor_value_info("r", TensorProto.FLOAT, [t, e])],
+                       helper.make_tensor_value_info("r", TensorProto.FLOAT, [t, e]),
+                       helper.make_tensor_value_info("w", TensorProto.FLOAT, [t, e])],
                 helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, h]), inits)
     x, r = rng.standard_normal((t, h)).astype(np.float32), rng.standard_normal((t, e)).astype(np.float32)
-    y = s.run(None, {"x": x, "r": r})[0]
+    softmax = np.exp(r - r.max(-1, keepdims=True)) / np.exp(r - r.max(-1, keepdims=True)).sum(-1, keepdims=True)
+    y = s.run(None, {"x": x, "r": r, "w": softmax})[0]
+    live = (np.arange(t) % 3 != 1).astype(np.float32)[:, None]  # (T, 1): every third row padding
+    padded = s.run(None, {"x": x, "r": r, "w": softmax * live})[0]
+    assert not padded[live[:, 0] == 0].any()
+    np.testing.assert_allclose(padded[live[:, 0] == 1], y[live[:, 0] == 1], atol=1e-6)
     act = (lambda v: int8_blocks(v, block)) if scheme.bits == 8 or accuracy == INT8_ACTIVATIONS else (lambda v: v)
 
     def reference(w1, w2, act):
