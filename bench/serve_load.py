@@ -8,8 +8,11 @@ round. Reported per C and server: aggregate generated tok/s (completion tokens /
 over rounds), the speedup as the median of per-round ratios (the two runs of a round share the
 machine's load, which on a shared machine moves more than the speedup), time to first token and
 inter-token latency p50 / p99 (streamed chunks), failures, and how many continuous-batching
-completions differ from the serialized (= solo) run of the same request. `--stream-interval N` starts
-both servers with it (a chunk per N tokens after the first: inter-token latency is then per chunk).
+completions differ from the serialized (= solo) run of the same request, and the CPU time per
+generated token of each server's HTTP front and engine process (from /proc: load-independent
+where wall-clock rates are not). `--stream-interval N` starts both servers with it (a chunk per N
+tokens after the first: inter-token latency is then per chunk); `--in-process` runs both with the
+engine on a thread of the HTTP process; `--lock FILE` holds a flock on FILE for each round only.
 
     python3 bench/serve_load.py out/tiny-b4 --clients 1,2,4,8,16 --requests 32 --rounds 6 --threads 1 --json out/serve.json --plot out/serve.png
 """
