@@ -195,8 +195,8 @@ def padding_routed_as_live(h: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """Padding tokens (position -1, live False) take the first live token's MoE input, so they pick
     the experts that token reads anyway: an idle row or chunk column costs no expert reads of its own
     in a gathered graph (a padding token's output is never read). Live tokens are unchanged."""
-    first = torch.argmax(live.reshape(-1).to(torch.int32))  # first live token of the flattened (B*T,), 0 if none
-    return torch.where(live[..., None], h, h.reshape(-1, h.shape[-1])[first])  # (B, T, H)
+    first = torch.argmax(live.reshape(-1).to(torch.int32), dim=0, keepdim=True)  # (1,) first live of B*T, 0 if none
+    return torch.where(live[..., None], h, h.reshape(-1, h.shape[-1]).index_select(0, first))  # (B, T, H)
 
 
 class MixtralStatic(nn.Module):
