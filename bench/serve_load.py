@@ -8,14 +8,19 @@ round. Reported per C and server: aggregate generated tok/s (completion tokens /
 over rounds), the speedup as the median of per-round ratios (the two runs of a round share the
 machine's load, which on a shared machine moves more than the speedup), time to first token and
 inter-token latency p50 / p99 (streamed chunks), failures, and how many continuous-batching
-completions differ from the serialized (= solo) run of the same request. `--stream-interval N` starts
-both servers with it (a chunk per N tokens after the first: inter-token latency is then per chunk).
+completions differ from the serialized (= solo) run of the same request, and the CPU time per
+generated token of each server's HTTP front and engine process (from /proc: load-independent
+where wall-clock rates are not). `--stream-interval N` starts both servers with it (a chunk per N
+tokens after the first: inter-token latency is then per chunk); `--in-process` runs both with the
+engine on a thread of the HTTP process; `--lock FILE` holds a flock on FILE for each round only.
 
     python3 bench/serve_load.py out/tiny-b4 --clients 1,2,4,8,16 --requests 32 --rounds 6 --threads 1 --json out/serve.json --plot out/serve.png
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -44,7 +49,8 @@ class Outcome:
 
 
 class ServerProcess:
-    def __init__(self, artifact: Path, rows: int | None, threads: int | None, stream_interval: int = 1):
+    def __init__(self, artifact: Path, rows: int | None, threads: int | None, stream_interval: int = 1,
+                 in_process: bool = False):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -52,7 +58,7 @@ class ServerProcess:
                    "--max-queue", "100000", "--model-name", "bench"]
         command += ["--rows", str(rows)] if rows else []
         command += ["--threads", str(threads)] if threads else []
-        command += ["--stream-interval", str(stream_interval)]
+        command += ["--stream-interval", str(stream_interval)] + (["--in-process"] if in_process else [])
         self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
@@ -67,6 +73,17 @@ class ServerProcess:
             except OSError:
                 time.sleep(0.3)
         raise SystemExit("the server did not come up")
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time so far of the HTTP front (this process) and the engine (its child, when out of process)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+
+        def used(pid: int) -> float:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
+        return {"front": used(self.process.pid), "engine": sum(used(int(pid)) for pid in children)}
 
     def stop(self) -> None:
         self.process.terminate()
@@ -132,6 +149,20 @@ def load(port: int, workload: list[tuple[list[int], int]], clients: int) -> tupl
     return outcomes, time.perf_counter() - started
 
 
+@contextlib.contextmanager
+def measuring(lock: Path | None):
+    """Hold `lock` (flock, shared with other measurements on the machine) for one round, if given."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -161,8 +192,8 @@ def workload(count: int, vocab: int, prompt_lengths: tuple[int, int], output_len
 def run(args) -> dict:
     manifest = json.loads((args.artifact / "manifest.json").read_text())
     batch, vocab = manifest["shapes"]["batch"], manifest["shapes"]["vocab_size"]
-    servers = {"continuous": ServerProcess(args.artifact, None, args.threads, args.stream_interval),
-               "serialized": ServerProcess(args.artifact, 1, args.threads, args.stream_interval)}
+    servers = {"continuous": ServerProcess(args.artifact, None, args.threads, args.stream_interval, args.in_process),
+               "serialized": ServerProcess(args.artifact, 1, args.threads, args.stream_interval, args.in_process)}
     levels = []
     try:
         for mode in MODES:  # warm both: first-call allocations out of the measurement
@@ -170,17 +201,28 @@ def run(args) -> dict:
         for clients in args.clients:
             requests = workload(args.requests, vocab, args.prompt_lengths, args.output_lengths, args.seed + clients)
             pooled = {mode: ([], 0.0) for mode in MODES}
+            cpu = {mode: {"front": 0.0, "engine": 0.0} for mode in MODES}  # CPU seconds while loaded
             ratios = []  # per round: the two servers measured back to back share the machine's load
             for round_ in range(args.rounds):
                 rates = {}
-                for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
-                    outcomes, seconds = load(servers[mode].port, requests, clients)
-                    pooled[mode] = (pooled[mode][0] + outcomes, pooled[mode][1] + seconds)
-                    rates[mode] = summarize(outcomes, seconds)["tokens_per_second"]
+                with measuring(args.lock):
+                    for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
+                        before = servers[mode].cpu_seconds()
+                        outcomes, seconds = load(servers[mode].port, requests, clients)
+                        after = servers[mode].cpu_seconds()
+                        for part in after:
+                            cpu[mode][part] += after[part] - before[part]
+                        pooled[mode] = (pooled[mode][0] + outcomes, pooled[mode][1] + seconds)
+                        rates[mode] = summarize(outcomes, seconds)["tokens_per_second"]
+                        rates[mode + " load"] = os.getloadavg()[0]
                 ratios.append(rates["continuous"] / rates["serialized"])
-                print(f"C={clients} round {round_}: {rates['continuous']:.0f} / {rates['serialized']:.0f} tok/s "
-                      f"= {ratios[-1]:.2f}x", file=sys.stderr, flush=True)
+                print(f"C={clients} round {round_}: {rates['continuous']:.1f} / {rates['serialized']:.1f} tok/s "
+                      f"= {ratios[-1]:.2f}x (load {rates['continuous load']:.1f} / {rates['serialized load']:.1f})",
+                      file=sys.stderr, flush=True)
             level = {"clients": clients, **{mode: summarize(*pooled[mode]) for mode in MODES}}
+            for mode in MODES:
+                tokens = max(1, level[mode]["generated_tokens"])
+                level[mode]["cpu_us_per_token"] = {part: seconds / tokens * 1e6 for part, seconds in cpu[mode].items()}
             cont, serial = pooled["continuous"][0], pooled["serialized"][0]
             level["mismatches"] = sum(a.ok and b.ok and a.text != b.text for a, b in zip(cont, serial))
             level["speedup"] = statistics.median(ratios)
@@ -192,7 +234,7 @@ def run(args) -> dict:
     return {"artifact": str(args.artifact), "batch": batch, "requests_per_level": args.requests,
             "rounds": args.rounds, "prompt_lengths": args.prompt_lengths, "output_lengths": args.output_lengths,
             "cpus": os.cpu_count(), "load_average": os.getloadavg(), "threads": args.threads,
-            "stream_interval": args.stream_interval, "levels": levels}
+            "stream_interval": args.stream_interval, "in_process": args.in_process, "levels": levels}
 
 
 def table(result: dict) -> str:
@@ -201,7 +243,7 @@ def table(result: dict) -> str:
              f"x {result['rounds']} rounds per level, stream interval {result.get('stream_interval', 1)}; load average at the end "
              f"{' '.join(f'{x:.1f}' for x in result['load_average'])} on {result['cpus']} CPUs",
              "| clients | server | tok/s (pooled) | vs serialized: median (min-max) of rounds | TTFT p50 / p99 ms | ITL p50 / p99 ms | failures | "
-             "differs from solo |", "|---|---|---|---|---|---|---|---|"]
+             "differs from solo | CPU us/token front / engine |", "|---|---|---|---|---|---|---|---|---|"]
     for level in result["levels"]:
         for mode in MODES:
             m = level[mode]
@@ -210,7 +252,8 @@ def table(result: dict) -> str:
             differs = str(level["mismatches"]) if mode == "continuous" else "-"
             lines.append(f"| {level['clients']} | {mode} | {m['tokens_per_second']:.1f} | {ratio} | "
                          f"{ms(m['ttft_p50'])} / {ms(m['ttft_p99'])} | {ms(m['itl_p50'])} / {ms(m['itl_p99'])} | "
-                         f"{m['failures']} | {differs} |")
+                         f"{m['failures']} | {differs} | {m['cpu_us_per_token']['front']:.0f} / "
+                         f"{m['cpu_us_per_token']['engine']:.0f} |")
     return "\n".join(lines)
 
 
@@ -252,6 +295,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="both servers' --stream-interval (tokens per SSE chunk; ITL is then per chunk)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="both servers step their engine on a thread of the HTTP process (serve --in-process)")
+    parser.add_argument("--lock", type=Path, default=None,
+                        help="a file to flock around each round (servers start and warm up outside it)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None, help="PNG (needs matplotlib)")
     args = parser.parse_args()

@@ -371,12 +371,14 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           rows: Optional[int] = typer.Option(None, help="Use at most N batch rows (1 = one request at a time)", metavar="N"),
           stream_interval: int = typer.Option(1, min=1, help="Streamed tokens per SSE chunk after the first (fewer socket writes)", metavar="N"),
           checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled", metavar="PATH"),
+          in_process: bool = typer.Option(False, "--in-process", help="Step the engine on a thread of the HTTP "
+                                          "server's process (default: a process of its own)"),
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
           replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
     if ray:
-        if rows is not None or checkpoint is not None or stream_interval != 1:
-            raise UsageError("--rows, --checkpoint and --stream-interval are not available with --ray")
+        if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
+            raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
         from serving.ray_app import serve_on_ray  # a missing extra is one line (run())
 
         serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
@@ -386,7 +388,7 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
 
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
                model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
-               rows=rows, stream_interval=stream_interval)
+               rows=rows, stream_interval=stream_interval, in_process=in_process)
 
 
 @app.command()

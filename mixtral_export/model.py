@@ -183,11 +183,20 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = MoE(config, routing)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, mask):
+    def forward(self, x, cos, sin, cache_k, cache_v, mask, live=None):
         attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, mask)
         x = x + attn
-        x = x + self.moe(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)  # (B, T, H)
+        x = x + self.moe(h if live is None else padding_routed_as_live(h, live))
         return x, k, v
+
+
+def padding_routed_as_live(h: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """Padding tokens (position -1, live False) take the first live token's MoE input, so they pick
+    the experts that token reads anyway: an idle row or chunk column costs no expert reads of its own
+    in a gathered graph (a padding token's output is never read). Live tokens are unchanged."""
+    first = torch.argmax(live.reshape(-1).to(torch.int32), dim=0, keepdim=True)  # (1,) first live of B*T, 0 if none
+    return torch.where(live[..., None], h, h.reshape(-1, h.shape[-1]).index_select(0, first))  # (B, T, H)
 
 
 class MixtralStatic(nn.Module):
@@ -227,9 +236,10 @@ class MixtralStatic(nn.Module):
             torch.arange(0, d, 2, dtype=torch.int64, device=x.device).float() / d))  # (D/2,)
         cos, sin = rope_tables(positions, inv_freq, x.dtype)
         mask = attention_mask(positions, cache_positions, self.attention_window)
+        live = positions >= 0  # (B, T)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], mask)
+            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], mask, live)
             new_k.append(k)
             new_v.append(v)
         return self.norm(x), torch.stack(new_k), torch.stack(new_v)  # (B, T, H), new_k/v: (L, B, Hkv, T, D)

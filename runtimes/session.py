@@ -93,13 +93,8 @@ class Session:
     def decode(self, ids: list[int]) -> str:
         return self._need_tokenizer().decode(ids)
 
-    def _config(self, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                repetition_penalty: float = 1.0, seed: int | None = None,
-                stop_strings: tuple[str, ...] = ()) -> GenerationConfig:
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=seed)
-        return GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling,
-                                eos_token_ids=self.manifest.eos_token_id, stop_strings=tuple(stop_strings))
+    def _config(self, **options) -> GenerationConfig:
+        return generation_config(self.manifest.eos_token_id, **options)
 
     def _prompt_ids(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:
         """A system prompt implies chat."""
@@ -179,3 +174,13 @@ class Session:
         found = [r.to_json(self.head, self.labels) for r in self.score(prompts, padding)]
         names = [r["label"] if self.head == "sequence-classification" else r["labels"] for r in found]
         return names[0] if isinstance(prompt, str) else names
+
+
+def generation_config(eos_token_ids: tuple[int, ...], max_new_tokens: int = 32, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                      stop_strings: tuple[str, ...] = ()) -> GenerationConfig:
+    """A request's options (Session.submit's keywords) checked into its GenerationConfig (RequestError)."""
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    return GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
+                            stop_strings=tuple(stop_strings))

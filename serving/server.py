@@ -38,18 +38,25 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
           port: int = 8000, max_queue: int = 64, grace: float = 10.0, model_name: str | None = None,
           request_timeout: float | None = None, threads: int | None = None,
           checkpoint: str | Path | None = None, rows: int | None = None, log_level: str = "warning",
-          stream_interval: int = 1) -> None:
-    """Open the artifact, serve until a signal, close the engine."""
-    from runtimes.session import Session
+          stream_interval: int = 1, in_process: bool = False) -> None:
+    """Open the artifact, serve until a signal, close the engine. The engine steps in a process of its
+    own (serving/engine_process.py), or with `in_process` on a thread of this one (a Session)."""
+    if in_process:
+        from runtimes.session import Session
 
-    session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
-                           max_queue=max_queue, rows=rows)
+        session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
+                               max_queue=max_queue, rows=rows)
+    else:
+        from serving.engine_process import EngineProcess
+
+        session = EngineProcess(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
+                                max_queue=max_queue, rows=rows)
     name = model_name or Path(artifact).resolve().name
     app = build_app(session, name, request_timeout=request_timeout, stream_interval=stream_interval)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
                             access_log=False, lifespan="off")
     server = GracefulServer(config, session, grace)
-    print(f"serving {name} ({runtime}, {session.engine.rows} of {session.backend.shapes.batch} rows, queue {max_queue}) "
+    print(f"serving {name} ({runtime}, {session.engine.rows} of {session.engine.shapes.batch} rows, queue {max_queue}) "
           f"on http://{host}:{port}/v1", flush=True)
     try:
         server.run()

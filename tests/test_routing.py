@@ -156,3 +156,26 @@ def decode_args(shapes: StepShapes) -> tuple[torch.Tensor, ...]:
     return (torch.full((shapes.batch, 1), 7), torch.full((shapes.batch, 1), 5),
             torch.randn(shapes.cache_shape(), generator=gen), torch.randn(shapes.cache_shape(), generator=gen),
             cache_positions)
+
+
+def test_padding_tokens_route_to_experts_a_live_token_reads_anyway(tiny_checkpoint, monkeypatch):
+    """A step with idle rows and padding columns (position -1, other ids): every token's top-k experts
+    are among the live tokens' (an idle row costs no expert reads), and live logits are unchanged."""
+    model = load_model(tiny_checkpoint, routing="gather")
+    config = model.config
+    routed = []
+    original = MoE.forward
+    monkeypatch.setattr(MoE, "forward", lambda self, x: routed.append(x.reshape(-1, x.shape[-1])) or original(self, x))
+    rng = np.random.default_rng(5)
+    ids = torch.tensor(rng.integers(3, config.vocab_size, size=(4, 3)))  # (B, T)
+    positions = torch.tensor([[0, -1, -1], [-1, -1, -1], [-1, -1, -1], [-1, -1, -1]])  # (B, T): one live token
+    cache = torch.zeros(config.num_hidden_layers, 4, config.num_key_value_heads, 8, config.head_dim)  # (L, B, Hkv, S, D)
+    empty = torch.full((4, 8), -1)  # (B, S)
+    with torch.no_grad():
+        logits = model(ids, positions, cache, cache, empty)[0]  # (B, T, V)
+        live = (positions >= 0).reshape(-1)
+        for x, moe in zip(routed, (layer.moe for layer in model.layers)):
+            experts = moe.top_k_routing(x)[1]  # (N, k)
+            assert set(experts.flatten().tolist()) == set(experts[live].flatten().tolist())
+        alone = model(ids[:1, :1], positions[:1, :1], cache[:, :1], cache[:, :1], empty[:1])[0]  # that token alone
+    torch.testing.assert_close(logits[0, :1], alone[0], rtol=0, atol=1e-5)

@@ -247,6 +247,55 @@ def test_sigterm_finishes_requests_in_flight_and_exits_0(tiny_onnx):
     assert results[0][1] == "length"  # 1000 tokens: cut at the grace period, but the stream ended properly
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_concurrent_streams_through_the_engine_process_equal_their_solo_runs(server, session):
+    """Tokens cross from the engine process once per step for all rows: every stream still gets its own."""
+    prompts = [session.encode(text) for text in ("A", "Beautiful is better than ugly", "Errors should never",
+                                                 "pass silently. Unless explicitly silenced", "Now", "is better")]
+    lengths = [5, 17, 9, 3, 12, 7]
+    solo = [session.generate_ids([p], max_new_tokens=n).completions[0].text for p, n in zip(prompts, lengths)]
+    got: dict[int, str] = {}
+
+    def work(n):
+        for _ in range(20):  # the fixture's queue holds 1: retry a 429
+            try:
+                parts = server.client.completions.create(model="tiny", prompt=prompts[n], max_tokens=lengths[n],
+                                                         temperature=0, stream=True)
+                got[n] = "".join(p.choices[0].text for p in parts)
+                return
+            except openai.RateLimitError:
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [got.get(n) for n in range(len(prompts))] == solo
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
+def test_the_engine_runs_in_a_torch_free_process_of_its_own_and_its_loss_is_an_error_not_a_hang(tiny_onnx):
+    server = Server(tiny_onnx)
+    try:
+        (engine,) = children(server.process.pid)
+        for pid in (server.process.pid, engine):
+            assert "torch" not in Path(f"/proc/{pid}/maps").read_text(), pid
+        stream = server.client.completions.create(model="tiny", prompt="x", max_tokens=1000, temperature=0,
+                                                  stream=True)
+        next(iter(stream))
+        os.kill(engine, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="the engine process exited"):  # in-band, no hang
+            list(stream)
+        assert get(server.url + "/health")[0] == 503
+    finally:
+        code, output = server.stop()
+    assert code == 0, output
+
+
 @pytest.mark.slow
 def test_load_bench_runs_and_writes_json(tiny_onnx, tmp_path):
     out = tmp_path / "serve.json"
