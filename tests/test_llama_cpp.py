@@ -84,7 +84,7 @@ def test_llama_cpp_f32_generates_our_tokens_with_our_logits(windowless, tmp_path
     f32 = LlamaCpp(build_gguf(windowless, tmp_path, "f32"), threads=2, n_ctx=64)
     assert f32.greedy(prompts, 24) == ours
     theirs = f32.teacher_forced(prompts, ours)
-    assert max(float(np.abs(a - b).max()) for a, b in zip(theirs, our_logits)) <= 1e-4
+    assert max(float(np.abs(a - b).max()) for a, b in zip(theirs, our_logits)) <= 1e-4  # measured 4.5e-6
     f32.close()
     q8 = LlamaCpp(build_gguf(windowless, tmp_path, "q8_0", threads=2), threads=2, n_ctx=64)
     cost = quantization_cost("q8_0", "f32", q8.teacher_forced(prompts, ours), theirs, [])
@@ -93,6 +93,7 @@ def test_llama_cpp_f32_generates_our_tokens_with_our_logits(windowless, tmp_path
     assert (tmp_path / "gguf-q8_0.gguf").stat().st_size < 0.4 * (tmp_path / "gguf-f32.gguf").stat().st_size
 
 
+@pytest.mark.slow  # ~25 s
 @needs_llama_cpp
 def test_bench_times_llama_cpp_per_gguf_type(windowless, tmp_path):
     report = tmp_path / "bench.json"
