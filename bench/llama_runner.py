@@ -1,7 +1,9 @@
 """llama.cpp run through its C API (llama-cpp-python's ctypes binding): greedy tokens and logits, as ours are.
 
-One model (the GGUF file memory-mapped once) and a fresh context for every sequence, so nothing
-of an earlier prompt is reused. The prompt goes in as one batch with logits wanted for every row:
+One model, read into memory once (llama.cpp's --no-mmap: a memory-mapped file's pages can be pushed
+out of the page cache by other processes and read back from disk mid-decode; ORT's backend keeps its
+weights resident too), and a fresh context for every sequence, so nothing of an earlier prompt is
+reused. The prompt goes in as one batch with logits wanted for every row:
 otherwise llama.cpp runs its last layer's attention output and MoE only for the rows whose logits
 are wanted (the last one), work our graphs and transformers do, and a time to first token without
 it would not compare (on a 1-layer model it skips nearly all of prefill). Then one token per
@@ -30,7 +32,9 @@ class LlamaCpp:
         if _QUIET is None:
             _QUIET = lc.llama_log_callback(lambda level, text, data: None)
             lc.llama_log_set(_QUIET, None)
-        self.model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+        model_params = lc.llama_model_default_params()
+        model_params.use_mmap = False
+        self.model = lc.llama_model_load_from_file(str(path).encode(), model_params)
         if not self.model:
             raise GgufError(f"{path}: llama.cpp could not load it")
         self.vocab_size = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self.model))
