@@ -1,13 +1,15 @@
 """What int8/int4 weights cost on a model too big to verify with eager: quantized ORT artifacts vs the float one.
 
     python3 bench/quant_fidelity.py FLOAT_ARTIFACT QUANTIZED_ARTIFACT... [--prompts 2] [--steps 32]
+                                    [--save-reference REF.npz]
 
 `verify` on a quantized artifact needs eager twice (dequantized and float weights) beside ORT: three
 copies of the weights, too many for a mixtral-shaped model on a 24 GiB machine. This opens only ONNX
 Runtime artifacts of the same checkpoint, one at a time: the float one generates greedy
 continuations of random prompts, every artifact is teacher-forced through them, and each
 quantized one is reported against the float one with verify's own measures (top-1 agreement, mean
-and p99 KL of the next-token distribution, first greedy divergence).
+and p99 KL of the next-token distribution, first greedy divergence). --save-reference keeps the prompts, the float artifact's greedy continuation and its
+teacher-forced logits, so llama.cpp is measured on the same steps (bench/llama_fidelity.py).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--prompt-length", type=int, default=24)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--save-reference", type=Path, help="write prompts, continuation and fp32 logits here (.npz)")
     args = parser.parse_args()
 
     backend, manifest = open_backend(args.float_artifact, "ort")
@@ -38,6 +41,8 @@ def main() -> None:
     prompts = [rng.integers(3, manifest.shapes.vocab_size, args.prompt_length).tolist() for _ in range(args.prompts)]
     continuation = greedy(backend, prompts, args.steps)
     reference = teacher_forced(backend, prompts, continuation)
+    if args.save_reference:
+        save_reference(args.save_reference, prompts, continuation, reference)
     del backend
     report = []
     for artifact in args.quantized:
@@ -54,6 +59,15 @@ def main() -> None:
         report.append(row)
     print(json.dumps({"prompts": len(prompts), "prompt_length": args.prompt_length, "steps": args.steps,
                       "results": report}))
+
+
+def save_reference(path: Path, prompts: list[list[int]], continuation: list[list[int]],
+                   logits: list[np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        np.savez(f, prompts=np.array(prompts), continuation=np.array(continuation),
+                 logits=np.stack(logits))  # (P, L), (P, steps), (P, steps, V)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

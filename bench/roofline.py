@@ -48,3 +48,9 @@ def decode_bytes(config: MixtralConfig, routing: str, kv_positions: int, weights
 def bound_tokens_per_second(bandwidth_gbps: float, config: MixtralConfig, routing: str, kv_positions: int,
                             weights: str = "fp32", block_size: int = 32) -> float:
     return bandwidth_gbps * 1e9 / decode_bytes(config, routing, kv_positions, weights, block_size)
+
+
+def kv_bytes(config: MixtralConfig, kv_positions: int) -> int:
+    """Bytes of a float32 KV cache's keys and values at `kv_positions`, every layer (llama.cpp's, as
+    bench runs it; its weights' bytes come from the GGUF file, bench/gguf.py)."""
+    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * kv_positions * 4

@@ -17,6 +17,8 @@
 
 `weights` adds precision as a dimension: ort-gather runs once per entry (fp32, int8, int4: one
 artifact each, `export --weights`), its bytes per token and bound counted at that precision.
+`gguf` does the same for the llama.cpp runtime (f32, q8_0, q4_0, q4_k_m: one GGUF file each, made
+by llama.cpp's converter and quantizer, bench/gguf.py), its bytes per token read from the file.
 
 Numbers are medians with min/max over all repeats. On a shared machine another job's burst can
 slow one runtime and not the next: `rounds` > 1 runs steps 2-3 again, interleaved (A B C A B C),
@@ -39,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python3 bench/run.py` puts bench/, not the repo, on the path
     sys.path.insert(0, str(REPO))
 
+from bench.gguf import TYPES as GGUF_TYPES  # noqa: E402
+from bench.gguf import decode_weight_bytes, gguf_path  # noqa: E402
 from bench.models import BenchError, BenchModel, artifact_path, bench_model, build, folder_bytes  # noqa: E402
 from bench.roofline import WEIGHTS  # noqa: E402
 from bench.summary import merge, pooled_bandwidth, summarise  # noqa: E402
@@ -69,6 +73,8 @@ class BenchOptions:
     weights: tuple[str, ...] = ("fp32",)  # ort-gather once per precision (bench/roofline.py WEIGHTS)
     block_size: int = 32  # int8/int4 quantization block
     ort_spin: bool = False  # OrtBackend's default; True lets ORT's threads spin between ops, as OpenMP's do
+    gguf: tuple[str, ...] = ("f32",)  # llama.cpp once per GGUF type (bench/gguf.py TYPES)
+    llama_converter: Path | None = None  # llama.cpp's convert_hf_to_gguf.py; None = $MIXTRAL_EXPORT_LLAMA_CONVERTER
 
     def resolved(self) -> "BenchOptions":
         contexts, steps, repeats = DEFAULTS.get(self.model, OTHER_DEFAULTS)
@@ -90,6 +96,11 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
         raise BenchError(f"unknown weights {', '.join(bad) or '(none)'} (one of {', '.join(WEIGHTS)})")
     if options.weights != ("fp32",) and "ort-gather" not in options.runtimes:
         raise BenchError("--weights int8/int4 apply to ort-gather; add it to --runtimes")
+    bad = [t for t in options.gguf if t not in GGUF_TYPES]
+    if bad or not options.gguf:
+        raise BenchError(f"unknown GGUF type {', '.join(bad) or '(none)'} (one of {', '.join(GGUF_TYPES)})")
+    if options.gguf != ("f32",) and "llama.cpp" not in options.runtimes:
+        raise BenchError("--gguf types apply to llama.cpp; add it to --runtimes")
     options.work_dir.mkdir(parents=True, exist_ok=True)
     model = bench_model(options.model, options.layers, options.work_dir)
     slots = options.cache_slots or (None,)
@@ -100,12 +111,19 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
     if "compiled" in runtimes and not (REPO / "runtimes" / "compiled.py").is_file():
         say("skipping compiled: runtimes/compiled.py is not there")
         runtimes.remove("compiled")
-    precisions = {r: (options.weights if r == "ort-gather" else ("fp32",)) for r in runtimes}
+    precisions = {r: {"ort-gather": options.weights, "llama.cpp": options.gguf}.get(r, ("fp32",)) for r in runtimes}
     artifacts = [(OURS[r], s, w, options.block_size) for r in runtimes if r.startswith("ort") for s in shapes
                  for w in precisions[r]]
     build(options.model, options.layers, options.work_dir, artifacts, say)
-    jobs = [job(options, model, runtime, s, artifact_path(model, OURS[runtime], s, w, options.block_size)
-                if runtime.startswith("ort") else None, len(shapes) > 1, w)
+    for kind in precisions.get("llama.cpp", ()):
+        build_gguf(options, model, kind, say)
+
+    def artifact(runtime: str, s, w: str) -> Path | None:
+        if runtime.startswith("ort"):
+            return artifact_path(model, OURS[runtime], s, w, options.block_size)
+        return gguf_path(model.folder, w) if runtime == "llama.cpp" else None
+
+    jobs = [job(options, model, runtime, s, artifact(runtime, s, w), len(shapes) > 1, w)
             for runtime in runtimes for s in (shapes if runtime in OURS else (None,)) for w in precisions[runtime]]
     probes: list[dict] = []
     results: list[list[dict]] = [[] for _ in jobs]
@@ -129,14 +147,38 @@ def check_contexts(options: BenchOptions, model: BenchModel, shapes: list) -> No
                          f"need {longest} positions; this model and cache serve {min(limits)}")
 
 
+def build_gguf(options: BenchOptions, model: BenchModel, kind: str, say: Callable[[str], None]) -> None:
+    """bench/gguf.py in a child process (llama.cpp's converter and quantizer hold gigabytes while they work)."""
+    command = [sys.executable, "-m", "bench.gguf", str(model.checkpoint), str(model.folder), kind,
+               "--threads", str(options.threads)]
+    if options.llama_converter is not None:
+        command += ["--converter", str(options.llama_converter)]
+    last = ""
+    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as child:
+        for line in child.stderr:
+            if line.startswith("bench: "):
+                say(line.removeprefix("bench: ").rstrip())
+            elif line.strip():
+                last = line.strip()
+    if child.returncode != 0:
+        raise BenchError(last.removeprefix("error: ") or f"making the {kind} GGUF failed: exit code {child.returncode}")
+
+
 def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact: Path | None, many: bool,
         weights: str = "fp32") -> dict:
     """A worker spec: what to load and how to time it."""
     routing = OURS.get(runtime, "gather")  # transformers runs only the routed experts
     label = f"{runtime} S={shapes.cache_slots}" if many and shapes is not None else runtime
-    if len(options.weights) > 1 or weights != "fp32":
-        label += f" {weights}" if runtime == "ort-gather" else ""
-    size = folder_bytes(artifact, (".onnx", ".data")) if artifact else folder_bytes(model.checkpoint, (".safetensors",))
+    if runtime == "llama.cpp" or len(options.weights) > 1 or weights != "fp32":
+        label += f" {weights}" if runtime in ("ort-gather", "llama.cpp") else ""
+    size = (artifact.stat().st_size if runtime == "llama.cpp" else folder_bytes(artifact, (".onnx", ".data"))
+            if artifact else folder_bytes(model.checkpoint, (".safetensors",)))
+    if runtime == "llama.cpp":
+        c = model.config
+        extra = {"decode_weight_bytes": decode_weight_bytes(artifact, c.vocab_size, c.num_experts_per_tok,
+                                                            c.num_local_experts)}
+    else:
+        extra = {}
     return {"runtime": runtime, "label": label, "routing": routing, "weights": weights,
             "block_size": options.block_size,
             "cache_slots": shapes.cache_slots if shapes is not None else None,
@@ -145,7 +187,7 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
             "artifact_bytes": size, "contexts": list(options.contexts), "decode_steps": options.decode_steps,
             "repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
             "ort_spin": options.ort_spin, "seed": options.seed, "vocab_size": model.config.vocab_size,
-            "prefill_chunk": options.prefill_chunk}
+            "prefill_chunk": options.prefill_chunk, **extra}
 
 
 def run_worker(spec: dict, options: BenchOptions, say: Callable[[str], None]) -> dict:

@@ -5,7 +5,7 @@ import os
 import statistics
 
 from bench.models import BenchModel, folder_bytes
-from bench.roofline import bound_tokens_per_second, decode_bytes
+from bench.roofline import decode_bytes, kv_bytes
 
 
 def spread(values: list[float]) -> dict:
@@ -27,6 +27,8 @@ def merge(spec: dict, found: list[dict]) -> dict:
     """One run record from a job's rounds: its samples pooled and summarised, its peak memory the highest."""
     head = {k: spec[k] for k in ("runtime", "label", "routing", "cache_slots", "artifact", "artifact_bytes")}
     head.update(weights=spec.get("weights", "fp32"), block_size=spec.get("block_size", 32))
+    if "decode_weight_bytes" in spec:  # llama.cpp: counted from its GGUF file
+        head["decode_weight_bytes"] = spec["decode_weight_bytes"]
     failed = [r["error"] for r in found if "error" in r]
     if failed:
         return {**head, "error": failed[0]}
@@ -58,9 +60,12 @@ def summarise(settings: dict, model: BenchModel, bandwidth: dict, runs: list[dic
         for point in run.get("contexts", []):
             kv = run["cache_slots"] if run["cache_slots"] is not None else point["context"]
             weights = (run.get("weights", "fp32"), run.get("block_size", 32))
-            point["bytes_per_token"] = decode_bytes(model.config, run["routing"], kv, *weights)
+            if "decode_weight_bytes" in run:
+                point["bytes_per_token"] = run["decode_weight_bytes"] + kv_bytes(model.config, kv)
+            else:
+                point["bytes_per_token"] = decode_bytes(model.config, run["routing"], kv, *weights)
             decode = point["decode_tokens_per_s"]["median"]
-            bound = bound_tokens_per_second(limit, model.config, run["routing"], kv, *weights) if limit else None
+            bound = limit * 1e9 / point["bytes_per_token"] if limit else None
             point["bound_tokens_per_s"], point["fraction_of_bound"] = bound, decode / bound if bound else None
             ref = next((p["decode_tokens_per_s"]["median"] for p in (reference or {}).get("contexts", [])
                         if p["context"] == point["context"]), None)

@@ -4,7 +4,8 @@
 
 A spec's "runtime" is either "bandwidth" (the machine's memory-copy rate) or a runtime to time:
 eager | eager-gather | compiled (the static PyTorch model), ort-dense | ort-gather (an ONNX
-artifact on ONNX Runtime), or transformers (`MixtralForCausalLM.generate` on the checkpoint). Every
+artifact on ONNX Runtime), transformers (`MixtralForCausalLM.generate` on the checkpoint) or
+llama.cpp (a GGUF file of the checkpoint, bench/gguf.py, run by bench/llama_runner.py). Every
 runtime generates greedily from the same random prompts, stamping the clock as each token comes
 out: time to first token = prefill + first sample, decode tokens/s = tokens after the first over the
 time between the first and the last stamp. Warm-up runs (prefill chunk + 2 tokens) come first and
@@ -28,7 +29,7 @@ from bench.load_memory import peak_rss
 # A runtime under test: generate(prompt ids, new tokens) -> (start time, one clock stamp per token).
 Generate = Callable[[list[int], int], tuple[float, list[float]]]
 OURS = {"eager": "dense", "eager-gather": "gather", "compiled": "dense", "ort-dense": "dense", "ort-gather": "gather"}
-RUNTIMES = (*OURS, "transformers")
+RUNTIMES = (*OURS, "transformers", "llama.cpp")
 
 
 def bandwidth(threads: int, size: int = 1 << 30, repeats: int = 7) -> dict:
@@ -131,6 +132,23 @@ def transformers(spec: dict) -> tuple[Generate, dict]:
     return run, {"attention": model.config._attn_implementation}
 
 
+def llama_cpp(spec: dict) -> tuple[Generate, dict]:
+    """llama.cpp on the spec's GGUF file, a fresh context (empty KV cache) for every generation."""
+    from bench.llama_runner import LlamaCpp
+
+    longest = max(spec["contexts"] + [spec["prefill_chunk"]]) + spec["decode_steps"] + 1
+    llama = LlamaCpp(Path(spec["artifact"]), spec["threads"], n_ctx=longest)
+
+    def run(prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
+        stamps: list[float] = []
+        with llama.context() as ctx:
+            start = time.perf_counter()
+            llama.generate(ctx, prompt, new_tokens, on_token=lambda token: stamps.append(time.perf_counter()))
+        return start, stamps
+
+    return run, {"gguf_type": spec["weights"]}
+
+
 def time_generation(run: Generate, spec: dict) -> list[dict]:
     """Per context length, one sample per repeat: time to first token, decode tokens/s; every step's ms."""
     rng = np.random.default_rng(spec["seed"])
@@ -161,7 +179,7 @@ def measure(spec: dict) -> dict:
     load_avg = [os.getloadavg()[0]]
     before = peak_rss()
     start = time.perf_counter()
-    run, info = transformers(spec) if spec["runtime"] == "transformers" else ours(spec)
+    run, info = {"transformers": transformers, "llama.cpp": llama_cpp}.get(spec["runtime"], ours)(spec)
     result = {**info, "load_seconds": time.perf_counter() - start, "peak_rss_at_start_bytes": before,
               "peak_rss_after_load_bytes": peak_rss()}
     result["contexts"] = time_generation(run, spec)

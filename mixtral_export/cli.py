@@ -429,7 +429,7 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           layers: int = typer.Option(1, min=1, help="Layers of the mixtral-shaped model (random fp32 weights)", metavar="N"),
           runtimes: str = typer.Option("eager,ort-dense,ort-gather,compiled,transformers",
                                        help="Comma-separated: eager, eager-gather, compiled, ort-dense, ort-gather, "
-                                            "transformers", metavar="TEXT"),
+                                            "transformers, llama.cpp (needs the llama extra)", metavar="TEXT"),
           contexts: Optional[str] = typer.Option(None, help="Prompt lengths, comma-separated (default: per model)", metavar="TEXT"),
           decode_steps: Optional[int] = typer.Option(None, min=1, help="Decode steps timed per generation", metavar="N"),
           repeats: Optional[int] = typer.Option(None, min=1, help="Generations per context length", metavar="N"),
@@ -447,7 +447,12 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled", metavar="N"),
           weights: str = typer.Option("fp32", help="Precisions of ort-gather, comma-separated: fp32, int8, int4 "
                                                    "(one artifact each)", metavar="TEXT"),
-          block_size: int = typer.Option(32, help="Quantization block of int8/int4 weights", metavar="N")):
+          block_size: int = typer.Option(32, help="Quantization block of int8/int4 weights", metavar="N"),
+          gguf: str = typer.Option("f32", help="GGUF types of llama.cpp, comma-separated: f32, q8_0, q4_0, q4_k_m "
+                                               "(one file each, made by llama.cpp's converter and quantizer)",
+                                   metavar="TEXT"),
+          llama_converter: Optional[Path] = typer.Option(None, help="llama.cpp's convert_hf_to_gguf.py (default: "
+                                                                    "$MIXTRAL_EXPORT_LLAMA_CONVERTER)", metavar="PATH")):
     """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
     root = Path(__file__).resolve().parents[1]
     if not (root / "bench" / "run.py").is_file():
@@ -472,7 +477,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
                            decode_steps=decode_steps, repeats=repeats, warmup=warmup, prefill_chunk=prefill_chunk,
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
                            timeout=timeout, ort_spin=ort_spin, rounds=rounds,
-                           weights=tuple(w.strip() for w in weights.split(",") if w.strip()), block_size=block_size)
+                           weights=tuple(w.strip() for w in weights.split(",") if w.strip()), block_size=block_size,
+                           gguf=tuple(t.strip() for t in gguf.split(",") if t.strip()), llama_converter=llama_converter)
     result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
     if json_path is not None:
         write_report(json_path, result, "bench")

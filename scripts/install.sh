@@ -26,5 +26,6 @@ else
     echo "install: $TORCH, the CPU build from $CPU_INDEX" >&2
     "$PY" -m pip install -q "$TORCH" --index-url "$CPU_INDEX"
 fi
-# EXTRAS adds more: EXTRAS=test,serve,ray,plot bash scripts/install.sh (test already has the server's deps)
+# EXTRAS adds more: EXTRAS=test,serve,ray,plot bash scripts/install.sh (test already has the server's deps);
+# EXTRAS=test,llama adds llama.cpp for bench (llama-cpp-python compiles llama.cpp: minutes, needs a C++ compiler)
 "$PY" -m pip install -q -e ".[${EXTRAS:-test}]"
