@@ -24,12 +24,10 @@ from mixtral_export.config import MixtralConfig  # noqa: E402
 
 
 def main() -> None:
-    import math
-
     import mistral_common
     import torch
 
-    from mixtral_export.tiny import write_checkpoint
+    from mixtral_export.tiny import random_weights, write_checkpoint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -37,28 +35,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     config = MixtralConfig(num_hidden_layers=args.layers, dtype="bfloat16", **MIXTRAL_8X7B)
-    gen = torch.Generator().manual_seed(args.seed)
-    h, i, v, d = config.hidden_size, config.intermediate_size, config.vocab_size, config.head_dim
-    nh, nkv = config.num_attention_heads, config.num_key_value_heads
-
-    def normal(*shape: int, std: float) -> torch.Tensor:
-        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
-
-    out = {"model.embed_tokens.weight": normal(v, h, std=1.0), "model.norm.weight": 1.0 + normal(h, std=0.1),
-           "lm_head.weight": normal(v, h, std=3.0 / math.sqrt(h))}
-    for n in range(config.num_hidden_layers):
-        pre = f"model.layers.{n}"
-        out[f"{pre}.input_layernorm.weight"] = 1.0 + normal(h, std=0.1)
-        out[f"{pre}.post_attention_layernorm.weight"] = 1.0 + normal(h, std=0.1)
-        out[f"{pre}.self_attn.q_proj.weight"] = normal(nh * d, h, std=1.5 / math.sqrt(h))
-        out[f"{pre}.self_attn.k_proj.weight"] = normal(nkv * d, h, std=1.5 / math.sqrt(h))
-        out[f"{pre}.self_attn.v_proj.weight"] = normal(nkv * d, h, std=1.0 / math.sqrt(h))
-        out[f"{pre}.self_attn.o_proj.weight"] = normal(h, nh * d, std=0.5 / math.sqrt(nh * d))
-        out[f"{pre}.block_sparse_moe.gate.weight"] = normal(config.num_local_experts, h, std=2.0 / math.sqrt(h))
-        for e in range(config.num_local_experts):
-            out[f"{pre}.block_sparse_moe.experts.{e}.w1.weight"] = normal(i, h, std=1.0 / math.sqrt(h))
-            out[f"{pre}.block_sparse_moe.experts.{e}.w3.weight"] = normal(i, h, std=1.0 / math.sqrt(h))
-            out[f"{pre}.block_sparse_moe.experts.{e}.w2.weight"] = normal(h, i, std=0.5 / math.sqrt(i))
+    out = random_weights(config, args.seed, dtype=torch.bfloat16)
     tokenizer = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
     write_checkpoint(args.out, config, out, max_shard_bytes=1 << 30, tokenizer_model=tokenizer)
     path = args.out / "config.json"

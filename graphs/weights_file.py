@@ -115,7 +115,7 @@ def write_tensor(tensor, handle, digest, ring: BufferRing) -> int:
     written = 0
     for piece in tensor.pieces() if hasattr(tensor, "pieces") else (tensor,):
         view = memoryview(tensor_bytes(piece)).cast("B")
-        hashing = hasher().submit(digest.update, view)  # sha256 lets go of the GIL: it runs beside the write
+        hashing = one_thread("sha256").submit(digest.update, view)  # sha256 lets go of the GIL: it runs beside the write
         try:
             written += write_all(ring.fd, view, ring.claim(len(view)))
         finally:
@@ -231,12 +231,12 @@ class BufferRing:
     def put(self, view: memoryview) -> None:
         """Hash `view` (of the buffer last taken) and write it at the next offset, on the threads."""
         at = self.claim(len(view))
-        self.pending[self.turn] = [hasher().submit(self.digest.update, view),
-                                   writer().submit(write_all, self.fd, view, at)]
+        self.pending[self.turn] = [one_thread("sha256").submit(self.digest.update, view),
+                                   one_thread("pwrite").submit(write_all, self.fd, view, at)]
 
     def submit(self, task, *args) -> None:
         """Run task(digest, *args) on the hashing thread, in order, in the slot last taken."""
-        self.pending[self.turn] = [hasher().submit(task, self.digest, *args)]
+        self.pending[self.turn] = [one_thread("sha256").submit(task, self.digest, *args)]
 
     def drain(self, quiet: bool = False) -> None:
         """Wait for every hash and write; quiet: whatever they raise (the caller is failing already)."""
@@ -262,30 +262,17 @@ NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, err
 _kernel_copy = hasattr(os, "copy_file_range")
 
 
-def hasher():
-    """The one thread that hashes a piece while the main thread writes it."""
-    global _hasher
-    if _hasher is None:
+def one_thread(name: str):
+    """The one named worker thread ("sha256" hashes a piece, "pwrite" writes a filled buffer) that
+    runs beside the main thread while it fills the next."""
+    if name not in _threads:
         from concurrent.futures import ThreadPoolExecutor
 
-        _hasher = ThreadPoolExecutor(1, thread_name_prefix="sha256")
-    return _hasher
+        _threads[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
+    return _threads[name]
 
 
-_hasher = None
-
-
-def writer():
-    """The one thread that writes a filled buffer while the main thread fills the next."""
-    global _writer
-    if _writer is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _writer = ThreadPoolExecutor(1, thread_name_prefix="pwrite")
-    return _writer
-
-
-_writer = None
+_threads: dict = {}
 
 
 def release_freed_memory() -> None:

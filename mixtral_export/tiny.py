@@ -30,14 +30,16 @@ TINY_CONFIG = MixtralConfig(
 )
 
 
-def random_weights(config: MixtralConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Per-expert-layout tensors (as save_pretrained names them) with decisive scales."""
+def random_weights(config: MixtralConfig, seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Per-expert-layout tensors (as save_pretrained names them) with decisive scales, each cast to
+    `dtype` as it is drawn (bench/bf16_checkpoint.py: never the whole model in float32)."""
     gen = torch.Generator().manual_seed(seed)
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     d, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
 
     def normal(*shape: int, std: float) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * std
+        return (torch.randn(*shape, generator=gen) * std).to(dtype)
 
     def norm_weight() -> torch.Tensor:
         return 1.0 + normal(h, std=0.1)
