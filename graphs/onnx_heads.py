@@ -14,7 +14,7 @@ from typing import Callable
 
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
-from graphs.onnx_export import GRAPH_NAME, check_onnx_file, export_config, fake_parameters, save_graph, trace
+from graphs.onnx_export import DATA_NAME, GRAPH_NAME, check_onnx_file, export_config, fake_parameters, save_graph, trace
 from graphs.onnx_moe import lay_out_experts, route_through_moe_nodes
 
 
@@ -38,14 +38,14 @@ def export_head_onnx(checkpoint_folder: str | Path, out_dir: str | Path, head: s
         say(f"exporting the {shapes.head} head {GRAPH_NAME} (opset {opset}, B={batch}, T={seq_len}, {routing} MoE) "
             f"with placeholder weights")
         try:
-            export_head_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=reader.read, progress=say)
+            data = export_head_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=reader.read, progress=say)
         except ExportError as error:  # name the artifact's files where the user will look for them
             raise ExportError(str(error).replace(str(tmp), str(out))) from None
         say("checking the graph")
         check_head_graph(tmp / GRAPH_NAME, shapes)
-        say("hashing files and writing the manifest")
+        say("writing the manifest")
         finish(tmp, checkpoint, config, kind="onnx", shapes=shapes, graphs={"head": GRAPH_NAME}, opset=opset,
-               routing=routing, labels=labels)
+               routing=routing, labels=labels, hashed={DATA_NAME: data} if data is not None else None)
     say(f"wrote {out}")
     return out
 
