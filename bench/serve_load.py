@@ -10,7 +10,9 @@ machine's load, which on a shared machine moves more than the speedup), time to 
 inter-token latency p50 / p99 (streamed chunks), failures, and how many continuous-batching
 completions differ from the serialized (= solo) run of the same request, and the CPU time per
 generated token of each server's HTTP front and engine process (from /proc: load-independent
-where wall-clock rates are not). `--stream-interval N` starts both servers with it (a chunk per N
+where wall-clock rates are not). The clients are lean, since they run on the servers' cores: C
+connections on one uvloop event loop in this process, raw HTTP/1.1, each reply kept as bytes with
+its arrival times and parsed after the round's clock stops. `--stream-interval N` starts both servers with it (a chunk per N
 tokens after the first: inter-token latency is then per chunk); `--in-process` runs both with the
 engine on a thread of the HTTP process; `--lock FILE` holds a flock on FILE for each round only.
 
@@ -19,6 +21,8 @@ engine on a thread of the HTTP process; `--lock FILE` holds a flock on FILE for 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import bisect
 import contextlib
 import fcntl
 import http.client
@@ -29,7 +33,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,63 +93,112 @@ class ServerProcess:
         self.process.wait(60)
 
 
-def one_request(port: int, prompt: list[int], max_tokens: int) -> Outcome:
-    """A streamed greedy completion; time to first chunk, gaps between chunks, usage tokens."""
+class Exchange(asyncio.Protocol):
+    """One HTTP/1.1 exchange on a connection of its own: the raw reply and when each piece arrived.
+    Nothing is parsed while the load runs (`reply` does it after), so the clients' own CPU, on the
+    cores the servers use, is a socket read and a timestamp per chunk."""
+
+    def __init__(self, request: bytes):
+        self.request, self.raw, self.arrivals = request, bytearray(), []  # arrivals: (seconds, bytes so far)
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport) -> None:
+        transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.raw += data
+        self.arrivals.append((time.perf_counter(), len(self.raw)))
+
+    def connection_lost(self, error) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+async def exchange(port: int, prompt: list[int], max_tokens: int) -> tuple[float, Exchange | str]:
+    """A streamed greedy completion, sent with `Connection: close` (the server ends the reply by closing)."""
     body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True, "stream_options": {"include_usage": True}})
+                       "stream": True, "stream_options": {"include_usage": True}}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     started = time.perf_counter()
     try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-        reply = connection.getresponse()
-        if reply.status != 200:
-            return Outcome(False, error=f"HTTP {reply.status}: {reply.read()[:200]!r}")
-        outcome, last, pending = Outcome(True), None, b""
-        while data := reply.read1(1 << 16):  # whatever has arrived: events that came together, together
-            now = time.perf_counter()
-            *events, pending = (pending + data).split(b"\n\n")
-            for event in events:
-                if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                    continue
-                chunk = json.loads(event[6:])
-                if chunk.get("usage"):
-                    outcome.tokens = chunk["usage"]["completion_tokens"]
-                elif chunk.get("error"):
-                    return Outcome(False, error=str(chunk["error"]))
-                elif chunk["choices"] and chunk["choices"][0]["text"]:
-                    if last is None:
-                        outcome.ttft = now - started
-                    else:
-                        outcome.gaps.append(now - last)
-                    last = now
-                    outcome.text += chunk["choices"][0]["text"]
-        connection.close()
-        return outcome
-    except (OSError, ValueError, http.client.HTTPException) as error:
-        return Outcome(False, error=f"{type(error).__name__}: {error}")
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.create_connection(lambda: Exchange(head + body), "127.0.0.1", port)
+        await asyncio.wait_for(protocol.done, 600)
+        transport.close()
+        return started, protocol
+    except (OSError, asyncio.TimeoutError) as error:
+        return started, f"{type(error).__name__}: {error}"
+
+
+def reply(started: float, done: Exchange | str) -> Outcome:
+    """Parse one finished exchange: HTTP status, chunked body, SSE events; time to first text chunk
+    and gaps between text chunks from when the bytes that complete each one arrived."""
+    if isinstance(done, str):
+        return Outcome(False, error=done)
+    raw = bytes(done.raw)
+    head, separator, rest = raw.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return Outcome(False, error=f"no HTTP reply: {raw[:200]!r}")
+    if status != 200:
+        return Outcome(False, error=f"HTTP {status}: {rest[:200]!r}")
+    offset, payloads = len(head) + len(separator), []  # (payload, offset in raw where it ends)
+    while True:  # Transfer-Encoding: chunked
+        line_end = raw.find(b"\r\n", offset)
+        size = int(raw[offset:line_end].split(b";")[0] or b"x", 16) if line_end >= 0 else -1
+        if size < 0 or line_end + 2 + size > len(raw):
+            return Outcome(False, error="the reply ended early")
+        if size == 0:
+            break
+        payloads.append((raw[line_end + 2:line_end + 2 + size], line_end + 2 + size))
+        offset = line_end + 4 + size
+    received = [length for _, length in done.arrivals]
+    outcome, last, pending = Outcome(True), None, b""
+    for payload, ends_at in payloads:
+        now = done.arrivals[bisect.bisect_left(received, ends_at)][0]
+        *events, pending = (pending + payload).split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                continue
+            chunk = json.loads(event[6:])
+            if chunk.get("usage"):
+                outcome.tokens = chunk["usage"]["completion_tokens"]
+            elif chunk.get("error"):
+                return Outcome(False, error=str(chunk["error"]))
+            elif chunk["choices"] and chunk["choices"][0]["text"]:
+                if last is None:
+                    outcome.ttft = now - started
+                else:
+                    outcome.gaps.append(now - last)
+                last = now
+                outcome.text += chunk["choices"][0]["text"]
+    return outcome
 
 
 def load(port: int, workload: list[tuple[list[int], int]], clients: int) -> tuple[list[Outcome], float]:
-    """`clients` threads take the workload's requests in order until none is left; outcomes, wall seconds."""
-    outcomes: list[Outcome | None] = [None] * len(workload)
-    next_index, lock = [0], threading.Lock()
+    """`clients` concurrent connections on one event loop take the workload's requests in order until
+    none is left; outcomes (parsed after the clock stops), wall seconds."""
 
-    def client():
-        while True:
-            with lock:
-                index = next_index[0]
-                next_index[0] += 1
-            if index >= len(workload):
-                return
-            outcomes[index] = one_request(port, *workload[index])
+    async def drive():
+        done: list = [None] * len(workload)
+        todo = iter(enumerate(workload))
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return outcomes, time.perf_counter() - started
+        async def client():
+            for index, (prompt, max_tokens) in todo:
+                done[index] = await exchange(port, prompt, max_tokens)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return done, time.perf_counter() - started
+
+    try:
+        import uvloop  # what the servers run on (the serve extra): a lighter loop than asyncio's
+        done, seconds = uvloop.run(drive())
+    except ImportError:
+        done, seconds = asyncio.run(drive())
+    return [reply(*d) for d in done], seconds
 
 
 @contextlib.contextmanager
