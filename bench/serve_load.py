@@ -11,8 +11,8 @@ inter-token latency p50 / p99 (streamed chunks), failures, and how many continuo
 completions differ from the serialized (= solo) run of the same request, and the CPU time per
 generated token of each server's HTTP front and engine process (from /proc: load-independent
 where wall-clock rates are not). The clients are lean, since they run on the servers' cores: C
-connections on one uvloop event loop in this process, raw HTTP/1.1, each reply kept as bytes with
-its arrival times and parsed after the round's clock stops. `--stream-interval N` starts both servers with it (a chunk per N
+keep-alive connections on one uvloop event loop in this process, raw HTTP/1.1, each reply kept as
+bytes with its arrival times and parsed after the round's clock stops. `--stream-interval N` starts both servers with it (a chunk per N
 tokens after the first: inter-token latency is then per chunk); `--in-process` runs both with the
 engine on a thread of the HTTP process; `--lock FILE` holds a flock on FILE for each round only.
 
@@ -93,50 +93,63 @@ class ServerProcess:
         self.process.wait(60)
 
 
-class Exchange(asyncio.Protocol):
-    """One HTTP/1.1 exchange on a connection of its own: the raw reply and when each piece arrived.
-    Nothing is parsed while the load runs (`reply` does it after), so the clients' own CPU, on the
-    cores the servers use, is a socket read and a timestamp per chunk."""
+class Connection(asyncio.Protocol):
+    """One client's keep-alive HTTP/1.1 connection (as the openai client's pool keeps one): per
+    exchange, the raw reply and when each piece of it arrived. Nothing is parsed while the load runs
+    (`reply` does it after), so the clients' own CPU, on the cores the servers use, is a socket read,
+    a timestamp and an end-of-reply check per chunk."""
 
-    def __init__(self, request: bytes):
-        self.request, self.raw, self.arrivals = request, bytearray(), []  # arrivals: (seconds, bytes so far)
-        self.done = asyncio.get_running_loop().create_future()
+    def __init__(self):
+        self.transport, self.raw, self.arrivals, self.done, self.length = None, bytearray(), [], None, None
 
     def connection_made(self, transport) -> None:
-        transport.write(self.request)
+        self.transport = transport
+
+    def send(self, request: bytes) -> asyncio.Future:
+        self.raw, self.arrivals, self.length = bytearray(), [], None  # (seconds, bytes so far)
+        self.done = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return self.done
 
     def data_received(self, data: bytes) -> None:
         self.raw += data
         self.arrivals.append((time.perf_counter(), len(self.raw)))
+        if self.length is None and (end := self.raw.find(b"\r\n\r\n")) >= 0:  # the head is in: how it ends
+            head = bytes(self.raw[:end]).lower()
+            self.length = -1 if b"transfer-encoding: chunked" in head else end + 4 + int(
+                (head.split(b"content-length:", 1)[1:] or [b"0"])[0].split(b"\r\n")[0])
+        if self.length is not None and (self.raw.endswith(b"\r\n0\r\n\r\n") if self.length < 0
+                                        else len(self.raw) >= self.length):
+            self.done.set_result(True)
 
     def connection_lost(self, error) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+        self.transport = None
+        if self.done is not None and not self.done.done():
+            self.done.set_result(False)
 
 
-async def exchange(port: int, prompt: list[int], max_tokens: int) -> tuple[float, Exchange | str]:
-    """A streamed greedy completion, sent with `Connection: close` (the server ends the reply by closing)."""
+async def exchange(port: int, connection: Connection, prompt: list[int], max_tokens: int) -> tuple[float, bytes, list]:
+    """A streamed greedy completion on `connection` (reconnected if the server closed it): its start
+    time, raw reply and arrivals, or an error string in place of the reply."""
     body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True}}).encode()
     head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
     started = time.perf_counter()
     try:
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_connection(lambda: Exchange(head + body), "127.0.0.1", port)
-        await asyncio.wait_for(protocol.done, 600)
-        transport.close()
-        return started, protocol
+        if connection.transport is None:
+            await asyncio.get_running_loop().create_connection(lambda: connection, "127.0.0.1", port)
+        complete = await asyncio.wait_for(connection.send(head + body), 600)
+        return started, bytes(connection.raw) if complete else "the server closed the connection", connection.arrivals
     except (OSError, asyncio.TimeoutError) as error:
-        return started, f"{type(error).__name__}: {error}"
+        return started, f"{type(error).__name__}: {error}", []
 
 
-def reply(started: float, done: Exchange | str) -> Outcome:
+def reply(started: float, raw: bytes | str, arrivals: list[tuple[float, int]]) -> Outcome:
     """Parse one finished exchange: HTTP status, chunked body, SSE events; time to first text chunk
     and gaps between text chunks from when the bytes that complete each one arrived."""
-    if isinstance(done, str):
-        return Outcome(False, error=done)
-    raw = bytes(done.raw)
+    if isinstance(raw, str):
+        return Outcome(False, error=raw)
     head, separator, rest = raw.partition(b"\r\n\r\n")
     try:
         status = int(head.split(b" ", 2)[1])
@@ -154,10 +167,10 @@ def reply(started: float, done: Exchange | str) -> Outcome:
             break
         payloads.append((raw[line_end + 2:line_end + 2 + size], line_end + 2 + size))
         offset = line_end + 4 + size
-    received = [length for _, length in done.arrivals]
+    received = [length for _, length in arrivals]
     outcome, last, pending = Outcome(True), None, b""
     for payload, ends_at in payloads:
-        now = done.arrivals[bisect.bisect_left(received, ends_at)][0]
+        now = arrivals[bisect.bisect_left(received, ends_at)][0]
         *events, pending = (pending + payload).split(b"\n\n")
         for event in events:
             if not event.startswith(b"data: ") or event == b"data: [DONE]":
@@ -178,7 +191,7 @@ def reply(started: float, done: Exchange | str) -> Outcome:
 
 
 def load(port: int, workload: list[tuple[list[int], int]], clients: int) -> tuple[list[Outcome], float]:
-    """`clients` concurrent connections on one event loop take the workload's requests in order until
+    """`clients` concurrent keep-alive connections on one event loop take the workload's requests in order until
     none is left; outcomes (parsed after the clock stops), wall seconds."""
 
     async def drive():
@@ -186,8 +199,11 @@ def load(port: int, workload: list[tuple[list[int], int]], clients: int) -> tupl
         todo = iter(enumerate(workload))
 
         async def client():
+            connection = Connection()
             for index, (prompt, max_tokens) in todo:
-                done[index] = await exchange(port, prompt, max_tokens)
+                done[index] = await exchange(port, connection, prompt, max_tokens)
+            if connection.transport is not None:
+                connection.transport.close()
 
         started = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(clients)))
