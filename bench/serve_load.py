@@ -12,9 +12,10 @@ completions differ from the serialized (= solo) run of the same request, and the
 generated token of each server's HTTP front and engine process (from /proc: load-independent
 where wall-clock rates are not). The clients are lean, since they run on the servers' cores: C
 keep-alive connections on one uvloop event loop in this process, raw HTTP/1.1, each reply kept as
-bytes with its arrival times and parsed after the round's clock stops. `--stream-interval N` starts both servers with it (a chunk per N
-tokens after the first: inter-token latency is then per chunk); `--in-process` runs both with the
-engine on a thread of the HTTP process; `--lock FILE` holds a flock on FILE for each round only.
+bytes with its arrival times and parsed after the round's clock stops. `--stream-interval N`
+starts both servers with it (a chunk per N tokens after the first: inter-token latency is then per
+chunk); `--in-process` runs both with the engine on a thread of the HTTP process; `--lock FILE`
+holds a flock on FILE for each round only.
 
     python3 bench/serve_load.py out/tiny-b4 --clients 1,2,4,8,16 --requests 32 --rounds 6 --threads 1 --json out/serve.json --plot out/serve.png
 """
