@@ -34,8 +34,10 @@ block (mixtral_export/model.py, which knows nothing of ONNX) call `moe_node`, a
 `torch.onnx.ops.symbolic` op that the exporter writes as this node, with the model's own w13/w2
 parameters as fc1/fc2. `lay_out_experts` then swaps each for a lazy tensor
 that yields the sliced, interleaved layout when the file is saved, reading the parameter from the
-checkpoint only then (graphs/placeholder_weights.py) one virtual expert at a time (w2: one layer's
-w2 at a time, see `expert_slices`); the graph has no reshuffling ops for ONNX Runtime to fold at load.
+checkpoint only then (graphs/placeholder_weights.py): as byte ranges of the checkpoint when it
+holds the experts in the graph's dtype (`expert_pieces`), else one virtual expert at a time (w2:
+one layer's w2 at a time, see `expert_slices`); the graph has no reshuffling ops for ONNX Runtime
+to fold at load.
 (A torch custom op with an onnxscript translation would work too, but still needs this weight
 pass and adds an op registry.)
 """
