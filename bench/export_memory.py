@@ -1,14 +1,24 @@
-"""Peak memory and time of an ONNX export against the model's size, next to a plain copy of its bytes.
+"""Peak memory and time of an ONNX export against the model's size, next to plain copies of its bytes.
 
-For each layer count, writes a checkpoint with Mixtral 8x7B dimensions (zeroed weights, written
-shard by shard so the benchmark itself stays small; 1 GiB shards like the real one), copies its
-shards with plain file copies (the same number of bytes, read and written once), exports it in a
-fresh process (peak RSS = its VmHWM, time = wall time of export_onnx), copies the shards again
-(copy, export, copy: interleaved; each after a sync, so none starts with another's write-back
-pending), removing each output at once and everything before the next count, so the disk holds
-one model and one export (or copy) at a time.
+For each layer count, writes a checkpoint with Mixtral 8x7B dimensions (random bf16 values, written
+shard by shard so the benchmark itself stays small; 1 GiB shards like the real one), then, each
+after a sync, with every output removed at once (the disk holds the checkpoint and one export or
+copy at a time):
+
+1. a plain copy of its shards (shutil, the kernel's copy) after evicting them from the page cache:
+   the copy reads the disk, as any copy of a checkpoint larger than the page cache does;
+2. the export in a fresh process (peak RSS = its VmHWM, time = wall time of export_onnx), with
+   the checkpoint read into the page cache first when it fits in half the available memory (else
+   evicted: it reads the disk; the row says which);
+3. a plain copy served from the page cache, shard by shard (each read through first, untimed),
+   and sha256 of the same warm bytes alone: the memory-speed floor.
+
+Write / copy is reported against both copies. To keep the checkpoint's writing out of a
+measurement (8 layers: 23 GB), write it once, then measure on it, one routing per command:
 
     python3 bench/export_memory.py --layers 1,2,4 --dtype bfloat16 [--routing dense] [--dir DIR]
+    python3 bench/export_memory.py --write-checkpoint DIR/ckpt8 --layers 8      # not a measurement
+    python3 bench/export_memory.py --checkpoint DIR/ckpt8 --routing gather --dir DIR
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.load_memory import MIXTRAL_8X7B  # noqa: E402
 
 SHARD_BYTES = 1 << 30
-ZEROS = bytes(64 << 20)
+POOL_BYTES = 64 << 20  # the random values every tensor's bytes are cut from
 
 EXPORT = """
 import json, sys, time
@@ -41,7 +52,7 @@ stages = {}
 def note(line):  # when the weights start and stop being written
     stages.setdefault("write" if line.startswith("writing model.onnx.data") else line.split()[0], time.perf_counter())
 start = time.perf_counter()
-export_onnx(sys.argv[1], sys.argv[2], dtype=None, batch=1, prefill_chunk=16, routing=sys.argv[3], progress=note)
+export_onnx(sys.argv[1], sys.argv[2], dtype=sys.argv[5], batch=1, prefill_chunk=16, routing=sys.argv[3], progress=note)
 end = time.perf_counter()
 print(json.dumps({"seconds": end - start, "peak": peak_rss(), "trace_seconds": stages["write"] - start,
                   "write_seconds": stages["checking"] - stages["write"]}))
@@ -73,11 +84,20 @@ def checkpoint_tensors(layers: int, h: int, i: int, v: int, e: int, kv: int) -> 
 
 
 def write(folder: Path, layers: int, dtype: str) -> int:
-    """A zeroed mixtral-shaped checkpoint, written 64 MiB at a time; returns the weights' bytes."""
+    """A mixtral-shaped checkpoint, written 64 MiB at a time; returns the weights' bytes.
+
+    Its values are normal(0, 0.02) in `dtype`, one 64 MiB pool of them cut at a different place
+    for each tensor: not zeros, which a virtual disk may store as holes (reads and writes that
+    never reach the disk), and no two tensors alike."""
+    import torch
+
     from mixtral_export.config import MixtralConfig
 
     config = MixtralConfig(num_hidden_layers=layers, dtype=dtype, **MIXTRAL_8X7B)
     item, code = {"float32": (4, "F32"), "float16": (2, "F16"), "bfloat16": (2, "BF16")}[dtype]
+    torch_dtype = getattr(torch, dtype)
+    pool = (torch.randn(POOL_BYTES // item, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch_dtype)
+    pool = memoryview(torch.cat([pool, pool]).view(torch.uint8).numpy())  # (2 * POOL_BYTES,): any cut of POOL_BYTES
     shapes = checkpoint_tensors(layers, config.hidden_size, config.intermediate_size, config.vocab_size,
                                 config.num_local_experts, config.num_key_value_heads * config.head_dim)
     shards, size = [[]], 0
@@ -101,8 +121,10 @@ def write(folder: Path, layers: int, dtype: str) -> int:
         raw = json.dumps(header).encode()
         with open(folder / file, "wb") as handle:
             handle.write(struct.pack("<Q", len(raw)) + raw)
-            while offset > 0:
-                offset -= handle.write(ZEROS[:min(offset, len(ZEROS))])
+            for name in names:
+                left, cut = math.prod(shapes[name]) * item, zlib.crc32(name.encode()) % (POOL_BYTES // item) * item
+                while left > 0:
+                    left -= handle.write(pool[cut:cut + min(left, POOL_BYTES)])
     total = sum(math.prod(shape) * item for shape in shapes.values())
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
@@ -110,53 +132,111 @@ def write(folder: Path, layers: int, dtype: str) -> int:
     return total
 
 
-def measure(folder: Path, layers: int, dtype: str, routing: str) -> dict:
-    """One run: a plain copy, the export, a plain copy again (interleaved: the page cache's
-    write-back swings a copy's time 3x from minute to minute), each output removed at once."""
+def measure(folder: Path, layers: int, dtype: str, routing: str, checkpoint: Path | None = None) -> dict:
+    """One row: a plain copy of the checkpoint's shards that reads the disk, the export, a plain copy
+    served from the page cache; each output removed at once. The checkpoint is written first and
+    removed after, unless `checkpoint` names one to use (and keep)."""
     repo = str(Path(__file__).resolve().parents[1])
-    checkpoint, art = folder / "checkpoint", folder / "onnx"
-    weights = write(checkpoint, layers, dtype)
-    before, copied = plain_copy(checkpoint, folder / "copy")
-    os.sync()
-    done = subprocess.run([sys.executable, "-c", EXPORT, str(checkpoint), str(art), routing, repo],
+    art = folder / "onnx"
+    written_here = checkpoint is None
+    if written_here:
+        checkpoint = folder / "checkpoint"
+        weights = write(checkpoint, layers, dtype)
+    else:
+        weights = sum(shard.stat().st_size for shard in shards(checkpoint))
+    disk, copied = disk_copy(checkpoint, folder / "copy")
+    source = "page cache" if warm(checkpoint) else "disk"  # what the export reads from
+    done = subprocess.run([sys.executable, "-c", EXPORT, str(checkpoint), str(art), routing, repo, dtype],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr.strip().splitlines()[-1])
     export = json.loads(done.stdout.strip().splitlines()[-1])
     written = (art / "model.onnx.data").stat().st_size
     shutil.rmtree(art)
-    after, _ = plain_copy(checkpoint, folder / "copy")
-    hash_seconds = sha256_seconds(checkpoint)
-    shutil.rmtree(checkpoint)
+    cached, hash_seconds = page_cache_copy(checkpoint, folder / "copy")
+    if written_here:
+        shutil.rmtree(checkpoint)
     return {"layers": layers, "dtype": dtype, "routing": routing, "weights_bytes": weights,
             "written_bytes": written, "export_seconds": export["seconds"], "export_peak_rss": export["peak"],
             "trace_seconds": export["trace_seconds"], "write_seconds": export["write_seconds"],
-            "copied_bytes": copied, "copy_seconds": [before, after], "sha256_seconds": hash_seconds}
+            "export_reads_from": source, "copied_bytes": copied, "disk_copy_seconds": disk,
+            "page_cache_copy_seconds": cached, "sha256_seconds": hash_seconds, "load_average": os.getloadavg()[0]}
 
 
-def sha256_seconds(checkpoint: Path) -> float:
-    """Seconds to sha256 the checkpoint's shards alone (the hash every export pays and a copy does not)."""
+def shards(checkpoint: Path) -> list[Path]:
+    return sorted(checkpoint.glob("*.safetensors"))
+
+
+def evict(files: list[Path]) -> None:
+    """Drop these files' pages from the page cache (written back first), so the next read is the disk's."""
+    os.sync()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm(checkpoint: Path) -> bool:
+    """Read the checkpoint into the page cache when it fits in half the memory available (the export
+    then reads it from there, as a copy right after downloading would), else evict it: the
+    export reads the disk. Returns whether it is warm."""
+    files = shards(checkpoint)
+    available = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines()
+                         if line.startswith("MemAvailable:"))) * 1024
+    if sum(path.stat().st_size for path in files) > available // 2:
+        evict(files)
+        return False
     buffer = memoryview(bytearray(8 << 20))
-    start = time.perf_counter()
-    for shard in sorted(checkpoint.glob("*.safetensors")):
-        digest = hashlib.sha256()
-        with open(shard, "rb", buffering=0) as handle:
-            while got := handle.readinto(buffer):
-                digest.update(buffer[:got])
-    return time.perf_counter() - start
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+    os.sync()
+    return True
 
 
-def plain_copy(checkpoint: Path, copy: Path) -> tuple[float, int]:
-    """Seconds to copy the checkpoint's shards with shutil (the kernel's copy), and the bytes; removed after."""
+def disk_copy(checkpoint: Path, copy: Path) -> tuple[float, int]:
+    """Seconds to copy the checkpoint's shards with shutil (the kernel's copy) after evicting them
+    from the page cache: the copy reads the disk, as any copy of a checkpoint larger than the
+    page cache does. Returns (seconds, bytes); the copy is removed after."""
     copy.mkdir()
-    os.sync()  # every phase starts with nothing waiting to be written back (the checkpoint just written...)
+    evict(shards(checkpoint))
     start = time.perf_counter()
-    for shard in sorted(checkpoint.glob("*.safetensors")):
+    for shard in shards(checkpoint):
         shutil.copyfile(shard, copy / shard.name)
     seconds = time.perf_counter() - start
     copied = sum(p.stat().st_size for p in copy.iterdir())
     shutil.rmtree(copy)
     return seconds, copied
+
+
+def page_cache_copy(checkpoint: Path, copy: Path) -> tuple[float, float]:
+    """Seconds to copy the checkpoint's shards with shutil when each is in the page cache (read
+    through first, untimed; the copy's write-back is waited for, untimed, before the next shard), and
+    to sha256 the same warm bytes alone (the hash every export pays and a copy does not): the
+    copy at memory speed, which no export of a checkpoint larger than the page cache can see.
+    One shard at a time, each copy removed at once."""
+    copy.mkdir()
+    buffer = memoryview(bytearray(8 << 20))
+    copying = hashing = 0.0
+    for shard in shards(checkpoint):
+        with open(shard, "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
+                pass
+        start = time.perf_counter()
+        shutil.copyfile(shard, copy / shard.name)
+        copying += time.perf_counter() - start
+        start = time.perf_counter()
+        digest = hashlib.sha256()
+        with open(shard, "rb", buffering=0) as handle:
+            while got := handle.readinto(buffer):
+                digest.update(buffer[:got])
+        hashing += time.perf_counter() - start
+        (copy / shard.name).unlink()  # its dirty pages go with it: no write-back left for the next shard
+    copy.rmdir()
+    return copying, hashing
 
 
 def main() -> None:
@@ -166,28 +246,39 @@ def main() -> None:
     parser.add_argument("--routing", default="dense")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--write-checkpoint", type=Path, default=None, metavar="FOLDER",
+                        help="only write a mixtral-shaped checkpoint of --layers layers there (not a measurement)")
+    parser.add_argument("--checkpoint", type=Path, default=None, metavar="FOLDER",
+                        help="measure on this checkpoint (from --write-checkpoint) instead of writing one; kept")
     args = parser.parse_args()
+    if args.write_checkpoint:
+        weights = write(args.write_checkpoint, int(args.layers), args.dtype)
+        print(f"{args.write_checkpoint}: {weights / 1e9:.2f} GB of weights")
+        return
     repo = str(Path(__file__).resolve().parents[1])
     base = int(subprocess.run([sys.executable, "-c", BASELINE, repo], capture_output=True, text=True,
                               check=True).stdout)
+    counts = [json.loads((args.checkpoint / "config.json").read_text())["num_hidden_layers"]] if args.checkpoint \
+        else [int(n) for n in args.layers.split(",")]
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for layers in (int(n) for n in args.layers.split(",")):
-            row = measure(Path(tmp), layers, args.dtype, args.routing)
+        for layers in counts:
+            row = measure(Path(tmp), layers, args.dtype, args.routing, args.checkpoint)
             row["import_baseline_rss"] = base
             rows.append(row)
-            gb = 1e9
-            copies = " / ".join(f"{c:.1f} s" for c in row["copy_seconds"])
-            copy_rates = " / ".join(f"{row['copied_bytes'] / c / 1e6:.0f}" for c in row["copy_seconds"])
-            ratios = " / ".join(f"{row['write_seconds'] / c:.2f}x" for c in row["copy_seconds"])
+            gb, write_s = 1e9, row["write_seconds"]
+            disk, cached = row["disk_copy_seconds"], row["page_cache_copy_seconds"]
             print(f"layers={layers} {args.dtype} {args.routing}: weights {row['weights_bytes'] / gb:.2f} GB, "
                   f"export {row['export_seconds']:.1f} s (trace {row['trace_seconds']:.1f} s, "
-                  f"write {row['written_bytes'] / gb:.2f} GB in {row['write_seconds']:.1f} s = "
-                  f"{row['written_bytes'] / row['write_seconds'] / 1e6:.0f} MB/s); peak RSS "
-                  f"{row['export_peak_rss'] / (1 << 30):.2f} GiB (imports alone {base / (1 << 30):.2f} GiB); "
-                  f"plain copy of {row['copied_bytes'] / gb:.2f} GB before / after the export {copies} "
-                  f"({copy_rates} MB/s); write / copy = {ratios}; sha256 of the same bytes alone "
-                  f"{row['sha256_seconds']:.1f} s", flush=True)
+                  f"write {row['written_bytes'] / gb:.2f} GB in {write_s:.1f} s = "
+                  f"{row['written_bytes'] / write_s / 1e6:.0f} MB/s, reading the checkpoint from the "
+                  f"{row['export_reads_from']}); peak RSS {row['export_peak_rss'] / (1 << 30):.2f} GiB (imports alone "
+                  f"{base / (1 << 30):.2f} GiB); plain copy of the same {row['copied_bytes'] / gb:.2f} GB: "
+                  f"reading the disk {disk:.1f} s ({row['copied_bytes'] / disk / 1e6:.0f} MB/s), "
+                  f"from the page cache {cached:.1f} s ({row['copied_bytes'] / cached / 1e6:.0f} MB/s); "
+                  f"write / copy = {write_s / disk:.2f}x the disk copy, {write_s / cached:.2f}x the page-cache copy; "
+                  f"sha256 of the same bytes alone (page cache) {row['sha256_seconds']:.1f} s; "
+                  f"load average {row['load_average']:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -34,15 +34,17 @@ block (mixtral_export/model.py, which knows nothing of ONNX) call `moe_node`, a
 `torch.onnx.ops.symbolic` op that the exporter writes as this node, with the model's own w13/w2
 parameters as fc1/fc2. `lay_out_experts` then swaps each for a lazy tensor
 that yields the sliced, interleaved layout when the file is saved, reading the parameter from the
-checkpoint only then (graphs/placeholder_weights.py) one virtual expert at a time (w2: one layer's
-w2 at a time, see `expert_slices`); the graph has no reshuffling ops for ONNX Runtime to fold at load.
+checkpoint only then (graphs/placeholder_weights.py): as byte ranges of the checkpoint when it
+holds the experts in the graph's dtype (`expert_pieces`), else one virtual expert at a time (w2:
+one layer's w2 at a time, see `expert_slices`); the graph has no reshuffling ops for ONNX Runtime
+to fold at load.
 (A torch custom op with an onnxscript translation would work too, but still needs this weight
 pass and adds an op registry.)
 """
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from mixtral_export.errors import UserError
 
@@ -154,6 +156,9 @@ def sliced_tensor(source, lay_out, parts: int, shape):
             def chunks(self, limit: int):
                 return expert_chunks(source, lay_out, parts, limit)
 
+            def stored_pieces(self, limit: int):
+                return expert_pieces(source, lay_out, parts, limit)
+
     return SlicedExperts(lambda: ir.tensor_adapters.TorchTensor(lay_out(torch_view(source), parts)),
                          dtype=source.dtype, shape=shape, name=source.name)
 
@@ -214,6 +219,66 @@ def expert_chunks(source, lay_out, parts: int, limit: int):
             for first in range(0, rows, step):
                 block = w2[x, first:first + step, p * units:(p + 1) * units]  # (rows, I/P), strided
                 yield block.numel() * item, lambda dest, block=block: dest.view(block.dtype).view(block.shape).copy_(block)
+
+
+def expert_pieces(source, lay_out, parts: int, limit: int):
+    """The layout of `expert_chunks` as checkpoint byte ranges, when the checkpoint holds `source`
+    as the graph does (same dtype) with each expert's gate, up and w2 rows in one tensor (else
+    None): per run of at most `limit` bytes (one row at least), a list of `Rows` whose rows
+    interleave (row 0 of each, then row 1 of each...). fc1: the gate rows and the up rows of a
+    slice of w13[e]; fc2: the rows of a column slice of w2[e]. A writer hands these to the kernel
+    as they lie (graphs/weights_file.py `write_pieces`: pwritev from a memory map): no read into
+    Python, no layout copy, no layer's w2 in memory.
+    """
+    if not hasattr(source, "stored_span") or source.stored_ranges() is None:
+        return None
+    e, rows, cols = (int(d) for d in source.shape)
+    halves = 2 if lay_out is fc1_slices else 1  # fc1: w13's gate rows, then its up rows
+    blocks = [located(source, (x * rows + half * rows // halves) * cols, rows // halves * cols)
+              for x in range(e) for half in range(halves)]  # (path, byte start) of [gate, up] or w2, per expert
+    if None in blocks:
+        return None
+    return _expert_pieces(source, lay_out, parts, limit, blocks)
+
+
+class Rows(NamedTuple):
+    """`count` runs of `nbytes` bytes of the file at `path`, `stride` bytes apart from `start`."""
+
+    path: str
+    start: int
+    nbytes: int
+    stride: int
+    count: int
+
+
+def located(source, first: int, count: int) -> tuple[str, int] | None:
+    """(path, byte start) of elements [first, first + count) of `source` when one checkpoint
+    tensor holds them as they are, else None."""
+    entries = source.stored_span(first, first + count)
+    return (str(entries[0].path), entries[0].start) if len(entries) == 1 else None
+
+
+def _expert_pieces(source, lay_out, parts: int, limit: int, blocks: list[tuple[str, int]]):
+    e, rows, cols = (int(d) for d in source.shape)
+    item = int(source.dtype.itemsize)
+    if lay_out is fc1_slices:
+        units, row = rows // 2 // parts, cols * item
+        step = max(1, limit // (2 * row))  # row pairs per run
+        for p in range(parts):
+            for x in range(e):
+                for first in range(0, units, step):
+                    pairs = min(step, units - first)
+                    yield [Rows(path, start + (p * units + first) * row, row, row, pairs)  # gate rows, up rows
+                           for path, start in blocks[2 * x:2 * x + 2]]
+        return
+    units = cols // parts
+    step = max(1, limit // (units * item))  # rows of a slice per run
+    for p in range(parts):
+        for x in range(e):
+            path, start = blocks[x]
+            for first in range(0, rows, step):
+                yield [Rows(path, start + (first * cols + p * units) * item, units * item, cols * item,
+                            min(step, rows - first))]
 
 
 def interleave_rows(source, gate: int, up: int, pairs: int, cols: int, dest: torch.Tensor) -> None:

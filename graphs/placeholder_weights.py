@@ -156,7 +156,7 @@ def streamed_tensor(read_span: Callable[..., "torch.Tensor"], dtype, shape, name
     reads any run of its flat elements (graphs/onnx_moe.py lays out expert slices from those). It
     is an onnx_ir LazyTensor, so anything that asks for the values themselves (numpy(), tobytes())
     gets the whole tensor, read then. `stored_ranges()` gives the checkpoint byte ranges that hold
-    it as it is (`stored`), or None.
+    it as it is (`stored`), or None; `stored_span(first, last)` those of a run of its elements.
     """
     import math
 
@@ -183,6 +183,11 @@ def streamed_tensor(read_span: Callable[..., "torch.Tensor"], dtype, shape, name
 
         def stored_ranges(self):
             return stored(0, math.prod(dims)) if stored is not None else None
+
+        def stored_span(self, first: int, last: int):
+            """The checkpoint byte ranges (TensorEntry, in order) holding elements [first, last) as
+            the graph does, or None (graphs/onnx_moe.py writes expert slices from those)."""
+            return stored(first, last) if stored is not None else None
 
         def pieces(self):
             rows = self.shape[0]

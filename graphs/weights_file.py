@@ -6,7 +6,8 @@ the sha256 and released before the next, so peak memory is about one tensor or p
 the model's size. One stored in the checkpoint exactly as the graph holds it is copied file to
 file by the kernel (`copy_range`), hashed from the page cache beside the copy; one that is laid
 out or cast as it is read (`chunks`) fills a ring of reused buffers that a hashing thread and a
-writing thread take over while the next fills (`BufferRing`). The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
+writing thread take over while the next fills (`BufferRing`); one laid out from byte ranges of
+the checkpoint (gathered experts, `stored_pieces`) goes from memory maps to `pwritev`. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
 in graph order, densely packed, the same threshold; so the file is byte for byte what the
 exporter's save writes. The graph then points at the file (offset, length) and is saved
 without weights.
@@ -55,7 +56,8 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
     offset = 0
     report(0)
     try:
-        with open(data_path, "wb", buffering=0) as handle, torch_on_one_thread():  # every write positional
+        # every write positional; read back (mapped) to hash gathered layouts (`BufferRing.put_views`)
+        with open(data_path, "w+b", buffering=0) as handle, torch_on_one_thread(), heap_frozen():
             ring = BufferRing(digest, handle.fileno())
             try:
                 for value in values:
@@ -102,6 +104,20 @@ def torch_on_one_thread():
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def heap_frozen():
+    """Keep the garbage collector off the objects that exist before the file is written (the
+    traced graph: millions): writing a gathered layout makes thousands of views per run, and each
+    collection they trigger used to walk that whole heap (gc was 9% of an export's CPU)."""
+    import gc
+
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def write_tensor(tensor, handle, digest, ring: BufferRing) -> int:
     """Materialise one tensor (a piece at a time when it comes in pieces), write its bytes at the
     ring's offset and hash them; returns the byte count. One stored in the checkpoint as it is
@@ -110,6 +126,9 @@ def write_tensor(tensor, handle, digest, ring: BufferRing) -> int:
     ranges = tensor.stored_ranges() if hasattr(tensor, "stored_ranges") else None
     if ranges:
         return sum(copy_range(entry, handle, ring) for entry in ranges)
+    pieces = tensor.stored_pieces(CHUNK_BYTES) if hasattr(tensor, "stored_pieces") and _gather_write else None
+    if pieces is not None:
+        return write_pieces(pieces, ring)
     if hasattr(tensor, "chunks"):
         return write_chunks(tensor.chunks(CHUNK_BYTES), ring)
     written = 0
@@ -134,6 +153,62 @@ def write_chunks(chunks, ring: BufferRing) -> int:
         ring.put(memoryview(buffer.numpy()))
         written += nbytes
     return written
+
+
+def write_pieces(chunks, ring: BufferRing) -> int:
+    """Write runs of checkpoint byte ranges (a gathered expert layout, graphs/onnx_moe.py
+    `expert_pieces`: per run, [Rows] whose rows interleave): each run's rows are views of a memory
+    map of their shard (page cache, no copy), handed to the kernel in one `pwritev` on the
+    writing thread, then hashed from the data file on the hashing thread, while the next run is
+    mapped. The bytes are
+    copied once, by the kernel, as `copy_range` copies them; the maps go once both threads are
+    done. Returns the byte count."""
+    written = 0
+    for runs in chunks:
+        ring.take(0)  # a free slot: at most RING runs stay mapped
+        views = mapped_rows(runs)
+        ring.put_views(views)
+        written += sum(run.nbytes * run.count for run in runs)
+    return written
+
+
+def mapped_rows(runs) -> list[memoryview]:
+    """A view of every row of `runs` (Rows of one count), interleaved: row 0 of each run, row 1..."""
+    columns = []
+    for run in runs:
+        span = (run.count - 1) * run.stride + run.nbytes
+        with open(run.path, "rb", buffering=0) as source:
+            mapping, skip = mapped(source, run.path, run.start, span)
+        whole = memoryview(mapping)
+        columns.append([whole[at:at + run.nbytes] for at in range(skip, skip + span, run.stride)])
+    return columns[0] if len(columns) == 1 else [view for row in zip(*columns) for view in row]
+
+
+def hash_written(digest, written, fd: int, at: int, nbytes: int) -> None:
+    """digest <- bytes [at, at + nbytes) of the data file `fd`, once the future `written` wrote them."""
+    import mmap
+
+    written.result()
+    aligned = at - at % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(fd, at + nbytes - aligned, offset=aligned, access=mmap.ACCESS_READ) as mapping, \
+            memoryview(mapping) as whole:
+        digest.update(whole[at - aligned:])
+
+
+def write_views(fd: int, views: list[memoryview], offset: int) -> int:
+    """pwritev `views` one after another from `offset` of `fd` (IOV_MAX at a time); returns the bytes."""
+    done = 0
+    for first in range(0, len(views), IOV_MAX):
+        batch = views[first:first + IOV_MAX]
+        wrote = os.pwritev(fd, batch, offset + done)
+        for view in batch:  # a short write: the rest view by view
+            if wrote >= len(view):
+                wrote -= len(view)
+            else:
+                write_all(fd, view[wrote:], offset + done + wrote)
+                wrote = 0
+            done += len(view)
+    return done
 
 
 def write_all(fd: int, view: memoryview, offset: int) -> int:
@@ -181,7 +256,8 @@ def copy_range(entry, handle, ring: BufferRing) -> int:
 
 
 def mapped(source, entry, start: int, nbytes: int):
-    """(read-only mmap of `source` holding bytes [start, start + nbytes), where they begin in it)."""
+    """(read-only mmap of `source` holding bytes [start, start + nbytes), where they begin in it);
+    `entry`: the TensorEntry (or the shard's path) a truncated file is named by."""
     import mmap
 
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
@@ -189,6 +265,8 @@ def mapped(source, entry, start: int, nbytes: int):
         return mmap.mmap(source.fileno(), start + nbytes - aligned, offset=aligned, access=mmap.ACCESS_READ), \
             start - aligned
     except ValueError:  # the file ends before the range does
+        if not hasattr(entry, "name"):
+            raise ExportError(f"{entry}: truncated while reading a gathered expert layout") from None
         raise ExportError(f"{entry.path}: truncated while reading tensor {entry.name}") from None
 
 
@@ -234,6 +312,18 @@ class BufferRing:
         self.pending[self.turn] = [one_thread("sha256").submit(self.digest.update, view),
                                    one_thread("pwrite").submit(write_all, self.fd, view, at)]
 
+    def put_views(self, views: list[memoryview]) -> None:
+        """pwritev `views` (of maps the caller dropped) at the next offset on the writing thread,
+        then hash what they wrote from a map of the data file: one sha256 update per run, not
+        one per 3.5-8 KB view (py-spy showed the threads queueing for the GIL after each of
+        those; in a 1-layer A/B neither was measurably faster); the views, and with them the
+        maps, go once written."""
+        nbytes = sum(len(view) for view in views)
+        at = self.claim(nbytes)
+        written = one_thread("pwrite").submit(write_views, self.fd, views, at)
+        self.pending[self.turn] = [written, one_thread("sha256").submit(hash_written, self.digest, written, self.fd,
+                                                                      at, nbytes)]
+
     def submit(self, task, *args) -> None:
         """Run task(digest, *args) on the hashing thread, in order, in the slot last taken."""
         self.pending[self.turn] = [one_thread("sha256").submit(task, self.digest, *args)]
@@ -260,6 +350,8 @@ class BufferRing:
 
 NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
 _kernel_copy = hasattr(os, "copy_file_range")
+_gather_write = hasattr(os, "pwritev")  # else gathered layouts fill the ring's buffers (`write_chunks`)
+IOV_MAX = 1024  # Linux's UIO_MAXIOV: the most buffers one pwritev takes
 
 
 def one_thread(name: str):

@@ -176,3 +176,24 @@ def test_stored_tensors_are_copied_file_to_file_or_written_the_same(tiny_checkpo
     monkeypatch.setattr(wf, "_kernel_copy", False)
     written = export_onnx(tiny_checkpoint, tmp_path / "written", dtype="float32", routing="dense", **SHAPES)
     assert_same_artifact(kernel, written)
+
+
+def test_gathered_experts_are_written_from_the_checkpoint_or_through_buffers_the_same(tiny_checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    """A gathered layout stored in the checkpoint's dtype goes to the kernel as byte ranges of its
+    shards (pwritev from maps, hashed from the data file); without pwritev it fills the buffer
+    ring instead: the same file and the same sha256."""
+    from graphs import weights_file as wf
+
+    runs = []
+    write_pieces = wf.write_pieces
+    monkeypatch.setattr(wf, "write_pieces", lambda chunks, ring: runs.append(1) or write_pieces(chunks, ring))
+    monkeypatch.setattr(wf, "CHUNK_BYTES", 1000)  # several runs per virtual expert, rows interleaved across them
+    mapped = export_onnx(tiny_checkpoint, tmp_path / "mapped", dtype="float32", routing="gather", **SHAPES)
+    assert len(runs) == 2 * 2  # fc1 and fc2 of each of the 2 layers
+    monkeypatch.setattr(wf, "_gather_write", False)
+    buffered = export_onnx(tiny_checkpoint, tmp_path / "buffered", dtype="float32", routing="gather", **SHAPES)
+    assert_same_artifact(mapped, buffered)
+    from graphs.manifest import load_manifest
+
+    assert load_manifest(mapped).files[DATA_NAME] == load_manifest(buffered).files[DATA_NAME]
