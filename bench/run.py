@@ -47,7 +47,7 @@ from bench.models import BenchError, BenchModel, artifact_path, bench_model, bui
 from bench.roofline import WEIGHTS  # noqa: E402
 from bench.summary import merge, pooled_bandwidth, summarise  # noqa: E402
 from bench.worker import OURS, RUNTIMES  # noqa: E402
-from graphs.contract import DEFAULT_QUANT_BLOCK  # noqa: E402
+from graphs.contract import DEFAULT_QUANT_BLOCK, default_block_size  # noqa: E402
 
 DEFAULT_RUNTIMES = ("eager", "ort-dense", "ort-gather", "compiled", "transformers")
 # contexts, decode steps, repeats: a few minutes per named model on 2 cores.
@@ -72,7 +72,7 @@ class BenchOptions:
     timeout: float | None = None  # seconds per worker
     rounds: int = 1  # interleaved passes over all runtimes, samples pooled
     weights: tuple[str, ...] = ("fp32",)  # ort-gather once per precision (bench/roofline.py WEIGHTS)
-    block_size: tuple[int, ...] = (DEFAULT_QUANT_BLOCK,)  # int8/int4 quantization block, one artifact per value
+    block_size: tuple[int, ...] | None = None  # int8/int4 quantization block, one artifact per value; None = the scheme's
     ort_spin: bool = False  # OrtBackend's default; True lets ORT's threads spin between ops, as OpenMP's do
     gguf: tuple[str, ...] = ("f32",)  # llama.cpp once per GGUF type (bench/gguf.py TYPES)
     llama_converter: Path | None = None  # llama.cpp's convert_hf_to_gguf.py; None = $MIXTRAL_EXPORT_LLAMA_CONVERTER
@@ -82,7 +82,8 @@ class BenchOptions:
         return BenchOptions(**{**asdict(self), "contexts": tuple(self.contexts or contexts),
                                "decode_steps": self.decode_steps or steps, "repeats": self.repeats or repeats,
                                "threads": self.threads or len(os.sched_getaffinity(0)),
-                               "prefill_chunk": as_tuple(self.prefill_chunk), "block_size": as_tuple(self.block_size)})
+                               "prefill_chunk": as_tuple(self.prefill_chunk),
+                               "block_size": as_tuple(self.block_size) if self.block_size else None})
 
     @property
     def llama_context(self) -> int:
@@ -133,7 +134,9 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
         say("skipping compiled: runtimes/compiled.py is not there")
         runtimes.remove("compiled")
     precisions = {r: {"ort-gather": options.weights, "llama.cpp": options.gguf}.get(r, ("fp32",)) for r in runtimes}
-    variants = {r: [(w, b) for w in precisions[r] for b in (options.block_size if w != "fp32" else (None,))]
+    variants = {r: [(w, b) for w in precisions[r]  # (weights, block): ours quantized once per block size
+                    for b in ((options.block_size or (default_block_size(w),)) if w in WEIGHTS and w != "fp32"
+                              else (None,))]
                 for r in runtimes}
     artifacts = [(OURS[r], s, w, b or DEFAULT_QUANT_BLOCK) for r in runtimes if r.startswith("ort") for s in shapes for w, b in variants[r]]
     build(options.model, options.layers, options.work_dir, artifacts, say)
@@ -197,7 +200,7 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
         label += f" p{shapes.prefill_chunk}"
     if runtime == "llama.cpp" or len(options.weights) > 1 or weights != "fp32":
         label += f" {weights}" if runtime in ("ort-gather", "llama.cpp") else ""
-    if block is not None and len(options.block_size) > 1:
+    if block is not None and len(options.block_size or ()) > 1:
         label += f" b{block}"
     size = (artifact.stat().st_size if runtime == "llama.cpp" else folder_bytes(artifact, (".onnx", ".data"))
             if artifact else folder_bytes(model.checkpoint, (".safetensors",)))

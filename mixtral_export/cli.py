@@ -97,7 +97,8 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
                                                      "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
            weights: str = typer.Option("float", help="float: the dtype's; int8 | int4: block-wise weight-only "
                                                      "(experts, attention, lm_head; needs --routing gather)", metavar="TEXT"),
-           block_size: int = typer.Option(32, help="int8/int4: weights per quantization block (32 | 64 | 128)", metavar="N"),
+           block_size: Optional[int] = typer.Option(None, help="int8/int4: weights per quantization block (32 | 64 | "
+                                                               "128; default: the scheme's, README)", metavar="N"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
            device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT"),
            head: Optional[str] = typer.Option(None, help="causal-lm | model | sequence-classification | "
@@ -448,8 +449,9 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled", metavar="N"),
           weights: str = typer.Option("fp32", help="Precisions of ort-gather, comma-separated: fp32, int8, int4 "
                                                    "(one artifact each)", metavar="TEXT"),
-          block_size: str = typer.Option("32", help="Quantization blocks of int8/int4 weights, comma-separated: "
-                                                    "one artifact each", metavar="TEXT"),
+          block_size: Optional[str] = typer.Option(None, help="Quantization blocks of int8/int4 weights, comma-"
+                                                              "separated: one artifact each (default: the scheme's)",
+                                                   metavar="TEXT"),
           gguf: str = typer.Option("f32", help="GGUF types of llama.cpp, comma-separated: f32, bf16, q8_0, q4_0, q4_k_m "
                                                "(one file each, made by llama.cpp's converter and quantizer)",
                                    metavar="TEXT"),
@@ -480,7 +482,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
                            prefill_chunk=_int_list(prefill_chunk, "--prefill-chunk"),
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
                            timeout=timeout, ort_spin=ort_spin, rounds=rounds,
-                           weights=tuple(w.strip() for w in weights.split(",") if w.strip()), block_size=_int_list(block_size, "--block-size"),
+                           weights=tuple(w.strip() for w in weights.split(",") if w.strip()),
+                           block_size=_int_list(block_size, "--block-size"),
                            gguf=tuple(t.strip() for t in gguf.split(",") if t.strip()), llama_converter=llama_converter)
     result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
     if json_path is not None:
