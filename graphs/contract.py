@@ -73,7 +73,7 @@ class WeightScheme:
     activations: str = "int8"  # what the quantized GEMMs read (the runtimes' accuracy_level 4)
 
 
-WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True, block_size=32),
+WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True, block_size=64),
                                       WeightScheme("int4", 4, symmetric=True, block_size=32))}
 INT8_ACTIVATIONS = 4  # com.microsoft QMoE / MatMulNBits accuracy_level: inputs rounded to int8 per block
 FLOAT_WEIGHTS = "float"  # --weights default: the build's dtype, no quantization

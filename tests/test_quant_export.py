@@ -145,6 +145,17 @@ def test_quantized_artifact_serves_on_ort_without_torch(quantized):
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+def test_export_without_a_block_size_takes_the_schemes_default(tiny_checkpoint, tmp_path):
+    """The block each scheme gets by default is the one README "Weight-only int8 / int4" measured at or
+    above llama.cpp's q8_0 / q4_0 on both decode and fidelity."""
+    from graphs.manifest import load_manifest
+
+    for scheme in WEIGHT_SCHEMES:
+        artifact = export_onnx(tiny_checkpoint, tmp_path / scheme, batch=1, prefill_chunk=8, cache_slots=32,
+                               routing="gather", weights=scheme)
+        assert load_manifest(artifact).quantization["block_size"] == WEIGHT_SCHEMES[scheme].block_size
+
+
 def test_cli_refuses_bad_weights_in_one_line(tiny_checkpoint, tmp_path):
     run = subprocess.run([sys.executable, "-m", "mixtral_export", "export", str(tiny_checkpoint), "-o",
                           str(tmp_path / "art"), "--weights", "int4"], cwd=REPO, capture_output=True, text=True,
