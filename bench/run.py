@@ -7,7 +7,9 @@
 
 1. the model: `tiny`, `mixtral-shaped` (Mixtral 8x7B dims, `--layers` random fp32 layers) or a
    checkpoint folder (bench/models.py); the ONNX artifacts it needs, dense and gathered routing, one
-   per cache size, exported once into the work folder and reused;
+   per cache size, prefill chunk and quantization block (lists: A/B in one run), exported once into
+   the work folder and reused; with llama.cpp in the run and no cache size given, the ring is the
+   smallest power of two that holds llama.cpp's context (equal KV capacity, `equal_capacity`);
 2. the machine's memory-copy bandwidth, in its own process (bench/worker.py);
 3. each runtime in its own process, one after another, so its peak resident memory (VmHWM) is its
    own and two models never share the RAM: warm-up, then per context length `repeats` greedy
@@ -19,6 +21,7 @@
 artifact each, `export --weights`), its bytes per token and bound counted at that precision.
 `gguf` does the same for the llama.cpp runtime (f32, q8_0, q4_0, q4_k_m: one GGUF file each, made
 by llama.cpp's converter and quantizer, bench/gguf.py), its bytes per token read from the file.
+`block_size` quantizes ours once per entry (default: each scheme's, graphs/contract.py).
 
 Numbers are medians with min/max over all repeats. On a shared machine another job's burst can
 slow one runtime and not the next: `rounds` > 1 runs steps 2-3 again, interleaved (A B C A B C),
@@ -138,7 +141,8 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
                     for b in ((options.block_size or (default_block_size(w),)) if w in WEIGHTS and w != "fp32"
                               else (None,))]
                 for r in runtimes}
-    artifacts = [(OURS[r], s, w, b or DEFAULT_QUANT_BLOCK) for r in runtimes if r.startswith("ort") for s in shapes for w, b in variants[r]]
+    artifacts = [(OURS[r], s, w, b or DEFAULT_QUANT_BLOCK) for r in runtimes if r.startswith("ort") for s in shapes
+                 for w, b in variants[r]]
     build(options.model, options.layers, options.work_dir, artifacts, say)
     for kind in precisions.get("llama.cpp", ()):
         build_gguf(options, model, kind, say)

@@ -69,12 +69,12 @@ class WeightScheme:
     name: str
     bits: int
     symmetric: bool
-    block_size: int = 32  # the default block: the largest whose decode and fidelity both measured at or above llama.cpp's
+    block_size: int = 32  # the default block: the largest whose fidelity measured above llama.cpp's at these bits
     activations: str = "int8"  # what the quantized GEMMs read (the runtimes' accuracy_level 4)
 
 
 WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True, block_size=64),
-                                      WeightScheme("int4", 4, symmetric=True, block_size=32))}
+                                      WeightScheme("int4", 4, symmetric=True, block_size=64))}
 INT8_ACTIVATIONS = 4  # com.microsoft QMoE / MatMulNBits accuracy_level: inputs rounded to int8 per block
 FLOAT_WEIGHTS = "float"  # --weights default: the build's dtype, no quantization
 QUANT_BLOCK_SIZES = (32, 64, 128)

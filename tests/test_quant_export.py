@@ -146,8 +146,8 @@ def test_quantized_artifact_serves_on_ort_without_torch(quantized):
 
 
 def test_export_without_a_block_size_takes_the_schemes_default(tiny_checkpoint, tmp_path):
-    """The block each scheme gets by default is the one README "Weight-only int8 / int4" measured at or
-    above llama.cpp's q8_0 / q4_0 on both decode and fidelity."""
+    """Each scheme's default block (README "Weight-only int8 / int4": the largest measured above llama.cpp's
+    q8_0 / q4_0 fidelity) is what an export without --block-size writes."""
     from graphs.manifest import load_manifest
 
     for scheme in WEIGHT_SCHEMES:
