@@ -52,6 +52,7 @@ def test_graph_runs_quantized_kernels_and_manifest_records_each_tensor(quantized
     assert not any(n.op_type == "MatMul" and n.input[1] in weights for n in graph.node)  # no float weight MatMul left
     made_by = {out: n for n in graph.node for out in n.output}
     for moe in (n for n in graph.node if n.op_type == "QMoE"):  # padding rows skip the experts
+        assert next(a.i for a in moe.attribute if a.name == "k") == manifest.config.num_experts_per_tok  # whole
         mul = made_by[moe.input[14]]
         assert mul.op_type == "Mul" and mul.input[1] == "live_rows"
         assert made_by[mul.input[0]].op_type == "Softmax" and made_by[mul.input[0]].input == [moe.input[1]]
