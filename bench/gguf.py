@@ -7,8 +7,8 @@ through --converter or $MIXTRAL_EXPORT_LLAMA_CONVERTER; it ships in llama-cpp-py
 vendor/llama.cpp/ with the gguf-py it imports); q8_0, q4_0 and q4_k_m from llama.cpp's quantizer
 (`llama_model_quantize`, which llama-cpp-python exposes) applied to one of those, as `llama-quantize`
 does: the bf16 file when every float tensor of the checkpoint is stored bf16 (then it is lossless
-and half the f32 file: 6.3 against 12.7 GB at 2 mixtral-shaped layers), else the f32 one. Each file is written under a temporary name and renamed, with a sidecar
-(FILE.json) naming the checkpoint it came from (path, and each file's size and mtime): a later
+and half the f32 file), else the f32 one. Each file is written under a temporary name and
+renamed, with a sidecar (FILE.json) naming the checkpoint it came from (path, and each file's size and mtime): a later
 run reuses it while that still matches. Needs the `llama` extra (llama-cpp-python, gguf).
 """
 from __future__ import annotations

@@ -75,7 +75,7 @@ class BenchOptions:
     timeout: float | None = None  # seconds per worker
     rounds: int = 1  # interleaved passes over all runtimes, samples pooled
     weights: tuple[str, ...] = ("fp32",)  # ort-gather once per precision (bench/roofline.py WEIGHTS)
-    block_size: tuple[int, ...] | None = None  # int8/int4 quantization block, one artifact per value; None = the scheme's
+    block_size: tuple[int, ...] | None = None  # int8/int4 quantization block, one artifact each; None = scheme's
     ort_spin: bool = False  # OrtBackend's default; True lets ORT's threads spin between ops, as OpenMP's do
     gguf: tuple[str, ...] = ("f32",)  # llama.cpp once per GGUF type (bench/gguf.py TYPES)
     llama_converter: Path | None = None  # llama.cpp's convert_hf_to_gguf.py; None = $MIXTRAL_EXPORT_LLAMA_CONVERTER
