@@ -2,12 +2,13 @@
 
     python3 -m bench.gguf CHECKPOINT FOLDER TYPE [--converter PATH] [--threads N]    (from the repo root)
 
-`f32` comes from llama.cpp's converter, `convert_hf_to_gguf.py --outtype f32` (found through
---converter or $MIXTRAL_EXPORT_LLAMA_CONVERTER; it ships in llama-cpp-python's sdist under
+`f32` and `bf16` come from llama.cpp's converter, `convert_hf_to_gguf.py --outtype f32|bf16` (found
+through --converter or $MIXTRAL_EXPORT_LLAMA_CONVERTER; it ships in llama-cpp-python's sdist under
 vendor/llama.cpp/ with the gguf-py it imports); q8_0, q4_0 and q4_k_m from llama.cpp's quantizer
-(`llama_model_quantize`, which llama-cpp-python exposes) applied to that f32 file, as
-`llama-quantize` does. Each file is written under a temporary name and renamed, with a sidecar
-(FILE.json) naming the checkpoint it came from (path, and each file's size and mtime): a later
+(`llama_model_quantize`, which llama-cpp-python exposes) applied to one of those, as `llama-quantize`
+does: the bf16 file when every float tensor of the checkpoint is stored bf16 (then it is lossless
+and half the f32 file), else the f32 one. Each file is written under a temporary name and
+renamed, with a sidecar (FILE.json) naming the checkpoint it came from (path, and each file's size and mtime): a later
 run reuses it while that still matches. Needs the `llama` extra (llama-cpp-python, gguf).
 """
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Callable
 
 from bench.models import BenchError
 
-TYPES = {"f32": 0, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama_ftype of each GGUF type
+TYPES = {"f32": 0, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama_ftype of each GGUF type
+CONVERTED = ("f32", "bf16")  # what the converter writes; the others are quantized from one of them
 CONVERTER_ENV = "MIXTRAL_EXPORT_LLAMA_CONVERTER"
 
 
@@ -61,7 +63,7 @@ def is_current(path: Path, checkpoint: Path, kind: str) -> bool:
 
 def build_gguf(checkpoint: Path, folder: Path, kind: str, converter: Path | None = None, threads: int | None = None,
                say: Callable[[str], None] = lambda line: None) -> Path:
-    """The GGUF file of `checkpoint` at `kind` (f32 | q8_0 | q4_0 | q4_k_m): the cached one, or a new one."""
+    """The GGUF file of `checkpoint` at `kind` (f32 | bf16 | q8_0 | q4_0 | q4_k_m): the cached one, or a new one."""
     if kind not in TYPES:
         raise GgufError(f"unknown GGUF type {kind!r} (one of {', '.join(TYPES)})")
     out = gguf_path(folder, kind)
@@ -70,10 +72,10 @@ def build_gguf(checkpoint: Path, folder: Path, kind: str, converter: Path | None
     folder.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial")
     try:
-        if kind == "f32":
-            convert(checkpoint, tmp, converter, say)
+        if kind in CONVERTED:
+            convert(checkpoint, tmp, kind, converter, say)
         else:
-            source = build_gguf(checkpoint, folder, "f32", converter, threads, say)
+            source = build_gguf(checkpoint, folder, quantizer_source(checkpoint), converter, threads, say)
             say(f"quantizing {source.name} to {kind} with llama.cpp's quantizer")
             quantize(source, tmp, kind, threads or len(os.sched_getaffinity(0)))
         Path(f"{out}.json").unlink(missing_ok=True)
@@ -84,14 +86,22 @@ def build_gguf(checkpoint: Path, folder: Path, kind: str, converter: Path | None
     return out
 
 
-def convert(checkpoint: Path, out: Path, converter: Path | None, say: Callable[[str], None]) -> None:
+def quantizer_source(checkpoint: Path) -> str:
+    """bf16 when every float tensor of the checkpoint is stored bf16 (converting it to bf16 loses nothing), else f32."""
+    from mixtral_export.safetensors_file import read_header
+
+    dtypes = {e.dtype for p in checkpoint.glob("*.safetensors") for e in read_header(p).values()}
+    return "bf16" if dtypes and dtypes <= {"BF16", "I64", "I32", "BOOL"} else "f32"
+
+
+def convert(checkpoint: Path, out: Path, kind: str, converter: Path | None, say: Callable[[str], None]) -> None:
     script = converter or (Path(os.environ[CONVERTER_ENV]) if os.environ.get(CONVERTER_ENV) else None)
     if script is None or not script.is_file():
         where = f"{script} is not a file" if script else f"set ${CONVERTER_ENV} or pass --llama-converter"
         raise GgufError(f"converting {checkpoint} to GGUF needs llama.cpp's convert_hf_to_gguf.py ({where}; "
                         "it is in llama-cpp-python's sdist under vendor/llama.cpp/)")
-    say(f"converting {checkpoint.name} to GGUF f32 with {script}")
-    done = subprocess.run([sys.executable, str(script), str(checkpoint), "--outfile", str(out), "--outtype", "f32"],
+    say(f"converting {checkpoint.name} to GGUF {kind} with {script}")
+    done = subprocess.run([sys.executable, str(script), str(checkpoint), "--outfile", str(out), "--outtype", kind],
                           capture_output=True, text=True)
     if done.returncode != 0 or not out.is_file():
         lines = [line for line in done.stderr.splitlines() if line.strip()] or [f"exit code {done.returncode}"]

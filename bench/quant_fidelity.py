@@ -9,7 +9,9 @@ Runtime artifacts of the same checkpoint, one at a time: the float one generates
 continuations of random prompts, every artifact is teacher-forced through them, and each
 quantized one is reported against the float one with verify's own measures (top-1 agreement, mean
 and p99 KL of the next-token distribution, first greedy divergence). --save-reference keeps the prompts, the float artifact's greedy continuation and its
-teacher-forced logits, so llama.cpp is measured on the same steps (bench/llama_fidelity.py).
+teacher-forced logits, so llama.cpp is measured on the same steps (bench/llama_fidelity.py), and
+later artifacts too: FLOAT_ARTIFACT may be such a REF.npz (then the float artifact, 12.7 GB at 2
+mixtral-shaped layers, need not stay on disk).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from runtimes.verify import first_divergence, greedy, quantization_cost, teacher
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("float_artifact", type=Path)
+    parser.add_argument("float_artifact", type=Path, help="the float artifact, or a REF.npz saved from it")
     parser.add_argument("quantized", type=Path, nargs="+")
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--prompt-length", type=int, default=24)
@@ -36,14 +38,19 @@ def main() -> None:
     parser.add_argument("--save-reference", type=Path, help="write prompts, continuation and fp32 logits here (.npz)")
     args = parser.parse_args()
 
-    backend, manifest = open_backend(args.float_artifact, "ort")
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, manifest.shapes.vocab_size, args.prompt_length).tolist() for _ in range(args.prompts)]
-    continuation = greedy(backend, prompts, args.steps)
-    reference = teacher_forced(backend, prompts, continuation)
-    if args.save_reference:
-        save_reference(args.save_reference, prompts, continuation, reference)
-    del backend
+    if args.float_artifact.suffix == ".npz":
+        prompts, continuation, reference = load_reference(args.float_artifact)
+        args.prompts, args.prompt_length, args.steps = len(prompts), len(prompts[0]), len(continuation[0])
+    else:
+        backend, manifest = open_backend(args.float_artifact, "ort")
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(3, manifest.shapes.vocab_size, args.prompt_length).tolist()
+                   for _ in range(args.prompts)]
+        continuation = greedy(backend, prompts, args.steps)
+        reference = teacher_forced(backend, prompts, continuation)
+        if args.save_reference:
+            save_reference(args.save_reference, prompts, continuation, reference)
+        del backend
     report = []
     for artifact in args.quantized:
         backend, manifest = open_backend(artifact, "ort")
@@ -68,6 +75,11 @@ def save_reference(path: Path, prompts: list[list[int]], continuation: list[list
         np.savez(f, prompts=np.array(prompts), continuation=np.array(continuation),
                  logits=np.stack(logits))  # (P, L), (P, steps), (P, steps, V)
     tmp.replace(path)
+
+
+def load_reference(path: Path) -> tuple[list[list[int]], list[list[int]], list[np.ndarray]]:
+    with np.load(path, allow_pickle=False) as saved:
+        return saved["prompts"].tolist(), saved["continuation"].tolist(), list(saved["logits"])
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@
 
 1. the model: `tiny`, `mixtral-shaped` (Mixtral 8x7B dims, `--layers` random fp32 layers) or a
    checkpoint folder (bench/models.py); the ONNX artifacts it needs, dense and gathered routing, one
-   per cache size, exported once into the work folder and reused;
+   per cache size, prefill chunk and quantization block (lists: A/B in one run), exported once into
+   the work folder and reused; with llama.cpp in the run and no cache size given, the ring is the
+   smallest power of two that holds llama.cpp's context (equal KV capacity, `equal_capacity`);
 2. the machine's memory-copy bandwidth, in its own process (bench/worker.py);
 3. each runtime in its own process, one after another, so its peak resident memory (VmHWM) is its
    own and two models never share the RAM: warm-up, then per context length `repeats` greedy
@@ -19,6 +21,7 @@
 artifact each, `export --weights`), its bytes per token and bound counted at that precision.
 `gguf` does the same for the llama.cpp runtime (f32, q8_0, q4_0, q4_k_m: one GGUF file each, made
 by llama.cpp's converter and quantizer, bench/gguf.py), its bytes per token read from the file.
+`block_size` quantizes ours once per entry (default: each scheme's, graphs/contract.py).
 
 Numbers are medians with min/max over all repeats. On a shared machine another job's burst can
 slow one runtime and not the next: `rounds` > 1 runs steps 2-3 again, interleaved (A B C A B C),
@@ -47,6 +50,7 @@ from bench.models import BenchError, BenchModel, artifact_path, bench_model, bui
 from bench.roofline import WEIGHTS  # noqa: E402
 from bench.summary import merge, pooled_bandwidth, summarise  # noqa: E402
 from bench.worker import OURS, RUNTIMES  # noqa: E402
+from graphs.contract import DEFAULT_QUANT_BLOCK, default_block_size  # noqa: E402
 
 DEFAULT_RUNTIMES = ("eager", "ort-dense", "ort-gather", "compiled", "transformers")
 # contexts, decode steps, repeats: a few minutes per named model on 2 cores.
@@ -63,15 +67,15 @@ class BenchOptions:
     decode_steps: int | None = None
     repeats: int | None = None
     warmup: int = 1
-    prefill_chunk: int = 16
-    cache_slots: tuple[int, ...] | None = None  # one artifact per value; None = the config's default
+    prefill_chunk: tuple[int, ...] = (16,)  # one artifact per value
+    cache_slots: tuple[int, ...] | None = None  # one artifact per value; None = llama.cpp's capacity or the config's
     threads: int | None = None  # None = the usable cores
     work_dir: Path = field(default=REPO / "out" / "bench")
     seed: int = 0
     timeout: float | None = None  # seconds per worker
     rounds: int = 1  # interleaved passes over all runtimes, samples pooled
     weights: tuple[str, ...] = ("fp32",)  # ort-gather once per precision (bench/roofline.py WEIGHTS)
-    block_size: int = 32  # int8/int4 quantization block
+    block_size: tuple[int, ...] | None = None  # int8/int4 quantization block, one artifact each; None = scheme's
     ort_spin: bool = False  # OrtBackend's default; True lets ORT's threads spin between ops, as OpenMP's do
     gguf: tuple[str, ...] = ("f32",)  # llama.cpp once per GGUF type (bench/gguf.py TYPES)
     llama_converter: Path | None = None  # llama.cpp's convert_hf_to_gguf.py; None = $MIXTRAL_EXPORT_LLAMA_CONVERTER
@@ -80,7 +84,29 @@ class BenchOptions:
         contexts, steps, repeats = DEFAULTS.get(self.model, OTHER_DEFAULTS)
         return BenchOptions(**{**asdict(self), "contexts": tuple(self.contexts or contexts),
                                "decode_steps": self.decode_steps or steps, "repeats": self.repeats or repeats,
-                               "threads": self.threads or len(os.sched_getaffinity(0))})
+                               "threads": self.threads or len(os.sched_getaffinity(0)),
+                               "prefill_chunk": as_tuple(self.prefill_chunk),
+                               "block_size": as_tuple(self.block_size) if self.block_size else None})
+
+    @property
+    def llama_context(self) -> int:
+        """The KV cells llama.cpp is given: the longest prompt (or warm-up chunk) plus the new tokens."""
+        return max(self.contexts + self.prefill_chunk) + self.decode_steps + 1
+
+
+def as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (value,) if isinstance(value, int) else tuple(value)
+
+
+def equal_capacity(options: BenchOptions) -> tuple[int | None, ...]:
+    """Our ring sizes: the ones asked for; with llama.cpp in the run and none asked for, the smallest power
+    of two that holds llama.cpp's context, so both read a KV cache of the same order each decode step (a
+    ring of the default 4096 fp32 slots is 64 MiB a token at 2 layers, 6-10% of an int8/int4 step)."""
+    if options.cache_slots:
+        return options.cache_slots
+    if "llama.cpp" in options.runtimes:
+        return (1 << (options.llama_context - 1).bit_length(),)
+    return (None,)
 
 
 def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: None) -> dict:
@@ -103,28 +129,31 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
         raise BenchError("--gguf types apply to llama.cpp; add it to --runtimes")
     options.work_dir.mkdir(parents=True, exist_ok=True)
     model = bench_model(options.model, options.layers, options.work_dir)
-    slots = options.cache_slots or (None,)
-    shapes = [StepShapes.for_config(model.config, batch=1, prefill_chunk=options.prefill_chunk, cache_slots=s)
-              for s in slots]
+    shapes = [StepShapes.for_config(model.config, batch=1, prefill_chunk=p, cache_slots=s)
+              for s in equal_capacity(options) for p in options.prefill_chunk]
     check_contexts(options, model, shapes)
     runtimes = list(options.runtimes)
     if "compiled" in runtimes and not (REPO / "runtimes" / "compiled.py").is_file():
         say("skipping compiled: runtimes/compiled.py is not there")
         runtimes.remove("compiled")
     precisions = {r: {"ort-gather": options.weights, "llama.cpp": options.gguf}.get(r, ("fp32",)) for r in runtimes}
-    artifacts = [(OURS[r], s, w, options.block_size) for r in runtimes if r.startswith("ort") for s in shapes
-                 for w in precisions[r]]
+    variants = {r: [(w, b) for w in precisions[r]  # (weights, block): ours quantized once per block size
+                    for b in ((options.block_size or (default_block_size(w),)) if w in WEIGHTS and w != "fp32"
+                              else (None,))]
+                for r in runtimes}
+    artifacts = [(OURS[r], s, w, b or DEFAULT_QUANT_BLOCK) for r in runtimes if r.startswith("ort") for s in shapes
+                 for w, b in variants[r]]
     build(options.model, options.layers, options.work_dir, artifacts, say)
     for kind in precisions.get("llama.cpp", ()):
         build_gguf(options, model, kind, say)
 
-    def artifact(runtime: str, s, w: str) -> Path | None:
+    def artifact(runtime: str, s, w: str, b: int | None) -> Path | None:
         if runtime.startswith("ort"):
-            return artifact_path(model, OURS[runtime], s, w, options.block_size)
+            return artifact_path(model, OURS[runtime], s, w, b)
         return gguf_path(model.folder, w) if runtime == "llama.cpp" else None
 
-    jobs = [job(options, model, runtime, s, artifact(runtime, s, w), len(shapes) > 1, w)
-            for runtime in runtimes for s in (shapes if runtime in OURS else (None,)) for w in precisions[runtime]]
+    jobs = [job(options, model, runtime, s, artifact(runtime, s, w, b), w, b)
+            for runtime in runtimes for s in (shapes if runtime in OURS else (None,)) for w, b in variants[runtime]]
     probes: list[dict] = []
     results: list[list[dict]] = [[] for _ in jobs]
     for n in range(options.rounds):
@@ -164,13 +193,19 @@ def build_gguf(options: BenchOptions, model: BenchModel, kind: str, say: Callabl
         raise BenchError(last.removeprefix("error: ") or f"making the {kind} GGUF failed: exit code {child.returncode}")
 
 
-def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact: Path | None, many: bool,
-        weights: str = "fp32") -> dict:
-    """A worker spec: what to load and how to time it."""
+def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact: Path | None,
+        weights: str = "fp32", block: int | None = None) -> dict:
+    """A worker spec: what to load and how to time it; its label names what varies within the run."""
     routing = OURS.get(runtime, "gather")  # transformers runs only the routed experts
-    label = f"{runtime} S={shapes.cache_slots}" if many and shapes is not None else runtime
+    label = runtime
+    if shapes is not None and len(options.cache_slots or ()) > 1:
+        label += f" S={shapes.cache_slots}"
+    if shapes is not None and len(options.prefill_chunk) > 1:
+        label += f" p{shapes.prefill_chunk}"
     if runtime == "llama.cpp" or len(options.weights) > 1 or weights != "fp32":
         label += f" {weights}" if runtime in ("ort-gather", "llama.cpp") else ""
+    if block is not None and len(options.block_size or ()) > 1:
+        label += f" b{block}"
     size = (artifact.stat().st_size if runtime == "llama.cpp" else folder_bytes(artifact, (".onnx", ".data"))
             if artifact else folder_bytes(model.checkpoint, (".safetensors",)))
     if runtime == "llama.cpp":
@@ -180,14 +215,15 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
     else:
         extra = {}
     return {"runtime": runtime, "label": label, "routing": routing, "weights": weights,
-            "block_size": options.block_size,
+            "block_size": block or DEFAULT_QUANT_BLOCK,
             "cache_slots": shapes.cache_slots if shapes is not None else None,
             "shapes": shapes.to_dict() if shapes is not None else None,
             "checkpoint": str(model.checkpoint), "artifact": str(artifact) if artifact else None,
             "artifact_bytes": size, "contexts": list(options.contexts), "decode_steps": options.decode_steps,
             "repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
             "ort_spin": options.ort_spin, "seed": options.seed, "vocab_size": model.config.vocab_size,
-            "prefill_chunk": options.prefill_chunk, **extra}
+            "prefill_chunk": shapes.prefill_chunk if shapes is not None else max(options.prefill_chunk),
+            "llama_context": options.llama_context, **extra}
 
 
 def run_worker(spec: dict, options: BenchOptions, say: Callable[[str], None]) -> dict:

@@ -136,8 +136,7 @@ def llama_cpp(spec: dict) -> tuple[Generate, dict]:
     """llama.cpp on the spec's GGUF file, a fresh context (empty KV cache) for every generation."""
     from bench.llama_runner import LlamaCpp
 
-    longest = max(spec["contexts"] + [spec["prefill_chunk"]]) + spec["decode_steps"] + 1
-    llama = LlamaCpp(Path(spec["artifact"]), spec["threads"], n_ctx=longest)
+    llama = LlamaCpp(Path(spec["artifact"]), spec["threads"], n_ctx=spec["llama_context"])  # run.py's llama_context
 
     def run(prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
         stamps: list[float] = []

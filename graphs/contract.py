@@ -69,14 +69,22 @@ class WeightScheme:
     name: str
     bits: int
     symmetric: bool
+    block_size: int = 32  # the default block: the largest whose fidelity measured above llama.cpp's at these bits
     activations: str = "int8"  # what the quantized GEMMs read (the runtimes' accuracy_level 4)
 
 
-WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True), WeightScheme("int4", 4, symmetric=True))}
+WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True, block_size=64),
+                                      WeightScheme("int4", 4, symmetric=True, block_size=64))}
 INT8_ACTIVATIONS = 4  # com.microsoft QMoE / MatMulNBits accuracy_level: inputs rounded to int8 per block
 FLOAT_WEIGHTS = "float"  # --weights default: the build's dtype, no quantization
 QUANT_BLOCK_SIZES = (32, 64, 128)
-DEFAULT_QUANT_BLOCK = 32
+DEFAULT_QUANT_BLOCK = 32  # a block size where no scheme is named (the schemes' own: WEIGHT_SCHEMES)
+
+
+def default_block_size(weights: str) -> int:
+    """The block an int8/int4 export gets when none is asked for (README "Weight-only int8 / int4" measures it)."""
+    scheme = WEIGHT_SCHEMES.get(weights)
+    return scheme.block_size if scheme else DEFAULT_QUANT_BLOCK
 # Which weights a scheme quantizes; the token embeddings, the router and the norms stay float.
 QUANTIZED_WEIGHTS = ("experts", "attention", "lm_head")
 

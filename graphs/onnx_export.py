@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from graphs.contract import (CHUNK_AXIS, DEFAULT_QUANT_BLOCK, DTYPES, FLOAT_DTYPES, FLOAT_WEIGHTS, NO_POSITION,
-                             OUTPUT_NAMES, StepShapes)
+                             OUTPUT_NAMES, StepShapes, default_block_size)
 from graphs.artifact_folder import ExportError, building, finish
 from graphs.manifest import FileEntry, io_contract
 from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
@@ -59,17 +59,19 @@ DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
                 prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False, opset: int = 18,
                 progress: Callable[[str], None] | None = None, routing: str = "dense",
-                weights: str = FLOAT_WEIGHTS, block_size: int = DEFAULT_QUANT_BLOCK) -> Path:
+                weights: str = FLOAT_WEIGHTS, block_size: int | None = None) -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
 
     dtype None means the checkpoint's own; the graph's logits are float32 whatever the dtype.
     routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring);
-    weights "float" | "int8" | "int4" with block_size 32 | 64 | 128 how its weights are stored.
+    weights "float" | "int8" | "int4" with block_size 32 | 64 | 128 (None: the scheme's default) how its
+    weights are stored.
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
     config = export_config(checkpoint, out, dtype, routing)
     dtype = config.dtype
+    block_size = block_size or default_block_size(weights)
     scheme = check_weights(weights, block_size, routing, dtype, out)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)

@@ -29,6 +29,11 @@ w / P, which the graph multiplies back by P (a power of two: exact). One caveat:
 probabilities tied exactly at the k-th place may mix slices of the tied experts (the reference
 breaks such ties by index; ties need equal router logits).
 
+Quantized experts stay whole (QUANTIZED_EXPERT_PARTS). The CPU `QMoE` kernel (int8/int4,
+graphs/onnx_quant.py) deals experts to its threads itself, round-robin, largest first, so a
+decode token's 2 experts already land one per thread at 2 threads, and fewer, longer GEMVs read
+faster (int4 at 2 threads: README, "Weight-only int8 / int4").
+
 How it gets into the graph: before tracing, `route_through_moe_nodes` makes each gathered MoE
 block (mixtral_export/model.py, which knows nothing of ONNX) call `moe_node`, a
 `torch.onnx.ops.symbolic` op that the exporter writes as this node, with the model's own w13/w2
@@ -53,7 +58,8 @@ if TYPE_CHECKING:
 
 MOE_DOMAIN = "com.microsoft"  # ONNX Runtime's contrib ops
 GATHER_ACTIVATIONS = ("silu", "swish")  # what swiglu_fusion=1 computes: silu(gate) * up
-MAX_EXPERT_PARTS = 8  # slices per expert, a power of two (see the module docstring)
+MAX_EXPERT_PARTS = 8  # slices per float expert, a power of two (see the module docstring)
+QUANTIZED_EXPERT_PARTS = 1  # QMoE's experts: whole (see the module docstring)
 
 
 class OnnxMoeError(UserError, ValueError):
@@ -67,9 +73,10 @@ def check_gather_supported(hidden_act: str, where: str) -> None:
 
 
 def expert_parts(intermediate: int, block: int = 1) -> int:
-    """The most slices, up to MAX_EXPERT_PARTS, that split the intermediate dimension evenly
-    (into whole quantization blocks of `block` units: fc2's blocks run along I)."""
-    parts = MAX_EXPERT_PARTS
+    """The most slices, up to MAX_EXPERT_PARTS (QUANTIZED_EXPERT_PARTS for quantized weights, block > 1),
+    that split the intermediate dimension evenly (into whole quantization blocks of `block` units:
+    fc2's blocks run along I)."""
+    parts = MAX_EXPERT_PARTS if block == 1 else QUANTIZED_EXPERT_PARTS
     while parts > 1 and intermediate % (parts * block):
         parts //= 2
     return parts

@@ -97,7 +97,8 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
                                                      "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
            weights: str = typer.Option("float", help="float: the dtype's; int8 | int4: block-wise weight-only "
                                                      "(experts, attention, lm_head; needs --routing gather)", metavar="TEXT"),
-           block_size: int = typer.Option(32, help="int8/int4: weights per quantization block (32 | 64 | 128)", metavar="N"),
+           block_size: Optional[int] = typer.Option(None, help="int8/int4: weights per quantization block (32 | 64 | "
+                                                               "128; default: the scheme's, README)", metavar="N"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
            device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT"),
            head: Optional[str] = typer.Option(None, help="causal-lm | model | sequence-classification | "
@@ -434,7 +435,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           decode_steps: Optional[int] = typer.Option(None, min=1, help="Decode steps timed per generation", metavar="N"),
           repeats: Optional[int] = typer.Option(None, min=1, help="Generations per context length", metavar="N"),
           warmup: int = typer.Option(1, min=0, help="Untimed generations first", metavar="N"),
-          prefill_chunk: int = typer.Option(16, min=1, help="Tokens per prefill step of the static graphs", metavar="N"),
+          prefill_chunk: str = typer.Option("16", help="Tokens per prefill step of the static graphs, comma-separated: "
+                                                       "one artifact each", metavar="TEXT"),
           cache_slots: Optional[str] = typer.Option(None, help="Ring sizes, comma-separated: one artifact each "
                                                                "(default: the sliding window, or 4096)", metavar="TEXT"),
           threads: Optional[int] = typer.Option(None, min=1, help="Threads per runtime (default: usable cores)", metavar="N"),
@@ -447,8 +449,10 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           rounds: int = typer.Option(1, min=1, help="Interleaved passes over all runtimes, samples pooled", metavar="N"),
           weights: str = typer.Option("fp32", help="Precisions of ort-gather, comma-separated: fp32, int8, int4 "
                                                    "(one artifact each)", metavar="TEXT"),
-          block_size: int = typer.Option(32, help="Quantization block of int8/int4 weights", metavar="N"),
-          gguf: str = typer.Option("f32", help="GGUF types of llama.cpp, comma-separated: f32, q8_0, q4_0, q4_k_m "
+          block_size: Optional[str] = typer.Option(None, help="Quantization blocks of int8/int4 weights, comma-"
+                                                              "separated: one artifact each (default: the scheme's)",
+                                                   metavar="TEXT"),
+          gguf: str = typer.Option("f32", help="GGUF types of llama.cpp, comma-separated: f32, bf16, q8_0, q4_0, q4_k_m "
                                                "(one file each, made by llama.cpp's converter and quantizer)",
                                    metavar="TEXT"),
           llama_converter: Optional[Path] = typer.Option(None, help="llama.cpp's convert_hf_to_gguf.py (default: "
@@ -474,10 +478,12 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
         check_file(plot, png_is_ours)
     names = tuple(r.strip() for r in runtimes.split(",") if r.strip())
     options = BenchOptions(model=model, layers=layers, runtimes=names, contexts=_int_list(contexts, "--contexts"),
-                           decode_steps=decode_steps, repeats=repeats, warmup=warmup, prefill_chunk=prefill_chunk,
+                           decode_steps=decode_steps, repeats=repeats, warmup=warmup,
+                           prefill_chunk=_int_list(prefill_chunk, "--prefill-chunk"),
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
                            timeout=timeout, ort_spin=ort_spin, rounds=rounds,
-                           weights=tuple(w.strip() for w in weights.split(",") if w.strip()), block_size=block_size,
+                           weights=tuple(w.strip() for w in weights.split(",") if w.strip()),
+                           block_size=_int_list(block_size, "--block-size"),
                            gguf=tuple(t.strip() for t in gguf.split(",") if t.strip()), llama_converter=llama_converter)
     result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
     if json_path is not None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 RUNTIMES = ("eager", "ort-dense", "ort-gather", "transformers")
 
@@ -44,3 +46,24 @@ def test_bench_refuses_unknown_runtimes_in_one_line(tmp_path):
                           "--runtimes", "eager,vllm"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("error:") and "vllm" in run.stderr
+
+
+@pytest.mark.slow  # ~1 min: four tiny exports and four workers
+def test_bench_builds_one_artifact_per_block_size_and_prefill_chunk(tmp_path):
+    """`--block-size 32,64 --prefill-chunk 8,16` A/Bs four int8 artifacts in one interleaved run."""
+    report = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "mixtral_export", "bench", "tiny", "--work-dir", str(tmp_path / "work"),
+                          "--runtimes", "ort-gather", "--weights", "int8", "--block-size", "32,64",
+                          "--prefill-chunk", "8,16", "--cache-slots", "64", "--contexts", "8", "--decode-steps", "2",
+                          "--repeats", "1", "--json", str(report)], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["ort-gather p8 int8 b32", "ort-gather p8 int8 b64",
+                                          "ort-gather p16 int8 b32", "ort-gather p16 int8 b64"]
+    assert [(r["prefill_chunk"], r["block_size"]) for r in runs] == [(8, 32), (8, 64), (16, 32), (16, 64)]
+    assert len({r["artifact"] for r in runs}) == 4 and all("error" not in r for r in runs)
+    manifests = [json.loads((Path(r["artifact"]) / "manifest.json").read_text()) for r in runs]
+    assert [(m["shapes"]["prefill_chunk"], m["quantization"]["block_size"]) for m in manifests] == \
+        [(8, 32), (8, 64), (16, 32), (16, 64)]
+    assert runs[0]["contexts"][0]["bytes_per_token"] > runs[1]["contexts"][0]["bytes_per_token"]  # b32's scales

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.gguf import CONVERTER_ENV, GgufError, build_gguf, import_llama_cpp
+from bench.gguf import CONVERTER_ENV, GgufError, build_gguf, import_llama_cpp, quantizer_source
 from bench.models import BenchError
 from bench.run import BenchOptions, run_bench
 
@@ -54,6 +54,18 @@ def test_converting_without_the_converter_names_the_variable_and_leaves_nothing(
     assert not any((tmp_path / "out").iterdir())
     with pytest.raises(GgufError, match="q5_9"):
         build_gguf(tiny_checkpoint, tmp_path / "out", "q5_9")
+
+
+def test_the_quantizer_source_is_bf16_only_for_a_checkpoint_stored_bf16(tmp_path, tiny_checkpoint):
+    """A bf16 GGUF is a lossless source only when the checkpoint holds nothing wider."""
+    import torch
+
+    from mixtral_export.tiny import TINY_CONFIG, random_weights, write_checkpoint
+
+    assert quantizer_source(tiny_checkpoint) == "f32"
+    config = TINY_CONFIG.replace(dtype="bfloat16")
+    bf16 = write_checkpoint(tmp_path / "bf16", config, random_weights(config, dtype=torch.bfloat16))
+    assert quantizer_source(bf16) == "bf16"
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +116,7 @@ def test_bench_times_llama_cpp_per_gguf_type(windowless, tmp_path):
     assert run.returncode == 0, run.stderr
     runs = json.loads(report.read_text())["runs"]
     assert [r["label"] for r in runs] == ["ort-gather", "llama.cpp f32", "llama.cpp q8_0"]
+    assert runs[0]["cache_slots"] == 64  # our ring at llama.cpp's capacity: 40 + 3 + 1 positions, to a power of 2
     f32, q8 = runs[1], runs[2]
     for record in (f32, q8):
         assert "error" not in record, record.get("error")

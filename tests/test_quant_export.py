@@ -52,6 +52,7 @@ def test_graph_runs_quantized_kernels_and_manifest_records_each_tensor(quantized
     assert not any(n.op_type == "MatMul" and n.input[1] in weights for n in graph.node)  # no float weight MatMul left
     made_by = {out: n for n in graph.node for out in n.output}
     for moe in (n for n in graph.node if n.op_type == "QMoE"):  # padding rows skip the experts
+        assert next(a.i for a in moe.attribute if a.name == "k") == manifest.config.num_experts_per_tok  # whole
         mul = made_by[moe.input[14]]
         assert mul.op_type == "Mul" and mul.input[1] == "live_rows"
         assert made_by[mul.input[0]].op_type == "Softmax" and made_by[mul.input[0]].input == [moe.input[1]]
@@ -143,6 +144,17 @@ def test_quantized_artifact_serves_on_ort_without_torch(quantized):
             "print(bad); sys.exit(1 if bad else 0)")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_export_without_a_block_size_takes_the_schemes_default(tiny_checkpoint, tmp_path):
+    """Each scheme's default block (README "Weight-only int8 / int4": the largest measured above llama.cpp's
+    q8_0 / q4_0 fidelity) is what an export without --block-size writes."""
+    from graphs.manifest import load_manifest
+
+    for scheme in WEIGHT_SCHEMES:
+        artifact = export_onnx(tiny_checkpoint, tmp_path / scheme, batch=1, prefill_chunk=8, cache_slots=32,
+                               routing="gather", weights=scheme)
+        assert load_manifest(artifact).quantization["block_size"] == WEIGHT_SCHEMES[scheme].block_size
 
 
 def test_cli_refuses_bad_weights_in_one_line(tiny_checkpoint, tmp_path):

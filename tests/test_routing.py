@@ -98,6 +98,13 @@ def test_experts_are_cut_into_the_most_power_of_two_slices_that_divide_them(inte
     assert expert_parts(intermediate) == parts
 
 
+def test_quantized_experts_stay_whole():
+    """QMoE deals whole experts to its threads; slicing them only shortens its GEMVs (graphs/onnx_moe.py)."""
+    from graphs.onnx_moe import QUANTIZED_EXPERT_PARTS, expert_parts
+
+    assert QUANTIZED_EXPERT_PARTS == 1 and [expert_parts(14336, b) for b in (32, 64, 128)] == [1, 1, 1]
+
+
 def test_gather_graph_runs_sliced_experts(tiny_gather_onnx):
     """Every MoE node sees P*E virtual experts and P*k routes, so its threads share every token's experts."""
     import onnx
