@@ -64,7 +64,7 @@ def bench_model(model: str, layers: int, work_dir: Path) -> BenchModel:
 def artifact_path(model: BenchModel, routing: str, shapes: StepShapes, weights: str = "fp32",
                   block_size: int = 32) -> Path:
     quantized = "" if weights == "fp32" else f"-{weights}-b{block_size}"
-    return model.folder / f"onnx-{routing}-s{shapes.cache_slots}-p{shapes.prefill_chunk}{quantized}"
+    return model.folder / f"onnx-{routing}-s{shapes.cache_slots}-p{'+'.join(map(str, shapes.prefill_chunks))}{quantized}"
 
 
 def build(model: str, layers: int, work_dir: Path, artifacts: list[tuple[str, StepShapes, str, int]],
@@ -132,7 +132,7 @@ def export_if_stale(model: BenchModel, routing: str, shapes: StepShapes, say: Ca
         pass
     say(f"exporting {out.name}")
     return export_onnx(model.checkpoint, out, dtype=shapes.dtype, batch=shapes.batch,
-                       prefill_chunk=shapes.prefill_chunk, cache_slots=shapes.cache_slots, routing=routing,
+                       prefill_chunk=shapes.prefill_chunks, cache_slots=shapes.cache_slots, routing=routing,
                        weights="float" if weights == "fp32" else weights, block_size=block_size)
 
 

@@ -67,7 +67,7 @@ class BenchOptions:
     decode_steps: int | None = None
     repeats: int | None = None
     warmup: int = 1
-    prefill_chunk: tuple[int, ...] = (16,)  # one artifact per value
+    prefill_chunk: tuple[int | tuple[int, ...], ...] = (16,)  # one artifact per value; a tuple: one serving each
     cache_slots: tuple[int, ...] | None = None  # one artifact per value; None = llama.cpp's capacity or the config's
     threads: int | None = None  # None = the usable cores
     work_dir: Path = field(default=REPO / "out" / "bench")
@@ -91,7 +91,8 @@ class BenchOptions:
     @property
     def llama_context(self) -> int:
         """The KV cells llama.cpp is given: the longest prompt (or warm-up chunk) plus the new tokens."""
-        return max(self.contexts + self.prefill_chunk) + self.decode_steps + 1
+        longest = max(max(as_tuple(p)) for p in self.prefill_chunk)
+        return max(*self.contexts, longest) + self.decode_steps + 1
 
 
 def as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -201,7 +202,7 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
     if shapes is not None and len(options.cache_slots or ()) > 1:
         label += f" S={shapes.cache_slots}"
     if shapes is not None and len(options.prefill_chunk) > 1:
-        label += f" p{shapes.prefill_chunk}"
+        label += f" p{'+'.join(map(str, shapes.prefill_chunks))}"
     if runtime == "llama.cpp" or len(options.weights) > 1 or weights != "fp32":
         label += f" {weights}" if runtime in ("ort-gather", "llama.cpp") else ""
     if block is not None and len(options.block_size or ()) > 1:
@@ -222,7 +223,8 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
             "artifact_bytes": size, "contexts": list(options.contexts), "decode_steps": options.decode_steps,
             "repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
             "ort_spin": options.ort_spin, "seed": options.seed, "vocab_size": model.config.vocab_size,
-            "prefill_chunk": shapes.prefill_chunk if shapes is not None else max(options.prefill_chunk),
+            "prefill_chunk": shapes.prefill_chunk if shapes is not None else max(map(max, map(as_tuple, options.prefill_chunk))),
+            "prefill_chunks": list(shapes.prefill_chunks) if shapes is not None else None,
             "llama_context": options.llama_context, **extra}
 
 

@@ -28,6 +28,7 @@ def merge(spec: dict, found: list[dict]) -> dict:
     head = {k: spec[k] for k in ("runtime", "label", "routing", "cache_slots", "artifact", "artifact_bytes")}
     head.update(weights=spec.get("weights", "fp32"), block_size=spec.get("block_size", 32))
     head["prefill_chunk"] = spec.get("prefill_chunk")
+    head["prefill_chunks"] = spec.get("prefill_chunks")
     if "decode_weight_bytes" in spec:  # llama.cpp: counted from its GGUF file
         head["decode_weight_bytes"] = spec["decode_weight_bytes"]
     failed = [r["error"] for r in found if "error" in r]
@@ -88,7 +89,7 @@ def gather_over_dense(runs: list[dict]) -> list[dict]:
         for g in (r for r in runs if r["runtime"] == gather_name and "contexts" in r
                   and r.get("weights", "fp32") == "fp32"):
             d = next((r for r in runs if r["runtime"] == dense_name and r["cache_slots"] == g["cache_slots"]
-                      and r.get("prefill_chunk") == g.get("prefill_chunk") and "contexts" in r), None)
+                      and r.get("prefill_chunks") == g.get("prefill_chunks") and "contexts" in r), None)
             for gp, dp in zip(g["contexts"], d["contexts"] if d else []):
                 out.append({"gather": gather_name, "dense": dense_name, "cache_slots": g["cache_slots"],
                             "context": gp["context"],

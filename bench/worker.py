@@ -153,7 +153,8 @@ def time_generation(run: Generate, spec: dict) -> list[dict]:
     rng = np.random.default_rng(spec["seed"])
     steps, vocab = spec["decode_steps"], spec["vocab_size"]
     for _ in range(spec["warmup"]):
-        run(rng.integers(3, vocab, size=spec["prefill_chunk"]).tolist(), 3)
+        for length in spec.get("prefill_chunks") or [spec["prefill_chunk"]]:  # every prefill T the artifact runs
+            run(rng.integers(3, vocab, size=length).tolist(), 3)
     out = []
     for context in spec["contexts"]:
         prompt = rng.integers(3, vocab, size=context).tolist()

@@ -1,6 +1,6 @@
 """A checkpoint folder -> an AOTInductor artifact: model.pt2 + weights.safetensors + manifest.json.
 
-`torch.export` traces the step once per chunk length (T = prefill_chunk and T = 1, each fully
+`torch.export` traces the step once per chunk length (each prefill chunk and T = 1, each fully
 static, so Inductor specialises every kernel), AOTInductor compiles each to a shared library, and
 both go into ONE package as two named models, "chunk<T>" (`torch._inductor.aot_compile` with
 `aot_inductor.package=True`, then `torch._inductor.package.package_aoti`: the multi-model route
@@ -42,7 +42,7 @@ def model_name(chunk: int) -> str:
 
 
 def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
-                prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False,
+                prefill_chunk: int | tuple[int, ...] = 16, cache_slots: int | None = None, slide: bool = False,
                 device: str = "cpu", progress: Callable[[str], None] | None = None, routing: str = "dense") -> Path:
     """Compile the checkpoint's step for these static shapes on `device` into `out_dir`; returns out_dir.
 

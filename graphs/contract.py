@@ -3,7 +3,7 @@
 Both sides import this module: the model and exporters produce graphs that honour it, the
 runtimes drive them through it. It must never import torch.
 
-One step consumes a chunk of T new tokens (T = prefill_chunk or 1) for B rows:
+One step consumes a chunk of T new tokens (T = one of prefill_chunks, or 1) for B rows:
 
   inputs
     input_ids        (B, T)           int64   token ids; anything in range for padding
@@ -108,12 +108,23 @@ class StepShapes:
     # Keys visible to a query: p - q < attention_window. None = unbounded (full causal), in
     # which case a sequence may never outgrow cache_slots.
     attention_window: int | None
+    # Every prefill length T served, ascending (prefill_chunk is the largest): a short prompt
+    # runs a short step instead of padding to the largest. () = just prefill_chunk (older manifests).
+    prefill_chunks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("batch", "prefill_chunk", "cache_slots"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ContractError(f"{name} must be a positive integer, got {value!r}")
+        for value in self.prefill_chunks:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ContractError(f"prefill_chunks must be positive integers, got {value!r}")
+        lengths = tuple(sorted(set(self.prefill_chunks))) or (self.prefill_chunk,)
+        if lengths[-1] != self.prefill_chunk:
+            raise ContractError(f"prefill_chunk ({self.prefill_chunk}) must be the largest of prefill_chunks "
+                                f"{list(lengths)}")
+        object.__setattr__(self, "prefill_chunks", lengths)  # one spelling, so equal shapes compare equal
         if self.prefill_chunk > self.cache_slots:
             raise ContractError(f"prefill_chunk ({self.prefill_chunk}) must not exceed "
                                 f"cache_slots ({self.cache_slots}): a chunk's keys must fit the ring")
@@ -125,8 +136,13 @@ class StepShapes:
 
     @property
     def chunks(self) -> tuple[int, ...]:
-        """The chunk lengths T a step serves: the prefill chunk, then 1 (once if they are equal)."""
-        return tuple(dict.fromkeys((self.prefill_chunk, 1)))
+        """The chunk lengths T a step serves: the prefill chunks, largest first, then 1 (each once)."""
+        return tuple(dict.fromkeys((*reversed(self.prefill_chunks), 1)))
+
+    def prefill_length(self, tokens: int) -> int:
+        """The T of a prefill step whose longest piece left is `tokens`: the smallest prefill chunk that
+        holds it, else the largest (the prompt then takes more steps)."""
+        return next((t for t in self.prefill_chunks if t >= tokens), self.prefill_chunk)
 
     @property
     def max_positions(self) -> int | None:
@@ -159,19 +175,24 @@ class StepShapes:
         return asdict(self)
 
     @classmethod
-    def for_config(cls, config, batch: int = 1, prefill_chunk: int = 16, cache_slots: int | None = None,
-                   dtype: str | None = None, slide: bool = False) -> "StepShapes":
-        """Shapes for a MixtralConfig; cache_slots defaults to the sliding window (or 4096 without)."""
+    def for_config(cls, config, batch: int = 1, prefill_chunk: int | tuple[int, ...] = 16,
+                   cache_slots: int | None = None, dtype: str | None = None, slide: bool = False) -> "StepShapes":
+        """Shapes for a MixtralConfig; cache_slots defaults to the sliding window (or 4096 without);
+        prefill_chunk is one length or several (each capped at cache_slots)."""
         if cache_slots is None:
             cache_slots = config.sliding_window or min(config.max_position_embeddings, 4096)
-        return cls(batch=batch, prefill_chunk=min(prefill_chunk, cache_slots), cache_slots=cache_slots,
+        lengths = (prefill_chunk,) if isinstance(prefill_chunk, int) else tuple(prefill_chunk)
+        if not lengths:
+            raise ContractError("prefill_chunk needs at least one length")
+        lengths = tuple(min(t, cache_slots) for t in lengths)
+        return cls(batch=batch, prefill_chunk=max(lengths), prefill_chunks=lengths, cache_slots=cache_slots,
                    num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
                    head_dim=config.head_dim, vocab_size=config.vocab_size, dtype=dtype or config.dtype,
                    attention_window=resolve_window(config.sliding_window, cache_slots, slide))
 
     @classmethod
     def from_dict(cls, raw: dict) -> "StepShapes":
-        return cls(**raw)
+        return cls(**{**raw, "prefill_chunks": tuple(raw.get("prefill_chunks", ()))})
 
 
 def layer_names(side: str, num_layers: int) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """A checkpoint folder -> an ONNX step-graph artifact: model.onnx + model.onnx.data + manifest.json.
 
 One graph, one weights file. The graph's only free axis is the chunk length T: the runtime feeds
-it T = prefill_chunk for prefill and T = 1 for decode; batch, cache slots and every model
+it T = each prefill chunk for prefill and T = 1 for decode; batch, cache slots and every model
 dimension are static. Two graphs (prefill and decode) would either store the weights twice on
 disk or, sharing one data file, still be two ORT sessions that each load their own copy of the
 weights into memory: 2 x 90 GB for Mixtral 8x7B. One session over one graph loads them once.
@@ -57,7 +57,7 @@ DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external
 
 
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
-                prefill_chunk: int = 16, cache_slots: int | None = None, slide: bool = False, opset: int = 18,
+                prefill_chunk: int | tuple[int, ...] = 16, cache_slots: int | None = None, slide: bool = False, opset: int = 18,
                 progress: Callable[[str], None] | None = None, routing: str = "dense",
                 weights: str = FLOAT_WEIGHTS, block_size: int | None = None) -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
@@ -80,7 +80,7 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
 
         reader = ParameterReader(checkpoint, config)  # headers only: every tensor checked, none read
         model = placeholder_model(config, shapes, routing)
-        say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={shapes.prefill_chunk}|1, "
+        say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={'|'.join(map(str, shapes.chunks))}, "
             f"S={shapes.cache_slots}, {routing} MoE, {dtype}) with placeholder weights")
         try:
             data, quantization = export_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=reader.read,

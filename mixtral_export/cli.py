@@ -89,7 +89,9 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
            output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to create", metavar="PATH"),
            dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: the checkpoint's)", metavar="TEXT"),
            batch: int = typer.Option(1, help="Rows per step", metavar="N"),
-           prefill_chunk: int = typer.Option(16, help="Tokens per prefill step", metavar="N"),
+           prefill_chunk: str = typer.Option("16", help="Tokens per prefill step; a comma list (16,128) serves "
+                                                        "each, a prompt's steps take the shortest that holds it",
+                                             metavar="N[,N...]"),
            cache_slots: Optional[int] = typer.Option(None, help="Ring slots per layer (default: the sliding window)", metavar="N"),
            slide: bool = typer.Option(False, help="Let a ring smaller than the window (or no window) slide"),
            opset: int = typer.Option(18, help="ONNX opset (>= 18)", metavar="N"),
@@ -130,7 +132,8 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
     else:
         raise UsageError(f"--format {format!r}: one of onnx, aoti")
     with err.status(f"exporting {format} (loading weights, tracing, compiling, checking)...") as status:
-        artifact = build(checkpoint, output, dtype=dtype, batch=batch, prefill_chunk=prefill_chunk,
+        artifact = build(checkpoint, output, dtype=dtype, batch=batch,
+                         prefill_chunk=_int_list(prefill_chunk, "--prefill-chunk"),
                          cache_slots=cache_slots, slide=slide, routing=routing,
                          progress=lambda stage: status.update(f"exporting {format}: {stage}..."), **options)
     _describe(artifact)
@@ -206,7 +209,7 @@ def _describe(artifact: Path) -> None:
             out.print(f"  file    {name}  {info.size:,} bytes  sha256 {info.sha256[:16]}...", highlight=False)
         return
     window = s.attention_window if s.attention_window is not None else f"none (at most {s.cache_slots} positions)"
-    out.print(f"  shapes  batch {s.batch}, prefill chunk {s.prefill_chunk}, decode chunk 1, cache slots "
+    out.print(f"  shapes  batch {s.batch}, prefill chunk {', '.join(map(str, s.prefill_chunks))}, decode chunk 1, cache slots "
               f"{s.cache_slots}, attention window {window}", highlight=False)
     if q := manifest.quantization:
         worst = max(q["tensors"].items(), key=lambda item: item[1]["max_abs"])
@@ -436,7 +439,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           repeats: Optional[int] = typer.Option(None, min=1, help="Generations per context length", metavar="N"),
           warmup: int = typer.Option(1, min=0, help="Untimed generations first", metavar="N"),
           prefill_chunk: str = typer.Option("16", help="Tokens per prefill step of the static graphs, comma-separated: "
-                                                       "one artifact each", metavar="TEXT"),
+                                                       "one artifact each; 16+128: one artifact serving both",
+                                            metavar="TEXT"),
           cache_slots: Optional[str] = typer.Option(None, help="Ring sizes, comma-separated: one artifact each "
                                                                "(default: the sliding window, or 4096)", metavar="TEXT"),
           threads: Optional[int] = typer.Option(None, min=1, help="Threads per runtime (default: usable cores)", metavar="N"),
@@ -479,7 +483,9 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
     names = tuple(r.strip() for r in runtimes.split(",") if r.strip())
     options = BenchOptions(model=model, layers=layers, runtimes=names, contexts=_int_list(contexts, "--contexts"),
                            decode_steps=decode_steps, repeats=repeats, warmup=warmup,
-                           prefill_chunk=_int_list(prefill_chunk, "--prefill-chunk"),
+                           prefill_chunk=tuple(lengths[0] if len(lengths) == 1 else lengths for lengths in
+                                               (_int_list(item.replace("+", ","), "--prefill-chunk")
+                                                for item in prefill_chunk.split(",") if item.strip())),
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
                            timeout=timeout, ort_spin=ort_spin, rounds=rounds,
                            weights=tuple(w.strip() for w in weights.split(",") if w.strip()),

@@ -9,11 +9,11 @@ With static shapes and in-place buffer writes, `mode="reduce-overhead"` on CUDA 
 whole decode step as a CUDA graph (the buffers are static addresses; cudagraph trees allow their
 mutation).
 
-Compilation: `torch.compile(fullgraph=True, dynamic=False)`, so T = prefill_chunk and T = 1 each
-compile exactly once (`compile_count` counts backend invocations; it must stay 2 for a whole
+Compilation: `torch.compile(fullgraph=True, dynamic=False)`, so each chunk length (prefill chunks and
+T = 1) compiles exactly once (`compile_count` counts backend invocations; it must stay len(chunks) for a whole
 generation). `isolate_recompiles=True` gives each backend instance its own Dynamo cache entries
-(instances would otherwise share RingStep.forward's, and their limit), and `recompile_limit=2`
-turns any third compile into an error (FailOnRecompileLimitHit) instead of a silent slowdown.
+(instances would otherwise share RingStep.forward's, and their limit), and `recompile_limit=len(chunks)`
+turns any further compile into an error (FailOnRecompileLimitHit) instead of a silent slowdown.
 `compile_seconds[T]` is the wall time of the first call of each chunk length (tracing, Inductor
 and the run itself); `run_seconds` / `run_steps` cover the steps after `warmup`.
 
@@ -93,7 +93,7 @@ class CompiledBackend:
             torch._dynamo.mark_static_address(buffer)
         self.backend = CountingInductor(self.mode)
         self.compiled = torch.compile(self.ring, backend=self.backend, fullgraph=True, dynamic=False,
-                                      isolate_recompiles=True, recompile_limit=2)
+                                      isolate_recompiles=True, recompile_limit=len(self.shapes.chunks))
         self.cudagraphs = bool(self.backend.config.get("triton.cudagraphs", False))
         self.compile_seconds: dict[int, float] = {}  # chunk length -> first call's wall time
         self.run_seconds = 0.0

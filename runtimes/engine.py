@@ -263,7 +263,8 @@ class Engine:
         prefill = any(r.prefilling for r in live)
         if prefill and not self.ride_along:
             live = [r for r in live if r.prefilling]
-        chunk = self.shapes.prefill_chunk if prefill else 1
+        chunk = self.shapes.prefill_length(max(len(r.row.prompt) - r.fed for r in live if r.prefilling)) \
+            if prefill else 1  # the shortest served T that holds every prefilling row's next piece
         input_ids = np.zeros((self.shapes.batch, chunk), dtype=np.int64)  # (B, T)
         positions = np.full((self.shapes.batch, chunk), NO_POSITION, dtype=np.int64)  # (B, T)
         sample_at: list[tuple[Request, int]] = []  # (request, chunk column of its next-token logits)

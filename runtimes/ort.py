@@ -1,7 +1,7 @@
 """The ONNX Runtime backend: one session over an artifact's step graph, the ring cache in numpy.
 
 Serving needs no torch and no model code: the manifest says what the graph is, the graph is the
-model. One InferenceSession serves both chunk lengths (T = prefill_chunk and T = 1), so the
+model. One InferenceSession serves every chunk length (each prefill chunk and T = 1), so the
 weights are loaded once. Every buffer is allocated once: per chunk length an IOBinding binds the
 token/position inputs and the three outputs to preallocated numpy arrays, and both bindings bind
 each layer's cache_k.i/cache_v.i input to its view of the same (L, ...) cache arrays, and

@@ -20,7 +20,7 @@ class ContextOverflow(RequestError):
 class StepBackend(Protocol):
     """Runs one chunk of a static-shape Mixtral and keeps its own rolling KV cache.
 
-    `step` takes (B, T) int64 token ids and positions with T == shapes.prefill_chunk or T == 1,
+    `step` takes (B, T) int64 token ids and positions with T in shapes.chunks (a prefill chunk or 1),
     positions -1 marking "no token" (padding); returns float32 logits (B, T, V) as numpy and
     writes the chunk's keys/values into ring slots position % S. A backend is not thread-safe:
     one generation at a time per backend instance.
@@ -45,7 +45,7 @@ def check_step_inputs(shapes: StepShapes, vocab_size: int, input_ids: np.ndarray
     batch, chunk = input_ids.shape
     if batch != shapes.batch or chunk not in shapes.chunks:
         raise RequestError(f"step shape (B={batch}, T={chunk}) does not match the artifact "
-                         f"(B={shapes.batch}, T={shapes.prefill_chunk} or 1)")
+                         f"(B={shapes.batch}, T={', '.join(map(str, shapes.prefill_chunks))} or 1)")
     live = positions != NO_POSITION
     if np.any(positions[live] < 0):
         raise RequestError("positions must be >= 0 or -1 for padding")

@@ -67,3 +67,19 @@ def test_bench_builds_one_artifact_per_block_size_and_prefill_chunk(tmp_path):
     assert [(m["shapes"]["prefill_chunk"], m["quantization"]["block_size"]) for m in manifests] == \
         [(8, 32), (8, 64), (16, 32), (16, 64)]
     assert runs[0]["contexts"][0]["bytes_per_token"] > runs[1]["contexts"][0]["bytes_per_token"]  # b32's scales
+
+
+@pytest.mark.slow  # ~40 s: two tiny exports and two workers
+def test_bench_times_one_artifact_serving_a_list_of_prefill_chunks(tmp_path):
+    """`--prefill-chunk 16,4+16`: the second artifact serves T = 4 and 16 (and 1), labelled p4+16."""
+    report = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "mixtral_export", "bench", "tiny", "--work-dir", str(tmp_path / "work"),
+                          "--runtimes", "ort-gather", "--prefill-chunk", "16,4+16", "--cache-slots", "64",
+                          "--contexts", "4,16", "--decode-steps", "2", "--repeats", "1", "--json", str(report)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    runs = json.loads(report.read_text())["runs"]
+    assert [r["label"] for r in runs] == ["ort-gather p16", "ort-gather p4+16"] and all("error" not in r for r in runs)
+    assert [r["prefill_chunks"] for r in runs] == [[16], [4, 16]]
+    manifests = [json.loads((Path(r["artifact"]) / "manifest.json").read_text()) for r in runs]
+    assert [m["chunks"] for m in manifests] == [[16, 1], [16, 4, 1]]

@@ -158,3 +158,12 @@ def test_generate_system_prompt_implies_chat(tiny_onnx):
     want = Session.open(tiny_onnx).encode_chat([{"role": "system", "content": "Be brief."},
                                                 {"role": "user", "content": "Hi"}])
     assert json.loads(run.stdout)["completions"][0]["prompt_ids"] == want
+
+
+def test_export_serves_a_comma_list_of_prefill_chunks(tiny_checkpoint, tmp_path):
+    run = cli("export", tiny_checkpoint, "-o", tmp_path / "art", "--prefill-chunk", "8,4", "--cache-slots", "32")
+    assert "prefill chunk 4, 8, decode chunk 1" in run.stdout
+    assert json.loads((tmp_path / "art" / "manifest.json").read_text())["chunks"] == [8, 4, 1]
+    assert_one_line_error(cli("export", tiny_checkpoint, "-o", tmp_path / "bad", "--prefill-chunk", "4,x", ok=False),
+                          "--prefill-chunk")
+    assert not (tmp_path / "bad").exists()

@@ -98,3 +98,29 @@ def test_a_third_compile_is_an_error_not_a_silent_slowdown(compiled_run):
     with torch.no_grad(), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
         backend.compiled(padding)
     assert backend.compile_count == 2
+
+
+@pytest.mark.slow  # three CPU compiles (T = 16, 4, 1)
+def test_a_list_of_prefill_chunks_compiles_each_once_and_matches_eager(tiny_checkpoint):
+    from mixtral_export.checkpoint import load_model
+    from runtimes.compiled import CompiledBackend
+    from runtimes.eager import EagerBackend
+
+    config = MixtralConfig.from_json(tiny_checkpoint)
+    shapes = StepShapes.for_config(config, batch=2, prefill_chunk=(4, PREFILL), cache_slots=32)
+    eager = EagerBackend(load_model(tiny_checkpoint, attention_window=shapes.attention_window), shapes)
+    compiled = CompiledBackend(load_model(tiny_checkpoint, attention_window=shapes.attention_window), shapes)
+    compiled.warmup()
+    assert compiled.compile_count == 3 and set(compiled.compile_seconds) == {PREFILL, 4, 1}
+    ids, positions = prompts(shapes.batch, shapes.vocab_size)
+    steps = [(ids[:, :4], positions[:, :4]), (ids[:, 4:8], positions[:, 4:8]), (ids[:, 8:], positions[:, 8:]),
+             (ids[:, :1], positions[:, -1:] + 1)]  # T = 4, 4, 8 (not served: refused), then 1
+    for n, (step_ids, step_positions) in enumerate(steps):
+        if step_ids.shape[1] not in shapes.chunks:
+            with pytest.raises(ValueError, match="T=4, 16 or 1"):
+                compiled.step(step_ids, step_positions)
+            continue
+        want, got = eager.step(step_ids, step_positions), compiled.step(step_ids, step_positions)
+        real = step_positions != NO_POSITION
+        assert np.abs(want[real] - got[real]).max() <= TOL, n
+    assert compiled.compile_count == 3

@@ -260,3 +260,46 @@ def test_eager_reset_clears_only_the_rows_named_and_the_engine_matches_solo(tiny
     for _ in engine.drive(requests):
         pass
     assert [r.completion.token_ids for r in requests] == solo
+
+
+@pytest.mark.parametrize("prompts, lengths", [([list(range(3, 13))], [32, 1, 1]),  # 10 tokens: one T = 32 step
+                                              ([[5, 6, 7, 8, 9]], [8, 1, 1]),
+                                              ([[n % 29 + 2 for n in range(40)]], [32, 8, 1, 1]),  # 40 = 32 + 8
+                                              ([[4] * 5, [6] * 20], [32, 1, 1])])  # the longer row decides
+def test_each_prefill_step_takes_the_shortest_chunk_that_holds_the_longest_piece(prompts, lengths):
+    lm = ToyLM(batch=len(prompts), chunk=(8, 32), slots=64, window=None)
+    result = generate(lm, prompts, config(3))
+    assert lm.lengths == lengths
+    assert [c.token_ids for c in result.completions] == \
+        [generate(ToyLM(batch=1, chunk=1, slots=64, window=None), [p], config(3)).completions[0].token_ids
+         for p in prompts]
+
+
+@pytest.mark.parametrize("chunks", [(2, 8), (3, 8, 16)])
+def test_arrivals_are_the_same_whatever_the_chunk_list(chunks):
+    engine = Engine(ToyLM(batch=3, chunk=chunks, slots=16))
+    requests = run_arrivals(engine, lambda n, new: config(new))
+    assert [r.completion.token_ids for r in requests] == [alone(p, config(new)) for p, new, _ in ARRIVALS]
+    assert set(engine.backend.lengths) == {*chunks, 1}  # every length served was used
+
+
+def test_an_onnx_artifact_with_two_prefill_chunks_generates_what_one_chunk_does(tiny_checkpoint, tiny_onnx,
+                                                                               tmp_path, monkeypatch):
+    from graphs.onnx_export import export_onnx
+    from runtimes.session import Session
+
+    artifact = export_onnx(tiny_checkpoint, tmp_path / "p4+8", dtype="float32", batch=2, prefill_chunk=(4, 8),
+                           cache_slots=32)
+    prompts = [[1, 5, 9], [1, *range(20, 30)], [1, *range(40, 44)], [1, *range(50, 69)]]
+    one, two = Session.open(tiny_onnx), Session.open(artifact)
+    assert two.manifest.chunks == (8, 4, 1)
+    lengths = []
+    step = two.backend.step
+    monkeypatch.setattr(two.backend, "step",
+                        lambda ids, positions: (lengths.append(ids.shape[1]), step(ids, positions))[1])
+    for prompt in prompts:
+        assert two.generate_ids([prompt], max_new_tokens=6).completions[0].token_ids == \
+            one.generate_ids([prompt], max_new_tokens=6).completions[0].token_ids  # fp32, token for token
+    assert [lengths.count(4), lengths.count(8)] == [3, 4]  # prompts of 3, 11 = 8 + 3, 5 and 20 = 8 + 8 + 4 tokens
+    one.close()
+    two.close()

@@ -18,16 +18,18 @@ class ToyLM:
 
     Next-token logits of the token at position p depend on its id, p, and a hash of every visible
     (position, id) pair: those of the ring plus the chunk up to p, within the attention window. It
-    asserts each step is (B, P) or (B, 1), that every row's positions arrive in order without gaps,
+    asserts each step is (B, T) for a T it serves (chunk: one prefill length or several), that every row's positions arrive in order without gaps,
     and that every key a query needs is still in its slot (never overwritten). Padding rows get NaN.
     """
 
     name = "toy"
 
     def __init__(self, batch=1, chunk=4, slots=8, window: int | None = 8, seed=0):
-        self.shapes = StepShapes(batch=batch, prefill_chunk=chunk, cache_slots=slots, num_layers=1,
+        chunks = (chunk,) if isinstance(chunk, int) else tuple(chunk)
+        self.shapes = StepShapes(batch=batch, prefill_chunk=max(chunks), cache_slots=slots, num_layers=1,
                                  num_kv_heads=1, head_dim=1, vocab_size=VOCAB, dtype="float32",
-                                 attention_window=window)
+                                 attention_window=window, prefill_chunks=chunks)
+        self.lengths: list[int] = []  # T of every step, in order
         gen = np.random.default_rng(seed)
         self.by_token = gen.normal(size=(VOCAB, VOCAB)).astype(np.float32)  # (V, V)
         self.by_position = gen.normal(size=(64, VOCAB)).astype(np.float32)  # (64, V)
@@ -47,9 +49,10 @@ class ToyLM:
             self.fed[row] = 0
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        assert input_ids.shape in ((self.shapes.batch, self.shapes.prefill_chunk), (self.shapes.batch, 1))
+        assert input_ids.shape[0] == self.shapes.batch and input_ids.shape[1] in self.shapes.chunks
         check_step_inputs(self.shapes, VOCAB, input_ids, positions)
         self.steps += 1
+        self.lengths.append(input_ids.shape[1])
         batch, chunk = input_ids.shape
         logits = np.full((batch, chunk, VOCAB), np.nan, dtype=np.float32)  # (B, T, V)
         for b in range(batch):

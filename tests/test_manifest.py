@@ -142,3 +142,42 @@ def test_another_config_is_refused_naming_the_field(artifact):
     assert "num_hidden_layers" in message and "2" in message and "3" in message
     message = error_of(check_compatible, manifest, CONFIG.replace(rope_theta=10000.0, sliding_window=None))
     assert "rope_theta" in message and "sliding_window" in message
+
+
+def test_several_prefill_chunks_round_trip_and_an_older_manifest_has_one(tmp_path, artifact):
+    shapes = StepShapes.for_config(CONFIG, batch=2, prefill_chunk=(32, 8, 8))
+    assert shapes.prefill_chunks == (8, 32) and shapes.prefill_chunk == 32 and shapes.chunks == (32, 8, 1)
+    folder = tmp_path / "several"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"graph")
+    write_manifest(folder, kind="onnx", config=CONFIG, shapes=shapes, graphs={"step": "model.onnx"}, opset=18,
+                   tokenizer=None, eos_token_id=(2,))
+    manifest = load_manifest(folder)
+    assert manifest.shapes == shapes and manifest.chunks == (32, 8, 1)
+    assert {e["name"]: e for e in manifest.io["inputs"]}["input_ids"]["shapes"] == {"32": [2, 32], "8": [2, 8],
+                                                                                     "1": [2, 1]}
+    path = artifact / MANIFEST_NAME  # written before prefill_chunks existed: no such field
+    raw = json.loads(path.read_text())
+    del raw["shapes"]["prefill_chunks"]
+    path.write_text(json.dumps(raw))
+    assert load_manifest(artifact).shapes == SHAPES and SHAPES.prefill_chunks == (8,)
+    raw["chunks"] = [8, 4, 1]  # a chunk the shapes do not serve
+    path.write_text(json.dumps(raw))
+    assert "chunks [8, 4, 1]" in error_of(load_manifest, artifact)
+
+
+@pytest.mark.parametrize("lengths, message", [((8, 0), "positive"), ((), "at least one")])
+def test_bad_prefill_chunks_are_refused(lengths, message):
+    from graphs.contract import ContractError
+
+    with pytest.raises(ContractError, match=message):
+        StepShapes.for_config(CONFIG, prefill_chunk=lengths)
+    with pytest.raises(ContractError, match="largest"):
+        StepShapes(batch=1, prefill_chunk=8, cache_slots=32, num_layers=2, num_kv_heads=2, head_dim=16,
+                   vocab_size=1000, dtype="float32", attention_window=32, prefill_chunks=(8, 16))
+
+
+def test_prefill_length_is_the_shortest_chunk_that_holds_the_piece():
+    shapes = StepShapes.for_config(CONFIG, prefill_chunk=(8, 32), cache_slots=64)
+    assert [shapes.prefill_length(n) for n in (1, 8, 9, 32, 33, 100)] == [8, 8, 32, 32, 32, 32]
+    assert StepShapes.for_config(CONFIG, prefill_chunk=(8, 100), cache_slots=64).prefill_chunks == (8, 64)
