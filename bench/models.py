@@ -64,7 +64,8 @@ def bench_model(model: str, layers: int, work_dir: Path) -> BenchModel:
 def artifact_path(model: BenchModel, routing: str, shapes: StepShapes, weights: str = "fp32",
                   block_size: int = 32) -> Path:
     quantized = "" if weights == "fp32" else f"-{weights}-b{block_size}"
-    return model.folder / f"onnx-{routing}-s{shapes.cache_slots}-p{'+'.join(map(str, shapes.prefill_chunks))}{quantized}"
+    chunks = "+".join(map(str, shapes.prefill_chunks))
+    return model.folder / f"onnx-{routing}-s{shapes.cache_slots}-p{chunks}{quantized}"
 
 
 def build(model: str, layers: int, work_dir: Path, artifacts: list[tuple[str, StepShapes, str, int]],

@@ -223,7 +223,8 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
             "artifact_bytes": size, "contexts": list(options.contexts), "decode_steps": options.decode_steps,
             "repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
             "ort_spin": options.ort_spin, "seed": options.seed, "vocab_size": model.config.vocab_size,
-            "prefill_chunk": shapes.prefill_chunk if shapes is not None else max(map(max, map(as_tuple, options.prefill_chunk))),
+            "prefill_chunk": shapes.prefill_chunk if shapes is not None else
+            max(max(as_tuple(p)) for p in options.prefill_chunk),
             "prefill_chunks": list(shapes.prefill_chunks) if shapes is not None else None,
             "llama_context": options.llama_context, **extra}
 

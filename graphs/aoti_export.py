@@ -2,7 +2,7 @@
 
 `torch.export` traces the step once per chunk length (each prefill chunk and T = 1, each fully
 static, so Inductor specialises every kernel), AOTInductor compiles each to a shared library, and
-both go into ONE package as two named models, "chunk<T>" (`torch._inductor.aot_compile` with
+all go into ONE package as named models, "chunk<T>" (`torch._inductor.aot_compile` with
 `aot_inductor.package=True`, then `torch._inductor.package.package_aoti`: the multi-model route
 `aoti_compile_and_package`'s own docstring gives; that function itself packages one model).
 

@@ -57,7 +57,8 @@ DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external
 
 
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
-                prefill_chunk: int | tuple[int, ...] = 16, cache_slots: int | None = None, slide: bool = False, opset: int = 18,
+                prefill_chunk: int | tuple[int, ...] = 16, cache_slots: int | None = None, slide: bool = False,
+                opset: int = 18,
                 progress: Callable[[str], None] | None = None, routing: str = "dense",
                 weights: str = FLOAT_WEIGHTS, block_size: int | None = None) -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.

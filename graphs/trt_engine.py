@@ -1,7 +1,7 @@
 """An ONNX artifact -> a TensorRT 10 engine beside its graph: engine.plan, recorded in the manifest.
 
-One engine serves every chunk length through one optimization profile each, of exact shapes,
-in the manifest's order: the prefill chunks largest first, then T = 1 (every other dim is static). One profile
+One engine serves every chunk length through one optimization profile each, of exact shapes, in
+the manifest's order: the prefill chunks largest first, then T = 1 (every other dim static). One profile
 min=1/opt=max=P would do too, but TensorRT tunes a profile's kernels for its `opt` shape, so
 decode (T = 1, a matrix-vector product and the latency that matters) would run prefill's
 matrix-matrix tactics, and no T between 1 and P is ever run. Profiles share the weights: the

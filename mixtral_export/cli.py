@@ -131,9 +131,9 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
         options = dict(device=device)
     else:
         raise UsageError(f"--format {format!r}: one of onnx, aoti")
+    chunks = _int_list(prefill_chunk, "--prefill-chunk")
     with err.status(f"exporting {format} (loading weights, tracing, compiling, checking)...") as status:
-        artifact = build(checkpoint, output, dtype=dtype, batch=batch,
-                         prefill_chunk=_int_list(prefill_chunk, "--prefill-chunk"),
+        artifact = build(checkpoint, output, dtype=dtype, batch=batch, prefill_chunk=chunks,
                          cache_slots=cache_slots, slide=slide, routing=routing,
                          progress=lambda stage: status.update(f"exporting {format}: {stage}..."), **options)
     _describe(artifact)
@@ -209,8 +209,8 @@ def _describe(artifact: Path) -> None:
             out.print(f"  file    {name}  {info.size:,} bytes  sha256 {info.sha256[:16]}...", highlight=False)
         return
     window = s.attention_window if s.attention_window is not None else f"none (at most {s.cache_slots} positions)"
-    out.print(f"  shapes  batch {s.batch}, prefill chunk {', '.join(map(str, s.prefill_chunks))}, decode chunk 1, cache slots "
-              f"{s.cache_slots}, attention window {window}", highlight=False)
+    out.print(f"  shapes  batch {s.batch}, prefill chunk {', '.join(map(str, s.prefill_chunks))}, decode chunk 1, "
+              f"cache slots {s.cache_slots}, attention window {window}", highlight=False)
     if q := manifest.quantization:
         worst = max(q["tensors"].items(), key=lambda item: item[1]["max_abs"])
         out.print(f"  weights {q['scheme']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, block {q['block_size']}) "

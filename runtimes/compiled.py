@@ -9,8 +9,8 @@ With static shapes and in-place buffer writes, `mode="reduce-overhead"` on CUDA 
 whole decode step as a CUDA graph (the buffers are static addresses; cudagraph trees allow their
 mutation).
 
-Compilation: `torch.compile(fullgraph=True, dynamic=False)`, so each chunk length (prefill chunks and
-T = 1) compiles exactly once (`compile_count` counts backend invocations; it must stay len(chunks) for a whole
+Compilation: `torch.compile(fullgraph=True, dynamic=False)`, so each chunk length (prefill chunks
+and T = 1) compiles exactly once (`compile_count` counts backend invocations; it must stay len(chunks) for a whole
 generation). `isolate_recompiles=True` gives each backend instance its own Dynamo cache entries
 (instances would otherwise share RingStep.forward's, and their limit), and `recompile_limit=len(chunks)`
 turns any further compile into an error (FailOnRecompileLimitHit) instead of a silent slowdown.

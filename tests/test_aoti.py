@@ -131,3 +131,24 @@ def test_a_package_for_a_wider_cpu_is_refused(tiny_aoti, monkeypatch):
     monkeypatch.setattr(isa, "x86_isa_checker", lambda: [])  # a CPU with no AVX at all
     with pytest.raises(ManifestError, match="this CPU lacks"):
         AotiBackend(tiny_aoti, verify_files=False)
+
+
+@pytest.mark.slow  # three AOTInductor compiles (T = 16, 4, 1)
+def test_a_list_of_prefill_chunks_packages_one_model_each_and_matches_eager(tiny_checkpoint, tmp_path):
+    import numpy as np
+
+    from graphs.aoti_export import export_aoti
+    from mixtral_export.checkpoint import load_model
+    from runtimes.aoti import AotiBackend
+    from runtimes.eager import EagerBackend
+
+    artifact = export_aoti(tiny_checkpoint, tmp_path / "p4+16", batch=2, prefill_chunk=(4, 16), cache_slots=32)
+    assert load_manifest(artifact).chunks == (16, 4, 1)
+    members = zipfile.ZipFile(artifact / "model.pt2").namelist()
+    assert all(any(f"/chunk{t}/" in m for m in members) for t in (16, 4, 1))
+    backend = AotiBackend(artifact)
+    eager = EagerBackend(load_model(tiny_checkpoint, attention_window=backend.shapes.attention_window), backend.shapes)
+    ids = np.random.default_rng(0).integers(3, backend.shapes.vocab_size, size=(2, 9))  # (B, 9)
+    for t0, t in ((0, 4), (4, 4), (8, 1)):  # T = 4, 4, then 1
+        step_ids, positions = ids[:, t0:t0 + t], np.tile(np.arange(t0, t0 + t), (2, 1))
+        assert np.abs(eager.step(step_ids, positions) - backend.step(step_ids, positions)).max() <= TOL

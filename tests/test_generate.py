@@ -18,8 +18,9 @@ class ToyLM:
 
     Next-token logits of the token at position p depend on its id, p, and a hash of every visible
     (position, id) pair: those of the ring plus the chunk up to p, within the attention window. It
-    asserts each step is (B, T) for a T it serves (chunk: one prefill length or several), that every row's positions arrive in order without gaps,
-    and that every key a query needs is still in its slot (never overwritten). Padding rows get NaN.
+    asserts each step is (B, T) for a T it serves (chunk: one prefill length or several), that every
+    row's positions arrive in order without gaps, and that every key a query needs is still in its
+    slot (never overwritten). Padding rows get NaN.
     """
 
     name = "toy"
