@@ -89,10 +89,14 @@ class BenchOptions:
                                "block_size": as_tuple(self.block_size) if self.block_size else None})
 
     @property
+    def longest_chunk(self) -> int:
+        """The longest prefill chunk of any artifact in the run."""
+        return max(max(as_tuple(p)) for p in self.prefill_chunk)
+
+    @property
     def llama_context(self) -> int:
         """The KV cells llama.cpp is given: the longest prompt (or warm-up chunk) plus the new tokens."""
-        longest = max(max(as_tuple(p)) for p in self.prefill_chunk)
-        return max(*self.contexts, longest) + self.decode_steps + 1
+        return max(*self.contexts, self.longest_chunk) + self.decode_steps + 1
 
 
 def as_tuple(value: int | tuple[int, ...]) -> tuple[int, ...]:
@@ -223,8 +227,7 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
             "artifact_bytes": size, "contexts": list(options.contexts), "decode_steps": options.decode_steps,
             "repeats": options.repeats, "warmup": options.warmup, "threads": options.threads,
             "ort_spin": options.ort_spin, "seed": options.seed, "vocab_size": model.config.vocab_size,
-            "prefill_chunk": shapes.prefill_chunk if shapes is not None else
-            max(max(as_tuple(p)) for p in options.prefill_chunk),
+            "prefill_chunk": shapes.prefill_chunk if shapes is not None else options.longest_chunk,
             "prefill_chunks": list(shapes.prefill_chunks) if shapes is not None else None,
             "llama_context": options.llama_context, **extra}
 

@@ -178,7 +178,8 @@ def mapped_rows(runs) -> list[memoryview]:
     for run in runs:
         span = (run.count - 1) * run.stride + run.nbytes
         with open(run.path, "rb", buffering=0) as source:
-            mapping, skip = mapped(source, run.path, run.start, span)
+            mapping, skip = mapped(source, run.start, span,
+                                   f"{run.path}: truncated while reading a gathered expert layout")
         whole = memoryview(mapping)
         columns.append([whole[at:at + run.nbytes] for at in range(skip, skip + span, run.stride)])
     return columns[0] if len(columns) == 1 else [view for row in zip(*columns) for view in row]
@@ -231,7 +232,8 @@ def copy_range(entry, handle, ring: BufferRing) -> int:
     with open(entry.path, "rb", buffering=0) as source:
         while done < entry.nbytes:
             got = min(CHUNK_BYTES, entry.nbytes - done)
-            mapping, skip = mapped(source, entry, entry.start + done, got)
+            mapping, skip = mapped(source, entry.start + done, got,
+                                   f"{entry.path}: truncated while reading tensor {entry.name}")
             ring.take(0)  # a free slot: at most RING chunks wait for the threads
             at = ring.claim(got)
             copied = 0
@@ -255,9 +257,9 @@ def copy_range(entry, handle, ring: BufferRing) -> int:
     return done
 
 
-def mapped(source, entry, start: int, nbytes: int):
+def mapped(source, start: int, nbytes: int, truncated: str):
     """(read-only mmap of `source` holding bytes [start, start + nbytes), where they begin in it);
-    `entry`: the TensorEntry (or the shard's path) a truncated file is named by."""
+    `truncated`: the one-line error when the file ends before the range does."""
     import mmap
 
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
@@ -265,9 +267,7 @@ def mapped(source, entry, start: int, nbytes: int):
         return mmap.mmap(source.fileno(), start + nbytes - aligned, offset=aligned, access=mmap.ACCESS_READ), \
             start - aligned
     except ValueError:  # the file ends before the range does
-        if not hasattr(entry, "name"):
-            raise ExportError(f"{entry}: truncated while reading a gathered expert layout") from None
-        raise ExportError(f"{entry.path}: truncated while reading tensor {entry.name}") from None
+        raise ExportError(truncated) from None
 
 
 def hash_mapping(digest, mapping, skip: int, nbytes: int) -> None:
