@@ -5,6 +5,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,15 @@ def test_bench_times_one_artifact_serving_a_list_of_prefill_chunks(tmp_path):
     assert [r["prefill_chunks"] for r in runs] == [[16], [4, 16]]
     manifests = [json.loads((Path(r["artifact"]) / "manifest.json").read_text()) for r in runs]
     assert [m["chunks"] for m in manifests] == [[16, 1], [16, 4, 1]]
+
+
+def test_our_ring_matches_llama_cpps_capacity_only_when_llama_cpp_runs_and_no_ring_is_asked_for():
+    """equal_capacity: llama.cpp gets the longest context + decode steps + 1 cells; ours the power of two above."""
+    from bench.run import BenchOptions, equal_capacity
+
+    options = BenchOptions(model="tiny", runtimes=("ort-gather", "llama.cpp"), contexts=(16, 128), decode_steps=16,
+                           prefill_chunk=(16, (16, 128))).resolved()
+    assert options.llama_context == 145
+    assert equal_capacity(options) == (256,)
+    assert equal_capacity(replace(options, cache_slots=(4096,))) == (4096,)
+    assert equal_capacity(replace(options, runtimes=("ort-gather",))) == (None,)
