@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -33,10 +33,11 @@ class ExportError(UserError, RuntimeError):
 def building(out: Path) -> Iterator[Path]:
     """Yield a temp folder to build into; on success it becomes `out`, on any failure it is gone."""
     check_destination(out)
-    tmp = make_temp_folder(out)
+    tmp = temp_folder_name(out)  # named before it exists, so a Ctrl-C right after mkdir still removes it
     try:
+        make_temp_folder(out, tmp)
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the artifact is meant to be shared
+        os.chmod(tmp, 0o755)  # made private; the artifact is meant to be shared
         replace_folder(tmp, out)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -75,10 +76,17 @@ def check_destination(out: Path) -> None:
                           f"refusing to overwrite it (move it away or choose another --output)")
 
 
-def make_temp_folder(out: Path) -> Path:
+def temp_folder_name(out: Path) -> Path:
+    """A hidden name beside `out` for the folder the artifact is built in (128 random bits: never an
+    existing folder, so the cleanup can only remove what this export made)."""
+    return out.parent / f".{out.name}.partial-{secrets.token_hex(16)}"
+
+
+def make_temp_folder(out: Path, tmp: Path) -> None:
+    """Create `tmp` (private until the artifact is complete)."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp.mkdir(mode=0o700)
     except OSError as err:
         raise ExportError(f"{out}: cannot write the artifact there ({err.strerror or err})") from None
 
