@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import onnx
 import pytest
@@ -127,9 +128,13 @@ def test_output_under_a_file_gives_one_line(tiny_checkpoint, tmp_path):
 
 
 def test_permission_denied_gives_one_line(tiny_checkpoint, tmp_path, monkeypatch):
-    def denied(**kwargs):
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(artifact_folder.tempfile, "mkdtemp", denied)  # root ignores chmod, so simulate it
+    real_mkdir = Path.mkdir
+
+    def denied(self, *args, **kwargs):  # the artifact's temp folder only: root ignores chmod, so simulate it
+        if ".partial-" in self.name:
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(artifact_folder.Path, "mkdir", denied)
     with pytest.raises(ExportError, match=r"cannot write the artifact there \(Permission denied\)") as info:
         export_onnx(tiny_checkpoint, tmp_path / "art", **SHAPES)
     assert "\n" not in str(info.value)
