@@ -2,8 +2,9 @@
 
 Every backend takes the same script with the tokens the reference picks greedily: row r starts 3r
 positions later (left padding, position -1), rows after the first sit out every 7th decode step,
-and two prefill chunks each lead `decode_steps` decode steps, so the second chunk is prefilled
-mid-sequence and, for the tiny model, positions run past its ring more than twice. Differences
+and prefill chunks each lead `decode_steps` decode steps: the longest first, then every other length
+the graph takes (at least two prefills), so later chunks are prefilled mid-sequence at each length and,
+for the tiny model, positions run past its ring more than twice. Differences
 count real tokens only (what a padding row computes is not part of the contract). Every backend's
 tests and scripts/gpu_check.py measure with this; runtimes/verify.py compares whole generations.
 """
@@ -51,7 +52,9 @@ def lockstep(reference: StepBackend, others: list[StepBackend], decode_steps: in
              seed: int = 0) -> list[StepParity]:
     """Run the script on every backend (each reset first); one StepParity per backend in `others`."""
     shapes = reference.shapes
-    batch, chunk = shapes.batch, shapes.prefill_chunk
+    batch = shapes.batch
+    others_lengths = [t for t in shapes.prefill_chunks if t != shapes.prefill_chunk]
+    chunk_plan = [shapes.prefill_chunk, *(others_lengths or [shapes.prefill_chunk])]  # each length at least once
     rng = np.random.default_rng(seed)
     results = [StepParity() for _ in others]
     next_position = -3 * np.arange(batch)  # (B,) row r lags 3r behind row 0
@@ -64,7 +67,7 @@ def lockstep(reference: StepBackend, others: list[StepBackend], decode_steps: in
             result.add(backend.step(ids, positions), logits, positions)
         return logits
 
-    for _ in range(2):
+    for chunk in chunk_plan:
         positions = next_position[:, None] + np.arange(chunk)  # (B, P)
         positions[positions < 0] = NO_POSITION
         next_position = next_position + chunk

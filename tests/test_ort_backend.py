@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def eager_for(checkpoint, artifact) -> EagerBackend:
     s = load_manifest(artifact, verify_files=False).shapes
-    return EagerBackend.from_checkpoint(checkpoint, dict(batch=s.batch, prefill_chunk=s.prefill_chunk,
+    return EagerBackend.from_checkpoint(checkpoint, dict(batch=s.batch, prefill_chunk=s.prefill_chunks,
                                                          cache_slots=s.cache_slots))
 
 
@@ -43,6 +43,18 @@ def test_fp32_matches_eager_through_ring_wraps(tiny_onnx, tiny_checkpoint):
     np.testing.assert_allclose(ours.cache_k, eager.ring.cache_k.numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(ours.cache_v, eager.ring.cache_v.numpy(), rtol=0, atol=1e-5)
     print(f"\nORT fp32 vs eager: max |logit diff| {worst:.2e} over {steps} steps")
+
+
+def test_lockstep_prefills_at_every_chunk_length_of_a_multi_chunk_graph(tiny_checkpoint, tmp_path, monkeypatch):
+    artifact = export_onnx(tiny_checkpoint, tmp_path / "p4+8", dtype="float32", batch=2, prefill_chunk=(4, 8),
+                           cache_slots=32)
+    eager, ours = eager_for(tiny_checkpoint, artifact), OrtBackend(artifact)
+    lengths = []
+    step = ours.step
+    monkeypatch.setattr(ours, "step", lambda ids, positions: (lengths.append(ids.shape[1]), step(ids, positions))[1])
+    (parity,) = lockstep(eager, [ours], decode_steps=8)
+    assert lengths == [8, *[1] * 8, 4, *[1] * 8]  # the longest chunk, then the other one mid-sequence
+    assert parity.max_abs <= TOL and parity.top1_agreement == 1.0
 
 
 def test_reset_empties_the_cache(tiny_onnx):
