@@ -51,7 +51,7 @@ class FileEntry:
     {"size": N, "sha256": HEX}; `from_json` is the one place an entry is checked."""
     size: int
     digest: str  # 64 hex digits
-    block_size: int | None = BLOCK_BYTES
+    block_size: int | None
 
     @classmethod
     def from_json(cls, raw, where: str) -> FileEntry:
@@ -221,7 +221,7 @@ def file_entry(path: Path, hashed: FileEntry | None = None) -> dict:
     """The manifest's entry of `path`: hashed now, or as the builder hashed it while writing."""
     size = path.stat().st_size
     if hashed is None:
-        return FileEntry(size, hash_file(path)).to_json()
+        return FileEntry(size, hash_file(path, BLOCK_BYTES), BLOCK_BYTES).to_json()
     if hashed.size != size:
         raise ManifestError(f"{path}: {size} bytes on disk, {hashed.size} hashed while writing")
     return hashed.to_json()

@@ -242,8 +242,7 @@ def save_graph(graph, path: Path, progress: Callable[[str], None] | None = None)
     """Write the graph to `path` and its weights to DATA_NAME beside it, one tensor at a time."""
     from graphs.weights_file import save_with_weights
 
-    size, root = save_with_weights(graph, path, DATA_NAME, progress)
-    return FileEntry(size, root) if size else None  # root: sha256_blocks of BLOCK_BYTES
+    return save_with_weights(graph, path, DATA_NAME, progress)
 
 
 def name_chunk_axis(model) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 
 from graphs.artifact_folder import DISK_FULL, ExportError
 from graphs.block_hash import BlockHasher
+from graphs.manifest import FileEntry
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
 WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (README "Measured")
@@ -38,10 +39,12 @@ RING = 3  # BufferRing's buffers: one being written while the next is filled
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 
 
-def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str], None] | None = None) -> tuple[int, str]:
+def save_with_weights(model, path: Path, data_name: str,
+                      progress: Callable[[str], None] | None = None) -> FileEntry | None:
     """Write `model` (an onnx_ir model) to `path` and its large initializers to `data_name` beside it.
 
-    Returns the data file's (size, sha256_blocks root). progress gets one line now and then: bytes written,
+    Returns the data file's manifest entry (size, sha256_blocks), None when nothing is large
+    enough to go there. progress gets one line now and then: bytes written,
     rate and the time left.
     """
     import onnx_ir as ir
@@ -51,7 +54,7 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
     total = sum(value.const_value.nbytes for value in values)
     if not values:
         ir.save(model, str(path))
-        return 0, ""
+        return None
     data_path = path.parent / data_name
     report = Progress(data_name, total, progress)
     offset = 0
@@ -88,7 +91,7 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
                               f"(the weights need {size(total)} free beside the output)") from None
         raise ExportError(f"{data_path}: cannot write ({err.strerror or err})") from None
     ir.save(model, str(path))
-    return offset, root
+    return FileEntry(offset, root, hasher.block_size)
 
 
 @contextlib.contextmanager
