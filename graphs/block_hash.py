@@ -5,20 +5,20 @@ Each block's sha256 is computed on its own; the root is the sha256 of the blocks
 digests concatenated in order (an empty file: the sha256 of no bytes). A whole-file sha256 is
 sequential, one core at ~1.7 GB/s here, slower than the kernel copies from the page cache;
 blocks hash on `hash_threads()` threads at once (hashlib lets go of the GIL), each reading its
-block into its own reused buffer (pread: no page faults, no map in the resident size). The
+block through small read-only maps of the page cache (no copy). The
 export hashes blocks behind its writes (`BlockHasher`); verify hashes a finished file
 (`hash_file`). README "Artifact hashes" checks one with split and sha256sum.
 """
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 BLOCK_BYTES = 64 << 20  # README "Artifact hashes": block size against hash rate
-READ_BYTES = 4 << 20  # one pread into a hashing thread's buffer
+MAP_BYTES = 8 << 20  # one map of a block, hashed and unmapped
 MAX_THREADS = 16
 LAG_BLOCKS = 4  # per thread: how many written blocks may wait for their hash before the writer waits
 
@@ -35,21 +35,21 @@ def hash_file(path: str | Path, block_size: int = BLOCK_BYTES) -> str:
 
 
 def hash_block(fd: int, start: int, end: int) -> bytes:
-    """sha256 of bytes [start, end) of the open file `fd`, read into this thread's buffer."""
-    buffer = getattr(_local, "buffer", None)
-    if buffer is None:
-        buffer = _local.buffer = memoryview(bytearray(READ_BYTES))
+    """sha256 of bytes [start, end) of the open file `fd`, through read-only maps of MAP_BYTES
+    (each unmapped once hashed: at most one per thread in the resident size). Cheaper than pread
+    into a buffer: 0.60 s of CPU per GB here against 0.76-0.80 s (README "Artifact hashes")."""
     digest = hashlib.sha256()
     while start < end:
-        got = os.preadv(fd, [buffer[:min(READ_BYTES, end - start)]], start)
-        if not got:
-            raise OSError(f"the file ended at byte {start} while hashing it (expected {end})")
-        digest.update(buffer[:got])
-        start += got
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        stop = min(end, aligned + MAP_BYTES)
+        try:
+            window = mmap.mmap(fd, stop - aligned, offset=aligned, access=mmap.ACCESS_READ)
+        except ValueError:  # the file is shorter than its entry or its writer says
+            raise OSError(f"the file ended before byte {stop} while hashing it") from None
+        with window, memoryview(window) as view:
+            digest.update(view[start - aligned:])
+        start = stop
     return digest.digest()
-
-
-_local = threading.local()
 
 
 class BlockHasher:
