@@ -51,7 +51,8 @@ def page_cache_copy(checkpoint: Path, folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--old", type=Path, required=True, help="a checkout of the older writer")
+    parser.add_argument("--old", type=Path, required=True, action="append",
+                        help="a checkout of an older writer (repeat for more: old0, old1, ...)")
     parser.add_argument("--routing", default="dense")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rounds", type=int, default=2)
@@ -67,14 +68,16 @@ def main() -> None:
         reader = ParameterReader(args.checkpoint, config)
         graph = step_graph(placeholder_model(config, shapes, args.routing), shapes, 18, reader.read)
         weights = {value: value.const_value for value in graph.graph.initializers.values()}
-        writers = {"new": weights_file.save_with_weights, "old": old_writer(args.old)}
+        writers = {"new": weights_file.save_with_weights,
+                   **{f"old{n}": old_writer(tree) for n, tree in enumerate(args.old)}}
         for round in range(args.rounds):
             print(f"round {round}: page-cache copy {page_cache_copy(args.checkpoint, out):.2f} s", flush=True)
-            for name in (("new", "old") if round % 2 == 0 else ("old", "new")):
+            names = list(writers)
+            for name in names[round % len(names):] + names[:round % len(names)]:  # each goes first in turn
                 for value, tensor in weights.items():
                     value.const_value = tensor
                 cpu, start = os.times(), time.perf_counter()
-                result = writers[name](graph, out / GRAPH_NAME, DATA_NAME)
+                result = writers[name](graph, out / GRAPH_NAME, DATA_NAME)  # old: (size, sha256); new: FileEntry
                 wall, after = time.perf_counter() - start, os.times()
                 size = (out / DATA_NAME).stat().st_size
                 print(f"  {name}: {size / 1e9:.2f} GB in {wall:.2f} s ({size / wall / 1e6:.0f} MB/s), process CPU "
