@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.export_memory import shards  # noqa: E402
+from bench.export_memory import evict, shards  # noqa: E402
 from graphs import weights_file  # noqa: E402
 from graphs.onnx_export import DATA_NAME, GRAPH_NAME, export_config, placeholder_model, step_graph  # noqa: E402
 
@@ -48,6 +48,12 @@ def page_cache_copy(checkpoint: Path, folder: Path) -> float:
     return seconds
 
 
+def disk_reads() -> int:
+    """Bytes this process (all its threads) has had read from the disk so far."""
+    return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                    if line.startswith("read_bytes:")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
@@ -57,6 +63,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--cold", action="store_true",
+                        help="evict the checkpoint before each write (it reads the disk); no page-cache copy")
     args = parser.parse_args()
     from graphs.contract import StepShapes
     from mixtral_export.checkpoint import ParameterReader
@@ -71,18 +79,23 @@ def main() -> None:
         writers = {"new": weights_file.save_with_weights,
                    **{f"old{n}": old_writer(tree) for n, tree in enumerate(args.old)}}
         for round in range(args.rounds):
-            print(f"round {round}: page-cache copy {page_cache_copy(args.checkpoint, out):.2f} s", flush=True)
+            if args.cold:
+                print(f"round {round}: checkpoint evicted before each write", flush=True)
+            else:
+                print(f"round {round}: page-cache copy {page_cache_copy(args.checkpoint, out):.2f} s", flush=True)
             names = list(writers)
             for name in names[round % len(names):] + names[:round % len(names)]:  # each goes first in turn
                 for value, tensor in weights.items():
                     value.const_value = tensor
-                cpu, start = os.times(), time.perf_counter()
+                if args.cold:
+                    evict(shards(args.checkpoint))
+                read, cpu, start = disk_reads(), os.times(), time.perf_counter()
                 result = writers[name](graph, out / GRAPH_NAME, DATA_NAME)  # old: (size, sha256); new: FileEntry
                 wall, after = time.perf_counter() - start, os.times()
                 size = (out / DATA_NAME).stat().st_size
                 print(f"  {name}: {size / 1e9:.2f} GB in {wall:.2f} s ({size / wall / 1e6:.0f} MB/s), process CPU "
                       f"{after.user - cpu.user + after.system - cpu.system:.2f} s, load "
-                      f"{os.getloadavg()[0]:.2f}, hash {getattr(result, 'digest', None) or result[1]}", flush=True)
+                      f"{os.getloadavg()[0]:.2f}, read from disk {(disk_reads() - read) / 1e9:.2f} GB, hash {getattr(result, 'digest', None) or result[1]}", flush=True)
                 (out / DATA_NAME).unlink()
 
 
