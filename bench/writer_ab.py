@@ -95,7 +95,8 @@ def main() -> None:
                 size = (out / DATA_NAME).stat().st_size
                 print(f"  {name}: {size / 1e9:.2f} GB in {wall:.2f} s ({size / wall / 1e6:.0f} MB/s), process CPU "
                       f"{after.user - cpu.user + after.system - cpu.system:.2f} s, load "
-                      f"{os.getloadavg()[0]:.2f}, read from disk {(disk_reads() - read) / 1e9:.2f} GB, hash {getattr(result, 'digest', None) or result[1]}", flush=True)
+                      f"{os.getloadavg()[0]:.2f}, read from disk {(disk_reads() - read) / 1e9:.2f} GB, "
+                      f"hash {getattr(result, 'digest', None) or result[1]}", flush=True)
                 (out / DATA_NAME).unlink()
 
 

@@ -3,7 +3,8 @@
 An artifact is a folder of graph files plus this manifest, written last by the builder. The
 manifest records the model config, the static step shapes, the chunk lengths the graph serves,
 the I/O contract per chunk length, the tools that built it, and the size and hash of every
-file beside it (`FileEntry`: sha256_blocks, graphs/block_hash.py; a plain sha256 in format 2), so a runtime can refuse an artifact that was truncated, tampered with, mixed
+file beside it (`FileEntry`: sha256_blocks, graphs/block_hash.py; a plain sha256 in format
+2), so a runtime can refuse an artifact that was truncated, tampered with, mixed
 with another build's files or built for another model, before it loads gigabytes of weights.
 
 Torch-free and onnx-free: runtimes read it with numpy and onnxruntime alone.
@@ -274,7 +275,8 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
         config = MixtralConfig.from_dict(raw["config"], source=f"{path}: config")
         head = raw.get("head", "causal-lm")
         shapes = StepShapes.from_dict(raw["shapes"]) if head == "causal-lm" else HeadShapes.from_dict(raw["shapes"])
-        files = {name: FileEntry.from_json(entry, f"{path}: files[{name!r}]") for name, entry in raw["files"].items()}
+        files = {name: FileEntry.from_json(entry, f"{path}: files[{name!r}]")
+                 for name, entry in raw["files"].items()}
         eos = raw["eos_token_id"]
         manifest = Manifest(
             folder=folder, format_version=raw["format_version"], kind=raw["kind"], config=config,

@@ -9,8 +9,8 @@ as it is read (`chunks`) fills a ring of reused buffers that a writing thread ta
 the next fills (`BufferRing`); one laid out from byte ranges of the checkpoint (gathered experts,
 `stored_pieces`) goes from memory maps to `pwritev`. The file is hashed behind the writes, block
 by block on a pool of threads (sha256_blocks, graphs/block_hash.py `BlockHasher`), read back
-from the page cache into each thread's buffer. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
-in graph order, densely packed, the same threshold; so the file is byte for byte what the
+through small maps of the page cache. The layout is onnx_ir's own (`ir.save(...,
+external_data=...)`): initializers in graph order, densely packed, the same threshold; so the file is byte for byte what the
 exporter's save writes. The graph then points at the file (offset, length) and is saved
 without weights.
 
@@ -34,7 +34,7 @@ from graphs.manifest import FileEntry
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
 WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (README "Measured")
-CHUNK_BYTES = 4 << 20  # one BufferRing buffer: what one read or fill, hash and write() handle
+CHUNK_BYTES = 4 << 20  # one BufferRing buffer: what one read or fill and write() handle
 RING = 3  # BufferRing's buffers: one being written while the next is filled
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 
@@ -44,8 +44,7 @@ def save_with_weights(model, path: Path, data_name: str,
     """Write `model` (an onnx_ir model) to `path` and its large initializers to `data_name` beside it.
 
     Returns the data file's manifest entry (size, sha256_blocks), None when nothing is large
-    enough to go there. progress gets one line now and then: bytes written,
-    rate and the time left.
+    enough to go there. progress gets one line now and then: bytes written, rate and the time left.
     """
     import onnx_ir as ir
 
