@@ -11,7 +11,8 @@ copy at a time):
    the checkpoint read into the page cache first when it fits in half the available memory (else
    evicted: it reads the disk; the row says which);
 3. a plain copy served from the page cache, shard by shard (each read through first, untimed),
-   and sha256 of the same warm bytes alone: the memory-speed floor.
+   and the export's hash (sha256_blocks on its threads, graphs/block_hash.py) and a whole-file
+   sha256 (the previous writer's) of the same warm bytes alone: the memory-speed floor.
 
 Write / copy is reported against both copies. To keep the checkpoint's writing out of a
 measurement (8 layers: 23 GB), write it once, then measure on it, one routing per command:
@@ -23,7 +24,6 @@ measurement (8 layers: 23 GB), write it once, then measure on it, one routing pe
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -39,23 +39,28 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.load_memory import MIXTRAL_8X7B  # noqa: E402
+from graphs.block_hash import BLOCK_BYTES, hash_file, hash_threads  # noqa: E402
+from graphs.manifest import sha256_file  # noqa: E402
 
 SHARD_BYTES = 1 << 30
 POOL_BYTES = 64 << 20  # the random values every tensor's bytes are cut from
 
 EXPORT = """
-import json, sys, time
+import json, os, sys, time
 sys.path.insert(0, sys.argv[4])
 from bench.load_memory import peak_rss
 from graphs.onnx_export import export_onnx
-stages = {}
-def note(line):  # when the weights start and stop being written
-    stages.setdefault("write" if line.startswith("writing model.onnx.data") else line.split()[0], time.perf_counter())
+stages, cpu = {}, {}
+def note(line):  # when the weights start and stop being written, and the process's CPU seconds then
+    stage = "write" if line.startswith("writing model.onnx.data") else line.split()[0]
+    stages.setdefault(stage, time.perf_counter())
+    cpu.setdefault(stage, sum(os.times()[:2]))
 start = time.perf_counter()
 export_onnx(sys.argv[1], sys.argv[2], dtype=sys.argv[5], batch=1, prefill_chunk=16, routing=sys.argv[3], progress=note)
 end = time.perf_counter()
 print(json.dumps({"seconds": end - start, "peak": peak_rss(), "trace_seconds": stages["write"] - start,
-                  "write_seconds": stages["checking"] - stages["write"]}))
+                  "write_seconds": stages["checking"] - stages["write"],
+                  "write_cpu_seconds": cpu["checking"] - cpu["write"]}))
 """
 BASELINE = """
 import sys
@@ -86,7 +91,9 @@ def checkpoint_tensors(layers: int, h: int, i: int, v: int, e: int, kv: int) -> 
 def write(folder: Path, layers: int, dtype: str) -> int:
     """A mixtral-shaped checkpoint, written 64 MiB at a time; returns the weights' bytes.
 
-    Its values are normal(0, 0.02) in `dtype`, one 64 MiB pool of them cut at a different place
+    The header is padded to 8 bytes as the safetensors library pads it (unaligned, the kernel's
+    copy of a tensor whose offset differs from its offset in the data file by an odd number of bytes
+    ran 1.6x slower here). Its values are normal(0, 0.02) in `dtype`, one 64 MiB pool of them cut at a different place
     for each tensor: not zeros, which a virtual disk may store as holes (reads and writes that
     never reach the disk), and no two tensors alike."""
     import torch
@@ -119,6 +126,7 @@ def write(folder: Path, layers: int, dtype: str) -> int:
             offset += nbytes
             weight_map[name] = file
         raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)  # as the safetensors library pads it: tensors start 8-byte aligned
         with open(folder / file, "wb") as handle:
             handle.write(struct.pack("<Q", len(raw)) + raw)
             for name in names:
@@ -153,14 +161,17 @@ def measure(folder: Path, layers: int, dtype: str, routing: str, checkpoint: Pat
     export = json.loads(done.stdout.strip().splitlines()[-1])
     written = (art / "model.onnx.data").stat().st_size
     shutil.rmtree(art)
-    cached, hash_seconds = page_cache_copy(checkpoint, folder / "copy")
+    cached, hash_seconds, blocks_seconds = page_cache_copy(checkpoint, folder / "copy")
     if written_here:
         shutil.rmtree(checkpoint)
     return {"layers": layers, "dtype": dtype, "routing": routing, "weights_bytes": weights,
             "written_bytes": written, "export_seconds": export["seconds"], "export_peak_rss": export["peak"],
             "trace_seconds": export["trace_seconds"], "write_seconds": export["write_seconds"],
+            "write_cpu_seconds": export["write_cpu_seconds"],
             "export_reads_from": source, "copied_bytes": copied, "disk_copy_seconds": disk,
-            "page_cache_copy_seconds": cached, "sha256_seconds": hash_seconds, "load_average": os.getloadavg()[0]}
+            "page_cache_copy_seconds": cached, "sha256_seconds": hash_seconds,
+            "blocks_seconds": blocks_seconds, "hash": f"sha256_blocks/{BLOCK_BYTES >> 20}M",
+            "hash_threads": hash_threads(), "load_average": os.getloadavg()[0]}
 
 
 def shards(checkpoint: Path) -> list[Path]:
@@ -212,15 +223,16 @@ def disk_copy(checkpoint: Path, copy: Path) -> tuple[float, int]:
     return seconds, copied
 
 
-def page_cache_copy(checkpoint: Path, copy: Path) -> tuple[float, float]:
+def page_cache_copy(checkpoint: Path, copy: Path) -> tuple[float, float, float]:
     """Seconds to copy the checkpoint's shards with shutil when each is in the page cache (read
-    through first, untimed; the copy's write-back is waited for, untimed, before the next shard), and
-    to sha256 the same warm bytes alone (the hash every export pays and a copy does not): the
+    through first, untimed; the copy's write-back is waited for, untimed, before the next shard), to
+    sha256 the same warm bytes alone (the previous writer's whole-file hash) and to hash them as
+    the export does (sha256_blocks on its threads; the hash a copy does not pay): the
     copy at memory speed, which no export of a checkpoint larger than the page cache can see.
     One shard at a time, each copy removed at once."""
     copy.mkdir()
     buffer = memoryview(bytearray(8 << 20))
-    copying = hashing = 0.0
+    copying = hashing = blocks = 0.0
     for shard in shards(checkpoint):
         with open(shard, "rb", buffering=0) as handle:
             while handle.readinto(buffer):
@@ -229,14 +241,14 @@ def page_cache_copy(checkpoint: Path, copy: Path) -> tuple[float, float]:
         shutil.copyfile(shard, copy / shard.name)
         copying += time.perf_counter() - start
         start = time.perf_counter()
-        digest = hashlib.sha256()
-        with open(shard, "rb", buffering=0) as handle:
-            while got := handle.readinto(buffer):
-                digest.update(buffer[:got])
+        sha256_file(shard)
         hashing += time.perf_counter() - start
+        start = time.perf_counter()
+        hash_file(shard)
+        blocks += time.perf_counter() - start
         (copy / shard.name).unlink()  # its dirty pages go with it: no write-back left for the next shard
     copy.rmdir()
-    return copying, hashing
+    return copying, hashing, blocks
 
 
 def main() -> None:
@@ -271,13 +283,15 @@ def main() -> None:
             print(f"layers={layers} {args.dtype} {args.routing}: weights {row['weights_bytes'] / gb:.2f} GB, "
                   f"export {row['export_seconds']:.1f} s (trace {row['trace_seconds']:.1f} s, "
                   f"write {row['written_bytes'] / gb:.2f} GB in {write_s:.1f} s = "
-                  f"{row['written_bytes'] / write_s / 1e6:.0f} MB/s, reading the checkpoint from the "
+                  f"{row['written_bytes'] / write_s / 1e6:.0f} MB/s, {row['write_cpu_seconds']:.1f} s of CPU, "
+                  f"reading the checkpoint from the "
                   f"{row['export_reads_from']}); peak RSS {row['export_peak_rss'] / (1 << 30):.2f} GiB (imports alone "
                   f"{base / (1 << 30):.2f} GiB); plain copy of the same {row['copied_bytes'] / gb:.2f} GB: "
                   f"reading the disk {disk:.1f} s ({row['copied_bytes'] / disk / 1e6:.0f} MB/s), "
                   f"from the page cache {cached:.1f} s ({row['copied_bytes'] / cached / 1e6:.0f} MB/s); "
                   f"write / copy = {write_s / disk:.2f}x the disk copy, {write_s / cached:.2f}x the page-cache copy; "
-                  f"sha256 of the same bytes alone (page cache) {row['sha256_seconds']:.1f} s; "
+                  f"hash {row['hash']} on {row['hash_threads']} threads; of the same bytes alone (page "
+                  f"cache): that {row['blocks_seconds']:.1f} s, whole-file sha256 {row['sha256_seconds']:.1f} s; "
                   f"load average {row['load_average']:.2f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

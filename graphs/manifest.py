@@ -2,8 +2,9 @@
 
 An artifact is a folder of graph files plus this manifest, written last by the builder. The
 manifest records the model config, the static step shapes, the chunk lengths the graph serves,
-the I/O contract per chunk length, the tools that built it, and the size and sha256 of every
-file beside it, so a runtime can refuse an artifact that was truncated, tampered with, mixed
+the I/O contract per chunk length, the tools that built it, and the size and hash of every
+file beside it (`FileEntry`: sha256_blocks, graphs/block_hash.py; a plain sha256 in format
+2), so a runtime can refuse an artifact that was truncated, tampered with, mixed
 with another build's files or built for another model, before it loads gigabytes of weights.
 
 Torch-free and onnx-free: runtimes read it with numpy and onnxruntime alone.
@@ -18,12 +19,14 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
+from graphs.block_hash import BLOCK_BYTES, hash_file
 from graphs.contract import OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
 from mixtral_export.config import ConfigError, MixtralConfig
 from mixtral_export.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 2  # 2: one cache input per layer (graphs/contract.py)
+FORMAT_VERSION = 3  # 2: one cache input per layer (graphs/contract.py); 3: files hashed as sha256_blocks
+OLDEST_READ = 2  # format 2 (files with a plain sha256) still loads and verifies: no re-export
 KINDS = ("onnx", "aoti")
 # Files that hold graphs or weights: one of these that the manifest does not list means the
 # folder mixes builds, so it is refused rather than guessed at.
@@ -42,8 +45,48 @@ class ManifestError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class FileEntry:
+    """A file's size and hash: the sha256_blocks root of blocks of `block_size` bytes
+    (graphs/block_hash.py), or with block_size None the whole file's sha256 (format 2 manifests).
+
+    In manifest.json: {"size": N, "sha256_blocks": {"block_size": B, "root": HEX}} or
+    {"size": N, "sha256": HEX}; `from_json` is the one place an entry is checked."""
     size: int
-    sha256: str
+    digest: str  # 64 hex digits
+    block_size: int | None
+
+    @classmethod
+    def from_json(cls, raw, where: str) -> FileEntry:
+        if not isinstance(raw, dict) or not isinstance(raw.get("size"), int) or raw["size"] < 0:
+            raise ManifestError(f"{where}: a file entry needs a size in bytes")
+        blocks = raw.get("sha256_blocks")
+        if ("sha256" in raw) == (blocks is not None):
+            raise ManifestError(f"{where}: a file entry needs exactly one of sha256, sha256_blocks")
+        if blocks is None:
+            entry = cls(raw["size"], raw["sha256"], None)
+        elif isinstance(blocks, dict) and isinstance(blocks.get("block_size"), int) and blocks["block_size"] > 0:
+            entry = cls(raw["size"], blocks.get("root"), blocks["block_size"])
+        else:
+            raise ManifestError(f"{where}: sha256_blocks needs a positive block_size and a root")
+        if not isinstance(entry.digest, str) or len(entry.digest) != 64 or \
+                entry.digest.strip("0123456789abcdef"):
+            raise ManifestError(f"{where}: the hash must be 64 lowercase hex digits")
+        return entry
+
+    def to_json(self) -> dict:
+        if self.block_size is None:
+            return {"size": self.size, "sha256": self.digest}
+        return {"size": self.size, "sha256_blocks": {"block_size": self.block_size, "root": self.digest}}
+
+    def matches(self, path: Path) -> bool:
+        """Whether `path` hashes to this entry, by the entry's own scheme."""
+        if self.block_size is None:
+            return sha256_file(path) == self.digest
+        return hash_file(path, self.block_size) == self.digest
+
+    def label(self) -> str:
+        """The scheme and the first digits, as the CLI shows them."""
+        scheme = "sha256" if self.block_size is None else f"sha256_blocks/{self.block_size >> 20}M"
+        return f"{scheme} {self.digest[:16]}..."
 
 
 @dataclass(frozen=True)
@@ -111,6 +154,7 @@ def tool_versions() -> dict[str, str]:
 
 
 def sha256_file(path: Path) -> str:
+    """The whole file's sha256, sequential: only format 2 manifests' entries are checked with it."""
     digest = hashlib.sha256()
     buffer = bytearray(HASH_CHUNK)
     view = memoryview(buffer)
@@ -129,7 +173,7 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
     """Hash every file in `folder` and write manifest.json beside them; call it last.
 
     bos/eos default to the config's; the chunk lengths are shapes.chunks (a head graph's: its T).
-    `hashed` gives the sha256 of files the builder hashed as it wrote them (tens of GB need not be
+    `hashed` gives the entries of files the builder hashed as it wrote them (tens of GB need not be
     read twice); their sizes are still checked against the disk.
     """
     folder = Path(folder)
@@ -174,13 +218,14 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
     return path
 
 
-def file_entry(path: Path, hashed: FileEntry | None) -> dict:
+def file_entry(path: Path, hashed: FileEntry | None = None) -> dict:
+    """The manifest's entry of `path`: hashed now, or as the builder hashed it while writing."""
     size = path.stat().st_size
     if hashed is None:
-        return {"size": size, "sha256": sha256_file(path)}
+        return FileEntry(size, hash_file(path, BLOCK_BYTES), BLOCK_BYTES).to_json()
     if hashed.size != size:
         raise ManifestError(f"{path}: {size} bytes on disk, {hashed.size} hashed while writing")
-    return {"size": size, "sha256": hashed.sha256}
+    return hashed.to_json()
 
 
 def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
@@ -204,11 +249,12 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a JSON object")
     version = raw.get("format_version")
-    if isinstance(version, int) and 0 < version < FORMAT_VERSION:
+    if isinstance(version, int) and 0 < version < OLDEST_READ:
         raise ManifestError(f"{path}: format_version {version} was written by an older mixtral-export "
-                            f"(this version reads {FORMAT_VERSION}); export the artifact again")
-    if version != FORMAT_VERSION:
-        raise ManifestError(f"{path}: unknown format_version {version!r} (this version reads {FORMAT_VERSION})")
+                            f"(this version reads {OLDEST_READ} to {FORMAT_VERSION}); export the artifact again")
+    if not isinstance(version, int) or not OLDEST_READ <= version <= FORMAT_VERSION:
+        raise ManifestError(f"{path}: unknown format_version {version!r} "
+                            f"(this version reads {OLDEST_READ} to {FORMAT_VERSION})")
     manifest = _parse(raw, folder, path)
     _check_files(manifest, verify_files)
     return manifest
@@ -229,7 +275,7 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
         config = MixtralConfig.from_dict(raw["config"], source=f"{path}: config")
         head = raw.get("head", "causal-lm")
         shapes = StepShapes.from_dict(raw["shapes"]) if head == "causal-lm" else HeadShapes.from_dict(raw["shapes"])
-        files = {name: FileEntry(size=int(entry["size"]), sha256=str(entry["sha256"]))
+        files = {name: FileEntry.from_json(entry, f"{path}: files[{name!r}]")
                  for name, entry in raw["files"].items()}
         eos = raw["eos_token_id"]
         manifest = Manifest(
@@ -241,6 +287,8 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
             device=raw.get("device"), source=raw.get("source"), engines=dict(raw.get("engines") or {}),
             routing=raw.get("routing", "dense"), head=head, labels=tuple(str(x) for x in raw.get("labels", ())),
             quantization=raw.get("quantization"))
+    except ManifestError:
+        raise
     except ConfigError as err:
         raise ManifestError(str(err)) from None
     except KeyError as err:
@@ -319,7 +367,8 @@ def set_engine(folder: str | Path, name: str, record: dict | None) -> Path:
         if missing:
             raise ManifestError(f"{folder / name}: an engine record needs {', '.join(missing)}")
         engines[name] = dict(record)
-        raw["files"][name] = {"size": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)}
+        raw["files"][name] = file_entry(folder / name)
+        raw["format_version"] = FORMAT_VERSION  # a format 2 manifest now holds a sha256_blocks entry
     tmp = folder / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(raw, indent=2) + "\n")
     tmp.replace(path)
@@ -340,5 +389,5 @@ def _check_files(manifest: Manifest, verify_hashes: bool) -> None:
             raise ManifestError(f"{file}: not listed in {MANIFEST_NAME} (a file from another build?)")
     if verify_hashes:
         for name, entry in manifest.files.items():
-            if sha256_file(manifest.folder / name) != entry.sha256:
+            if not entry.matches(manifest.folder / name):
                 raise ManifestError(f"{manifest.folder / name}: sha256 does not match {MANIFEST_NAME} (modified)")

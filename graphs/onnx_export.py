@@ -156,7 +156,7 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int,
     `model` holds real weights (weights None) or placeholders (`placeholder_model`), each then
     read by weights(parameter name, shape) when the file is written. With `scheme` (a
     contract.WeightScheme) the weights are quantized as they are written. Returns the data file's
-    size and sha256 (None when the graph has no external weights) and the quantization record
+    size and hash (None when the graph has no external weights) and the quantization record
     (None for float weights).
     """
     graph = step_graph(model, shapes, opset, weights, block=block_size if scheme else 1)
@@ -242,8 +242,7 @@ def save_graph(graph, path: Path, progress: Callable[[str], None] | None = None)
     """Write the graph to `path` and its weights to DATA_NAME beside it, one tensor at a time."""
     from graphs.weights_file import save_with_weights
 
-    size, sha256 = save_with_weights(graph, path, DATA_NAME, progress)
-    return FileEntry(size, sha256) if size else None
+    return save_with_weights(graph, path, DATA_NAME, progress)
 
 
 def name_chunk_axis(model) -> None:

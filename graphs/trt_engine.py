@@ -15,7 +15,7 @@ types: it is built strongly typed (TensorRT follows the graph's casts, as ONNX R
 only its own precision is accepted.
 
 An engine runs only with the TensorRT version and on the GPU model that built it. The manifest
-records both (with the precision and profiles under `engines`, the sha256 under `files`), and
+records both (with the precision and profiles under `engines`, the sha256_blocks hash under `files`), and
 `check_engine_record` refuses a mismatch before TensorRT is asked to load it.
 
 Atomic: the engine goes to a hidden temp file; the manifest first drops any earlier engine, the

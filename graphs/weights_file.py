@@ -2,13 +2,15 @@
 
 Each initializer larger than EXTERNAL_MIN bytes is materialised (a lazy one reads its parameter
 from the checkpoint only now; one that comes in pieces, a piece at a time), written, added to
-the sha256 and released before the next, so peak memory is about one tensor or piece whatever
+the hash and released before the next, so peak memory is about one tensor or piece whatever
 the model's size. One stored in the checkpoint exactly as the graph holds it is copied file to
-file by the kernel (`copy_range`), hashed from the page cache beside the copy; one that is laid
-out or cast as it is read (`chunks`) fills a ring of reused buffers that a hashing thread and a
-writing thread take over while the next fills (`BufferRing`); one laid out from byte ranges of
-the checkpoint (gathered experts, `stored_pieces`) goes from memory maps to `pwritev`. The layout is onnx_ir's own (`ir.save(..., external_data=...)`): initializers
-in graph order, densely packed, the same threshold; so the file is byte for byte what the
+file by the kernel (`copy_range`: the checkpoint is never mapped); one that is laid out or cast
+as it is read (`chunks`) fills a ring of reused buffers that a writing thread takes over while
+the next fills (`BufferRing`); one laid out from byte ranges of the checkpoint (gathered experts,
+`stored_pieces`) goes from memory maps to `pwritev`. The file is hashed behind the writes, block
+by block on a pool of threads (sha256_blocks, graphs/block_hash.py `BlockHasher`), read back
+through small maps of the page cache. The layout is onnx_ir's own (`ir.save(...,
+external_data=...)`): initializers in graph order, densely packed, the same threshold; so the file is byte for byte what the
 exporter's save writes. The graph then points at the file (offset, length) and is saved
 without weights.
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import time
 from pathlib import Path
@@ -28,19 +29,22 @@ from typing import Callable
 import numpy as np
 
 from graphs.artifact_folder import DISK_FULL, ExportError
+from graphs.block_hash import BlockHasher
+from graphs.manifest import FileEntry
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
 WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (README "Measured")
-CHUNK_BYTES = 4 << 20  # one BufferRing buffer: what one read or fill, hash and write() handle
-RING = 3  # BufferRing's buffers: one being hashed while the next is filled and written
+CHUNK_BYTES = 4 << 20  # one BufferRing buffer: what one read or fill and write() handle
+RING = 3  # BufferRing's buffers: one being written while the next is filled
 PROGRESS_EVERY = 1.0  # seconds between progress reports
 
 
-def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str], None] | None = None) -> tuple[int, str]:
+def save_with_weights(model, path: Path, data_name: str,
+                      progress: Callable[[str], None] | None = None) -> FileEntry | None:
     """Write `model` (an onnx_ir model) to `path` and its large initializers to `data_name` beside it.
 
-    Returns the data file's (size, sha256). progress gets one line now and then: bytes written,
-    rate and the time left.
+    Returns the data file's manifest entry (size, sha256_blocks), None when nothing is large
+    enough to go there. progress gets one line now and then: bytes written, rate and the time left.
     """
     import onnx_ir as ir
 
@@ -49,20 +53,20 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
     total = sum(value.const_value.nbytes for value in values)
     if not values:
         ir.save(model, str(path))
-        return 0, ""
+        return None
     data_path = path.parent / data_name
-    digest = hashlib.sha256()
     report = Progress(data_name, total, progress)
     offset = 0
     report(0)
     try:
-        # every write positional; read back (mapped) to hash gathered layouts (`BufferRing.put_views`)
-        with open(data_path, "w+b", buffering=0) as handle, torch_on_one_thread(), heap_frozen():
-            ring = BufferRing(digest, handle.fileno())
+        # every write positional; read back to hash (the hasher's pool goes before the file closes)
+        with open(data_path, "w+b", buffering=0) as handle, BlockHasher(handle.fileno()) as hasher, \
+                torch_on_one_thread(), heap_frozen():
+            ring = BufferRing(hasher, handle.fileno())
             try:
                 for value in values:
                     tensor = value.const_value
-                    length = write_tensor(tensor, handle, digest, ring)
+                    length = write_tensor(tensor, handle, ring)
                     if length != tensor.nbytes:
                         raise ExportError(f"{data_path}: initializer {value.name} gave {length} bytes, "
                                           f"its shape and dtype say {tensor.nbytes}")
@@ -74,6 +78,7 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
                     del tensor
                     release_freed_memory()
                 ring.drain()
+                root = hasher.root(offset)
             except BaseException:
                 ring.drain(quiet=True)  # no write of the threads outlives the file (Ctrl-C, a full disk)
                 raise
@@ -85,13 +90,13 @@ def save_with_weights(model, path: Path, data_name: str, progress: Callable[[str
                               f"(the weights need {size(total)} free beside the output)") from None
         raise ExportError(f"{data_path}: cannot write ({err.strerror or err})") from None
     ir.save(model, str(path))
-    return offset, digest.hexdigest()
+    return FileEntry(offset, root, hasher.block_size)
 
 
 @contextlib.contextmanager
 def torch_on_one_thread():
     """Run torch's ops (casts, transposes, expert layouts) on the writing thread alone while the
-    file is written: the hashing thread keeps another core busy, and torch's intra-op pool then
+    file is written: the hashing threads keep the other cores busy, and torch's intra-op pool then
     waits on descheduled workers (a 2 MB strided copy_ ran at 0.26 GB/s with 2 threads on this
     loaded 2-core machine, 39 GB/s with 1; README "Measured")."""
     import torch
@@ -118,9 +123,9 @@ def heap_frozen():
         gc.unfreeze()
 
 
-def write_tensor(tensor, handle, digest, ring: BufferRing) -> int:
-    """Materialise one tensor (a piece at a time when it comes in pieces), write its bytes at the
-    ring's offset and hash them; returns the byte count. One stored in the checkpoint as it is
+def write_tensor(tensor, handle, ring: BufferRing) -> int:
+    """Materialise one tensor (a piece at a time when it comes in pieces) and write its bytes at
+    the ring's offset; returns the byte count. One stored in the checkpoint as it is
     written is copied file to file (`copy_range`); one that fills buffers (`chunks(limit)`: a cast,
     a gathered expert layout) is written through `ring`'s reused buffers."""
     ranges = tensor.stored_ranges() if hasattr(tensor, "stored_ranges") else None
@@ -134,18 +139,15 @@ def write_tensor(tensor, handle, digest, ring: BufferRing) -> int:
     written = 0
     for piece in tensor.pieces() if hasattr(tensor, "pieces") else (tensor,):
         view = memoryview(tensor_bytes(piece)).cast("B")
-        hashing = one_thread("sha256").submit(digest.update, view)  # sha256 lets go of the GIL: it runs beside the write
-        try:
-            written += write_all(ring.fd, view, ring.claim(len(view)))
-        finally:
-            hashing.result()
+        written += write_all(ring.fd, view, ring.claim(len(view)))
+        ring.wrote()
         del view, piece
     return written
 
 
 def write_chunks(chunks, ring: BufferRing) -> int:
-    """Write (nbytes, fill(dest)) runs: each filled into the ring's next buffer, then hashed and
-    written by the ring's two threads while the next one is filled. Returns the byte count."""
+    """Write (nbytes, fill(dest)) runs: each filled into the ring's next buffer, then written by
+    the ring's writing thread while the next one is filled. Returns the byte count."""
     written = 0
     for nbytes, fill in chunks:
         buffer = ring.take(nbytes)
@@ -159,10 +161,8 @@ def write_pieces(chunks, ring: BufferRing) -> int:
     """Write runs of checkpoint byte ranges (a gathered expert layout, graphs/onnx_moe.py
     `expert_pieces`: per run, [Rows] whose rows interleave): each run's rows are views of a memory
     map of their shard (page cache, no copy), handed to the kernel in one `pwritev` on the
-    writing thread, then hashed from the data file on the hashing thread, while the next run is
-    mapped. The bytes are
-    copied once, by the kernel, as `copy_range` copies them; the maps go once both threads are
-    done. Returns the byte count."""
+    writing thread while the next run is mapped. The bytes are copied once, by the kernel, as
+    `copy_range` copies them; the maps go once written. Returns the byte count."""
     written = 0
     for runs in chunks:
         ring.take(0)  # a free slot: at most RING runs stay mapped
@@ -183,17 +183,6 @@ def mapped_rows(runs) -> list[memoryview]:
         whole = memoryview(mapping)
         columns.append([whole[at:at + run.nbytes] for at in range(skip, skip + span, run.stride)])
     return columns[0] if len(columns) == 1 else [view for row in zip(*columns) for view in row]
-
-
-def hash_written(digest, written, fd: int, at: int, nbytes: int) -> None:
-    """digest <- bytes [at, at + nbytes) of the data file `fd`, once the future `written` wrote them."""
-    import mmap
-
-    written.result()
-    aligned = at - at % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(fd, at + nbytes - aligned, offset=aligned, access=mmap.ACCESS_READ) as mapping, \
-            memoryview(mapping) as whole:
-        digest.update(whole[at - aligned:])
 
 
 def write_views(fd: int, views: list[memoryview], offset: int) -> int:
@@ -222,19 +211,16 @@ def write_all(fd: int, view: memoryview, offset: int) -> int:
 
 def copy_range(entry, handle, ring: BufferRing) -> int:
     """Copy a checkpoint byte range (a TensorEntry) to the ring's offset with the kernel's
-    copy_file_range, CHUNK_BYTES at a time, each chunk hashed on the hashing thread from a memory
-    map of the checkpoint (page cache, no copy; unmapped once hashed, so it never adds to the
-    resident size) while the next is copied. Writing through Python ran at 0.3-0.4 GB/s on this
+    copy_file_range, CHUNK_BYTES at a time (the checkpoint is never mapped: no page faults; the
+    hashing threads read the copy back). Writing through Python ran at 0.3-0.4 GB/s on this
     machine where the kernel's copy ran at 1.3-2.5 GB/s; where the kernel cannot copy (another
-    filesystem, no such call), the mapped bytes are written."""
+    filesystem, no such call), mapped bytes are written."""
     global _kernel_copy
     done = 0
+    truncated = f"{entry.path}: truncated while reading tensor {entry.name}"
     with open(entry.path, "rb", buffering=0) as source:
         while done < entry.nbytes:
             got = min(CHUNK_BYTES, entry.nbytes - done)
-            mapping, skip = mapped(source, entry.start + done, got,
-                                   f"{entry.path}: truncated while reading tensor {entry.name}")
-            ring.take(0)  # a free slot: at most RING chunks wait for the threads
             at = ring.claim(got)
             copied = 0
             while copied < got and _kernel_copy:
@@ -247,12 +233,13 @@ def copy_range(entry, handle, ring: BufferRing) -> int:
                     _kernel_copy = False
                     break
                 if not step:
-                    raise ExportError(f"{entry.path}: truncated while reading tensor {entry.name}")
+                    raise ExportError(truncated)
                 copied += step
             if copied < got:
-                with memoryview(mapping) as whole:
-                    write_all(ring.fd, whole[skip + copied:skip + got], at + copied)
-            ring.submit(hash_mapping, mapping, skip, got)
+                mapping, skip = mapped(source, entry.start + done + copied, got - copied, truncated)
+                with memoryview(mapping) as whole:  # the map goes with its last view (a failed write's traceback)
+                    write_all(ring.fd, whole[skip:skip + got - copied], at + copied)
+            ring.wrote()
             done += got
     return done
 
@@ -270,27 +257,21 @@ def mapped(source, start: int, nbytes: int, truncated: str):
         raise ExportError(truncated) from None
 
 
-def hash_mapping(digest, mapping, skip: int, nbytes: int) -> None:
-    """digest <- bytes [skip, skip + nbytes) of `mapping`, then unmap it (on the hashing thread)."""
-    with memoryview(mapping) as whole:
-        digest.update(whole[skip:skip + nbytes])
-    mapping.close()
-
-
 class BufferRing:
-    """The data file's next offset, RING reused buffers of CHUNK_BYTES, and the two threads that
-    hash (in order) and write (each at its own offset) what the writing thread fills into them.
+    """The data file's next offset, RING reused buffers of CHUNK_BYTES, the thread that writes
+    (each at its own offset) what the main thread fills into them, and the hasher told how far
+    the file is written.
 
-    A buffer is handed out again only once both threads are done with its last contents, so
-    filling (reading, laying out) the next chunk overlaps the hash (sha256: 1.8 GB/s here) and the
-    write (write(): ~0.8 GB/s) of this one, and nothing is allocated per chunk. Every write is
-    positional (pwrite, copy_file_range's destination offset): the threads' order does not matter.
+    A buffer is handed out again only once its last write is done, so filling (reading, laying
+    out) the next chunk overlaps the write (write(): ~0.8 GB/s) of this one, and nothing is
+    allocated per chunk. Every write is positional (pwrite, copy_file_range's destination
+    offset): the threads' order does not matter.
     """
 
-    def __init__(self, digest, fd: int):
+    def __init__(self, hasher: BlockHasher, fd: int):
         import torch
 
-        self.digest, self.fd, self.offset = digest, fd, 0
+        self.hasher, self.fd, self.offset = hasher, fd, 0
         self.buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8) for _ in range(RING)]
         self.pending: list[list] = [[] for _ in range(RING)]
         self.turn = 0
@@ -300,36 +281,32 @@ class BufferRing:
         at, self.offset = self.offset, self.offset + nbytes
         return at
 
+    def wrote(self) -> None:
+        """Everything claimed is written, or is being written by the pending writes: the hasher
+        may read each block that ends by now once those are done."""
+        self.hasher.written(self.offset, [write for work in self.pending for write in work])
+
     def take(self, nbytes: int):
-        """The next buffer's first nbytes (a uint8 tensor), once its last hash and write are done."""
+        """The next buffer's first nbytes (a uint8 tensor), once its last write is done."""
         self.turn = (self.turn + 1) % RING
         self._wait(self.turn)
         return self.buffers[self.turn][:nbytes]
 
     def put(self, view: memoryview) -> None:
-        """Hash `view` (of the buffer last taken) and write it at the next offset, on the threads."""
+        """Write `view` (of the buffer last taken) at the next offset, on the writing thread."""
         at = self.claim(len(view))
-        self.pending[self.turn] = [one_thread("sha256").submit(self.digest.update, view),
-                                   one_thread("pwrite").submit(write_all, self.fd, view, at)]
+        self.pending[self.turn] = [one_thread("pwrite").submit(write_all, self.fd, view, at)]
+        self.wrote()
 
     def put_views(self, views: list[memoryview]) -> None:
-        """pwritev `views` (of maps the caller dropped) at the next offset on the writing thread,
-        then hash what they wrote from a map of the data file: one sha256 update per run, not
-        one per 3.5-8 KB view (py-spy showed the threads queueing for the GIL after each of
-        those; in a 1-layer A/B neither was measurably faster); the views, and with them the
-        maps, go once written."""
-        nbytes = sum(len(view) for view in views)
-        at = self.claim(nbytes)
-        written = one_thread("pwrite").submit(write_views, self.fd, views, at)
-        self.pending[self.turn] = [written, one_thread("sha256").submit(hash_written, self.digest, written, self.fd,
-                                                                      at, nbytes)]
-
-    def submit(self, task, *args) -> None:
-        """Run task(digest, *args) on the hashing thread, in order, in the slot last taken."""
-        self.pending[self.turn] = [one_thread("sha256").submit(task, self.digest, *args)]
+        """pwritev `views` (of maps the caller dropped) at the next offset on the writing thread:
+        the views, and with them the maps, go once written."""
+        at = self.claim(sum(len(view) for view in views))
+        self.pending[self.turn] = [one_thread("pwrite").submit(write_views, self.fd, views, at)]
+        self.wrote()
 
     def drain(self, quiet: bool = False) -> None:
-        """Wait for every hash and write; quiet: whatever they raise (the caller is failing already)."""
+        """Wait for every write; quiet: whatever they raise (the caller is failing already)."""
         for turn in range(RING):
             try:
                 self._wait(turn)
@@ -339,13 +316,8 @@ class BufferRing:
 
     def _wait(self, turn: int) -> None:
         work, self.pending[turn] = self.pending[turn], []
-        for n, future in enumerate(work):
-            try:
-                future.result()
-            except BaseException:
-                for rest in work[n + 1:]:  # the write too, before anyone closes the file
-                    rest.exception()
-                raise
+        for future in work:
+            future.result()
 
 
 NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
@@ -355,8 +327,8 @@ IOV_MAX = 1024  # Linux's UIO_MAXIOV: the most buffers one pwritev takes
 
 
 def one_thread(name: str):
-    """The one named worker thread ("sha256" hashes a piece, "pwrite" writes a filled buffer) that
-    runs beside the main thread while it fills the next."""
+    """The one named worker thread ("pwrite" writes a filled buffer) that runs beside the main
+    thread while it fills the next."""
     if name not in _threads:
         from concurrent.futures import ThreadPoolExecutor
 

@@ -206,7 +206,7 @@ def _describe(artifact: Path) -> None:
         out.print(f"  head    {manifest.head}: input_ids, attention_mask [{s.batch}, {s.seq_len}] -> {outputs}{labels}"
                   f"; pad_token_id {c.pad_token_id}", highlight=False)
         for name, info in sorted(manifest.files.items()):
-            out.print(f"  file    {name}  {info.size:,} bytes  sha256 {info.sha256[:16]}...", highlight=False)
+            out.print(f"  file    {name}  {info.size:,} bytes  {info.label()}", highlight=False)
         return
     window = s.attention_window if s.attention_window is not None else f"none (at most {s.cache_slots} positions)"
     out.print(f"  shapes  batch {s.batch}, prefill chunk {', '.join(map(str, s.prefill_chunks))}, decode chunk 1, "
@@ -217,7 +217,7 @@ def _describe(artifact: Path) -> None:
                   f"on {len(q['tensors'])} tensors, largest |error| {worst[1]['max_abs']:.2e} ({worst[0]}); "
                   f"GEMM inputs {q['activations']}", highlight=False)
     for name, info in sorted(manifest.files.items()):
-        out.print(f"  file    {name}  {info.size:,} bytes  sha256 {info.sha256[:16]}...", highlight=False)
+        out.print(f"  file    {name}  {info.size:,} bytes  {info.label()}", highlight=False)
 
 
 def _token_ids(text: str) -> list[int]:

@@ -79,6 +79,7 @@ def test_verify_against_transformers_as_the_demo_runs_it(tiny_onnx):
 def test_inspect_lists_files_and_shapes(tiny_onnx):
     run = cli("inspect", tiny_onnx)
     assert "model.onnx.data" in run.stdout and "cache slots 32" in run.stdout
+    assert "sha256_blocks/64M" in run.stdout  # the hash scheme beside each file
 
 
 def test_tiny_is_deterministic(tmp_path):

@@ -3,12 +3,15 @@ in one line (or as the interrupt) and leaves nothing behind."""
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import subprocess
+import threading
 
 import pytest
 
 from graphs import weights_file
+from graphs.block_hash import BlockHasher
 from graphs.onnx_export import ExportError, export_onnx
 from tests.test_cli import assert_one_line_error, cli
 
@@ -39,21 +42,25 @@ def failing_write(error: BaseException, after: int):
     """write_tensor that writes `after` tensors, then raises `error` (a disk filling, a Ctrl-C)."""
     real, calls = weights_file.write_tensor, []
 
-    def write_tensor(tensor, handle, digest, *ring):
+    def write_tensor(tensor, handle, ring):
         calls.append(tensor.name)
         if len(calls) > after:
             raise error
-        return real(tensor, handle, digest, *ring)
+        return real(tensor, handle, ring)
     return write_tensor
 
 
 @pytest.mark.parametrize("error, raised", [(OSError(errno.ENOSPC, "No space left on device"), ExportError),
                                            (KeyboardInterrupt(), KeyboardInterrupt)])
 def test_a_write_failing_midway_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch, error, raised):
+    """Blocks of 4 kB: the hashing threads have blocks queued and running when the write fails;
+    none of them outlives the cleanup."""
     monkeypatch.setattr(weights_file, "write_tensor", failing_write(error, after=3))
+    monkeypatch.setattr(weights_file, "BlockHasher", functools.partial(BlockHasher, block_size=4096, threads=2))
     with pytest.raises(raised) as info:
         export_onnx(tiny_checkpoint, tmp_path / "art", **SHAPES)
     assert list(tmp_path.iterdir()) == []
+    assert not [thread.name for thread in threading.enumerate() if thread.name.startswith("block-hash")]
     if raised is ExportError:
         assert "\n" not in str(info.value) and "No space left on device after writing" in str(info.value)
 

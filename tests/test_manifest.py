@@ -9,7 +9,7 @@ import json
 import pytest
 
 from graphs.contract import StepShapes
-from graphs.manifest import (FORMAT_VERSION, MANIFEST_NAME, ManifestError, check_compatible, load_manifest,
+from graphs.manifest import (FORMAT_VERSION, MANIFEST_NAME, OLDEST_READ, ManifestError, check_compatible, load_manifest,
                              write_manifest)
 from mixtral_export.config import MixtralConfig
 
@@ -49,7 +49,7 @@ def test_round_trip(artifact):
     assert manifest.bos_token_id == 1 and manifest.eos_token_id == (2, 7)
     assert set(manifest.files) == {"model.onnx", "model.onnx.data", "tokenizer.model"}
     assert manifest.files["model.onnx.data"].size == 256 * 64
-    assert len(manifest.files["model.onnx"].sha256) == 64
+    assert len(manifest.files["model.onnx"].digest) == 64
     assert manifest.tools["python"] and manifest.created
     inputs = {e["name"]: e for e in manifest.io["inputs"]}
     assert inputs["cache_k.1"]["shapes"] == {"8": [2, 2, 32, 16], "1": [2, 2, 32, 16]}  # (B, Hkv, S, D) per layer
@@ -112,7 +112,7 @@ def test_unknown_format_version(artifact):
 def test_an_older_format_asks_for_a_new_export(artifact):
     path = artifact / MANIFEST_NAME
     raw = json.loads(path.read_text())
-    raw["format_version"] = FORMAT_VERSION - 1
+    raw["format_version"] = OLDEST_READ - 1
     path.write_text(json.dumps(raw))
     assert "older mixtral-export" in error_of(load_manifest, artifact) and "export the artifact again" in \
         error_of(load_manifest, artifact)

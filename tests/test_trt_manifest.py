@@ -49,7 +49,7 @@ def one_line(error) -> str:
 def test_an_engine_is_listed_with_its_record_and_hash(with_engine):
     manifest = load_manifest(with_engine)
     assert manifest.engines == {ENGINE_NAME: RECORD}
-    assert manifest.files[ENGINE_NAME].size == 4000 and len(manifest.files[ENGINE_NAME].sha256) == 64
+    assert manifest.files[ENGINE_NAME].size == 4000 and len(manifest.files[ENGINE_NAME].digest) == 64
     assert {"model.onnx", "model.onnx.data"} <= set(manifest.files)  # the rest is untouched
     assert not [p for p in with_engine.iterdir() if p.name.startswith(".")]  # no temp file left
 
