@@ -146,13 +146,18 @@ def test_quantized_artifact_serves_on_ort_without_torch(quantized):
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_export_without_a_block_size_takes_the_schemes_default(tiny_checkpoint, tmp_path):
-    """Each scheme's default block (README "Weight-only int8 / int4": the largest measured above llama.cpp's
-    q8_0 / q4_0 fidelity) is what an export without --block-size writes."""
-    from graphs.manifest import load_manifest
+def test_export_without_a_block_size_takes_the_schemes_default(tmp_path):
+    """Each scheme's default block (README "Weight-only int8 / int4": the fastest measured above llama.cpp's
+    q8_0 / q4_0 fidelity) is what an export without --block-size writes. The tiny model widened to 128
+    features everywhere, so int4's 128 divides every K."""
+    from dataclasses import replace
 
+    from graphs.manifest import load_manifest
+    from mixtral_export.tiny import TINY_CONFIG, write_tiny
+
+    checkpoint = write_tiny(tmp_path / "wide", config=replace(TINY_CONFIG, hidden_size=128, head_dim=32))
     for scheme in WEIGHT_SCHEMES:
-        artifact = export_onnx(tiny_checkpoint, tmp_path / scheme, batch=1, prefill_chunk=8, cache_slots=32,
+        artifact = export_onnx(checkpoint, tmp_path / scheme, batch=1, prefill_chunk=8, cache_slots=32,
                                routing="gather", weights=scheme)
         assert load_manifest(artifact).quantization["block_size"] == WEIGHT_SCHEMES[scheme].block_size
 
