@@ -74,7 +74,7 @@ class WeightScheme:
 
 
 WEIGHT_SCHEMES = {s.name: s for s in (WeightScheme("int8", 8, symmetric=True, block_size=64),
-                                      WeightScheme("int4", 4, symmetric=True, block_size=64))}
+                                      WeightScheme("int4", 4, symmetric=True, block_size=128))}
 INT8_ACTIVATIONS = 4  # com.microsoft QMoE / MatMulNBits accuracy_level: inputs rounded to int8 per block
 FLOAT_WEIGHTS = "float"  # --weights default: the build's dtype, no quantization
 QUANT_BLOCK_SIZES = (32, 64, 128)

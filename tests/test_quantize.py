@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from graphs.contract import INT8_ACTIVATIONS, WEIGHT_SCHEMES, WeightScheme
-from graphs.quantize import QuantizeError, dequantize, error, quantize
+from graphs.quantize import INT4_DIVISORS, QuantizeError, dequantize, error, quantize
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -36,14 +36,28 @@ def test_round_trip_error_is_within_half_a_step(scheme, block):
     assert q.scales.shape == (24, 256 // block)
     deq = dequantize(q)
     step = np.abs(np.repeat(q.scales, block, axis=-1))  # (N, K): each weight's quantization step
-    # q4_0's rule spends code -8 on the largest |w|: the other sign's end clips to 7 steps, one step off at most
+    # q4_0's rule spends code -8 on the largest |w| m: the other sign's end clips to 7 steps, one step off at
+    # most; int4's searched scale m / d may clip m itself: |d| - 7 steps off at most
     clipped = (np.abs(deq) >= (2 ** (scheme.bits - 1) - 1) * step * (1 - 1e-6)) & (np.abs(w) > np.abs(deq))
     assert np.all(np.abs(w - deq)[~clipped] <= step[~clipped] / 2 * (1 + 1e-5))
-    assert np.all(np.abs(w - deq)[clipped] <= step[clipped] * (1 + 1e-5))
+    worst = -min(INT4_DIVISORS) - 7 if scheme.symmetric and scheme.bits == 4 else 1
+    assert np.all(np.abs(w - deq)[clipped] <= worst * step[clipped] * (1 + 1e-5))
     stats = error(w, q)
     assert stats["max_abs"] == pytest.approx(np.abs(w - deq).max()) and 0 < stats["mean_abs"] < stats["max_abs"]
     again = quantize(w.copy(), scheme, block)
     assert again.packed.tobytes() == q.packed.tobytes() and again.scales.tobytes() == q.scales.tobytes()
+
+
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_int4_searched_scales_beat_q4_0s_rule_on_every_block(block):
+    w = np.random.default_rng(3).standard_normal((64, 512)).astype(np.float32)
+    blocks = w.reshape(64, -1, block)  # (N, K/b, b)
+    extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)  # (N, K/b, 1)
+    q4_0 = np.clip(np.round(blocks / (extreme / -8)), -8, 7) * (extreme / -8)  # llama.cpp's q4_0
+    ours = dequantize(quantize(w, WEIGHT_SCHEMES["int4"], block)).reshape(blocks.shape)
+    theirs, searched = np.square(q4_0 - blocks).sum(-1), np.square(ours - blocks).sum(-1)  # (N, K/b)
+    assert np.all(searched <= theirs * (1 + 1e-6))
+    assert searched.sum() < 0.95 * theirs.sum()  # measured: 10-12% less on Gaussian weights
 
 
 @pytest.mark.parametrize("scheme", [WEIGHT_SCHEMES["int4"], ASYMMETRIC_INT4], ids=["int4", "int4-asymmetric"])
