@@ -223,30 +223,38 @@ def disk_copy(checkpoint: Path, copy: Path) -> tuple[float, int]:
     return seconds, copied
 
 
+def warm_copy(shard: Path, folder: Path) -> float:
+    """Seconds shutil takes to copy `shard` into `folder` once it is in the page cache (read through
+    first, untimed); the copy is removed at once, its dirty pages with it, so no write-back is left
+    for the next one."""
+    buffer = memoryview(bytearray(8 << 20))
+    with open(shard, "rb", buffering=0) as handle:
+        while handle.readinto(buffer):
+            pass
+    start = time.perf_counter()
+    shutil.copyfile(shard, folder / shard.name)
+    seconds = time.perf_counter() - start
+    (folder / shard.name).unlink()
+    return seconds
+
+
 def page_cache_copy(checkpoint: Path, copy: Path) -> tuple[float, float, float]:
     """Seconds to copy the checkpoint's shards with shutil when each is in the page cache (read
-    through first, untimed; the copy's write-back is waited for, untimed, before the next shard), to
+    through first, untimed; each copy removed at once, see warm_copy), to
     sha256 the same warm bytes alone (the previous writer's whole-file hash) and to hash them as
     the export does (sha256_blocks on its threads; the hash a copy does not pay): the
     copy at memory speed, which no export of a checkpoint larger than the page cache can see.
     One shard at a time, each copy removed at once."""
     copy.mkdir()
-    buffer = memoryview(bytearray(8 << 20))
     copying = hashing = blocks = 0.0
     for shard in shards(checkpoint):
-        with open(shard, "rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
-        start = time.perf_counter()
-        shutil.copyfile(shard, copy / shard.name)
-        copying += time.perf_counter() - start
+        copying += warm_copy(shard, copy)
         start = time.perf_counter()
         sha256_file(shard)
         hashing += time.perf_counter() - start
         start = time.perf_counter()
         hash_file(shard)
         blocks += time.perf_counter() - start
-        (copy / shard.name).unlink()  # its dirty pages go with it: no write-back left for the next shard
     copy.rmdir()
     return copying, hashing, blocks
 

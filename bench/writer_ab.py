@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.export_memory import evict, shards  # noqa: E402
+from bench.export_memory import evict, shards, warm_copy  # noqa: E402
 from graphs import weights_file  # noqa: E402
 from graphs.onnx_export import DATA_NAME, GRAPH_NAME, export_config, placeholder_model, step_graph  # noqa: E402
 
@@ -36,16 +35,7 @@ def old_writer(tree: Path):
 
 def page_cache_copy(checkpoint: Path, folder: Path) -> float:
     """Seconds to copy the shards, each read through first (untimed) and its copy removed at once."""
-    buffer, seconds = memoryview(bytearray(8 << 20)), 0.0
-    for shard in shards(checkpoint):
-        with open(shard, "rb", buffering=0) as handle:
-            while handle.readinto(buffer):
-                pass
-        start = time.perf_counter()
-        shutil.copyfile(shard, folder / shard.name)
-        seconds += time.perf_counter() - start
-        (folder / shard.name).unlink()
-    return seconds
+    return sum(warm_copy(shard, folder) for shard in shards(checkpoint))
 
 
 def disk_reads() -> int:
