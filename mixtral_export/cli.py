@@ -404,8 +404,8 @@ def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the c
     out.print("The tiny model's weights are random: its text is gibberish by design. What the demo shows is "
               "that every runtime computes the same gibberish as transformers, to the last logit.")
     out.rule("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
-    export(checkpoint, artifact, dtype=None, batch=2, prefill_chunk=8, cache_slots=None, slide=False, opset=18,
-           routing="dense", format="onnx", device="cpu", head=None, seq_len=128)
+    export(checkpoint, artifact, dtype=None, batch=2, prefill_chunk="8", cache_slots=None, slide=False, opset=18,
+           routing="dense", weights="float", block_size=None, format="onnx", device="cpu", head=None, seq_len=128)
     out.rule("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
     generate(artifact, runtime="ort", provider="cpu", prompt=["The quick brown fox"], input_ids=None, chat=False,
              system=None, max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=[],

@@ -168,3 +168,12 @@ def test_export_serves_a_comma_list_of_prefill_chunks(tiny_checkpoint, tmp_path)
     assert_one_line_error(cli("export", tiny_checkpoint, "-o", tmp_path / "bad", "--prefill-chunk", "4,x", ok=False),
                           "--prefill-chunk")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_demo_runs_the_main_job_end_to_end(tmp_path):
+    """The README's first command (scripts/demo.sh runs exactly this): it calls the other commands'
+    functions directly, so a new option on one of them must not break it."""
+    run = cli("demo", tmp_path / "demo")
+    assert "all within tolerance" in run.stdout and "Traceback" not in run.stderr, run.stdout[-2000:]
+    report = json.loads((tmp_path / "demo" / "verify.json").read_text())
+    assert report["passed"] is True and report["comparisons"], report.get("comparisons")
