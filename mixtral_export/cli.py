@@ -400,20 +400,27 @@ def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the c
     """The main job on the tiny model: build it, export ONNX, generate on ORT, verify vs eager and HF."""
     checkpoint, artifact = out_dir / "tiny-checkpoint", out_dir / "tiny-onnx"
     out.rule("1. tiny checkpoint")
-    tiny(checkpoint, seed=0, shard_bytes=None)
+    _run_command("tiny", checkpoint, "--seed", "0")
     out.print("The tiny model's weights are random: its text is gibberish by design. What the demo shows is "
               "that every runtime computes the same gibberish as transformers, to the last logit.")
     out.rule("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
-    export(checkpoint, artifact, dtype=None, batch=2, prefill_chunk="8", cache_slots=None, slide=False, opset=18,
-           routing="dense", weights="float", block_size=None, format="onnx", device="cpu", head=None, seq_len=128)
+    _run_command("export", checkpoint, "-o", artifact, "--batch", "2", "--prefill-chunk", "8")
     out.rule("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
-    generate(artifact, runtime="ort", provider="cpu", prompt=["The quick brown fox"], input_ids=None, chat=False,
-             system=None, max_new_tokens=48, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seed=None, stop=[],
-             checkpoint=None, as_json=False)
+    _run_command("generate", artifact, "--runtime", "ort", "--prompt", "The quick brown fox", "--max-new-tokens", "48")
     out.rule("4. verify ORT against eager PyTorch and transformers")
     report = out_dir / "verify.json"
     out.print(f"(the full report goes to {report})")
-    verify(artifact, runtimes="eager,ort", reference="hf", steps=48, checkpoint=None, as_json=False, report=report)
+    _run_command("verify", artifact, "--runtimes", "eager,ort", "--reference", "hf", "--steps", "48", "--report", report)
+
+
+def _run_command(*args) -> None:
+    """Run one of this program's commands as a user types it: its own parsing and defaults, so an
+    option added to it needs nothing here (calling the functions directly passed typer's option
+    objects for any argument left out). A non-zero exit (verify failing) ends the demo with it."""
+    code = typer.main.get_command(app).main([str(arg) for arg in args], prog_name="mixtral-export",
+                                            standalone_mode=False)
+    if code:
+        raise typer.Exit(code)
 
 
 def _int_list(text: str | None, flag: str) -> tuple[int, ...] | None:
