@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.load_memory import MIXTRAL_8X7B  # noqa: E402
-from mixtral_export.config import MixtralConfig  # noqa: E402
+from mixtral_export.bench.load_memory import MIXTRAL_8X7B
+from mixtral_export.artifact.config import MixtralConfig
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ length timed separately), optionally builds the AOTI artifact (timed), then runs
 decode on each backend and prints tokens/s and the compiled/eager ratio. `--cold` points Inductor
 at an empty cache folder so the compile times are a first build's, not a cache hit's.
 
-    python3 bench/compiled_vs_eager.py --steps 200 --aoti --cold --threads 1
+    python3 -m mixtral_export.bench.compiled_vs_eager --steps 200 --aoti --cold --threads 1
 
 On a CPU shared with other jobs, pin --threads below the free cores: an OpenMP pool whose
 threads get descheduled spins at barriers and runs many times slower than one thread.
@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def decode_rate(backend, steps: int) -> float:
@@ -41,11 +38,11 @@ def decode_rate(backend, steps: int) -> float:
 
 
 def measure(folder: Path, device: str = "cpu", steps: int = 200, batch: int = 1, aoti: bool = False) -> dict:
-    from graphs.contract import StepShapes
+    from mixtral_export.artifact.contract import StepShapes
     from mixtral_export.checkpoint import load_model
-    from mixtral_export.config import MixtralConfig
-    from runtimes.compiled import CompiledBackend
-    from runtimes.eager import EagerBackend
+    from mixtral_export.artifact.config import MixtralConfig
+    from mixtral_export.runtimes.compiled import CompiledBackend
+    from mixtral_export.runtimes.eager import EagerBackend
 
     shapes = StepShapes.for_config(MixtralConfig.from_json(folder), batch=batch, prefill_chunk=16, slide=True)
     model = load_model(folder, attention_window=shapes.attention_window)
@@ -60,8 +57,8 @@ def measure(folder: Path, device: str = "cpu", steps: int = 200, batch: int = 1,
            "compiled_tokens_per_s": decode_rate(compiled, steps), "compile_count": compiled.compile_count}
     out["compiled_over_eager"] = out["compiled_tokens_per_s"] / out["eager_tokens_per_s"]
     if aoti:
-        from graphs.aoti_export import export_aoti
-        from runtimes.aoti import AotiBackend
+        from mixtral_export.graphs.aoti_export import export_aoti
+        from mixtral_export.runtimes.aoti import AotiBackend
 
         start = time.perf_counter()
         artifact = export_aoti(folder, folder.parent / "aoti", batch=batch, prefill_chunk=16, slide=True,

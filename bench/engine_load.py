@@ -6,23 +6,20 @@ Reported per mode: generated tok/s (median over rounds) and the gap between a re
 tokens p50/p99 (riding along, a decoder gets a token from every prefill step instead of waiting).
 Set against bench/serve_load.py, it separates the engine's speedup from the HTTP layer's cost.
 
-    python3 bench/engine_load.py out/tiny-b4 --requests 64 --rounds 4 --threads 1
+    python3 -m mixtral_export.bench.engine_load out/tiny-b4 --requests 64 --rounds 4 --threads 1
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from bench.serve_load import percentile, workload  # noqa: E402
-from runtimes.engine import Engine  # noqa: E402
-from runtimes.generate import GenerationConfig  # noqa: E402
-from runtimes.load import open_backend  # noqa: E402
+from mixtral_export.bench.serve_load import percentile, workload
+from mixtral_export.runtimes.engine import Engine
+from mixtral_export.runtimes.generate import GenerationConfig
+from mixtral_export.runtimes.load import open_backend
 
 
 def measure(engine: Engine, requests: list[tuple[list[int], int]]) -> tuple[float, list[float]]:

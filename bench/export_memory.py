@@ -17,9 +17,9 @@ copy at a time):
 Write / copy is reported against both copies. To keep the checkpoint's writing out of a
 measurement (8 layers: 23 GB), write it once, then measure on it, one routing per command:
 
-    python3 bench/export_memory.py --layers 1,2,4 --dtype bfloat16 [--routing dense] [--dir DIR]
-    python3 bench/export_memory.py --write-checkpoint DIR/ckpt8 --layers 8      # not a measurement
-    python3 bench/export_memory.py --checkpoint DIR/ckpt8 --routing gather --dir DIR
+    python3 -m mixtral_export.bench.export_memory --layers 1,2,4 --dtype bfloat16 [--routing dense] [--dir DIR]
+    python3 -m mixtral_export.bench.export_memory --write-checkpoint DIR/ckpt8 --layers 8      # not a measurement
+    python3 -m mixtral_export.bench.export_memory --checkpoint DIR/ckpt8 --routing gather --dir DIR
 """
 from __future__ import annotations
 
@@ -36,37 +36,32 @@ import time
 import zlib
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.load_memory import MIXTRAL_8X7B  # noqa: E402
-from graphs.block_hash import BLOCK_BYTES, hash_file, hash_threads  # noqa: E402
-from graphs.manifest import sha256_file  # noqa: E402
+from mixtral_export.bench.load_memory import MIXTRAL_8X7B
+from mixtral_export.artifact.block_hash import BLOCK_BYTES, hash_file, hash_threads
+from mixtral_export.artifact.manifest import sha256_file
 
 SHARD_BYTES = 1 << 30
 POOL_BYTES = 64 << 20  # the random values every tensor's bytes are cut from
 
 EXPORT = """
 import json, os, sys, time
-sys.path.insert(0, sys.argv[4])
-from bench.load_memory import peak_rss
-from graphs.onnx_export import export_onnx
+from mixtral_export.bench.load_memory import peak_rss
+from mixtral_export.graphs.onnx_export import export_onnx
 stages, cpu = {}, {}
 def note(line):  # when the weights start and stop being written, and the process's CPU seconds then
     stage = "write" if line.startswith("writing model.onnx.data") else line.split()[0]
     stages.setdefault(stage, time.perf_counter())
     cpu.setdefault(stage, sum(os.times()[:2]))
 start = time.perf_counter()
-export_onnx(sys.argv[1], sys.argv[2], dtype=sys.argv[5], batch=1, prefill_chunk=16, routing=sys.argv[3], progress=note)
+export_onnx(sys.argv[1], sys.argv[2], dtype=sys.argv[4], batch=1, prefill_chunk=16, routing=sys.argv[3], progress=note)
 end = time.perf_counter()
 print(json.dumps({"seconds": end - start, "peak": peak_rss(), "trace_seconds": stages["write"] - start,
                   "write_seconds": stages["checking"] - stages["write"],
                   "write_cpu_seconds": cpu["checking"] - cpu["write"]}))
 """
 BASELINE = """
-import sys
-sys.path.insert(0, sys.argv[1])
-import graphs.onnx_export, onnx, onnxscript, torch
-from bench.load_memory import peak_rss
+import mixtral_export.graphs.onnx_export, onnx, onnxscript, torch
+from mixtral_export.bench.load_memory import peak_rss
 print(peak_rss())
 """
 
@@ -98,7 +93,7 @@ def write(folder: Path, layers: int, dtype: str) -> int:
     never reach the disk), and no two tensors alike."""
     import torch
 
-    from mixtral_export.config import MixtralConfig
+    from mixtral_export.artifact.config import MixtralConfig
 
     config = MixtralConfig(num_hidden_layers=layers, dtype=dtype, **MIXTRAL_8X7B)
     item, code = {"float32": (4, "F32"), "float16": (2, "F16"), "bfloat16": (2, "BF16")}[dtype]
@@ -144,7 +139,6 @@ def measure(folder: Path, layers: int, dtype: str, routing: str, checkpoint: Pat
     """One row: a plain copy of the checkpoint's shards that reads the disk, the export, a plain copy
     served from the page cache; each output removed at once. The checkpoint is written first and
     removed after, unless `checkpoint` names one to use (and keep)."""
-    repo = str(Path(__file__).resolve().parents[1])
     art = folder / "onnx"
     written_here = checkpoint is None
     if written_here:
@@ -154,7 +148,7 @@ def measure(folder: Path, layers: int, dtype: str, routing: str, checkpoint: Pat
         weights = sum(shard.stat().st_size for shard in shards(checkpoint))
     disk, copied = disk_copy(checkpoint, folder / "copy")
     source = "page cache" if warm(checkpoint) else "disk"  # what the export reads from
-    done = subprocess.run([sys.executable, "-c", EXPORT, str(checkpoint), str(art), routing, repo, dtype],
+    done = subprocess.run([sys.executable, "-c", EXPORT, str(checkpoint), str(art), routing, dtype],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(done.stderr.strip().splitlines()[-1])
@@ -275,8 +269,7 @@ def main() -> None:
         weights = write(args.write_checkpoint, int(args.layers), args.dtype)
         print(f"{args.write_checkpoint}: {weights / 1e9:.2f} GB of weights")
         return
-    repo = str(Path(__file__).resolve().parents[1])
-    base = int(subprocess.run([sys.executable, "-c", BASELINE, repo], capture_output=True, text=True,
+    base = int(subprocess.run([sys.executable, "-c", BASELINE], capture_output=True, text=True,
                               check=True).stdout)
     counts = [json.loads((args.checkpoint / "config.json").read_text())["num_hidden_layers"]] if args.checkpoint \
         else [int(n) for n in args.layers.split(",")]

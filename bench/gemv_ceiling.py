@@ -7,22 +7,19 @@ the ratio of their GEMV read rates by much. This measures, interleaved in one pr
     torch  torch.nn.functional.linear(x, W) with W (N, K), as transformers' Linear layers run it
     read   a SIMD integer max over the same bytes split across the threads: reading and nothing else
 
-    python3 bench/gemv_ceiling.py [--mib 512] [--rounds 3] [--threads N]
+    python3 -m mixtral_export.bench.gemv_ceiling [--mib 512] [--rounds 3] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.worker import rates  # noqa: E402
-from runtimes.ort import session_options, usable_cores  # noqa: E402
+from mixtral_export.bench.worker import rates
+from mixtral_export.runtimes.ort import session_options, usable_cores
 
 
 def ort_matmul(weight: np.ndarray, threads: int, folder: Path):

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from bench.models import BenchError
+from mixtral_export.bench.models import BenchError
 
 TYPES = {"f32": 0, "bf16": 32, "q8_0": 7, "q4_0": 2, "q4_k_m": 15}  # llama_ftype of each GGUF type
 CONVERTED = ("f32", "bf16")  # what the converter writes; the others are quantized from one of them

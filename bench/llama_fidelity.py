@@ -1,7 +1,7 @@
 """llama.cpp on the steps bench/quant_fidelity.py measured ours on: f32 against ours, quantized against its f32.
 
-    python3 bench/quant_fidelity.py FLOAT_ART INT8_ART INT4_ART --save-reference REF.npz
-    python3 bench/llama_fidelity.py REF.npz GGUF_F32 [GGUF_Q8_0 GGUF_Q4_0 ...] [--threads 2]
+    python3 -m mixtral_export.bench.quant_fidelity FLOAT_ART INT8_ART INT4_ART --save-reference REF.npz
+    python3 -m mixtral_export.bench.llama_fidelity REF.npz GGUF_F32 [GGUF_Q8_0 GGUF_Q4_0 ...] [--threads 2]
 
 REF.npz holds the prompts, our fp32 ORT artifact's greedy continuation and its teacher-forced
 logits. llama.cpp's f32 file (same checkpoint, bench/gguf.py) generates greedily from the same
@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.llama_runner import LlamaCpp  # noqa: E402
-from runtimes.verify import first_divergence, quantization_cost  # noqa: E402
+from mixtral_export.bench.llama_runner import LlamaCpp
+from mixtral_export.runtimes.verify import first_divergence, quantization_cost
 
 
 def main() -> None:

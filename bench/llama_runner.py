@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from bench.gguf import GgufError, import_llama_cpp
+from mixtral_export.bench.gguf import GgufError, import_llama_cpp
 
 _QUIET = None  # the log callback; kept alive as long as llama.cpp may call it
 

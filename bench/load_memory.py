@@ -4,7 +4,7 @@ Writes a checkpoint with Mixtral 8x7B dimensions (hidden 4096, 8 experts of 1433
 and N layers of uninitialised bf16 weights, sharded like the real one, then loads it in a fresh
 process and reports peak RSS against the weights' size.
 
-    python3 bench/load_memory.py --layers 1 --dtype bfloat16
+    python3 -m mixtral_export.bench.load_memory --layers 1 --dtype bfloat16
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
 def write(folder: Path, layers: int, dtype: str) -> int:
     import torch
 
-    from mixtral_export.config import MixtralConfig
+    from mixtral_export.artifact.config import MixtralConfig
     from mixtral_export.tiny import write_checkpoint
 
     config = MixtralConfig(num_hidden_layers=layers, dtype=dtype, **MIXTRAL_8X7B)
@@ -78,10 +78,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "ck"
         on_disk = write(folder, args.layers, args.dtype)
-        baseline = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]);"
-                                   "import load_memory, mixtral_export.checkpoint; print(load_memory.peak_rss())",
-                                   str(Path(__file__).parent)], capture_output=True, text=True, check=True)
-        out = subprocess.run([sys.executable, __file__, "--load", str(folder), "--dtype", args.dtype],
+        baseline = subprocess.run([sys.executable, "-c", "from mixtral_export.bench.load_memory import peak_rss; "
+                                   "import mixtral_export.checkpoint; print(peak_rss())"],
+                                  capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-m", "mixtral_export.bench.load_memory", "--load", str(folder),
+                              "--dtype", args.dtype],
                              capture_output=True, text=True, check=True)
         params, peak, seconds = out.stdout.split()
         params, peak, base = int(params), int(peak), int(baseline.stdout)

@@ -20,14 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bench.load_memory import MIXTRAL_8X7B
-from graphs.contract import StepShapes
-from mixtral_export.config import MixtralConfig
+from mixtral_export.bench.load_memory import MIXTRAL_8X7B
+from mixtral_export.artifact.contract import StepShapes
+from mixtral_export.artifact.config import MixtralConfig
 from mixtral_export.errors import UserError
 
 NAMED = ("tiny", "mixtral-shaped")
 SHARD_BYTES = 1 << 30
-REPO = Path(__file__).resolve().parents[1]
 PROGRESS = "bench: "  # the builder's progress lines on stderr start with this
 
 
@@ -78,7 +77,7 @@ def build(model: str, layers: int, work_dir: Path, artifacts: list[tuple[str, St
                                             for routing, shapes, weights, block in artifacts]
     for spec in steps:
         last = ""
-        with subprocess.Popen([sys.executable, "-m", "bench.models", json.dumps(spec)], cwd=REPO,
+        with subprocess.Popen([sys.executable, "-m", "mixtral_export.bench.models", json.dumps(spec)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as child:
             for line in child.stderr:
                 if line.startswith(PROGRESS):
@@ -116,9 +115,9 @@ def matches(checkpoint: Path, config: MixtralConfig) -> bool:
 def export_if_stale(model: BenchModel, routing: str, shapes: StepShapes, say: Callable[[str], None],
                     weights: str = "fp32", block_size: int = 32) -> Path:
     """The ONNX artifact for these shapes, routing and weights: the one already built, or a fresh export."""
-    from graphs.contract import WEIGHT_SCHEMES
-    from graphs.manifest import ManifestError, load_manifest
-    from graphs.onnx_export import export_onnx
+    from mixtral_export.artifact.contract import WEIGHT_SCHEMES
+    from mixtral_export.artifact.manifest import ManifestError, load_manifest
+    from mixtral_export.graphs.onnx_export import export_onnx
 
     out = artifact_path(model, routing, shapes, weights, block_size)
     quantization = None if weights == "fp32" else (weights, WEIGHT_SCHEMES[weights].symmetric, block_size, "int8")

@@ -1,6 +1,6 @@
 """What int8/int4 weights cost on a model too big to verify with eager: quantized ORT artifacts vs the float one.
 
-    python3 bench/quant_fidelity.py FLOAT_ARTIFACT QUANTIZED_ARTIFACT... [--prompts 2] [--steps 32]
+    python3 -m mixtral_export.bench.quant_fidelity FLOAT_ARTIFACT QUANTIZED_ARTIFACT... [--prompts 2] [--steps 32]
                                     [--save-reference REF.npz]
 
 `verify` on a quantized artifact needs eager twice (dequantized and float weights) beside ORT: three
@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtimes.load import open_backend  # noqa: E402
-from runtimes.verify import first_divergence, greedy, quantization_cost, teacher_forced  # noqa: E402
+from mixtral_export.runtimes.load import open_backend
+from mixtral_export.runtimes.verify import first_divergence, greedy, quantization_cost, teacher_forced
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """How fast ONNX Runtime's quantized kernels run Mixtral-sized work, per precision, input rounding and chunk length.
 
-    python3 bench/quant_kernels.py [--tokens 1,16,128] [--rounds 3] [--threads N] [--parts 8]
+    python3 -m mixtral_export.bench.quant_kernels [--tokens 1,16,128] [--rounds 3] [--threads N] [--parts 8]
 
 One com.microsoft.QMoE node (8 experts, hidden 4096, intermediate 14336, top-2,
 sliced 8 ways as graphs/onnx_moe.py exports it) on random codes, timed interleaved in one process
@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from runtimes.ort import session_options, usable_cores  # noqa: E402
+from mixtral_export.runtimes.ort import session_options, usable_cores
 
 E, H, I, K, BLOCK = 8, 4096, 14336, 2, 32
 

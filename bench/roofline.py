@@ -14,7 +14,7 @@ and the context length for transformers (its cache grows with the sequence).
 """
 from __future__ import annotations
 
-from mixtral_export.config import MixtralConfig
+from mixtral_export.artifact.config import MixtralConfig
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 WEIGHTS = ("fp32", "int8", "int4")  # bench --weights: fp32 = the checkpoint's float32
@@ -24,7 +24,7 @@ def weight_bytes(weights: str, dtype: str, block_size: int) -> float:
     """Bytes per element of a quantized tensor (codes, scale, zero point) or of a float one."""
     if weights == "fp32":
         return DTYPE_BYTES[dtype]
-    from graphs.contract import WEIGHT_SCHEMES
+    from mixtral_export.artifact.contract import WEIGHT_SCHEMES
 
     scheme = WEIGHT_SCHEMES[weights]
     return (scheme.bits + 32 / block_size + (0 if scheme.symmetric else scheme.bits / block_size)) / 8

@@ -1,9 +1,9 @@
 """Benchmark every runtime against transformers' `generate` and against the machine's memory bandwidth.
 
-    python3 bench/run.py tiny --json out/bench/tiny.json --plot out/bench/tiny.png
-    python3 bench/run.py mixtral-shaped --layers 1 --decode-steps 8 --repeats 3
+    mixtral-export bench tiny --json out/bench/tiny.json --plot out/bench/tiny.png
+    mixtral-export bench mixtral-shaped --layers 1 --decode-steps 8 --repeats 3
 
-(the same as `mixtral-export bench ...`; CI does not run it). The steps:
+(CI does not run it.) The steps:
 
 1. the model: `tiny`, `mixtral-shaped` (Mixtral 8x7B dims, `--layers` random fp32 layers) or a
    checkpoint folder (bench/models.py); the ONNX artifacts it needs, dense and gathered routing, one
@@ -36,21 +36,18 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `python3 bench/run.py` puts bench/, not the repo, on the path
-    sys.path.insert(0, str(REPO))
 
-from bench.gguf import TYPES as GGUF_TYPES  # noqa: E402
-from bench.gguf import decode_weight_bytes, gguf_path  # noqa: E402
-from bench.models import BenchError, BenchModel, artifact_path, bench_model, build, folder_bytes  # noqa: E402
-from bench.roofline import WEIGHTS  # noqa: E402
-from bench.summary import merge, pooled_bandwidth, summarise  # noqa: E402
-from bench.worker import OURS, RUNTIMES  # noqa: E402
-from graphs.contract import DEFAULT_QUANT_BLOCK, default_block_size  # noqa: E402
+from mixtral_export.bench.gguf import TYPES as GGUF_TYPES
+from mixtral_export.bench.gguf import decode_weight_bytes, gguf_path
+from mixtral_export.bench.models import BenchError, BenchModel, artifact_path, bench_model, build, folder_bytes
+from mixtral_export.bench.roofline import WEIGHTS
+from mixtral_export.bench.summary import merge, pooled_bandwidth, summarise
+from mixtral_export.bench.worker import OURS, RUNTIMES
+from mixtral_export.artifact.contract import DEFAULT_QUANT_BLOCK, default_block_size
 
 DEFAULT_RUNTIMES = ("eager", "ort-dense", "ort-gather", "compiled", "transformers")
 # contexts, decode steps, repeats: a few minutes per named model on 2 cores.
@@ -70,7 +67,7 @@ class BenchOptions:
     prefill_chunk: tuple[int | tuple[int, ...], ...] = (16,)  # one artifact per value; a tuple: one serving each
     cache_slots: tuple[int, ...] | None = None  # one artifact per value; None = llama.cpp's capacity or the config's
     threads: int | None = None  # None = the usable cores
-    work_dir: Path = field(default=REPO / "out" / "bench")
+    work_dir: Path = Path("out/bench")  # resolved against the caller's folder
     seed: int = 0
     timeout: float | None = None  # seconds per worker
     rounds: int = 1  # interleaved passes over all runtimes, samples pooled
@@ -85,6 +82,7 @@ class BenchOptions:
         return BenchOptions(**{**asdict(self), "contexts": tuple(self.contexts or contexts),
                                "decode_steps": self.decode_steps or steps, "repeats": self.repeats or repeats,
                                "threads": self.threads or len(os.sched_getaffinity(0)),
+                               "work_dir": Path(self.work_dir).absolute(),  # the workers' own folder may differ
                                "prefill_chunk": as_tuple(self.prefill_chunk),
                                "block_size": as_tuple(self.block_size) if self.block_size else None})
 
@@ -116,7 +114,7 @@ def equal_capacity(options: BenchOptions) -> tuple[int | None, ...]:
 
 def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: None) -> dict:
     """Prepare, measure every runtime in its own process, and return the report (JSON-ready)."""
-    from graphs.contract import StepShapes
+    from mixtral_export.artifact.contract import StepShapes
 
     options = options.resolved()
     unknown = [r for r in options.runtimes if r not in RUNTIMES]
@@ -138,9 +136,6 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
               for s in equal_capacity(options) for p in options.prefill_chunk]
     check_contexts(options, model, shapes)
     runtimes = list(options.runtimes)
-    if "compiled" in runtimes and not (REPO / "runtimes" / "compiled.py").is_file():
-        say("skipping compiled: runtimes/compiled.py is not there")
-        runtimes.remove("compiled")
     precisions = {r: {"ort-gather": options.weights, "llama.cpp": options.gguf}.get(r, ("fp32",)) for r in runtimes}
     variants = {r: [(w, b) for w in precisions[r]  # (weights, block): ours quantized once per block size
                     for b in ((options.block_size or (default_block_size(w),)) if w in WEIGHTS and w != "fp32"
@@ -183,12 +178,12 @@ def check_contexts(options: BenchOptions, model: BenchModel, shapes: list) -> No
 
 def build_gguf(options: BenchOptions, model: BenchModel, kind: str, say: Callable[[str], None]) -> None:
     """bench/gguf.py in a child process (llama.cpp's converter and quantizer hold gigabytes while they work)."""
-    command = [sys.executable, "-m", "bench.gguf", str(model.checkpoint), str(model.folder), kind,
+    command = [sys.executable, "-m", "mixtral_export.bench.gguf", str(model.checkpoint), str(model.folder), kind,
                "--threads", str(options.threads)]
     if options.llama_converter is not None:
         command += ["--converter", str(options.llama_converter)]
     last = ""
-    with subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as child:
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as child:
         for line in child.stderr:
             if line.startswith("bench: "):
                 say(line.removeprefix("bench: ").rstrip())
@@ -235,14 +230,13 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
 def run_worker(spec: dict, options: BenchOptions, say: Callable[[str], None]) -> dict:
     """bench/worker.py in a fresh interpreter; its result, or {"error": its last line of stderr}."""
     threads = str(options.threads)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH")))),
-           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     with tempfile.TemporaryDirectory(dir=options.work_dir) as scratch:
         spec_path, result_path = Path(scratch) / "spec.json", Path(scratch) / "result.json"
         spec_path.write_text(json.dumps(spec))
         try:
-            done = subprocess.run([sys.executable, "-m", "bench.worker", str(spec_path), str(result_path)],
-                                  cwd=REPO, env=env, capture_output=True, text=True, timeout=options.timeout)
+            done = subprocess.run([sys.executable, "-m", "mixtral_export.bench.worker", str(spec_path), str(result_path)],
+                                  env=env, capture_output=True, text=True, timeout=options.timeout)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {options.timeout:g} s"}
         if done.returncode != 0 or not result_path.is_file():
@@ -251,9 +245,3 @@ def run_worker(spec: dict, options: BenchOptions, say: Callable[[str], None]) ->
             return {"error": lines[-1]}
         return json.loads(result_path.read_text())
 
-
-if __name__ == "__main__":
-    from mixtral_export.cli import main
-
-    sys.argv = ["mixtral-export", "bench", *sys.argv[1:]]
-    main()

@@ -17,7 +17,7 @@ starts both servers with it (a chunk per N tokens after the first: inter-token l
 chunk); `--in-process` runs both with the engine on a thread of the HTTP process; `--lock FILE`
 holds a flock on FILE for each round only.
 
-    python3 bench/serve_load.py out/tiny-b4 --clients 1,2,4,8,16 --requests 32 --rounds 6 --threads 1 --json out/serve.json --plot out/serve.png
+    python3 -m mixtral_export.bench.serve_load out/tiny-b4 --clients 1,2,4,8,16 --requests 32 --rounds 6 --threads 1 --json out/serve.json --plot out/serve.png
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 MODES = ("continuous", "serialized")
 
 
@@ -63,7 +62,7 @@ class ServerProcess:
         command += ["--rows", str(rows)] if rows else []
         command += ["--threads", str(threads)] if threads else []
         command += ["--stream-interval", str(stream_interval)] + (["--in-process"] if in_process else [])
-        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+        self.process = subprocess.Popen(command,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """Where a step's time goes: ONNX Runtime's own per-node profile of prefill chunks and decode steps.
 
-    python3 bench/step_profile.py ARTIFACT [--chunks 3] [--decodes 8] [--threads N]
+    python3 -m mixtral_export.bench.step_profile ARTIFACT [--chunks 3] [--decodes 8] [--threads N]
 
 Opens the artifact's graph as OrtBackend does (same session options), with ORT's profiler on,
 runs `chunks` full prefill chunks and `decodes` single-token steps on random ids at positions
@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from graphs.contract import NO_POSITION, layer_caches  # noqa: E402
-from graphs.manifest import load_manifest  # noqa: E402
-from runtimes.ort import session_options, usable_cores  # noqa: E402
+from mixtral_export.artifact.contract import NO_POSITION, layer_caches
+from mixtral_export.artifact.manifest import load_manifest
+from mixtral_export.runtimes.ort import session_options, usable_cores
 
 
 def profile(artifact: Path, chunks: int, decodes: int, threads: int) -> dict[str, dict[str, float]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import statistics
 
-from bench.models import BenchModel, folder_bytes
-from bench.roofline import decode_bytes, kv_bytes
+from mixtral_export.bench.models import BenchModel, folder_bytes
+from mixtral_export.bench.roofline import decode_bytes, kv_bytes
 
 
 def spread(values: list[float]) -> dict:

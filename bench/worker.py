@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from bench.load_memory import peak_rss
+from mixtral_export.bench.load_memory import peak_rss
 
 # A runtime under test: generate(prompt ids, new tokens) -> (start time, one clock stamp per token).
 Generate = Callable[[list[int], int], tuple[float, list[float]]]
@@ -60,17 +60,17 @@ def rates(work: Callable[[], object], nbytes: int, repeats: int) -> list[float]:
 
 def ours(spec: dict) -> tuple[Generate, dict]:
     """A backend of this repo behind the shared generation loop."""
-    from runtimes.generate import GenerationConfig, generate
+    from mixtral_export.runtimes.generate import GenerationConfig, generate
 
     runtime, info = spec["runtime"], {}
     if runtime.startswith("ort"):
-        from runtimes.ort import OrtBackend
+        from mixtral_export.runtimes.ort import OrtBackend
 
         backend = OrtBackend(spec["artifact"], threads=spec["threads"], verify_files=False, spin=spec["ort_spin"])
     else:
         import torch
 
-        from graphs.contract import StepShapes
+        from mixtral_export.artifact.contract import StepShapes
         from mixtral_export.checkpoint import load_model
 
         torch.set_num_threads(spec["threads"])
@@ -78,13 +78,13 @@ def ours(spec: dict) -> tuple[Generate, dict]:
         model = load_model(spec["checkpoint"], dtype=shapes.dtype, attention_window=shapes.attention_window,
                            routing=OURS[runtime])
         if runtime == "compiled":
-            from runtimes.compiled import CompiledBackend
+            from mixtral_export.runtimes.compiled import CompiledBackend
 
             backend = CompiledBackend(model, shapes)
             backend.warmup()
             info["compile_seconds"] = sum(backend.compile_seconds.values())
         else:
-            from runtimes.eager import EagerBackend
+            from mixtral_export.runtimes.eager import EagerBackend
 
             backend = EagerBackend(model, shapes)
 
@@ -134,7 +134,7 @@ def transformers(spec: dict) -> tuple[Generate, dict]:
 
 def llama_cpp(spec: dict) -> tuple[Generate, dict]:
     """llama.cpp on the spec's GGUF file, a fresh context (empty KV cache) for every generation."""
-    from bench.llama_runner import LlamaCpp
+    from mixtral_export.bench.llama_runner import LlamaCpp
 
     llama = LlamaCpp(Path(spec["artifact"]), spec["threads"], n_ctx=spec["llama_context"])  # run.py's llama_context
 

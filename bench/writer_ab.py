@@ -6,23 +6,20 @@ tree's writer (sha256_blocks on a pool) and with the writer of an older checkout
 removed at once. Prints wall and process CPU seconds per write, and the page-cache copy of the
 checkpoint's shards between rounds (the bar: write <= 2x that copy).
 
-    python3 bench/writer_ab.py CHECKPOINT --old /tmp/old [--routing gather] [--rounds 2] [--dir DIR]
+    python3 -m mixtral_export.bench.writer_ab CHECKPOINT --old /tmp/old [--routing gather] [--rounds 2] [--dir DIR]
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.export_memory import evict, shards, warm_copy  # noqa: E402
-from graphs import weights_file  # noqa: E402
-from graphs.onnx_export import DATA_NAME, GRAPH_NAME, export_config, placeholder_model, step_graph  # noqa: E402
+from mixtral_export.bench.export_memory import evict, shards, warm_copy
+from mixtral_export.graphs import weights_file
+from mixtral_export.graphs.onnx_export import DATA_NAME, GRAPH_NAME, export_config, placeholder_model, step_graph
 
 
 def old_writer(tree: Path):
@@ -56,7 +53,7 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="evict the checkpoint before each write (it reads the disk); no page-cache copy")
     args = parser.parse_args()
-    from graphs.contract import StepShapes
+    from mixtral_export.artifact.contract import StepShapes
     from mixtral_export.checkpoint import ParameterReader
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:

@@ -1,5 +1,3 @@
-"""Step graphs of a static Mixtral: ONNX export, manifests, engine builds.
-
-Importing this package must not import torch: runtimes read `graphs.contract` and
-`graphs.manifest` to serve artifacts without it.
+"""Build: a checkpoint to an artifact (ONNX step and head graphs, AOTInductor packages, TensorRT
+engines), written atomically and described by a manifest (`mixtral_export.artifact`).
 """

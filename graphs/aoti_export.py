@@ -26,9 +26,9 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import FLOAT_DTYPES, NO_POSITION, StepShapes
-from graphs.artifact_folder import ExportError, building, finish
-from mixtral_export.config import MixtralConfig
+from mixtral_export.artifact.contract import FLOAT_DTYPES, NO_POSITION, StepShapes
+from mixtral_export.graphs.artifact_folder import ExportError, building, finish
+from mixtral_export.artifact.config import MixtralConfig
 
 PACKAGE_NAME = "model.pt2"
 WEIGHTS_NAME = "weights.safetensors"

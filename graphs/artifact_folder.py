@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from graphs.manifest import MANIFEST_NAME, write_manifest
-from mixtral_export.config import MixtralConfig
+from mixtral_export.artifact.manifest import MANIFEST_NAME, write_manifest
+from mixtral_export.artifact.config import MixtralConfig
 from mixtral_export.destinations import replace_folder
 from mixtral_export.errors import UserError
 

@@ -44,13 +44,13 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import (CHUNK_AXIS, DEFAULT_QUANT_BLOCK, DTYPES, FLOAT_DTYPES, FLOAT_WEIGHTS, NO_POSITION,
+from mixtral_export.artifact.contract import (CHUNK_AXIS, DEFAULT_QUANT_BLOCK, DTYPES, FLOAT_DTYPES, FLOAT_WEIGHTS, NO_POSITION,
                              OUTPUT_NAMES, StepShapes, default_block_size)
-from graphs.artifact_folder import ExportError, building, finish
-from graphs.manifest import FileEntry, io_contract
-from graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
-from graphs.onnx_quant import check_weights, quantize_weights
-from mixtral_export.config import MixtralConfig
+from mixtral_export.graphs.artifact_folder import ExportError, building, finish
+from mixtral_export.artifact.manifest import FileEntry, io_contract
+from mixtral_export.graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
+from mixtral_export.graphs.onnx_quant import check_weights, quantize_weights
+from mixtral_export.artifact.config import MixtralConfig
 
 GRAPH_NAME = "model.onnx"
 DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external data
@@ -201,7 +201,7 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
     """
     import torch
 
-    from graphs.placeholder_weights import PlaceholderError, plant, resolve
+    from mixtral_export.graphs.placeholder_weights import PlaceholderError, plant, resolve
 
     params = {name: tuple(p.shape) for name, p in model.state_dict(keep_vars=True).items()}
     exporter_log = logging.getLogger("torch.onnx")
@@ -240,7 +240,7 @@ def trace(model, args: tuple, dynamic: dict, input_names: list[str], output_name
 
 def save_graph(graph, path: Path, progress: Callable[[str], None] | None = None) -> FileEntry | None:
     """Write the graph to `path` and its weights to DATA_NAME beside it, one tensor at a time."""
-    from graphs.weights_file import save_with_weights
+    from mixtral_export.graphs.weights_file import save_with_weights
 
     return save_with_weights(graph, path, DATA_NAME, progress)
 

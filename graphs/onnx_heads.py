@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from graphs.artifact_folder import ExportError, building, finish
-from graphs.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
-from graphs.onnx_export import DATA_NAME, GRAPH_NAME, check_onnx_file, export_config, fake_parameters, save_graph, trace
-from graphs.onnx_moe import lay_out_experts, route_through_moe_nodes
+from mixtral_export.graphs.artifact_folder import ExportError, building, finish
+from mixtral_export.artifact.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
+from mixtral_export.graphs.onnx_export import DATA_NAME, GRAPH_NAME, check_onnx_file, export_config, fake_parameters, save_graph, trace
+from mixtral_export.graphs.onnx_moe import lay_out_experts, route_through_moe_nodes
 
 
 def export_head_onnx(checkpoint_folder: str | Path, out_dir: str | Path, head: str | None = None,

@@ -33,10 +33,10 @@ from typing import Callable
 
 import numpy as np
 
-from graphs.artifact_folder import ExportError
-from graphs.contract import FLOAT_WEIGHTS, INT8_ACTIVATIONS, QUANT_BLOCK_SIZES, WEIGHT_SCHEMES, WeightScheme
-from graphs.onnx_moe import MOE_DOMAIN
-from graphs.quantize import QuantizeError, Quantized, check_block, quantize_matrices
+from mixtral_export.graphs.artifact_folder import ExportError
+from mixtral_export.artifact.contract import FLOAT_WEIGHTS, INT8_ACTIVATIONS, QUANT_BLOCK_SIZES, WEIGHT_SCHEMES, WeightScheme
+from mixtral_export.graphs.onnx_moe import MOE_DOMAIN
+from mixtral_export.graphs.quantize import QuantizeError, Quantized, check_block, quantize_matrices
 
 QMOE_OP, NBITS_OP = "QMoE", "MatMulNBits"
 
@@ -135,7 +135,7 @@ def router_weights(graph, node, live) -> object:
 def is_transposed(weight, name: str, values: Callable[[], object]) -> bool:
     """Whether the initializer `weight` is parameter `name` transposed: said by its placeholder
     recipe (graphs/placeholder_weights.py) without reading it, else compared with values()."""
-    from graphs.placeholder_weights import RECIPE, WeightRecipe
+    from mixtral_export.graphs.placeholder_weights import RECIPE, WeightRecipe
 
     if RECIPE in weight.meta:
         return weight.meta[RECIPE] == WeightRecipe(name, (1, 0))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphs.contract import QUANT_BLOCK_SIZES, WeightScheme
+from mixtral_export.artifact.contract import QUANT_BLOCK_SIZES, WeightScheme
 from mixtral_export.errors import UserError
 
 INT4_DIVISORS = tuple(-8 - j / 4 for j in range(8))  # int4 scale candidates m / d; -8: q4_0's rule

@@ -32,7 +32,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto as TP
 
-from graphs.contract import CHUNK_AXIS
+from mixtral_export.artifact.contract import CHUNK_AXIS
 from mixtral_export.errors import UserError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -157,7 +157,7 @@ def check_trt_compat(path: str | Path, chunk_axis: str = CHUNK_AXIS) -> CompatRe
 def graph_file(path: Path) -> Path:
     """The .onnx file itself, or the step graph an artifact folder's manifest names."""
     if path.is_dir():
-        from graphs.manifest import load_manifest
+        from mixtral_export.artifact.manifest import load_manifest
 
         return load_manifest(path, verify_files=False).graph_path("step")
     if not path.is_file():

@@ -32,8 +32,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from graphs.contract import StepShapes
-from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, set_engine
+from mixtral_export.artifact.contract import StepShapes
+from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, set_engine
 from mixtral_export.destinations import refuse, write_file
 from mixtral_export.errors import UserError
 

@@ -28,9 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from graphs.artifact_folder import DISK_FULL, ExportError
-from graphs.block_hash import BlockHasher
-from graphs.manifest import FileEntry
+from mixtral_export.graphs.artifact_folder import DISK_FULL, ExportError
+from mixtral_export.artifact.block_hash import BlockHasher
+from mixtral_export.artifact.manifest import FileEntry
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
 WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (README "Measured")

@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from .config import MixtralConfig
-from .model import TORCH_DTYPES, MixtralStatic
-from .safetensors_file import CheckpointError, TensorEntry, read_header, read_into
+from mixtral_export.artifact.config import MixtralConfig
+from mixtral_export.model import TORCH_DTYPES, MixtralStatic
+from mixtral_export.safetensors_file import CheckpointError, TensorEntry, read_header, read_into
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -122,7 +122,7 @@ def load_model(folder: str | Path, dtype: str | None = None, attention_window: i
 def load_head_model(folder: str | Path, head: str | None = None, dtype: str | None = None, routing: str = "dense",
                     progress: Callable[[int, int], None] | None = None):
     """Build the HeadModel of a checkpoint's non-generative head (`head` overrides config.json's)."""
-    from .head_model import HeadModel
+    from mixtral_export.head_model import HeadModel
 
     folder = Path(folder)
     config = checkpoint_config(folder, dtype)
@@ -138,7 +138,7 @@ def load_head_model(folder: str | Path, head: str | None = None, dtype: str | No
 def checked_head_tensors(folder: Path, config: MixtralConfig, head: str | None = None):
     """The checkpoint's non-generative head (`head` overrides config.json's), its tensors and where
     each goes in a HeadModel, every name, shape and dtype checked (headers only)."""
-    from .head import ALL_HEAD_TENSORS, read_head
+    from mixtral_export.head import ALL_HEAD_TENSORS, read_head
 
     tensors = checkpoint_tensors(folder)
     chosen = read_head(folder, {key: entry.shape for key, entry in tensors.items()}, head)

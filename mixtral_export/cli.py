@@ -113,7 +113,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
     if _checkpoint_head(checkpoint, head) != "causal-lm":
         if format != "onnx":
             raise UsageError(f"--format {format!r}: head graphs export to onnx only")
-        from graphs.onnx_heads import export_head_onnx
+        from mixtral_export.graphs.onnx_heads import export_head_onnx
 
         with err.status("exporting the head graph...") as status:
             artifact = export_head_onnx(checkpoint, output, head=head, dtype=dtype, batch=batch, seq_len=seq_len,
@@ -122,12 +122,12 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
         _describe(artifact)
         return
     if format == "onnx":
-        from graphs.onnx_export import export_onnx as build
+        from mixtral_export.graphs.onnx_export import export_onnx as build
         options = dict(opset=opset, weights=weights, block_size=block_size)
     elif format == "aoti":
         if weights != "float":
             raise UsageError(f"--weights {weights}: quantized weights are exported for ONNX Runtime only (--format onnx)")
-        from graphs.aoti_export import export_aoti as build
+        from mixtral_export.graphs.aoti_export import export_aoti as build
         options = dict(device=device)
     else:
         raise UsageError(f"--format {format!r}: one of onnx, aoti")
@@ -159,8 +159,8 @@ def build_engine_command(artifact: Path = typer.Argument(..., help="ONNX artifac
                          timing_cache: Optional[Path] = typer.Option(None, "--timing-cache",
                                                                      help="Timing cache file to reuse and update", metavar="PATH")):
     """Build a TensorRT 10 engine (engine.plan) into an ONNX artifact, for this GPU and TensorRT version."""
-    from graphs.manifest import load_manifest
-    from graphs.trt_engine import build_engine
+    from mixtral_export.artifact.manifest import load_manifest
+    from mixtral_export.graphs.trt_engine import build_engine
 
     with err.status("building the TensorRT engine...") as status:
         engine = build_engine(artifact, precision=precision, workspace_gib=workspace, timing_cache=timing_cache,
@@ -173,7 +173,7 @@ def build_engine_command(artifact: Path = typer.Argument(..., help="ONNX artifac
 @app.command("check-trt")
 def check_trt(artifact: Path = typer.Argument(..., help="Artifact folder (or a .onnx file)", metavar="ARTIFACT")):
     """Check, without TensorRT, that the graph uses only what TensorRT 10's ONNX parser supports."""
-    from graphs.trt_compat import check_trt_compat
+    from mixtral_export.graphs.trt_compat import check_trt_compat
 
     report = check_trt_compat(artifact)
     for line in report.lines():
@@ -189,7 +189,7 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
 
 
 def _describe(artifact: Path) -> None:
-    from graphs.manifest import load_manifest
+    from mixtral_export.artifact.manifest import load_manifest
 
     manifest = load_manifest(artifact)
     c, s = manifest.config, manifest.shapes
@@ -246,7 +246,7 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
                                                         "(default: the one recorded at export)", metavar="PATH"),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text")):
     """Generate text from an artifact on a runtime, streaming tokens as they come."""
-    from runtimes.session import Session
+    from mixtral_export.runtimes.session import Session
 
     if bool(prompt) == bool(input_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
@@ -297,9 +297,9 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
            report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file", metavar="PATH")):
     """Compare runtimes (and the reference) on the same prompts; the exit code says pass or fail."""
-    from graphs.manifest import load_manifest
-    from runtimes.verify import print_report, verify_artifact
-    from runtimes.verify_heads import print_head_report, verify_head_artifact
+    from mixtral_export.artifact.manifest import load_manifest
+    from mixtral_export.runtimes.verify import print_report, verify_artifact
+    from mixtral_export.runtimes.verify_heads import print_head_report, verify_head_artifact
 
     names = [n.strip() for n in runtimes.split(",") if n.strip()]
     if reference not in (None, "hf"):
@@ -334,7 +334,7 @@ def score(artifact: Path = typer.Argument(..., help="Head artifact folder writte
                                                      "(default: the one recorded at export)", metavar="PATH"),
           as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every output")):
     """Run a head artifact: a classifier's label, per-token labels, a QA span, or hidden states."""
-    from runtimes.session import Session
+    from mixtral_export.runtimes.session import Session
 
     if bool(prompt) == bool(input_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
@@ -383,12 +383,12 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
     if ray:
         if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
             raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
-        from serving.ray_app import serve_on_ray  # a missing extra is one line (run())
+        from mixtral_export.serving.ray_app import serve_on_ray  # a missing extra is one line (run())
 
         serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
                      model_name=model_name, threads=threads, request_timeout=request_timeout)
         return
-    from serving.server import serve as run_server
+    from mixtral_export.serving.server import serve as run_server
 
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
                model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
@@ -469,14 +469,9 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           llama_converter: Optional[Path] = typer.Option(None, help="llama.cpp's convert_hf_to_gguf.py (default: "
                                                                     "$MIXTRAL_EXPORT_LLAMA_CONVERTER)", metavar="PATH")):
     """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "bench" / "run.py").is_file():
-        raise UsageError(f"bench needs a source checkout ({root / 'bench' / 'run.py'} is not there)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from bench.report import speedups, table
-    from bench.report import plot as draw
-    from bench.run import BenchOptions, run_bench
+    from mixtral_export.bench.report import speedups, table
+    from mixtral_export.bench.report import plot as draw
+    from mixtral_export.bench.run import BenchOptions, run_bench
 
     if plot is not None:
         try:

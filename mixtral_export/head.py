@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from graphs.contract import HEAD_KINDS
+from mixtral_export.artifact.contract import HEAD_KINDS
 
-from .config import ConfigError, read_config_json
+from mixtral_export.artifact.config import ConfigError, read_config_json
 
 HEADS = ("causal-lm", *HEAD_KINDS)
 ARCHITECTURES = {"MixtralForCausalLM": "causal-lm", "MixtralModel": "model",

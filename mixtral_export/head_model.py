@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from graphs.contract import NO_POSITION
+from mixtral_export.artifact.contract import NO_POSITION
 
-from .config import MixtralConfig
-from .head import Head
-from .model import MixtralStatic
+from mixtral_export.artifact.config import MixtralConfig
+from mixtral_export.head import Head
+from mixtral_export.model import MixtralStatic
 
 
 class HeadModel(nn.Module):

@@ -1,6 +1,6 @@
 """A static-shape Mixtral: one pure step function over a chunk of tokens and a rolling KV cache.
 
-The step follows `graphs.contract`: every tensor shape is fixed by (B, T, S) and the config, the
+The step follows `mixtral_export.artifact.contract`: every tensor shape is fixed by (B, T, S) and the config, the
 MoE is dense-masked (all experts run, weighted by a top-k mask) or gathered (only each token's
 top-k experts run), and there is no Python branching on tensor values, so the same module traces
 to ONNX, TensorRT and torch.compile.
@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graphs.contract import FLOAT_DTYPES
+from mixtral_export.artifact.contract import FLOAT_DTYPES
 
-from .config import MixtralConfig
+from mixtral_export.artifact.config import MixtralConfig
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -200,7 +200,7 @@ def padding_routed_as_live(h: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 
 class MixtralStatic(nn.Module):
-    """The step function of `graphs.contract` as a module: (ids, positions, cache) -> (logits, new k/v)."""
+    """The step function of `mixtral_export.artifact.contract` as a module: (ids, positions, cache) -> (logits, new k/v)."""
 
     def __init__(self, config: MixtralConfig, attention_window: int | None, routing: str = "dense",
                  lm_head: bool = True):

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .config import MixtralConfig
-from .destinations import WRITER, json_mark, refuse, replace_folder
-from .model import TORCH_DTYPES
-from .tokenizer_training import load_tiny_corpus, train_tokenizer
+from mixtral_export.artifact.config import MixtralConfig
+from mixtral_export.destinations import WRITER, json_mark, refuse, replace_folder
+from mixtral_export.model import TORCH_DTYPES
+from mixtral_export.tokenizer_training import load_tiny_corpus, train_tokenizer
 
 TINY_CONFIG = MixtralConfig(
     vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

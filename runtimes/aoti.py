@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from graphs.contract import StepShapes, layer_caches
-from graphs.manifest import Manifest, ManifestError, load_manifest
-from runtimes.step import check_step_inputs
-from runtimes.torch_ring import TorchRing
+from mixtral_export.artifact.contract import StepShapes, layer_caches
+from mixtral_export.artifact.manifest import Manifest, ManifestError, load_manifest
+from mixtral_export.runtimes.step import check_step_inputs
+from mixtral_export.runtimes.torch_ring import TorchRing
 ALIASES_KEY = "aliases"  # graphs.aoti_export writes tied parameters' extra names here
 
 

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from graphs.contract import NO_POSITION, StepShapes
+from mixtral_export.artifact.contract import NO_POSITION, StepShapes
 from mixtral_export.model import TORCH_DTYPES, MixtralStatic
-from runtimes.step import check_step_inputs, ring_writes
-from runtimes.torch_ring import clear
+from mixtral_export.runtimes.step import check_step_inputs, ring_writes
+from mixtral_export.runtimes.torch_ring import clear
 
 
 class CountingInductor(torch._TorchCompileInductorWrapper):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from graphs.contract import StepShapes
+from mixtral_export.artifact.contract import StepShapes
 from mixtral_export.model import MixtralStatic
-from runtimes.step import check_step_inputs
-from runtimes.torch_ring import TorchRing
+from mixtral_export.runtimes.step import check_step_inputs
+from mixtral_export.runtimes.torch_ring import TorchRing
 
 
 class EagerBackend:
@@ -25,7 +25,7 @@ class EagerBackend:
     @classmethod
     def from_checkpoint(cls, folder, shapes_kwargs: dict | None = None, device="cpu") -> "EagerBackend":
         from mixtral_export.checkpoint import load_model
-        from mixtral_export.config import MixtralConfig
+        from mixtral_export.artifact.config import MixtralConfig
 
         config = MixtralConfig.from_json(folder)
         shapes = StepShapes.for_config(config, **(shapes_kwargs or {}))

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from graphs.contract import HeadShapes
+from mixtral_export.artifact.contract import HeadShapes
 from mixtral_export.head_model import HeadModel
-from runtimes.heads import check_head_inputs
+from mixtral_export.runtimes.heads import check_head_inputs
 
 
 class EagerHeadBackend:

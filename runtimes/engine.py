@@ -26,11 +26,11 @@ from typing import Callable, Generator, Iterable, Iterator
 
 import numpy as np
 
-from graphs.contract import NO_POSITION
-from runtimes.generate import (Completion, Detokenizer, GenerationConfig, GenerationResult, Row, TokenEvent,
+from mixtral_export.artifact.contract import NO_POSITION
+from mixtral_export.runtimes.generate import (Completion, Detokenizer, GenerationConfig, GenerationResult, Row, TokenEvent,
                                check_prompts, position_limit)
-from runtimes.sampling import Sampler, next_tokens
-from runtimes.step import RequestError, StepBackend
+from mixtral_export.runtimes.sampling import Sampler, next_tokens
+from mixtral_export.runtimes.step import RequestError, StepBackend
 
 
 class QueueFull(RuntimeError):

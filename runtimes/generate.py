@@ -13,8 +13,8 @@ from typing import Callable, Generator, Literal, Protocol, Sequence
 
 import numpy as np
 
-from runtimes.sampling import SamplingParams
-from runtimes.step import ContextOverflow, RequestError, StepBackend
+from mixtral_export.runtimes.sampling import SamplingParams
+from mixtral_export.runtimes.step import ContextOverflow, RequestError, StepBackend
 
 FinishReason = Literal["eos", "stop_string", "length", "cache_full", "cancelled", "timeout"]
 
@@ -124,7 +124,7 @@ def stream(backend: StepBackend, prompts: Sequence[Sequence[int]], config: Gener
     check_prompts(rows, backend.shapes.vocab_size, limit)
     if config.stop_strings and detokenizer_factory is None:
         raise RequestError("stop_strings are matched on decoded text: they need a detokenizer_factory")
-    from runtimes.engine import Engine  # the engine imports this module's types
+    from mixtral_export.runtimes.engine import Engine  # the engine imports this module's types
 
     engine = Engine(backend, max_positions=limit, ride_along=False)  # decode timings stay pure T=1 steps
     return engine.drive([engine.submit(prompt, config, detokenizer_factory() if detokenizer_factory else None,

@@ -12,8 +12,8 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from graphs.contract import HEAD_INPUT_NAMES, HeadShapes
-from runtimes.step import RequestError
+from mixtral_export.artifact.contract import HEAD_INPUT_NAMES, HeadShapes
+from mixtral_export.runtimes.step import RequestError
 
 PADDING_SIDES = ("left", "right")
 

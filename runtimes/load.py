@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graphs.manifest import Manifest, check_compatible, load_manifest
+from mixtral_export.artifact.manifest import Manifest, check_compatible, load_manifest
 from mixtral_export.errors import UserError
 
 RUNTIMES = ("eager", "compiled", "ort", "aoti", "trt")
@@ -27,20 +27,20 @@ def open_backend(artifact: str | Path, runtime: str, provider: str = "cpu", thre
         raise RuntimeLoadError(f"{manifest.folder}: the {runtime} runtime needs an {kind} artifact, this one is "
                                f"{manifest.kind} (export it with --format {kind})")
     if runtime == "ort":
-        from runtimes.ort import OrtBackend
+        from mixtral_export.runtimes.ort import OrtBackend
 
         return OrtBackend(artifact, provider=provider, threads=threads), manifest
     if runtime == "trt":
-        from runtimes.trt import TrtBackend
+        from mixtral_export.runtimes.trt import TrtBackend
 
         return TrtBackend(artifact), manifest
     if runtime == "aoti":
-        from runtimes.aoti import AotiBackend
+        from mixtral_export.runtimes.aoti import AotiBackend
 
         return AotiBackend(artifact, device=_torch_device(provider)), manifest
     backend = eager_backend(manifest, checkpoint, device=_torch_device(provider))
     if runtime == "compiled":
-        from runtimes.compiled import CompiledBackend
+        from mixtral_export.runtimes.compiled import CompiledBackend
 
         backend = CompiledBackend(backend.model, manifest.shapes, device=backend.device)
         backend.warmup()  # compile both chunk lengths now, timed apart from generation
@@ -61,8 +61,8 @@ def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, devi
     ORT checks the kernels, not the quantization), unless float_weights asks for the originals.
     """
     from mixtral_export.checkpoint import load_model
-    from mixtral_export.config import MixtralConfig
-    from runtimes.eager import EagerBackend
+    from mixtral_export.artifact.config import MixtralConfig
+    from mixtral_export.runtimes.eager import EagerBackend
 
     source = _source(manifest, checkpoint)
     check_compatible(manifest, MixtralConfig.from_json(source))
@@ -77,14 +77,14 @@ def open_head_backend(manifest: Manifest, runtime: str, provider: str = "cpu", t
                       checkpoint: str | Path | None = None):
     """A HeadBackend (runtimes/heads.py) over a head artifact: ort, or eager on its source checkpoint."""
     if runtime == "ort":
-        from runtimes.ort_heads import OrtHeadBackend
+        from mixtral_export.runtimes.ort_heads import OrtHeadBackend
 
         return OrtHeadBackend(manifest.folder, provider=provider, threads=threads)
     if runtime != "eager":
         raise RuntimeLoadError(f"{manifest.folder}: a {manifest.head} head graph runs on eager or ort, not {runtime}")
     from mixtral_export.checkpoint import load_head_model
-    from mixtral_export.config import MixtralConfig
-    from runtimes.eager_heads import EagerHeadBackend
+    from mixtral_export.artifact.config import MixtralConfig
+    from mixtral_export.runtimes.eager_heads import EagerHeadBackend
 
     source = _source(manifest, checkpoint)
     check_compatible(manifest, MixtralConfig.from_json(source))
@@ -106,8 +106,8 @@ def dequantize_model(model, record: dict, round_activations: bool = True) -> Non
     per block as ORT's kernels do (record["activations"])."""
     import torch
 
-    from graphs.contract import WEIGHT_SCHEMES
-    from graphs.quantize import dequantize, quantize
+    from mixtral_export.artifact.contract import WEIGHT_SCHEMES
+    from mixtral_export.graphs.quantize import dequantize, quantize
     from mixtral_export.model import int8_blocks
 
     scheme, block = WEIGHT_SCHEMES[record["scheme"]], int(record["block_size"])

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from graphs.contract import DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
-from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
+from mixtral_export.artifact.contract import DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
+from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from mixtral_export.errors import UserError
-from runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
-from runtimes.step import check_step_inputs, ring_writes
+from mixtral_export.runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
+from mixtral_export.runtimes.step import check_step_inputs, ring_writes
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "trt": "TensorrtExecutionProvider"}  # onnxruntime-gpu built with TensorRT; see runtimes/trt.py

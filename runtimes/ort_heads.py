@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from graphs.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
-from graphs.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
-from runtimes.heads import check_head_inputs
-from runtimes.ort import OrtBackendError, check_provider, session_options
-from runtimes.resident_weights import make_resident
+from mixtral_export.artifact.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
+from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from mixtral_export.runtimes.heads import check_head_inputs
+from mixtral_export.runtimes.ort import OrtBackendError, check_provider, session_options
+from mixtral_export.runtimes.resident_weights import make_resident
 
 
 class OrtHeadBackend:

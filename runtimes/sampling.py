@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtimes.step import RequestError
+from mixtral_export.runtimes.step import RequestError
 
 
 @dataclass(frozen=True)

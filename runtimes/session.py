@@ -1,6 +1,6 @@
 """The small public API for services: open an artifact, then generate or stream text.
 
-    from runtimes.session import Session
+    from mixtral_export.runtimes.session import Session
     session = Session.open("out/tiny-onnx", runtime="ort")
     print(session.generate("Once upon a time", max_new_tokens=20))
     for piece in session.stream("Hi", chat=True, temperature=0.7, seed=1):
@@ -23,11 +23,11 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
-from runtimes.engine import Engine, Request, result_of
-from runtimes.generate import GenerationConfig, GenerationResult, check_prompts
-from runtimes.heads import HeadResult, score
-from runtimes.sampling import SamplingParams
-from runtimes.step import RequestError
+from mixtral_export.runtimes.engine import Engine, Request, result_of
+from mixtral_export.runtimes.generate import GenerationConfig, GenerationResult, check_prompts
+from mixtral_export.runtimes.heads import HeadResult, score
+from mixtral_export.runtimes.sampling import SamplingParams
+from mixtral_export.runtimes.step import RequestError
 
 
 class Session:
@@ -65,7 +65,7 @@ class Session:
     def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",
              threads: int | None = None, checkpoint: str | Path | None = None,
              max_queue: int | None = None, rows: int | None = None) -> "Session":
-        from runtimes.load import open_backend
+        from mixtral_export.runtimes.load import open_backend
 
         backend, manifest = open_backend(artifact, runtime, provider=provider, threads=threads, checkpoint=checkpoint)
         tokenizer = None

@@ -5,7 +5,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from graphs.contract import NO_POSITION, StepShapes
+from mixtral_export.artifact.contract import NO_POSITION, StepShapes
 from mixtral_export.errors import UserError
 
 

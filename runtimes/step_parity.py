@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from graphs.contract import NO_POSITION
-from runtimes.step import StepBackend
+from mixtral_export.artifact.contract import NO_POSITION
+from mixtral_export.runtimes.step import StepBackend
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from graphs.contract import NO_POSITION, StepShapes
-from runtimes.step import ring_writes
+from mixtral_export.artifact.contract import NO_POSITION, StepShapes
+from mixtral_export.runtimes.step import ring_writes
 
 
 class TorchRing:

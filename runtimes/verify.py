@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.engine import Engine
-from runtimes.generate import GenerationConfig, generate
-from runtimes.sampling import SamplingParams
-from runtimes.step import StepBackend
+from mixtral_export.runtimes.engine import Engine
+from mixtral_export.runtimes.generate import GenerationConfig, generate
+from mixtral_export.runtimes.sampling import SamplingParams
+from mixtral_export.runtimes.step import StepBackend
 
 DEMO_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -273,19 +273,19 @@ def default_prompts(session_tokenizer, vocab_size: int, window: int | None, coun
 def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | None = None,
                     steps: int = 48, checkpoint: str | Path | None = None) -> VerifyReport:
     """Open the artifact on each runtime and compare them (and the reference) on default prompts."""
-    from runtimes.load import RuntimeLoadError, open_backend
+    from mixtral_export.runtimes.load import RuntimeLoadError, open_backend
 
     if len(runtimes) < 1 or len(set(runtimes)) != len(runtimes):
         raise RuntimeLoadError(f"--runtimes needs distinct runtime names, got {','.join(runtimes)}")
     if len(runtimes) < 2 and reference is None:
         raise RuntimeLoadError("nothing to compare: give two runtimes or --reference hf")
-    from graphs.manifest import load_manifest
+    from mixtral_export.artifact.manifest import load_manifest
 
     manifest = load_manifest(artifact, verify_files=False)  # each backend checks the files as it opens
     backends = {name: (lambda name=name: open_backend(artifact, name, checkpoint=checkpoint)[0]) for name in runtimes}
     float_backend = None
     if manifest.quantization:
-        from runtimes.load import eager_backend
+        from mixtral_export.runtimes.load import eager_backend
 
         float_backend = lambda: eager_backend(manifest, checkpoint, float_weights=True)  # noqa: E731
     tokenizer = None

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from graphs.contract import HeadShapes
-from runtimes.heads import HeadBackend, HeadResult, score
-from runtimes.verify import DEMO_TEXTS, TOLERANCES, Comparison, compare
+from mixtral_export.artifact.contract import HeadShapes
+from mixtral_export.runtimes.heads import HeadBackend, HeadResult, score
+from mixtral_export.runtimes.verify import DEMO_TEXTS, TOLERANCES, Comparison, compare
 
 HF_CLASSES = {"model": "MixtralModel", "sequence-classification": "MixtralForSequenceClassification",
               "token-classification": "MixtralForTokenClassification",
@@ -125,7 +125,7 @@ def default_head_prompts(tokenizer, shapes: HeadShapes, vocab_size: int) -> list
 def verify_head_artifact(artifact: str | Path, runtimes: list[str], reference: str | None = None,
                          checkpoint: str | Path | None = None) -> HeadVerifyReport:
     """Open the head artifact on each runtime and compare them (and transformers) on default prompts."""
-    from runtimes.load import RuntimeLoadError, open_backend
+    from mixtral_export.runtimes.load import RuntimeLoadError, open_backend
 
     if len(runtimes) < 1 or len(set(runtimes)) != len(runtimes):
         raise RuntimeLoadError(f"--runtimes needs distinct runtime names, got {','.join(runtimes)}")

@@ -25,7 +25,6 @@ import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 from mixtral_export.destinations import write_report  # noqa: E402
 
 TOL = 1e-4
@@ -39,7 +38,7 @@ class Skip(Exception):
 
 def parity(reference, other) -> dict:
     """The shared lock-step comparator (runtimes/step_parity.py): worst |logit diff|, top-1 agreement."""
-    from runtimes.step_parity import lockstep
+    from mixtral_export.runtimes.step_parity import lockstep
 
     (result,) = lockstep(reference, [other], decode_steps=DECODE_STEPS)
     return {"max_abs_diff": result.max_abs, "top1_agreement": result.top1_agreement,
@@ -50,10 +49,10 @@ def run_checks(folder: Path, scratch: Path, device: str) -> tuple[dict, dict]:
     import numpy as np
     import torch
 
-    from graphs.contract import StepShapes
+    from mixtral_export.artifact.contract import StepShapes
     from mixtral_export.checkpoint import load_model
-    from mixtral_export.config import MixtralConfig
-    from runtimes.eager import EagerBackend
+    from mixtral_export.artifact.config import MixtralConfig
+    from mixtral_export.runtimes.eager import EagerBackend
 
     config = MixtralConfig.from_json(folder)
     shapes = StepShapes.for_config(config, batch=2, prefill_chunk=PREFILL, cache_slots=SLOTS)
@@ -81,7 +80,7 @@ def run_checks(folder: Path, scratch: Path, device: str) -> tuple[dict, dict]:
     def compiled() -> dict:
         from torch._dynamo.utils import counters
 
-        from runtimes.compiled import CompiledBackend
+        from mixtral_export.runtimes.compiled import CompiledBackend
 
         skips_before = counters["inductor"]["cudagraph_skips"]
         backend = CompiledBackend(load_model(folder, attention_window=shapes.attention_window), shapes, device)
@@ -95,8 +94,8 @@ def run_checks(folder: Path, scratch: Path, device: str) -> tuple[dict, dict]:
         return result
 
     def aoti() -> dict:
-        from graphs.aoti_export import export_aoti
-        from runtimes.aoti import AotiBackend
+        from mixtral_export.graphs.aoti_export import export_aoti
+        from mixtral_export.runtimes.aoti import AotiBackend
 
         start = time.perf_counter()
         artifact = export_aoti(folder, scratch / "aoti", batch=2, prefill_chunk=PREFILL, cache_slots=SLOTS,
@@ -107,8 +106,8 @@ def run_checks(folder: Path, scratch: Path, device: str) -> tuple[dict, dict]:
     def ort_cuda() -> dict:
         try:
             import onnxruntime
-            from graphs.onnx_export import export_onnx
-            from runtimes.ort import OrtBackend
+            from mixtral_export.graphs.onnx_export import export_onnx
+            from mixtral_export.runtimes.ort import OrtBackend
         except ImportError as err:
             raise Skip(f"not importable: {err.name}")
         if device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
@@ -164,7 +163,7 @@ def run_checks(folder: Path, scratch: Path, device: str) -> tuple[dict, dict]:
 
 
 def benchmark(backends: dict, steps: int = 200) -> dict:
-    from bench.compiled_vs_eager import decode_rate
+    from mixtral_export.bench.compiled_vs_eager import decode_rate
 
     rates = {f"{name}_tokens_per_s": decode_rate(backend, steps) for name, backend in backends.items()}
     if "eager_tokens_per_s" in rates and "compiled_tokens_per_s" in rates:

@@ -17,10 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from runtimes.engine import EngineClosed, QueueFull, Request
-from runtimes.step import RequestError
-from serving.metrics import ServerMetrics
-from serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response, sse_text as sse,
+from mixtral_export.runtimes.engine import EngineClosed, QueueFull, Request
+from mixtral_export.runtimes.step import RequestError
+from mixtral_export.serving.metrics import ServerMetrics
+from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response, sse_text as sse,
                                 usage_chunk)
 
 DISCONNECT_POLL_SECONDS = 0.25

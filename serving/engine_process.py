@@ -27,14 +27,13 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from graphs.manifest import load_manifest
+from mixtral_export.artifact.manifest import load_manifest
 from mixtral_export.errors import UserError
-from runtimes.engine import Engine, EngineClosed, QueueFull, Request
-from runtimes.generate import Completion, Row, TokenEvent, check_prompts, position_limit
-from runtimes.session import generation_config
-from runtimes.step import RequestError
+from mixtral_export.runtimes.engine import Engine, EngineClosed, QueueFull, Request
+from mixtral_export.runtimes.generate import Completion, Row, TokenEvent, check_prompts, position_limit
+from mixtral_export.runtimes.session import generation_config
+from mixtral_export.runtimes.step import RequestError
 
-REPO = Path(__file__).resolve().parents[1]
 START_SECONDS = 600  # a large artifact on a busy machine takes minutes to open
 
 
@@ -72,10 +71,8 @@ class EngineProcess:
         ours, theirs = socket.socketpair()
         spec = {"artifact": str(artifact), "runtime": runtime, "provider": provider, "threads": threads,
                 "checkpoint": None if checkpoint is None else str(checkpoint), "rows": rows}
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        self.process = subprocess.Popen([sys.executable, "-m", "serving.engine_process", str(theirs.fileno()),
-                                         json.dumps(spec)], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
-                                        env={**os.environ, "PYTHONPATH": path})
+        self.process = subprocess.Popen([sys.executable, "-m", "mixtral_export.serving.engine_process", str(theirs.fileno()),
+                                         json.dumps(spec)], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self.conn = Connection(ours.detach())
         self.engine_pid = self._started()
@@ -235,7 +232,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the front drains us
     conn = Connection(fd)
     try:
-        from runtimes.load import open_backend
+        from mixtral_export.runtimes.load import open_backend
 
         backend, manifest = open_backend(spec["artifact"], spec["runtime"], provider=spec["provider"],
                                          threads=spec["threads"], checkpoint=spec["checkpoint"])

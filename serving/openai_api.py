@@ -13,8 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from runtimes.generate import Completion
-from runtimes.step import RequestError
+from mixtral_export.runtimes.generate import Completion
+from mixtral_export.runtimes.step import RequestError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),

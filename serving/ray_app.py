@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ray import serve
 
-from serving.app import build_app
+from mixtral_export.serving.app import build_app
 
 
 @serve.deployment
@@ -31,7 +31,7 @@ class Replica:
 
     def __init__(self, artifact: str, runtime: str = "ort", provider: str = "cpu", max_queue: int = 64,
                  model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None):
-        from runtimes.session import Session
+        from mixtral_export.runtimes.session import Session
 
         self.session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads,
                                     max_queue=max_queue)
@@ -66,9 +66,9 @@ def serve_on_ray(artifact: str | Path, replicas: int, host: str, port: int, **op
     """Start (or join, with RAY_ADDRESS) a Ray cluster, run the app until SIGINT/SIGTERM, shut it down."""
     import ray
 
-    code = str(Path(__file__).resolve().parents[1])  # replicas import this checkout's serving/ and runtimes/
+    # Replicas import mixtral_export from the installed package: a cluster's nodes install it as the driver did.
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="warning",
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": code}})
+             log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(deployment(str(artifact), replicas=replicas, **options), name="mixtral-export", route_prefix="/")
     print(f"serving {Path(artifact).name} on Ray Serve, {replicas} replicas, on http://{host}:{port}/v1", flush=True)

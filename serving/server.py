@@ -13,7 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
-from serving.app import build_app
+from mixtral_export.serving.app import build_app
 
 
 class GracefulServer(uvicorn.Server):
@@ -42,12 +42,12 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
     """Open the artifact, serve until a signal, close the engine. The engine steps in a process of its
     own (serving/engine_process.py), or with `in_process` on a thread of this one (a Session)."""
     if in_process:
-        from runtimes.session import Session
+        from mixtral_export.runtimes.session import Session
 
         session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
                                max_queue=max_queue, rows=rows)
     else:
-        from serving.engine_process import EngineProcess
+        from mixtral_export.serving.engine_process import EngineProcess
 
         session = EngineProcess(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
                                 max_queue=max_queue, rows=rows)

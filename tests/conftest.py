@@ -17,7 +17,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny model exported to ONNX: fp32, batch 2, prefill chunk 8, a 32-slot ring (its window)."""
-    from graphs.onnx_export import export_onnx
+    from mixtral_export.graphs.onnx_export import export_onnx
 
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "tiny-fp32", dtype="float32",
                        batch=2, prefill_chunk=8, cache_slots=32)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from graphs.contract import NO_POSITION
-from graphs.manifest import ManifestError, load_manifest
-from runtimes.step_parity import lockstep
+from mixtral_export.artifact.contract import NO_POSITION
+from mixtral_export.artifact.manifest import ManifestError, load_manifest
+from mixtral_export.runtimes.step_parity import lockstep
 from tests.test_compiled import DECODE_STEPS
 
 TOL = 1e-4
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def tiny_aoti(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny model as an AOTI artifact: fp32, batch 2, prefill chunk 16, a 32-slot ring, CPU."""
-    from graphs.aoti_export import export_aoti
+    from mixtral_export.graphs.aoti_export import export_aoti
 
     return export_aoti(tiny_checkpoint, tmp_path_factory.mktemp("aoti") / "tiny-fp32", batch=2,
                        prefill_chunk=16, cache_slots=32)
@@ -49,8 +49,8 @@ def test_artifact_holds_one_package_with_both_chunk_models_and_weights_once(tiny
 
 def test_logits_match_eager_across_ring_wraps(tiny_aoti, tiny_checkpoint):
     from mixtral_export.checkpoint import load_model
-    from runtimes.aoti import AotiBackend
-    from runtimes.eager import EagerBackend
+    from mixtral_export.runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.eager import EagerBackend
 
     backend = AotiBackend(tiny_aoti)
     shapes = backend.shapes
@@ -63,7 +63,7 @@ def test_logits_match_eager_across_ring_wraps(tiny_aoti, tiny_checkpoint):
 
 @pytest.mark.parametrize("name", ["weights.safetensors", "model.pt2"])
 def test_a_modified_file_is_refused(tampered, name):
-    from runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.aoti import AotiBackend
 
     with open(tampered / name, "r+b") as handle:  # same size: only the hash can tell
         handle.seek(os.path.getsize(tampered / name) // 2)
@@ -80,7 +80,7 @@ def test_a_modified_file_is_refused(tampered, name):
     ({"tools": {"torch": "2.0.0"}}, "built with torch 2.0.0"),
 ])
 def test_a_mismatched_manifest_is_refused(tampered, edit, message):
-    from runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.aoti import AotiBackend
 
     path = tampered / "manifest.json"
     raw = json.loads(path.read_text())
@@ -90,7 +90,7 @@ def test_a_mismatched_manifest_is_refused(tampered, edit, message):
 
 
 def test_an_extra_weights_file_is_refused(tampered):
-    from runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.aoti import AotiBackend
 
     shutil.copyfile(tampered / "weights.safetensors", tampered / "other.safetensors")
     with pytest.raises(ManifestError, match="not listed"):
@@ -98,7 +98,7 @@ def test_an_extra_weights_file_is_refused(tampered):
 
 
 def test_a_failed_export_leaves_nothing_behind(tiny_checkpoint, tmp_path):
-    from graphs.aoti_export import export_aoti
+    from mixtral_export.graphs.aoti_export import export_aoti
 
     def interrupt(stage: str) -> None:
         raise KeyboardInterrupt(stage)
@@ -126,7 +126,7 @@ def test_serving_does_not_import_the_model_code(tiny_aoti):
 def test_a_package_for_a_wider_cpu_is_refused(tiny_aoti, monkeypatch):
     import torch._inductor.cpu_vec_isa as isa
 
-    from runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.aoti import AotiBackend
 
     monkeypatch.setattr(isa, "x86_isa_checker", lambda: [])  # a CPU with no AVX at all
     with pytest.raises(ManifestError, match="this CPU lacks"):
@@ -137,10 +137,10 @@ def test_a_package_for_a_wider_cpu_is_refused(tiny_aoti, monkeypatch):
 def test_a_list_of_prefill_chunks_packages_one_model_each_and_matches_eager(tiny_checkpoint, tmp_path):
     import numpy as np
 
-    from graphs.aoti_export import export_aoti
+    from mixtral_export.graphs.aoti_export import export_aoti
     from mixtral_export.checkpoint import load_model
-    from runtimes.aoti import AotiBackend
-    from runtimes.eager import EagerBackend
+    from mixtral_export.runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.eager import EagerBackend
 
     artifact = export_aoti(tiny_checkpoint, tmp_path / "p4+16", batch=2, prefill_chunk=(4, 16), cache_slots=32)
     assert load_manifest(artifact).chunks == (16, 4, 1)

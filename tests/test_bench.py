@@ -88,7 +88,7 @@ def test_bench_times_one_artifact_serving_a_list_of_prefill_chunks(tmp_path):
 
 def test_our_ring_matches_llama_cpps_capacity_only_when_llama_cpp_runs_and_no_ring_is_asked_for():
     """equal_capacity: llama.cpp gets the longest context + decode steps + 1 cells; ours the power of two above."""
-    from bench.run import BenchOptions, equal_capacity
+    from mixtral_export.bench.run import BenchOptions, equal_capacity
 
     options = BenchOptions(model="tiny", runtimes=("ort-gather", "llama.cpp"), contexts=(16, 128), decode_steps=16,
                            prefill_chunk=(16, (16, 128))).resolved()

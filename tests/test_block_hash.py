@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
-from graphs import block_hash
-from graphs.block_hash import BlockHasher, hash_file
-from graphs.manifest import FORMAT_VERSION, MANIFEST_NAME, ManifestError, load_manifest, set_engine, sha256_file
+from mixtral_export.artifact import block_hash
+from mixtral_export.artifact.block_hash import BlockHasher, hash_file
+from mixtral_export.artifact.manifest import FORMAT_VERSION, MANIFEST_NAME, ManifestError, load_manifest, set_engine, sha256_file
 
 
 def definition(data: bytes, block_size: int) -> str:
@@ -62,8 +62,8 @@ def test_readme_shell_check_gives_the_root(tmp_path):
 def test_export_hashes_many_blocks_as_it_writes(tiny_checkpoint, tmp_path, monkeypatch):
     """Blocks of 4 kB: the tiny data file spans many, more than the hasher lets wait. The recorded
     root is the definition's, verify agrees, and the bytes are those of onnx_ir's own save."""
-    from graphs import weights_file
-    from graphs.onnx_export import DATA_NAME, export_onnx
+    from mixtral_export.graphs import weights_file
+    from mixtral_export.graphs.onnx_export import DATA_NAME, export_onnx
     from tests.test_placeholder_export import SHAPES, reference_artifact
 
     monkeypatch.setattr(weights_file, "BlockHasher", functools.partial(BlockHasher, block_size=4096, threads=2))
@@ -88,7 +88,7 @@ def old_way(folder):
 
 def test_a_manifest_written_the_old_way_loads_and_verifies(tmp_path):
     from tests.test_manifest import CONFIG, SHAPES
-    from graphs.manifest import write_manifest
+    from mixtral_export.artifact.manifest import write_manifest
 
     folder = tmp_path / "artifact"
     folder.mkdir()
@@ -126,7 +126,7 @@ def test_a_manifest_written_the_old_way_loads_and_verifies(tmp_path):
 ])
 def test_malformed_entries_are_one_line(tmp_path, entry, complaint):
     from tests.test_manifest import CONFIG, SHAPES
-    from graphs.manifest import write_manifest
+    from mixtral_export.artifact.manifest import write_manifest
 
     folder = tmp_path / "artifact"
     folder.mkdir()

@@ -153,7 +153,7 @@ def test_brackets_in_an_artifact_path_are_printed_verbatim(artifact_copy):
 
 
 def test_generate_system_prompt_implies_chat(tiny_onnx):
-    from runtimes.session import Session
+    from mixtral_export.runtimes.session import Session
 
     run = cli("generate", tiny_onnx, "--system", "Be brief.", "--prompt", "Hi", "--max-new-tokens", "2", "--json")
     want = Session.open(tiny_onnx).encode_chat([{"role": "system", "content": "Be brief."},

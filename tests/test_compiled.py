@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from graphs.contract import NO_POSITION, StepShapes
-from mixtral_export.config import MixtralConfig
-from runtimes.step_parity import lockstep
+from mixtral_export.artifact.contract import NO_POSITION, StepShapes
+from mixtral_export.artifact.config import MixtralConfig
+from mixtral_export.runtimes.step_parity import lockstep
 
 TOL = 1e-4
 PREFILL = 16
@@ -43,8 +43,8 @@ def prompts(batch: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def compiled_run(tiny_checkpoint) -> Run:
     from mixtral_export.checkpoint import load_model
-    from runtimes.compiled import CompiledBackend
-    from runtimes.eager import EagerBackend
+    from mixtral_export.runtimes.compiled import CompiledBackend
+    from mixtral_export.runtimes.eager import EagerBackend
 
     config = MixtralConfig.from_json(tiny_checkpoint)
     shapes = StepShapes.for_config(config, batch=2, prefill_chunk=PREFILL, cache_slots=32)
@@ -103,8 +103,8 @@ def test_a_third_compile_is_an_error_not_a_silent_slowdown(compiled_run):
 @pytest.mark.slow  # three CPU compiles (T = 16, 4, 1)
 def test_a_list_of_prefill_chunks_compiles_each_once_and_matches_eager(tiny_checkpoint):
     from mixtral_export.checkpoint import load_model
-    from runtimes.compiled import CompiledBackend
-    from runtimes.eager import EagerBackend
+    from mixtral_export.runtimes.compiled import CompiledBackend
+    from mixtral_export.runtimes.eager import EagerBackend
 
     config = MixtralConfig.from_json(tiny_checkpoint)
     shapes = StepShapes.for_config(config, batch=2, prefill_chunk=(4, PREFILL), cache_slots=32)

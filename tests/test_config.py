@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mixtral_export.config import ConfigError, MixtralConfig
+from mixtral_export.artifact.config import ConfigError, MixtralConfig
 from tests.reference_models import BASE
 
 

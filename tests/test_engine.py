@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from graphs.contract import NO_POSITION
-from runtimes.engine import Engine, EngineClosed, QueueFull
-from runtimes.generate import GenerationConfig, generate
-from runtimes.sampling import SamplingParams
+from mixtral_export.artifact.contract import NO_POSITION
+from mixtral_export.runtimes.engine import Engine, EngineClosed, QueueFull
+from mixtral_export.runtimes.generate import GenerationConfig, generate
+from mixtral_export.runtimes.sampling import SamplingParams
 from tests.test_generate import PROMPTS, Pieces, ToyLM
 
 # (prompt, max_new_tokens, engine step at which it arrives): mixed lengths, outputs and arrivals
@@ -181,7 +181,7 @@ def test_close_with_grace_lets_running_requests_finish_and_cancels_the_rest():
 def test_a_dropped_session_ends_its_engine_thread(tiny_onnx):
     import gc
 
-    from runtimes.session import Session
+    from mixtral_export.runtimes.session import Session
 
     session = Session.open(tiny_onnx)
     thread = session.engine.thread
@@ -208,7 +208,7 @@ def test_stop_string_and_text_per_request():
 # ---- on the real ONNX Runtime backend (fp32 tiny artifact: batch 2, chunk 8, 32-slot ring) ----
 
 def test_ort_reset_clears_only_the_rows_named(tiny_onnx):
-    from runtimes.ort import OrtBackend
+    from mixtral_export.runtimes.ort import OrtBackend
 
     backend = OrtBackend(tiny_onnx)
     ids = np.full((2, 8), 5, dtype=np.int64)
@@ -219,7 +219,7 @@ def test_ort_reset_clears_only_the_rows_named(tiny_onnx):
 
 
 def test_ort_engine_matches_solo_runs_and_a_reused_row_is_clean(tiny_onnx, monkeypatch):
-    from runtimes.session import Session
+    from mixtral_export.runtimes.session import Session
 
     session = Session.open(tiny_onnx)
     eos = tuple(session.manifest.eos_token_id)
@@ -244,7 +244,7 @@ def test_ort_engine_matches_solo_runs_and_a_reused_row_is_clean(tiny_onnx, monke
 
 
 def test_eager_reset_clears_only_the_rows_named_and_the_engine_matches_solo(tiny_onnx):
-    from runtimes.load import open_backend
+    from mixtral_export.runtimes.load import open_backend
 
     backend, _ = open_backend(tiny_onnx, "eager")
     ids = np.full((2, 8), 5, dtype=np.int64)
@@ -285,8 +285,8 @@ def test_arrivals_are_the_same_whatever_the_chunk_list(chunks):
 
 def test_an_onnx_artifact_with_two_prefill_chunks_generates_what_one_chunk_does(tiny_checkpoint, tiny_onnx,
                                                                                tmp_path, monkeypatch):
-    from graphs.onnx_export import export_onnx
-    from runtimes.session import Session
+    from mixtral_export.graphs.onnx_export import export_onnx
+    from mixtral_export.runtimes.session import Session
 
     artifact = export_onnx(tiny_checkpoint, tmp_path / "p4+8", dtype="float32", batch=2, prefill_chunk=(4, 8),
                            cache_slots=32)

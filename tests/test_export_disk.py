@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from graphs import weights_file
-from graphs.block_hash import BlockHasher
-from graphs.onnx_export import ExportError, export_onnx
+from mixtral_export.graphs import weights_file
+from mixtral_export.artifact.block_hash import BlockHasher
+from mixtral_export.graphs.onnx_export import ExportError, export_onnx
 from tests.test_cli import assert_one_line_error, cli
 
 SHAPES = dict(batch=2, prefill_chunk=8, cache_slots=32)

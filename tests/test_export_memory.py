@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral_export.config import MixtralConfig
+from mixtral_export.artifact.config import MixtralConfig
 from mixtral_export.tiny import write_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +20,7 @@ WIDE = dict(vocab_size=1000, hidden_size=512, intermediate_size=2048, num_attent
 EXPORT = """
 import json, sys
 from pathlib import Path
-from graphs.onnx_export import export_onnx
+from mixtral_export.graphs.onnx_export import export_onnx
 export_onnx(sys.argv[1], sys.argv[2], batch=1, prefill_chunk=4, routing=sys.argv[3], weights=sys.argv[4], block_size=32)
 status = Path("/proc/self/status").read_text().splitlines()
 print(json.dumps({line.split(":")[0]: int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM")}))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphs.contract import NO_POSITION, StepShapes
-from runtimes.generate import GenerationConfig, generate, stream
-from runtimes.sampling import SamplingParams
-from runtimes.step import ContextOverflow, check_step_inputs, ring_writes
+from mixtral_export.artifact.contract import NO_POSITION, StepShapes
+from mixtral_export.runtimes.generate import GenerationConfig, generate, stream
+from mixtral_export.runtimes.sampling import SamplingParams
+from mixtral_export.runtimes.step import ContextOverflow, check_step_inputs, ring_writes
 
 VOCAB = 32
 PIECES = [chr(ord("a") + i % 26) + ("!" if i >= 26 else "") for i in range(VOCAB)]  # id -> text

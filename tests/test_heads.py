@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixtral_export.config import ConfigError
+from mixtral_export.artifact.config import ConfigError
 from tests.reference_models import hf_head_reference, random_prompts
 
 HEADS = ("model", "sequence-classification", "token-classification", "question-answering")
@@ -113,7 +113,7 @@ def test_causal_lm_checkpoint_without_head_override_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def artifact(reference, tmp_path_factory):
-    from graphs.onnx_heads import export_head_onnx
+    from mixtral_export.graphs.onnx_heads import export_head_onnx
 
     head, pad, folder, _ = reference
     return export_head_onnx(folder, tmp_path_factory.mktemp("head-onnx") / f"{head}-{pad}", batch=2, seq_len=SEQ_LEN)
@@ -122,14 +122,14 @@ def artifact(reference, tmp_path_factory):
 @pytest.mark.parametrize("runtime", ["ort", "eager"])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_runtime_scores_match_transformers(reference, artifact, runtime, side):
-    from runtimes.heads import padded_batch, score
-    from runtimes.load import open_backend
+    from mixtral_export.runtimes.heads import padded_batch, score
+    from mixtral_export.runtimes.load import open_backend
 
     head, pad, _, ref = reference
     backend, manifest = open_backend(artifact, runtime)
     assert manifest.head == head and backend.shapes.head == head
     if head == "sequence-classification" and pad is None and side == "right":
-        from runtimes.step import RequestError
+        from mixtral_export.runtimes.step import RequestError
 
         with pytest.raises(RequestError, match="pad on the left"):
             score(backend, PROMPTS, pad, side)
@@ -148,8 +148,8 @@ def test_runtime_scores_match_transformers(reference, artifact, runtime, side):
 
 
 def test_manifest_records_the_head_and_its_io(reference, artifact):
-    from graphs.contract import HEAD_OUTPUT_NAMES
-    from graphs.manifest import load_manifest
+    from mixtral_export.artifact.contract import HEAD_OUTPUT_NAMES
+    from mixtral_export.artifact.manifest import load_manifest
 
     head, _, _, _ = reference
     manifest = load_manifest(artifact)
@@ -161,7 +161,7 @@ def test_manifest_records_the_head_and_its_io(reference, artifact):
 
 
 def test_verify_passes_for_every_head(reference, artifact):
-    from runtimes.verify_heads import verify_head_artifact
+    from mixtral_export.runtimes.verify_heads import verify_head_artifact
 
     head, pad, _, _ = reference
     report = verify_head_artifact(artifact, ["eager", "ort"], reference="hf")
@@ -169,7 +169,7 @@ def test_verify_passes_for_every_head(reference, artifact):
     sides = {c.padding for c in report.comparisons}
     assert sides == ({"left"} if head == "sequence-classification" and pad is None else {"left", "right"})
     judged = {(c.comparison.runtime, c.comparison.against, c.output) for c in report.comparisons}
-    from graphs.contract import HEAD_OUTPUT_NAMES
+    from mixtral_export.artifact.contract import HEAD_OUTPUT_NAMES
 
     assert judged == {(r, a, o) for r, a in (("ort", "eager"), ("eager", "hf"), ("ort", "hf"))
                       for o in HEAD_OUTPUT_NAMES[head]}
@@ -178,8 +178,8 @@ def test_verify_passes_for_every_head(reference, artifact):
 
 def test_verify_fails_when_an_output_is_off(classifier):
     """The comparison can fail: a runtime whose outputs are shifted by 1e-3 is outside the fp32 tolerance."""
-    from runtimes.load import open_backend
-    from runtimes.verify_heads import default_head_prompts, verify_heads
+    from mixtral_export.runtimes.load import open_backend
+    from mixtral_export.runtimes.verify_heads import default_head_prompts, verify_heads
 
     good, manifest = open_backend(classifier, "ort")
     pad = manifest.config.pad_token_id
@@ -264,7 +264,7 @@ def test_tampered_head_io_is_refused(classifier, tmp_path):
     import json
     import shutil
 
-    from graphs.manifest import ManifestError, load_manifest
+    from mixtral_export.artifact.manifest import ManifestError, load_manifest
 
     copy = tmp_path / "art"
     shutil.copytree(classifier, copy)
@@ -278,8 +278,8 @@ def test_tampered_head_io_is_refused(classifier, tmp_path):
 def test_bare_model_exported_from_a_causal_lm_with_gathered_experts(tmp_path):
     """--head model on a causal-LM checkpoint (lm_head ignored), routing gather: ORT and eager match
     transformers' MixtralModel loaded from the same checkpoint."""
-    from graphs.onnx_heads import export_head_onnx
-    from runtimes.verify_heads import verify_head_artifact
+    from mixtral_export.graphs.onnx_heads import export_head_onnx
+    from mixtral_export.runtimes.verify_heads import verify_head_artifact
     from tests.reference_models import hf_reference
 
     hf_reference(tmp_path / "lm")
@@ -290,8 +290,8 @@ def test_bare_model_exported_from_a_causal_lm_with_gathered_experts(tmp_path):
 
 
 def test_session_classify_names_labels_from_id2label(classifier):
-    from runtimes.session import Session
-    from runtimes.step import RequestError
+    from mixtral_export.runtimes.session import Session
+    from mixtral_export.runtimes.step import RequestError
 
     session = Session.open(classifier, runtime="ort")
 
@@ -310,8 +310,8 @@ def test_session_classify_names_labels_from_id2label(classifier):
 
 
 def test_float16_head_graph_agrees_with_transformers(classifier, tmp_path):
-    from graphs.onnx_heads import export_head_onnx
-    from runtimes.verify_heads import verify_head_artifact
+    from mixtral_export.graphs.onnx_heads import export_head_onnx
+    from mixtral_export.runtimes.verify_heads import verify_head_artifact
 
     artifact = export_head_onnx(classifier.parent / "ck", tmp_path / "fp16", dtype="float16", batch=2, seq_len=16)
     report = verify_head_artifact(artifact, ["ort"], reference="hf")

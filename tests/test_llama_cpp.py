@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.gguf import CONVERTER_ENV, GgufError, build_gguf, import_llama_cpp, quantizer_source
-from bench.models import BenchError
-from bench.run import BenchOptions, run_bench
+from mixtral_export.bench.gguf import CONVERTER_ENV, GgufError, build_gguf, import_llama_cpp, quantizer_source
+from mixtral_export.bench.models import BenchError
+from mixtral_export.bench.run import BenchOptions, run_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,12 +78,12 @@ def windowless(tmp_path_factory) -> Path:
 
 @needs_llama_cpp
 def test_llama_cpp_f32_generates_our_tokens_with_our_logits(windowless, tmp_path):
-    from bench.llama_runner import LlamaCpp
-    from graphs.contract import StepShapes
+    from mixtral_export.bench.llama_runner import LlamaCpp
+    from mixtral_export.artifact.contract import StepShapes
     from mixtral_export.checkpoint import load_model
-    from mixtral_export.config import MixtralConfig
-    from runtimes.eager import EagerBackend
-    from runtimes.verify import greedy, quantization_cost, teacher_forced
+    from mixtral_export.artifact.config import MixtralConfig
+    from mixtral_export.runtimes.eager import EagerBackend
+    from mixtral_export.runtimes.verify import greedy, quantization_cost, teacher_forced
 
     config = MixtralConfig.from_json(windowless / "config.json")
     shapes = StepShapes.for_config(config, batch=1, prefill_chunk=8, cache_slots=64)

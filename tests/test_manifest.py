@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from graphs.contract import StepShapes
-from graphs.manifest import (FORMAT_VERSION, MANIFEST_NAME, OLDEST_READ, ManifestError, check_compatible, load_manifest,
+from mixtral_export.artifact.contract import StepShapes
+from mixtral_export.artifact.manifest import (FORMAT_VERSION, MANIFEST_NAME, OLDEST_READ, ManifestError, check_compatible, load_manifest,
                              write_manifest)
-from mixtral_export.config import MixtralConfig
+from mixtral_export.artifact.config import MixtralConfig
 
 CONFIG = MixtralConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,
@@ -168,7 +168,7 @@ def test_several_prefill_chunks_round_trip_and_an_older_manifest_has_one(tmp_pat
 
 @pytest.mark.parametrize("lengths, message", [((8, 0), "positive"), ((), "at least one")])
 def test_bad_prefill_chunks_are_refused(lengths, message):
-    from graphs.contract import ContractError
+    from mixtral_export.artifact.contract import ContractError
 
     with pytest.raises(ContractError, match=message):
         StepShapes.for_config(CONFIG, prefill_chunk=lengths)

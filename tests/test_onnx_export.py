@@ -8,12 +8,12 @@ from pathlib import Path
 import onnx
 import pytest
 
-from graphs import onnx_export
-from graphs.contract import OUTPUT_NAMES
-from graphs.manifest import MANIFEST_NAME, check_compatible, load_manifest
-from graphs import artifact_folder
-from graphs.onnx_export import DATA_NAME, GRAPH_NAME, ExportError, export_onnx
-from mixtral_export.config import MixtralConfig
+from mixtral_export.graphs import onnx_export
+from mixtral_export.artifact.contract import OUTPUT_NAMES
+from mixtral_export.artifact.manifest import MANIFEST_NAME, check_compatible, load_manifest
+from mixtral_export.graphs import artifact_folder
+from mixtral_export.graphs.onnx_export import DATA_NAME, GRAPH_NAME, ExportError, export_onnx
+from mixtral_export.artifact.config import MixtralConfig
 
 SHAPES = dict(batch=2, prefill_chunk=8, cache_slots=32)  # what the tiny_onnx fixture was built with
 

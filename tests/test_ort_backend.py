@@ -6,7 +6,6 @@ The run wraps the 32-slot ring more than twice, with rows at different positions
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,11 +15,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from graphs.manifest import ManifestError, load_manifest, write_manifest
-from graphs.onnx_export import export_onnx
-from runtimes.eager import EagerBackend
-from runtimes.ort import OrtBackend, OrtBackendError
-from runtimes.step_parity import lockstep
+from mixtral_export.artifact.manifest import ManifestError, load_manifest, write_manifest
+from mixtral_export.graphs.onnx_export import export_onnx
+from mixtral_export.runtimes.eager import EagerBackend
+from mixtral_export.runtimes.ort import OrtBackend, OrtBackendError
+from mixtral_export.runtimes.step_parity import lockstep
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -154,8 +153,7 @@ def test_serves_without_torch(tiny_onnx):
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mixtral_export'))\n"
         "print(json.dumps(loaded))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout.strip().splitlines()[-1])

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from graphs.onnx_export import export_onnx
-from runtimes.ort import OrtBackend
-from runtimes.verify import HFReference, teacher_forced, verify_backends
+from mixtral_export.graphs.onnx_export import export_onnx
+from mixtral_export.runtimes.ort import OrtBackend
+from mixtral_export.runtimes.verify import HFReference, teacher_forced, verify_backends
 from tests.reference_models import hf_reference, random_prompts, reference_greedy
 
 STEPS = 40  # window 8, prompts up to 19 tokens: decode wraps the 8-slot ring 5+ times
@@ -18,8 +18,8 @@ STEPS = 40  # window 8, prompts up to 19 tokens: decode wraps the 8-slot ring 5+
 @pytest.mark.parametrize("case", [dict(), dict(num_key_value_heads=1, num_experts_per_tok=1),
                                   dict(tie_word_embeddings=True, head_dim=24, num_local_experts=8)])
 def test_ort_greedy_generation_equals_reference_generate(tmp_path, case):
-    from runtimes.generate import GenerationConfig, generate
-    from runtimes.sampling import SamplingParams
+    from mixtral_export.runtimes.generate import GenerationConfig, generate
+    from mixtral_export.runtimes.sampling import SamplingParams
 
     model = hf_reference(tmp_path / "ck", **case)
     artifact = export_onnx(tmp_path / "ck", tmp_path / "onnx", batch=2, prefill_chunk=4)
@@ -86,7 +86,7 @@ def test_verify_holds_one_runtime_at_a_time(tiny_onnx):
             return teacher_forced(self.backend, prompts, forced)
 
         def greedy(self, prompts, steps):
-            from runtimes.verify import greedy
+            from mixtral_export.runtimes.verify import greedy
 
             return greedy(self.backend, prompts, steps)
 

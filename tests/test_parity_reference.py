@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphs.contract import StepShapes
-from mixtral_export.config import MixtralConfig
-from runtimes.eager import EagerBackend
+from mixtral_export.artifact.contract import StepShapes
+from mixtral_export.artifact.config import MixtralConfig
+from mixtral_export.runtimes.eager import EagerBackend
 from tests.reference_models import hf_reference, random_prompts, reference_greedy, reference_logits
 
 TOL = 1e-4
@@ -89,8 +89,8 @@ def test_ring_larger_than_window_matches_reference(tmp_path):
 
 @pytest.mark.parametrize("case", ["gqa_window_wraps", "mqa", "eight_experts"])
 def test_greedy_continuation_equals_reference_generate(tmp_path, case):
-    from runtimes.generate import GenerationConfig, generate
-    from runtimes.sampling import SamplingParams
+    from mixtral_export.runtimes.generate import GenerationConfig, generate
+    from mixtral_export.runtimes.sampling import SamplingParams
 
     model = hf_reference(tmp_path, **CASES[case])
     prompts = random_prompts([11, 3, 7], model.config.vocab_size, seed=5)

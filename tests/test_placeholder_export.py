@@ -7,11 +7,11 @@ import onnx_ir as ir
 import pytest
 import torch
 
-from graphs import placeholder_weights as pw
-from graphs.contract import StepShapes
-from graphs.onnx_export import DATA_NAME, GRAPH_NAME, check_graph, export_onnx, step_graph
+from mixtral_export.graphs import placeholder_weights as pw
+from mixtral_export.artifact.contract import StepShapes
+from mixtral_export.graphs.onnx_export import DATA_NAME, GRAPH_NAME, check_graph, export_onnx, step_graph
 from mixtral_export.checkpoint import load_model
-from mixtral_export.config import MixtralConfig
+from mixtral_export.artifact.config import MixtralConfig
 from tests.reference_models import hf_reference
 
 SHAPES = dict(batch=2, prefill_chunk=8, cache_slots=32)
@@ -74,7 +74,7 @@ def test_writes_in_runs_smaller_than_a_row_are_byte_for_byte(tmp_path, monkeypat
     """The buffer ring's runs far below a row (700 bytes: gathered fc1 row pairs and fc2 slice rows
     one at a time, casts split mid-row, copy_file_range chunks hashed from maps at unaligned
     offsets) give the same file as one run per tensor."""
-    from graphs import weights_file as wf
+    from mixtral_export.graphs import weights_file as wf
 
     checkpoint = tmp_path / "checkpoint"
     hf_reference(checkpoint, dtype=saved)
@@ -90,8 +90,8 @@ def test_writes_in_runs_smaller_than_a_row_are_byte_for_byte(tmp_path, monkeypat
 def test_head_graphs_are_byte_for_byte_the_real_trace(tmp_path, head, dtype, routing):
     """export --head traces with placeholder weights too: the same graph and data file as tracing
     the loaded HeadModel."""
-    from graphs.contract import HeadShapes
-    from graphs.onnx_heads import check_head_graph, export_head_graph, export_head_onnx
+    from mixtral_export.artifact.contract import HeadShapes
+    from mixtral_export.graphs.onnx_heads import check_head_graph, export_head_graph, export_head_onnx
     from mixtral_export.checkpoint import load_head_model
     from tests.reference_models import hf_head_reference
 
@@ -110,7 +110,7 @@ def test_head_graphs_are_byte_for_byte_the_real_trace(tmp_path, head, dtype, rou
 
 def test_every_traced_initializer_has_a_recipe(tiny_checkpoint):
     """The tiny model's large parameters: the embedding and experts as stored, the head transposed."""
-    from graphs.onnx_export import placeholder_model
+    from mixtral_export.graphs.onnx_export import placeholder_model
     from mixtral_export.checkpoint import ParameterReader
 
     config = MixtralConfig.from_json(tiny_checkpoint / "config.json")
@@ -166,7 +166,7 @@ def test_a_value_computed_from_a_tracer_fails_loudly():
 def test_stored_tensors_are_copied_file_to_file_or_written_the_same(tiny_checkpoint, tmp_path, monkeypatch):
     """Parameters stored as the graph needs them go through copy_file_range; where the kernel cannot
     copy (another filesystem), the bytes read for the hash are written instead: the same file."""
-    from graphs import weights_file as wf
+    from mixtral_export.graphs import weights_file as wf
 
     copied = []
     copy_range = wf.copy_range
@@ -183,7 +183,7 @@ def test_gathered_experts_are_written_from_the_checkpoint_or_through_buffers_the
     """A gathered layout stored in the checkpoint's dtype goes to the kernel as byte ranges of its
     shards (pwritev from maps, hashed from the data file); without pwritev it fills the buffer
     ring instead: the same file and the same sha256."""
-    from graphs import weights_file as wf
+    from mixtral_export.graphs import weights_file as wf
 
     runs = []
     write_pieces = wf.write_pieces
@@ -194,6 +194,6 @@ def test_gathered_experts_are_written_from_the_checkpoint_or_through_buffers_the
     monkeypatch.setattr(wf, "_gather_write", False)
     buffered = export_onnx(tiny_checkpoint, tmp_path / "buffered", dtype="float32", routing="gather", **SHAPES)
     assert_same_artifact(mapped, buffered)
-    from graphs.manifest import load_manifest
+    from mixtral_export.artifact.manifest import load_manifest
 
     assert load_manifest(mapped).files[DATA_NAME] == load_manifest(buffered).files[DATA_NAME]

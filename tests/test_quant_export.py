@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from graphs.artifact_folder import ExportError
-from graphs.contract import WEIGHT_SCHEMES
-from graphs.onnx_export import export_onnx
-from graphs.quantize import QuantizeError, error, quantize
+from mixtral_export.graphs.artifact_folder import ExportError
+from mixtral_export.artifact.contract import WEIGHT_SCHEMES
+from mixtral_export.graphs.onnx_export import export_onnx
+from mixtral_export.graphs.quantize import QuantizeError, error, quantize
 
 REPO = Path(__file__).resolve().parents[1]
 COST = {"int8": dict(min_top1=0.95, max_kl=2e-3), "int4": dict(min_top1=0.70, max_kl=0.2)}
@@ -40,7 +40,7 @@ def quantized(request, tiny_checkpoint, tmp_path_factory):
 def test_graph_runs_quantized_kernels_and_manifest_records_each_tensor(quantized, tiny_checkpoint):
     import onnx
 
-    from graphs.manifest import load_manifest
+    from mixtral_export.artifact.manifest import load_manifest
     from mixtral_export.checkpoint import load_model
 
     scheme, artifact = quantized
@@ -74,7 +74,7 @@ def test_graph_runs_quantized_kernels_and_manifest_records_each_tensor(quantized
 
 
 def test_ort_matches_eager_on_dequantized_weights_and_cost_is_reported(quantized):
-    from runtimes.verify import verify_artifact
+    from mixtral_export.runtimes.verify import verify_artifact
 
     scheme, artifact = quantized
     report = verify_artifact(artifact, ["eager", "ort"], steps=40)
@@ -97,9 +97,9 @@ def test_ort_matches_eager_on_dequantized_weights_and_cost_is_reported(quantized
 @pytest.mark.slow
 def test_int8_parity_needs_the_kernels_int8_activations(tiny_checkpoint, tmp_path_factory):
     """Without rounding the GEMM inputs as the kernels do, eager misses ORT by far more than 1e-4."""
-    from graphs.manifest import load_manifest
-    from runtimes.load import dequantize_model, eager_backend, open_backend
-    from runtimes.verify import greedy, teacher_forced
+    from mixtral_export.artifact.manifest import load_manifest
+    from mixtral_export.runtimes.load import dequantize_model, eager_backend, open_backend
+    from mixtral_export.runtimes.verify import greedy, teacher_forced
 
     artifact = export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("q8") / "int8", prefill_chunk=8,
                            routing="gather", weights="int8", block_size=32)
@@ -131,7 +131,7 @@ def test_bad_weight_options_are_one_line_and_leave_nothing(tiny_checkpoint, tmp_
 
 
 def test_float_artifact_has_no_quantization_record(tiny_onnx):
-    from graphs.manifest import load_manifest
+    from mixtral_export.artifact.manifest import load_manifest
 
     assert load_manifest(tiny_onnx).quantization is None
     assert "quantization" not in json.loads((tiny_onnx / "manifest.json").read_text())
@@ -153,7 +153,7 @@ def test_export_without_a_block_size_takes_the_schemes_default(tmp_path):
     features everywhere, so int4's 128 divides every K."""
     from dataclasses import replace
 
-    from graphs.manifest import load_manifest
+    from mixtral_export.artifact.manifest import load_manifest
     from mixtral_export.tiny import TINY_CONFIG, write_tiny
 
     checkpoint = write_tiny(tmp_path / "wide", config=replace(TINY_CONFIG, hidden_size=128, head_dim=32))
@@ -176,7 +176,7 @@ def test_cli_refuses_bad_weights_in_one_line(tiny_checkpoint, tmp_path):
 
 def test_bytes_per_token_count_each_quantized_weight_at_its_precision(tiny_checkpoint):
     """fp32 minus int8/int4 bytes = the quantized weights a decode step reads x the bytes saved on each."""
-    from bench.roofline import decode_bytes
+    from mixtral_export.bench.roofline import decode_bytes
     from mixtral_export.checkpoint import load_model
 
     model = load_model(tiny_checkpoint, dtype="float32", routing="gather")
@@ -197,13 +197,13 @@ def test_streamed_quantized_export_is_byte_for_byte_the_real_weights_path(tmp_pa
     == quantized from the loaded model (the quant branch's path): same graph, data and errors."""
     import onnx_ir as ir
 
-    from graphs import placeholder_weights as pw
-    from graphs.contract import StepShapes
-    from graphs.manifest import load_manifest
-    from graphs.onnx_export import DATA_NAME, GRAPH_NAME, check_graph, step_graph
-    from graphs.onnx_quant import quantize_weights
+    from mixtral_export.graphs import placeholder_weights as pw
+    from mixtral_export.artifact.contract import StepShapes
+    from mixtral_export.artifact.manifest import load_manifest
+    from mixtral_export.graphs.onnx_export import DATA_NAME, GRAPH_NAME, check_graph, step_graph
+    from mixtral_export.graphs.onnx_quant import quantize_weights
     from mixtral_export.checkpoint import load_model
-    from mixtral_export.config import MixtralConfig
+    from mixtral_export.artifact.config import MixtralConfig
     from tests.reference_models import hf_reference
 
     checkpoint = tmp_path / "checkpoint"

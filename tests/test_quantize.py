@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphs.contract import INT8_ACTIVATIONS, WEIGHT_SCHEMES, WeightScheme
-from graphs.quantize import INT4_DIVISORS, QuantizeError, dequantize, error, quantize
+from mixtral_export.artifact.contract import INT8_ACTIVATIONS, WEIGHT_SCHEMES, WeightScheme
+from mixtral_export.graphs.quantize import INT4_DIVISORS, QuantizeError, dequantize, error, quantize
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtimes import resident_weights
-from runtimes.resident_weights import make_resident
+from mixtral_export.runtimes import resident_weights
+from mixtral_export.runtimes.resident_weights import make_resident
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux page-cache behaviour")
 
@@ -70,8 +70,8 @@ def test_a_kernel_without_populate_reads_the_file_through(weights_file, monkeypa
 
 
 def test_ort_backend_pages_in_every_mapping_of_its_weights(tiny_onnx):
-    from runtimes.ort import OrtBackend
-    from runtimes.resident_weights import file_mappings
+    from mixtral_export.runtimes.ort import OrtBackend
+    from mixtral_export.runtimes.resident_weights import file_mappings
 
     data = os.path.realpath(tiny_onnx / "model.onnx.data")
     assert OrtBackend(tiny_onnx, verify_files=False, preload=False).resident_bytes == 0

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from graphs.contract import StepShapes
+from mixtral_export.artifact.contract import StepShapes
 from mixtral_export.checkpoint import load_model
-from mixtral_export.config import MixtralConfig
+from mixtral_export.artifact.config import MixtralConfig
 from mixtral_export.model import MoE
-from runtimes.eager import EagerBackend
-from runtimes.verify import verify_backends
+from mixtral_export.runtimes.eager import EagerBackend
+from mixtral_export.runtimes.verify import verify_backends
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_eager_gather_matches_dense_over_prefill_and_decode(tiny_checkpoint, mon
 def test_ort_gather_artifact_matches_eager_across_ring_wraps(tiny_gather_onnx):
     import onnx
 
-    from runtimes.load import open_backend
+    from mixtral_export.runtimes.load import open_backend
 
     ort_backend, manifest = open_backend(tiny_gather_onnx, "ort")
     eager_backend, _ = open_backend(tiny_gather_onnx, "eager")
@@ -75,7 +75,7 @@ def test_ort_gather_artifact_matches_eager_across_ring_wraps(tiny_gather_onnx):
 
 def test_expert_slices_add_up_to_each_expert():
     """The sliced, interleaved layout of the ONNX MoE node: an expert's P slices sum to the expert."""
-    from graphs.onnx_moe import fc1_slices, fc2_slices
+    from mixtral_export.graphs.onnx_moe import fc1_slices, fc2_slices
 
     gen = torch.Generator().manual_seed(0)
     e, h, i, parts = 3, 8, 12, 4
@@ -93,14 +93,14 @@ def test_expert_slices_add_up_to_each_expert():
 
 @pytest.mark.parametrize("intermediate, parts", [(14336, 8), (128, 8), (12, 4), (6, 2), (7, 1)])
 def test_experts_are_cut_into_the_most_power_of_two_slices_that_divide_them(intermediate, parts):
-    from graphs.onnx_moe import expert_parts
+    from mixtral_export.graphs.onnx_moe import expert_parts
 
     assert expert_parts(intermediate) == parts
 
 
 def test_quantized_experts_stay_whole():
     """QMoE deals whole experts to its threads; slicing them only shortens its GEMVs (graphs/onnx_moe.py)."""
-    from graphs.onnx_moe import QUANTIZED_EXPERT_PARTS, expert_parts
+    from mixtral_export.graphs.onnx_moe import QUANTIZED_EXPERT_PARTS, expert_parts
 
     assert QUANTIZED_EXPERT_PARTS == 1 and [expert_parts(14336, b) for b in (32, 64, 128)] == [1, 1, 1]
 
@@ -109,7 +109,7 @@ def test_gather_graph_runs_sliced_experts(tiny_gather_onnx):
     """Every MoE node sees P*E virtual experts and P*k routes, so its threads share every token's experts."""
     import onnx
 
-    from graphs.onnx_moe import expert_parts
+    from mixtral_export.graphs.onnx_moe import expert_parts
     from mixtral_export.tiny import TINY_CONFIG as c
 
     parts = expert_parts(c.intermediate_size)
@@ -124,7 +124,7 @@ def test_gather_graph_runs_sliced_experts(tiny_gather_onnx):
 
 
 def test_gather_export_of_a_gelu_model_is_refused(tmp_path):
-    from graphs.onnx_export import ExportError, export_onnx
+    from mixtral_export.graphs.onnx_export import ExportError, export_onnx
     from mixtral_export.tiny import TINY_CONFIG, random_weights, write_checkpoint
 
     config = TINY_CONFIG.replace(hidden_act="gelu", num_hidden_layers=1)

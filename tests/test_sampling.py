@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtimes.sampling import Sampler, SamplingParams, next_tokens
+from mixtral_export.runtimes.sampling import Sampler, SamplingParams, next_tokens
 
 
 def random_logits(rows=4, vocab=50, seed=0) -> np.ndarray:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphs.contract import StepShapes
+from mixtral_export.artifact.contract import StepShapes
 from mixtral_export.checkpoint import load_model
-from mixtral_export.config import MixtralConfig
-from runtimes.eager import EagerBackend
-from runtimes.ort import OrtBackend
-from runtimes.verify import teacher_forced
+from mixtral_export.artifact.config import MixtralConfig
+from mixtral_export.runtimes.eager import EagerBackend
+from mixtral_export.runtimes.ort import OrtBackend
+from mixtral_export.runtimes.verify import teacher_forced
 
 TOL = 1e-5
 SHAPES = [(8, 32), (1, 32), (4, 48), (16, 64), (16, 32)]  # (prefill_chunk, cache_slots)

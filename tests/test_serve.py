@@ -48,8 +48,7 @@ class Server:
                    "--model-name", "tiny", *flags] if grace is None else ["-c", WRAPPER, str(artifact),
                                                                          str(self.port), str(grace)]
         self.process = subprocess.Popen(
-            [sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
+            [sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 180  # Ray Serve takes ~30 s to come up on a busy machine
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.stdout.read()
@@ -89,7 +88,7 @@ def server(tiny_onnx):
 
 @pytest.fixture(scope="module")
 def session(tiny_onnx):
-    from runtimes.session import Session
+    from mixtral_export.runtimes.session import Session
 
     session = Session.open(tiny_onnx)
     yield session
@@ -145,7 +144,7 @@ def test_a_stream_interval_sends_fewer_chunks_of_the_same_text(server, tiny_onnx
 
 
 def test_the_grouper_lets_out_the_first_token_then_every_interval():
-    from serving.openai_api import Grouper
+    from mixtral_export.serving.openai_api import Grouper
 
     grouper = Grouper(3)
     sent = [grouper.add(text, tokens) for text, tokens in

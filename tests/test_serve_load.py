@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from bench.serve_load import Connection, reply
+from mixtral_export.bench.serve_load import Connection, reply
 
 
 def sse(payload) -> bytes:

@@ -6,7 +6,7 @@ import sys
 import threading
 from pathlib import Path
 
-from runtimes.session import Session
+from mixtral_export.runtimes.session import Session
 
 REPO = Path(__file__).resolve().parents[1]
 

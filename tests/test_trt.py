@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
-from graphs.trt_engine import ENGINE_NAME, INSTALL_HINT, TrtUnavailable, build_engine
-from runtimes.step_parity import lockstep
+from mixtral_export.graphs.trt_engine import ENGINE_NAME, INSTALL_HINT, TrtUnavailable, build_engine
+from mixtral_export.runtimes.step_parity import lockstep
 from tests.test_ort_backend import eager_for
 
 FP32_TOL = 1e-3
@@ -42,7 +42,7 @@ def engines(trt, tiny_onnx, tmp_path_factory) -> dict:
 
 @pytest.mark.gpu
 def test_fp32_matches_eager_through_ring_wraps(engines, tiny_checkpoint):
-    from runtimes.trt import TrtBackend
+    from mixtral_export.runtimes.trt import TrtBackend
 
     eager, ours = eager_for(tiny_checkpoint, engines["fp32"]), TrtBackend(engines["fp32"])
     addresses = [t.data_ptr() for t in (ours.ring.cache_k, ours.ring.cache_v, ours.ring.cache_positions)]
@@ -73,7 +73,7 @@ def greedy(backend, prompt: np.ndarray, steps: int) -> np.ndarray:
 @pytest.mark.gpu
 @pytest.mark.parametrize("precision, floor", [("fp16", 0.9), ("bf16", 0.85)])
 def test_half_precision_top1_and_greedy_agreement(engines, tiny_checkpoint, precision, floor):
-    from runtimes.trt import TrtBackend
+    from mixtral_export.runtimes.trt import TrtBackend
 
     eager, ours = eager_for(tiny_checkpoint, engines[precision]), TrtBackend(engines[precision])
     (parity,) = lockstep(eager, [ours])
@@ -89,9 +89,9 @@ def test_half_precision_top1_and_greedy_agreement(engines, tiny_checkpoint, prec
 
 @pytest.mark.gpu
 def test_an_engine_recorded_for_another_gpu_is_refused(engines, tmp_path):
-    from graphs.manifest import load_manifest, set_engine
-    from graphs.trt_engine import EngineMismatch
-    from runtimes.trt import TrtBackend
+    from mixtral_export.artifact.manifest import load_manifest, set_engine
+    from mixtral_export.graphs.trt_engine import EngineMismatch
+    from mixtral_export.runtimes.trt import TrtBackend
 
     folder = shutil.copytree(engines["fp32"], tmp_path / "moved")
     record = {**load_manifest(folder).engines[ENGINE_NAME], "gpu": "NVIDIA Some Other GPU", "compute_capability": "1.0"}
@@ -101,7 +101,7 @@ def test_an_engine_recorded_for_another_gpu_is_refused(engines, tmp_path):
 
 
 def test_an_artifact_without_an_engine_says_how_to_build_one(tiny_onnx):
-    from runtimes.trt import TrtBackendError, TrtBackend
+    from mixtral_export.runtimes.trt import TrtBackendError, TrtBackend
 
     with pytest.raises(TrtBackendError, match=f"{ENGINE_NAME}: no TensorRT engine .*mixtral-export build-engine"):
         TrtBackend(tiny_onnx, verify_files=False)
@@ -122,7 +122,7 @@ def test_building_without_tensorrt_says_how_to_install_it(tiny_onnx):
 def test_onnx_runtime_tensorrt_provider_is_named_when_missing(tiny_onnx):
     import onnxruntime as ort
 
-    from runtimes.ort import OrtBackend, OrtBackendError
+    from mixtral_export.runtimes.ort import OrtBackend, OrtBackendError
 
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has the TensorRT execution provider")

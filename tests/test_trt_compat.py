@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper, save
 
-from graphs.trt_compat import TrtCompatError, check_trt_compat
+from mixtral_export.graphs.trt_compat import TrtCompatError, check_trt_compat
 
 
 def test_the_exported_tiny_graph_passes(tiny_onnx):

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from graphs.contract import StepShapes
-from graphs.manifest import MANIFEST_NAME, ManifestError, load_manifest, set_engine, write_manifest
-from graphs.trt_engine import ENGINE_NAME, EngineMismatch, TrtBuildError, build_engine, check_engine_record
-from mixtral_export.config import MixtralConfig
+from mixtral_export.artifact.contract import StepShapes
+from mixtral_export.artifact.manifest import MANIFEST_NAME, ManifestError, load_manifest, set_engine, write_manifest
+from mixtral_export.graphs.trt_engine import ENGINE_NAME, EngineMismatch, TrtBuildError, build_engine, check_engine_record
+from mixtral_export.artifact.config import MixtralConfig
 
 CONFIG = MixtralConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=32,

@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from graphs.contract import FLOAT_DTYPES as DTYPES
+from mixtral_export.artifact.contract import FLOAT_DTYPES as DTYPES
 from mixtral_export.errors import UserError
 
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")

@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
-from graphs.block_hash import BLOCK_BYTES, hash_file
-from graphs.contract import OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
-from mixtral_export.config import ConfigError, MixtralConfig
+from mixtral_export.artifact.block_hash import BLOCK_BYTES, hash_file
+from mixtral_export.artifact.contract import OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
+from mixtral_export.artifact.config import ConfigError, MixtralConfig
 from mixtral_export.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
