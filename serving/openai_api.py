@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from mixtral_export.runtimes.generate import Completion
+from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
