@@ -174,7 +174,8 @@ class Admission:
         ids = [int(t) for t in prompt]
         check_prompts([ids], self.vocab_size, self.limit)
         if config.stop_strings and not decodes:
-            raise RequestError("stop_strings are matched on decoded text: they need a detokenizer (the artifact's tokenizer)")
+            raise RequestError("stop_strings are matched on decoded text: they need a detokenizer "
+                               "(the artifact's tokenizer)")
         if timeout is not None and not timeout > 0:
             raise RequestError(f"timeout must be > 0 seconds, got {timeout!r}")
         if closed:
@@ -196,7 +197,7 @@ class RequestState:
         self.handle = handle
         self.ids = list(prompt)  # prompt + generated; the last one is fed at position len(ids) - 1
         self.fed = 0  # prompt tokens already through the backend
-        self.row: int | None = None  # the batch row while it runs
+        self.row: int | None = None  # the batch row it was admitted to (None while queued)
         self.cancelled = False
         self.text = ""
         self.emitted = 0  # characters of text already yielded

@@ -21,14 +21,15 @@ from mixtral_export.runtimes.engine_client import EngineClient, RequestHandle
 from mixtral_export.runtimes.requests import EngineClosed, QueueFull, generation_config
 from mixtral_export.runtimes.step import RequestError
 from mixtral_export.serving.metrics import ServerMetrics
-from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response, sse_text as sse,
-                                usage_chunk)
+from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response,
+                                               sse_text as sse, usage_chunk)
 
 DISCONNECT_POLL_SECONDS = 0.25
 
 
 def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], model_name: str,
-              request_timeout: float | None = None, replica: str | None = None, stream_interval: int = 1) -> FastAPI:
+              request_timeout: float | None = None, replica: str | None = None,
+              stream_interval: int = 1) -> FastAPI:
     """The app over an engine client, in process or not; `tokenizer` (None: the artifact has none) encodes
     prompts. The caller owns the client (and closes it: see serving/server.py). `replica` names this
     copy in an `x-replica` header and /health (Ray Serve runs several). A stream sends its first token
