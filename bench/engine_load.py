@@ -1,5 +1,5 @@
 """The engine in process, without HTTP: decoders riding along in prefill steps or sitting them out,
-and one request at a time (rows=1, the serialized baseline), interleaved over one ORT backend.
+and one request at a time (max_rows=1, the serialized baseline), interleaved over one ORT backend.
 
 All rows stay busy with mixed requests submitted at once, so newcomers prefill while others decode.
 Reported per mode: generated tok/s (median over rounds) and the gap between a request's consecutive
@@ -15,11 +15,10 @@ import statistics
 import time
 from pathlib import Path
 
-
 from mixtral_export.bench.serve_load import percentile, workload
 from mixtral_export.runtimes.engine import Engine
-from mixtral_export.runtimes.generate import GenerationConfig
 from mixtral_export.runtimes.load import open_backend
+from mixtral_export.runtimes.requests import GenerationConfig
 
 
 def measure(engine: Engine, requests: list[tuple[list[int], int]]) -> tuple[float, list[float]]:
@@ -30,9 +29,9 @@ def measure(engine: Engine, requests: list[tuple[list[int], int]]) -> tuple[floa
     gaps, tokens, started = [], 0, time.perf_counter()
     for event in engine.drive(submitted):
         now = time.perf_counter()
-        if event.row in last:
-            gaps.append(now - last[event.row])
-        last[event.row] = now
+        if event.index in last:
+            gaps.append(now - last[event.index])
+        last[event.index] = now
         tokens += 1
     return tokens / (time.perf_counter() - started), gaps
 
@@ -47,7 +46,7 @@ def main() -> None:
     backend, manifest = open_backend(args.artifact, "ort", threads=args.threads)
     requests = workload(args.requests, manifest.shapes.vocab_size, (4, 48), (8, 64), 0)
     modes = {"ride along": dict(ride_along=True), "sit out": dict(ride_along=False),
-             "one row (serialized)": dict(rows=1)}
+             "one row (serialized)": dict(max_rows=1)}
     rates = {mode: [] for mode in modes}
     gaps = {mode: [] for mode in modes}
     for round_ in range(args.rounds):

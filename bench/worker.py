@@ -60,7 +60,8 @@ def rates(work: Callable[[], object], nbytes: int, repeats: int) -> list[float]:
 
 def ours(spec: dict) -> tuple[Generate, dict]:
     """A backend of this repo behind the shared generation loop."""
-    from mixtral_export.runtimes.generate import GenerationConfig, generate
+    from mixtral_export.runtimes.generate import generate
+    from mixtral_export.runtimes.requests import GenerationConfig
 
     runtime, info = spec["runtime"], {}
     if runtime.startswith("ort"):

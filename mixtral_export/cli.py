@@ -392,7 +392,7 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
 
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
                model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
-               rows=rows, stream_interval=stream_interval, in_process=in_process)
+               max_rows=rows, stream_interval=stream_interval, in_process=in_process)
 
 
 @app.command()

@@ -11,8 +11,8 @@ answering) is scored instead: `session.score("text")` returns its outputs, `sess
 its label names (config.json's id2label); generation needs a causal-LM artifact.
 
 Thread safety: a Session owns one backend and one Engine (runtimes/engine.py) stepping it on a
-background thread; every call submits its prompts to the engine, whose batch rows are request
-slots. Calls from several threads run concurrently, each prompt in its own row as soon as one is
+background thread; every call submits its prompts to the engine, which lends each a batch row.
+Calls from several threads run concurrently, each prompt in its own row as soon as one is
 free, and give the same greedy tokens as run alone. A `stream` iterator closed early cancels its
 request. `last_result` is the last call's result (from whichever thread finished last).
 """
@@ -23,37 +23,41 @@ import weakref
 from pathlib import Path
 from typing import Iterator
 
-from mixtral_export.runtimes.engine import Engine, Request, result_of
-from mixtral_export.runtimes.generate import GenerationConfig, GenerationResult, check_prompts
+from mixtral_export.runtimes.engine import Engine
+from mixtral_export.runtimes.engine_client import InprocessClient, RequestHandle, result_of
 from mixtral_export.runtimes.heads import HeadResult, score
-from mixtral_export.runtimes.sampling import SamplingParams
+from mixtral_export.runtimes.requests import GenerationConfig, GenerationResult, check_prompts, generation_config
 from mixtral_export.runtimes.step import RequestError
 
 
 class Session:
-    def __init__(self, backend, manifest, tokenizer=None, max_queue: int | None = None, rows: int | None = None):
+    def __init__(self, backend, manifest, tokenizer=None, max_queue: int | None = None,
+                 max_rows: int | None = None):
         self.backend = backend
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.last_result: GenerationResult | None = None
         self._score_lock = threading.Lock()  # head artifacts: one scoring batch at a time
-        self._engine = None if manifest.head != "causal-lm" else Engine(
-            backend, max_queue=max_queue, rows=rows, max_positions=manifest.config.max_position_embeddings).start()
-        if self._engine is not None:
-            weakref.finalize(self, self._engine.stop_and_wait)  # dropped unclosed, or at exit: its thread ends
+        self._client = None if manifest.head != "causal-lm" else InprocessClient(
+            Engine(backend, max_queue=max_queue, max_rows=max_rows,
+                   max_positions=manifest.config.max_position_embeddings),
+            tokenizer.stream_decoder if tokenizer else None)
+        if self._client is not None:
+            weakref.finalize(self, self._client.stop_and_wait)  # dropped unclosed, or at exit: its thread ends
 
     @property
-    def engine(self) -> Engine:
-        if self._engine is None:
+    def client(self) -> InprocessClient:
+        """The engine client generation goes through (what a server holds)."""
+        if self._client is None:
             raise RequestError(f"{self.manifest.folder}: a {self.manifest.head} artifact does not generate; "
                                f"score it (Session.score)")
-        return self._engine
+        return self._client
 
     def close(self, grace: float = 0.0) -> None:
         """Stop admitting; running requests get `grace` seconds to finish, then are cancelled; the
         engine's thread ends (it holds the backend until then)."""
-        if self._engine is not None:
-            self._engine.close(grace)
+        if self._client is not None:
+            self._client.close(grace)
 
     def __enter__(self) -> "Session":
         return self
@@ -64,7 +68,7 @@ class Session:
     @classmethod
     def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",
              threads: int | None = None, checkpoint: str | Path | None = None,
-             max_queue: int | None = None, rows: int | None = None) -> "Session":
+             max_queue: int | None = None, max_rows: int | None = None) -> "Session":
         from mixtral_export.runtimes.load import open_backend
 
         backend, manifest = open_backend(artifact, runtime, provider=provider, threads=threads, checkpoint=checkpoint)
@@ -73,7 +77,7 @@ class Session:
             from mixtral_export.tokenizer import Tokenizer
 
             tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
-        return cls(backend, manifest, tokenizer, max_queue=max_queue, rows=rows)
+        return cls(backend, manifest, tokenizer, max_queue=max_queue, max_rows=max_rows)
 
     # ---- text <-> ids ----
 
@@ -104,14 +108,15 @@ class Session:
 
     # ---- generation ----
 
-    def submit(self, prompt_ids: list[int], index: int = 0, timeout: float | None = None, **options) -> Request:
-        """Queue one prompt on the engine; iterate the Request (or `async for`) for its tokens."""
-        detokenizer = self.tokenizer.stream_decoder() if self.tokenizer else None
-        return self.engine.submit(prompt_ids, self._config(**options), detokenizer, index=index, timeout=timeout)
+    def submit(self, prompt_ids: list[int], index: int = 0, timeout: float | None = None,
+               **options) -> RequestHandle:
+        """Queue one prompt on the engine; iterate the handle (or `async for`) for its tokens."""
+        return self.client.submit(prompt_ids, self._config(**options), index=index, timeout=timeout)
 
     def generate_ids(self, prompts: list[list[int]], **options) -> GenerationResult:
-        check_prompts([[int(t) for t in p] for p in prompts], self.backend.shapes.vocab_size, self.engine.limit)
-        requests: list[Request] = []
+        check_prompts([[int(t) for t in p] for p in prompts], self.backend.shapes.vocab_size,
+                      self.client.admission.limit)
+        requests: list[RequestHandle] = []
         try:
             for index, prompt in enumerate(prompts):
                 requests.append(self.submit(prompt, index=index, **options))
@@ -174,13 +179,3 @@ class Session:
         found = [r.to_json(self.head, self.labels) for r in self.score(prompts, padding)]
         names = [r["label"] if self.head == "sequence-classification" else r["labels"] for r in found]
         return names[0] if isinstance(prompt, str) else names
-
-
-def generation_config(eos_token_ids: tuple[int, ...], max_new_tokens: int = 32, temperature: float = 0.0,
-                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                      stop_strings: tuple[str, ...] = ()) -> GenerationConfig:
-    """A request's options (Session.submit's keywords) checked into its GenerationConfig (RequestError)."""
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
-    return GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
-                            stop_strings=tuple(stop_strings))

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from mixtral_export.runtimes.engine import Engine
-from mixtral_export.runtimes.generate import GenerationConfig, generate
+from mixtral_export.runtimes.generate import generate
+from mixtral_export.runtimes.requests import GenerationConfig
 from mixtral_export.runtimes.sampling import SamplingParams
 from mixtral_export.runtimes.step import StepBackend
 

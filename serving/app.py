@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP app over one Session (its engine's batch rows serve concurrent requests).
+"""The OpenAI-compatible HTTP app over one engine client (its engine's batch rows serve concurrent requests).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as server-sent
 events), GET /v1/models, GET /health, GET /metrics. Errors have OpenAI's body
@@ -17,30 +17,33 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from mixtral_export.runtimes.engine import EngineClosed, QueueFull, Request
+from mixtral_export.runtimes.engine_client import EngineClient, RequestHandle
+from mixtral_export.runtimes.requests import EngineClosed, QueueFull, generation_config
 from mixtral_export.runtimes.step import RequestError
 from mixtral_export.serving.metrics import ServerMetrics
-from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response, sse_text as sse,
-                                usage_chunk)
+from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response,
+                                               sse_text as sse, usage_chunk)
 
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-def build_app(session, model_name: str, request_timeout: float | None = None, replica: str | None = None,
+def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], model_name: str,
+              request_timeout: float | None = None, replica: str | None = None,
               stream_interval: int = 1) -> FastAPI:
-    """The app; the caller owns the session (and closes it: see serving/server.py). `replica` names this
+    """The app over an engine client, in process or not; `tokenizer` (None: the artifact has none) encodes
+    prompts. The caller owns the client (and closes it: see serving/server.py). `replica` names this
     copy in an `x-replica` header and /health (Ray Serve runs several). A stream sends its first token
     at once, then a chunk per `stream_interval` tokens (each chunk is a socket write on the event loop,
     the serving cost per token: see README "Serving")."""
     if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
         raise RequestError(f"stream_interval must be an integer >= 1 (tokens per streamed chunk), got {stream_interval!r}")
     app = FastAPI(title="mixtral-export", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = ServerMetrics(session.engine)
-    limit = session.engine.limit
+    metrics = ServerMetrics(client)
+    limit = client.admission.limit
     default_chat_tokens = 512 if limit is None else limit  # chat without max_tokens: up to the context
-    app.state.session, app.state.metrics = session, metrics
+    app.state.client, app.state.metrics = client, metrics
     headers = {"x-replica": replica} if replica else None
-    has_text = session.tokenizer is not None  # without one, a token's text is its id: "12 "
+    has_text = tokenizer is not None  # without one, a token's text is its id: "12 "
 
     def refuse(status: int, message: str, kind: str, outcome: str, param=None, code=None) -> JSONResponse:
         metrics.requests.labels(outcome).inc()
@@ -61,16 +64,17 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
         except ValueError:
             return refuse(400, "the request body is not valid JSON", "invalid_request_error", "bad_request")
         try:
-            job = parse(kind, body, session, model_name, default_chat_tokens)
+            job = parse(kind, body, tokenizer, model_name, default_chat_tokens)
         except BadRequest as error:
             return refuse(400, str(error), "invalid_request_error", "bad_request", error.param)
         if job.model != model_name:
             return refuse(404, f"the model {job.model!r} does not exist; this server serves {model_name!r}",
                           "invalid_request_error", "bad_request", "model", "model_not_found")
-        requests: list[Request] = []
+        requests: list[RequestHandle] = []
         try:
+            config = generation_config(eos_token_ids, **job.options)
             for index, prompt in enumerate(job.prompts):
-                requests.append(session.submit(prompt, index=index, timeout=request_timeout, **job.options))
+                requests.append(client.submit(prompt, config, index=index, timeout=request_timeout))
         except QueueFull as error:
             cancel(requests)
             return refuse(429, str(error), "rate_limit_error", "rejected_queue_full", code="queue_full")
@@ -93,13 +97,13 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
             cancel(requests)
         return JSONResponse(response(job, completions), headers=headers)
 
-    async def collect(request: Request):
+    async def collect(request: RequestHandle):
         async for _ in timed(request):
             pass
         metrics.requests.labels(request.completion.finish_reason).inc()
         return request.completion
 
-    async def timed(request: Request):
+    async def timed(request: RequestHandle):
         """The request's events as they reach the loop, in batches (tokens that arrived together go out
         in one chunk); observes time to first token and the gaps between tokens as the loop saw them."""
         last = start = time.perf_counter()
@@ -112,7 +116,7 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
             metrics.generated_tokens.inc(len(events))
             yield events
 
-    async def stream(job: Job, request: Request):
+    async def stream(job: Job, request: RequestHandle):
         """SSE: text deltas, a last chunk with the finish reason, usage if asked, [DONE]. A dropped
         connection cancels the generator here, which cancels the request."""
         try:
@@ -152,10 +156,9 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
 
     @app.get("/health")
     async def health():
-        engine = session.engine
-        status = 503 if engine.closed else 200
-        return JSONResponse({"status": "closing" if engine.closed else "ok", "busy_rows": engine.busy_rows,
-                             "batch_rows": engine.shapes.batch, "queue_depth": engine.queue_depth,
+        status = 503 if client.closed else 200
+        return JSONResponse({"status": "closing" if client.closed else "ok", "busy_rows": client.busy_rows,
+                             "batch_rows": client.admission.batch, "queue_depth": client.queue_depth,
                              "replica": replica},
                             status_code=status)
 
@@ -166,12 +169,12 @@ def build_app(session, model_name: str, request_timeout: float | None = None, re
     return app
 
 
-def cancel(requests: list[Request]) -> None:
+def cancel(requests: list[RequestHandle]) -> None:
     for request in requests:
         request.cancel()
 
 
-async def watch_disconnect(http: HttpRequest, requests: list[Request]) -> None:
+async def watch_disconnect(http: HttpRequest, requests: list[RequestHandle]) -> None:
     """Cancel a non-streamed request whose client went away (its row frees at the next step)."""
     while not await http.is_disconnected():
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)

@@ -9,14 +9,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class ServerMetrics:
     """Queue depth and busy rows (read from the engine on scrape), requests by outcome, tokens, latencies."""
 
-    def __init__(self, engine):
+    def __init__(self, client):
+        """`client`: the EngineClient whose engine is measured."""
         self.registry = CollectorRegistry()
         Gauge("mixtral_queue_depth", "Requests waiting for a batch row", registry=self.registry) \
-            .set_function(lambda: engine.queue_depth)
+            .set_function(lambda: client.queue_depth)
         Gauge("mixtral_busy_rows", "Batch rows holding a request", registry=self.registry) \
-            .set_function(lambda: engine.busy_rows)
+            .set_function(lambda: client.busy_rows)
         Gauge("mixtral_batch_rows", "Batch rows (request slots) of the artifact", registry=self.registry) \
-            .set(engine.shapes.batch)
+            .set(client.admission.batch)
         self.requests = Counter("mixtral_requests", "Requests by outcome (a finish reason, or why refused)",
                                 ["outcome"], registry=self.registry)
         self.prompt_tokens = Counter("mixtral_prompt_tokens", "Prompt tokens admitted", registry=self.registry)

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from mixtral_export.runtimes.generate import Completion
+from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
@@ -37,7 +37,7 @@ class Job:
     kind: str  # "completion" | "chat"
     model: str
     prompts: list[list[int]]  # one per choice
-    options: dict  # Session.submit keyword options
+    options: dict  # generation_config keyword options (Session.submit's)
     stream: bool = False
     include_usage: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
@@ -79,8 +79,9 @@ def sse_text(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def parse(kind: str, body, session, served_model: str, default_max_tokens: int) -> Job:
-    """Check an OpenAI request body; the Job to run. `session` encodes text and chat messages."""
+def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int) -> Job:
+    """Check an OpenAI request body; the Job to run. `tokenizer` (None: the artifact has none) encodes
+    text and chat messages."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     model = body.get("model")
@@ -90,11 +91,11 @@ def parse(kind: str, body, session, served_model: str, default_max_tokens: int) 
         if body.get(name) is not None and body[name] not in off:
             raise BadRequest(f"'{name}' = {body[name]!r} is not supported by this server", name)
     if kind == "chat":
-        prompts = [chat_prompt(body.get("messages"), session)]
+        prompts = [chat_prompt(body.get("messages"), tokenizer)]
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = default_max_tokens if max_tokens is None else max_tokens
     else:
-        prompts = text_prompts(body.get("prompt"), session)
+        prompts = text_prompts(body.get("prompt"), tokenizer)
         max_tokens = body.get("max_tokens", COMPLETION_DEFAULT_MAX_TOKENS)
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     stream = checked(body, "stream", bool, False)
@@ -145,7 +146,7 @@ def stops(value) -> tuple[str, ...]:
     return tuple(items)
 
 
-def text_prompts(prompt, session) -> list[list[int]]:
+def text_prompts(prompt, tokenizer) -> list[list[int]]:
     """A string, a list of token ids, or a list of either: one prompt per choice."""
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -156,9 +157,9 @@ def text_prompts(prompt, session) -> list[list[int]]:
     out = []
     for item in prompt:
         if isinstance(item, str):
-            if session.tokenizer is None:
+            if tokenizer is None:
                 raise BadRequest("this artifact has no tokenizer.model: send the prompt as token ids", "prompt")
-            out.append(session.encode(item))
+            out.append(tokenizer.encode(item, bos=True))
         elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
             out.append(list(item))
         else:
@@ -166,8 +167,8 @@ def text_prompts(prompt, session) -> list[list[int]]:
     return out
 
 
-def chat_prompt(messages, session) -> list[int]:
-    if session.tokenizer is None:
+def chat_prompt(messages, tokenizer) -> list[int]:
+    if tokenizer is None:
         raise BadRequest("this artifact has no tokenizer.model: chat needs one; use /v1/completions with "
                          "token ids", "messages")
     if not isinstance(messages, list) or not messages:
@@ -186,7 +187,7 @@ def chat_prompt(messages, session) -> list[int]:
             raise BadRequest("a message's 'content' must be a string", "messages")
         plain.append({"role": message["role"], "content": content})
     try:
-        return session.encode_chat(plain)
+        return tokenizer.encode_chat(plain)
     except ValueError as error:  # the tokenizer's ChatFormatError: roles out of order, unknown role
         raise BadRequest(str(error), "messages") from None
 

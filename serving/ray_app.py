@@ -5,7 +5,7 @@ so the OpenAI routes, errors, SSE and /metrics are the same as `mixtral-export s
 per replica: scrape each, or read the `x-replica` header a response carries). Either
 
     mixtral-export serve ART --ray --replicas 2 [--port 8000]      # starts or joins a Ray cluster
-    serve run serving.ray_app:app artifact=ART replicas=2           # Ray's own CLI
+    serve run mixtral_export.serving.ray_app:app artifact=ART replicas=2           # Ray's own CLI
 
 On a multi-machine cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on
 the others, the artifact at the same path on each), give each replica a machine's CPUs
@@ -39,8 +39,8 @@ class Replica:
         self.request_timeout = request_timeout
 
     def __serve_build_asgi_app__(self):
-        return build_app(self.session, self.name, request_timeout=self.request_timeout,
-                         replica=f"{socket.gethostname()}:{os.getpid()}")
+        return build_app(self.session.client, self.session.tokenizer, self.session.manifest.eos_token_id, self.name,
+                         request_timeout=self.request_timeout, replica=f"{socket.gethostname()}:{os.getpid()}")
 
     def __del__(self):
         self.session.close()
@@ -55,7 +55,7 @@ def deployment(artifact: str, replicas: int = 1, runtime: str = "ort", provider:
 
 
 def app(args: dict):
-    """`serve run serving.ray_app:app artifact=ART replicas=N [max_queue=..] [threads=..]`."""
+    """`serve run mixtral_export.serving.ray_app:app artifact=ART replicas=N [max_queue=..] [threads=..]`."""
     return deployment(args["artifact"], replicas=int(args.get("replicas", 1)), runtime=args.get("runtime", "ort"),
                       provider=args.get("provider", "cpu"), max_queue=int(args.get("max_queue", 64)),
                       model_name=args.get("model_name"),

@@ -19,9 +19,9 @@ from mixtral_export.serving.app import build_app
 class GracefulServer(uvicorn.Server):
     """uvicorn's Server, but a signal drains the engine and ends in exit 0 (uvicorn re-raises it)."""
 
-    def __init__(self, config: uvicorn.Config, session, grace: float):
+    def __init__(self, config: uvicorn.Config, client, grace: float):
         super().__init__(config)
-        self.session, self.grace = session, grace
+        self.client, self.grace = client, grace
         self.draining: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
@@ -29,7 +29,7 @@ class GracefulServer(uvicorn.Server):
             self.force_exit = True
             return
         if self.draining is None:
-            self.draining = threading.Thread(target=self.session.close, args=(self.grace,), daemon=True)
+            self.draining = threading.Thread(target=self.client.close, args=(self.grace,), daemon=True)
             self.draining.start()
         self.should_exit = True
 
@@ -37,28 +37,32 @@ class GracefulServer(uvicorn.Server):
 def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", host: str = "127.0.0.1",
           port: int = 8000, max_queue: int = 64, grace: float = 10.0, model_name: str | None = None,
           request_timeout: float | None = None, threads: int | None = None,
-          checkpoint: str | Path | None = None, rows: int | None = None, log_level: str = "warning",
+          checkpoint: str | Path | None = None, max_rows: int | None = None, log_level: str = "warning",
           stream_interval: int = 1, in_process: bool = False) -> None:
     """Open the artifact, serve until a signal, close the engine. The engine steps in a process of its
-    own (serving/engine_process.py), or with `in_process` on a thread of this one (a Session)."""
+    own (a ProcessClient, runtimes/engine_process.py), or with `in_process` on a thread of this one (a
+    Session's InprocessClient)."""
     if in_process:
         from mixtral_export.runtimes.session import Session
 
         session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
-                               max_queue=max_queue, rows=rows)
+                               max_queue=max_queue, max_rows=max_rows)
+        client, manifest, tokenizer = session.client, session.manifest, session.tokenizer
     else:
-        from mixtral_export.serving.engine_process import EngineProcess
+        from mixtral_export.runtimes.engine_process import ProcessClient
 
-        session = EngineProcess(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
-                                max_queue=max_queue, rows=rows)
+        client = ProcessClient(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
+                               max_queue=max_queue, max_rows=max_rows)
+        manifest, tokenizer = client.manifest, client.tokenizer
     name = model_name or Path(artifact).resolve().name
-    app = build_app(session, name, request_timeout=request_timeout, stream_interval=stream_interval)
+    app = build_app(client, tokenizer, manifest.eos_token_id, name, request_timeout=request_timeout,
+                    stream_interval=stream_interval)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
                             access_log=False, lifespan="off")
-    server = GracefulServer(config, session, grace)
-    print(f"serving {name} ({runtime}, {session.engine.rows} of {session.engine.shapes.batch} rows, queue {max_queue}) "
-          f"on http://{host}:{port}/v1", flush=True)
+    server = GracefulServer(config, client, grace)
+    print(f"serving {name} ({runtime}, {client.admission.max_rows} of {client.admission.batch} rows, "
+          f"queue {max_queue}) on http://{host}:{port}/v1", flush=True)
     try:
         server.run()
     finally:
-        session.close()
+        client.close()

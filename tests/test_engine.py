@@ -1,4 +1,4 @@
-"""The engine: batch rows as request slots, admission at any step, isolation, cancel, timeout, queue bound."""
+"""The engine: batch rows lent to requests, admission at any step, isolation, cancel, timeout, queue bound."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from mixtral_export.artifact.contract import NO_POSITION
-from mixtral_export.runtimes.engine import Engine, EngineClosed, QueueFull
-from mixtral_export.runtimes.generate import GenerationConfig, generate
+from mixtral_export.runtimes.engine import Engine
+from mixtral_export.runtimes.generate import generate
+from mixtral_export.runtimes.requests import EngineClosed, GenerationConfig, QueueFull
 from mixtral_export.runtimes.sampling import SamplingParams
 from tests.test_generate import PROMPTS, Pieces, ToyLM
 
@@ -60,9 +61,13 @@ def test_a_reused_row_sees_nothing_of_its_previous_occupant():
     engine = Engine(lm)
     first = engine.submit([4, 5, 6, 7, 8, 9, 10], config(6))
     second = engine.submit([4, 5], config(6))  # same first tokens: stale keys would be "visible" to it
-    for _ in engine.drive([first, second]):
-        pass
-    assert second.slot == first.slot == 0
+    rows = {}
+    while not (first.ended.is_set() and second.ended.is_set()):
+        engine.step()
+        for name, handle in (("first", first), ("second", second)):
+            if (row := engine.row_of(handle)) is not None:
+                rows.setdefault(name, row)
+    assert rows == {"first": 0, "second": 0}
     assert second.completion.token_ids == alone([4, 5], config(6))
 
 
@@ -72,20 +77,20 @@ def test_cancel_frees_the_row_at_the_next_step():
     waiting = engine.submit(PROMPTS[2], config(3))
     engine.step()
     engine.step()
-    assert engine.slots[0] is long and waiting.slot is None
+    assert engine.row_of(long) == 0 and engine.row_of(waiting) is None
     long.cancel()
     engine.step()
-    assert long.completion.finish_reason == "cancelled" and engine.slots[0] is waiting
+    assert long.completion.finish_reason == "cancelled" and engine.row_of(waiting) == 0
     for _ in engine.drive([waiting]):
         pass
     assert waiting.completion.token_ids == alone(PROMPTS[2], config(3))
 
 
-def test_rows_one_serializes_requests():
-    engine = Engine(ToyLM(batch=2, slots=16), rows=1)
+def test_max_rows_one_serializes_requests():
+    engine = Engine(ToyLM(batch=2, slots=16), max_rows=1)
     first, second = engine.submit(PROMPTS[0], config(4)), engine.submit(PROMPTS[2], config(4))
     engine.step()
-    assert engine.busy_rows == 1 and second.slot is None
+    assert engine.busy_rows == 1 and engine.row_of(second) is None
     for _ in engine.drive([first, second]):
         pass
     assert second.completion.token_ids == alone(PROMPTS[2], config(4))
@@ -184,7 +189,7 @@ def test_a_dropped_session_ends_its_engine_thread(tiny_onnx):
     from mixtral_export.runtimes.session import Session
 
     session = Session.open(tiny_onnx)
-    thread = session.engine.thread
+    thread = session.client.engine.thread
     assert session.generate("hi", max_new_tokens=2) and thread.is_alive()
     del session
     gc.collect()

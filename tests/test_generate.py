@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mixtral_export.artifact.contract import NO_POSITION, StepShapes
-from mixtral_export.runtimes.generate import GenerationConfig, generate, stream
+from mixtral_export.runtimes.generate import generate, stream
+from mixtral_export.runtimes.requests import GenerationConfig
 from mixtral_export.runtimes.sampling import SamplingParams
 from mixtral_export.runtimes.step import ContextOverflow, check_step_inputs, ring_writes
 
@@ -199,7 +200,7 @@ def test_stream_matches_generate_and_its_deltas_build_the_text():
         except StopIteration as done:
             streamed = done.value
             break
-        seen.append((event.row, event.token_id, event.text_delta))
+        seen.append((event.index, event.token_id, event.text_delta))
     assert tokens(streamed) == tokens(result)
     for row, completion in enumerate(result.completions):
         assert [t for r, t, _ in seen if r == row] == completion.token_ids
@@ -211,7 +212,7 @@ def test_stream_matches_generate_and_its_deltas_build_the_text():
 def test_on_token_sees_every_token():
     seen = []
     result = generate(ToyLM(batch=2), PROMPTS, config(max_new_tokens=4), on_token=seen.append)
-    assert sorted((e.row, e.token_id) for e in seen) == sorted(
+    assert sorted((e.index, e.token_id) for e in seen) == sorted(
         (row, t) for row, c in enumerate(result.completions) for t in c.token_ids)
 
 

@@ -18,7 +18,8 @@ STEPS = 40  # window 8, prompts up to 19 tokens: decode wraps the 8-slot ring 5+
 @pytest.mark.parametrize("case", [dict(), dict(num_key_value_heads=1, num_experts_per_tok=1),
                                   dict(tie_word_embeddings=True, head_dim=24, num_local_experts=8)])
 def test_ort_greedy_generation_equals_reference_generate(tmp_path, case):
-    from mixtral_export.runtimes.generate import GenerationConfig, generate
+    from mixtral_export.runtimes.generate import generate
+    from mixtral_export.runtimes.requests import GenerationConfig
     from mixtral_export.runtimes.sampling import SamplingParams
 
     model = hf_reference(tmp_path / "ck", **case)

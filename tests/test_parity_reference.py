@@ -89,7 +89,8 @@ def test_ring_larger_than_window_matches_reference(tmp_path):
 
 @pytest.mark.parametrize("case", ["gqa_window_wraps", "mqa", "eight_experts"])
 def test_greedy_continuation_equals_reference_generate(tmp_path, case):
-    from mixtral_export.runtimes.generate import GenerationConfig, generate
+    from mixtral_export.runtimes.generate import generate
+    from mixtral_export.runtimes.requests import GenerationConfig
     from mixtral_export.runtimes.sampling import SamplingParams
 
     model = hf_reference(tmp_path, **CASES[case])

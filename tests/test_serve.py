@@ -20,7 +20,7 @@ pytest.importorskip("fastapi")
 
 REPO = Path(__file__).resolve().parents[1]
 # Serves like `mixtral-export serve`, then prints which heavy modules the server process imported.
-WRAPPER = ("import sys; from serving.server import serve; "
+WRAPPER = ("import sys; from mixtral_export.serving.server import serve; "
            "serve(sys.argv[1], port=int(sys.argv[2]), threads=1, model_name='tiny', grace=float(sys.argv[3])); "
            "print('IMPORTED', sorted(m for m in ('torch', 'transformers', 'mixtral_export.model') if m in sys.modules))")
 
@@ -125,6 +125,22 @@ def test_streamed_deltas_build_the_unstreamed_text(server):
                                                  stream_options={"include_usage": True})
     parts = list(chat)
     assert parts[-1].usage.completion_tokens == 6 and parts[-2].choices[0].finish_reason == "length"
+
+
+def test_stop_cuts_the_text_before_the_stop_string_streamed_or_not(server, session):
+    prompt, max_tokens = "Beautiful is better than", 24
+    full = session.generate_ids([session.encode(prompt)], max_new_tokens=max_tokens).completions[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # from the middle of the uncut text
+    cut = full[:full.index(stop)]
+    assert stop and cut and cut != full  # the request below would fail with the stop dropped
+    args = dict(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, stop=[stop])
+    whole = server.client.completions.create(**args)
+    assert whole.choices[0].text == cut and whole.choices[0].finish_reason == "stop"
+    pieces, finish = [], None
+    for part in server.client.completions.create(stream=True, **args):
+        pieces.append(part.choices[0].text)
+        finish = part.choices[0].finish_reason or finish
+    assert "".join(pieces) == cut and finish == "stop"
 
 
 def test_a_stream_interval_sends_fewer_chunks_of_the_same_text(server, tiny_onnx):

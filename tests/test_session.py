@@ -59,7 +59,7 @@ def test_system_prompt_opens_the_chat(tiny_onnx):
 
 
 def test_ort_session_serves_without_importing_torch(tiny_onnx):
-    code = ("import sys; from runtimes.session import Session; "
+    code = ("import sys; from mixtral_export.runtimes.session import Session; "
             f"s = Session.open({str(tiny_onnx)!r}); s.generate('hello', max_new_tokens=4); "
             "bad = [m for m in ('torch', 'mixtral_export.model', 'transformers') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")

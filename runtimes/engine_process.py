@@ -1,0 +1,326 @@
+"""The process engine client: the engine in a child process of its own, one pipe, one message per step.
+
+In one process the event loop's per-token work (Starlette, SSE writes) holds the GIL the engine
+thread needs between ORT runs, so with B rows it adds to every step. Here the child steps the
+Engine on its only thread and, after each step, sends one StepReport with every request's new
+tokens and the requests that ended; the parent reads it on its event loop (one wake-up per step
+for all streams) and feeds the RequestHandles its callers consume. A request is checked by the
+same Admission as in process (RequestError / QueueFull / EngineClosed at once) before it crosses;
+a cancel (a client gone) crosses and frees the row at the child's next step. The child ignores
+SIGINT (the parent drains it: `close(grace)`) and ends when the pipe closes. Every message is a
+frozen dataclass sent as tagged JSON, never pickle; no torch on either side for ORT.
+
+    python3 -m mixtral_export.runtimes.engine_process FD SPEC   # started by ProcessClient, not by hand
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from mixtral_export.artifact.manifest import load_manifest
+from mixtral_export.errors import UserError
+from mixtral_export.runtimes.engine import Engine
+from mixtral_export.runtimes.engine_client import RequestHandle, wake_consumers
+from mixtral_export.runtimes.requests import (Admission, Completion, EngineClosed, GenerationConfig, QueueFull,
+                                              TokenEvent)
+from mixtral_export.runtimes.step import RequestError
+
+START_SECONDS = 600  # a large artifact on a busy machine takes minutes to open
+
+
+class EngineStartError(UserError, RuntimeError):
+    """The engine process could not open the artifact (its own one-line reason)."""
+
+
+# ---- the messages: parent -> child (Submit, Cancel, Close), child -> parent (Ready, Failed, StepReport) ----
+
+@dataclass(frozen=True)
+class Submit:
+    id: int
+    prompt: list[int]
+    config: GenerationConfig
+    timeout: float | None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "config": self.config.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Submit":
+        return cls(data["id"], data["prompt"], GenerationConfig.from_json(data["config"]), data["timeout"])
+
+
+@dataclass(frozen=True)
+class Cancel:
+    id: int
+
+
+@dataclass(frozen=True)
+class Close:
+    grace: float
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ended:
+    """A request's end: its completion's fields, or the error of the step that ended it."""
+
+    id: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one step changed: new tokens (id, token, text delta) in order, ended requests, the engine's state."""
+
+    busy_rows: int
+    queue_depth: int
+    tokens: list[tuple[int, int, str]]
+    ended: list[Ended]
+
+    @classmethod
+    def from_json(cls, data: dict) -> "StepReport":
+        return cls(data["busy_rows"], data["queue_depth"], [tuple(t) for t in data["tokens"]],
+                   [Ended(**e) for e in data["ended"]])
+
+
+MESSAGES = {cls.__name__: cls for cls in (Submit, Cancel, Close, Ready, Failed, StepReport)}
+
+
+def encode(message) -> bytes:
+    body = message.to_json() if hasattr(message, "to_json") else asdict(message)
+    return json.dumps({"type": type(message).__name__, **body}).encode()
+
+
+def decode(data: bytes):
+    fields = json.loads(data)
+    cls = MESSAGES[fields.pop("type")]
+    return cls.from_json(fields) if hasattr(cls, "from_json") else cls(**fields)
+
+
+@dataclass(frozen=True)
+class ChildSpec:
+    """How the child opens its engine (its command line's JSON)."""
+
+    artifact: str
+    runtime: str
+    provider: str
+    threads: int | None
+    checkpoint: str | None
+    max_rows: int | None
+
+
+# ---- the parent ----
+
+class ProcessClient:
+    """An EngineClient (runtimes/engine_client.py) whose engine steps in a child process. Submit from
+    the event loop that consumes the handles; `manifest` and `tokenizer` are the artifact's."""
+
+    def __init__(self, artifact: str | Path, runtime: str = "ort", provider: str = "cpu", threads: int | None = None,
+                 checkpoint: str | Path | None = None, max_queue: int | None = None, max_rows: int | None = None):
+        manifest = load_manifest(artifact, verify_files=False)
+        if manifest.head != "causal-lm":
+            raise RequestError(f"{manifest.folder}: a {manifest.head} artifact does not generate")
+        self.manifest = manifest
+        self.admission = Admission.of(manifest.shapes, manifest.config.max_position_embeddings, max_rows, max_queue)
+        self.tokenizer = None
+        if manifest.tokenizer:
+            from mixtral_export.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
+        self.closed = False
+        self.busy_rows = self.queue_depth = 0  # as of the child's last step
+        self.handles: dict[int, RequestHandle] = {}  # submitted, not yet ended
+        self._ids = itertools.count()
+        self._send_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        ours, theirs = socket.socketpair()
+        spec = ChildSpec(str(artifact), runtime, provider, threads, None if checkpoint is None else str(checkpoint),
+                         max_rows)
+        self.process = subprocess.Popen([sys.executable, "-m", "mixtral_export.runtimes.engine_process",
+                                         str(theirs.fileno()), json.dumps(asdict(spec))],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.engine_pid = self._started()
+
+    def _started(self) -> int:
+        deadline = time.monotonic() + START_SECONDS
+        while not self.conn.poll(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise EngineStartError(f"the engine process exited (code {self.process.wait()}) before it was ready")
+        message = decode(self.conn.recv_bytes())
+        if isinstance(message, Failed):
+            self.process.wait(30)
+            raise EngineStartError(message.reason)
+        return message.pid
+
+    def submit(self, prompt_ids: list[int], config: GenerationConfig, index: int = 0,
+               timeout: float | None = None) -> RequestHandle:
+        """Check and queue one prompt; consume the handle on this event loop."""
+        waiting = max(0, len(self.handles) - self.admission.max_rows)  # in flight beyond the rows: queued
+        ids = self.admission.check(prompt_ids, config, self.tokenizer is not None, timeout, self.closed, waiting)
+        self._listen()
+        rid = next(self._ids)
+        handle = self.handles[rid] = RequestHandle(index, ids, lambda: self._cancel(rid))
+        self._send(Submit(rid, ids, config, timeout))
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        handle.cancel()
+
+    def _cancel(self, rid: int) -> None:
+        if rid in self.handles:
+            self._send(Cancel(rid))
+
+    def _send(self, message) -> None:
+        with self._send_lock:
+            self.conn.send_bytes(encode(message))
+
+    def _listen(self) -> None:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self.conn.fileno(), self._receive)
+
+    def _receive(self) -> None:
+        """Every report that has arrived (usually one step's), then one wake-up for the touched handles."""
+        touched: dict[int, RequestHandle] = {}
+        try:
+            while self.conn.poll():
+                self._apply(decode(self.conn.recv_bytes()), touched)
+        except (EOFError, OSError):  # the engine process is gone
+            self._loop.remove_reader(self.conn.fileno())
+            self.closed = True
+            for rid, handle in self.handles.items():
+                handle.finish(None, RuntimeError("the engine process exited"))
+                touched[rid] = handle
+            self.handles.clear()
+        wake_consumers(list(touched.values()))
+
+    def _apply(self, report: StepReport, touched: dict[int, RequestHandle]) -> None:
+        self.busy_rows, self.queue_depth = report.busy_rows, report.queue_depth
+        for rid, token, text in report.tokens:
+            handle = touched[rid] = self.handles[rid]
+            handle.push(TokenEvent(handle.index, token, text))
+        for end in report.ended:
+            handle = touched[end.id] = self.handles.pop(end.id)
+            completion = None if end.error else Completion(handle.prompt_ids, end.token_ids, end.text,
+                                                           end.finish_reason)
+            handle.finish(completion, RuntimeError(end.error) if end.error else None)
+
+    def close(self, grace: float = 0.0) -> None:
+        """Stop admitting; the child lets running requests finish for `grace` s, cancels the rest, exits."""
+        self.closed = True
+        try:
+            self._send(Close(grace))
+        except OSError:
+            pass
+        try:
+            self.process.wait(grace + 30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# ---- the child ----
+
+def serve_pipe(conn: Connection, engine: Engine, tokenizer) -> None:
+    """Step the engine on this thread; between steps take the parent's messages (blocking when idle),
+    after each step send what changed in one StepReport. Returns once closed and drained."""
+    handles: dict[int, RequestHandle] = {}
+    ended: list[Ended] = []
+    reported, closing_at = None, None
+    while True:
+        wait = 0 if engine.waiting or engine.busy_rows or closing_at is not None else None
+        while conn.poll(wait):
+            wait = 0
+            message = decode(conn.recv_bytes())  # EOFError: the parent is gone
+            if isinstance(message, Submit):
+                try:
+                    detokenizer = tokenizer.stream_decoder() if tokenizer is not None else None
+                    handles[message.id] = engine.submit(message.prompt, message.config, detokenizer,
+                                                        timeout=message.timeout)
+                except (RequestError, EngineClosed, QueueFull) as error:  # a submit racing the close
+                    ended.append(Ended(message.id, [], None, "cancelled", str(error)))
+            elif isinstance(message, Cancel):
+                if (handle := handles.get(message.id)) is not None:
+                    handle.cancel()
+            elif isinstance(message, Close):
+                engine.stop_admitting()
+                closing_at = time.monotonic() + message.grace
+        drained = not (engine.waiting or engine.busy_rows)
+        if closing_at is not None and (drained or time.monotonic() >= closing_at):
+            engine.stop()  # cancels what is left; the step below retires it
+        engine.step()
+        tokens = []
+        for rid, handle in list(handles.items()):
+            try:
+                got, done = handle.poll()
+                error = None
+            except Exception as failure:  # the step that ended it failed
+                got, done, error = [], True, f"{type(failure).__name__}: {failure}"
+            tokens += [(rid, event.token_id, event.text_delta) for event in got]
+            if done:
+                del handles[rid]
+                completion = handle.completion
+                ended.append(Ended(rid, [], None, "cancelled", error) if error else
+                             Ended(rid, completion.token_ids, completion.text, completion.finish_reason))
+        state = (engine.busy_rows, engine.queue_depth)
+        if tokens or ended or state != reported:
+            conn.send_bytes(encode(StepReport(*state, tokens, ended)))
+            ended, reported = [], state
+        if closing_at is not None and not handles and not (engine.waiting or engine.busy_rows):
+            return
+
+
+def main() -> None:
+    fd, spec = int(sys.argv[1]), ChildSpec(**json.loads(sys.argv[2]))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent drains us
+    conn = Connection(fd)
+    try:
+        from mixtral_export.runtimes.load import open_backend
+
+        backend, manifest = open_backend(spec.artifact, spec.runtime, provider=spec.provider, threads=spec.threads,
+                                         checkpoint=spec.checkpoint)
+        tokenizer = None
+        if manifest.tokenizer:
+            from mixtral_export.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
+        engine = Engine(backend, max_rows=spec.max_rows, max_positions=manifest.config.max_position_embeddings)
+    except Exception as error:  # UserError and whatever opening a backend raises: one line to the parent
+        conn.send_bytes(encode(Failed(str(error) or type(error).__name__)))
+        sys.exit(2)
+    conn.send_bytes(encode(Ready(os.getpid())))
+    try:
+        serve_pipe(conn, engine, tokenizer)
+    except (EOFError, OSError):  # the parent went away: nobody to answer
+        engine.stop()
+        engine.step()
+
+
+if __name__ == "__main__":
+    main()
