@@ -13,12 +13,12 @@ import sys
 
 import typer
 
+# Parameters are click's (typer carries its own copy of click): read by duck typing, not isinstance.
 PROGRAM = "mixtral-export"
 REGENERATE = "python3 -m mixtral_export.cli_reference > docs/cli.md"
 
 
 def _is_argument(param) -> bool:
-    """typer carries its own copy of click, so parameters are told apart by click's own label."""
     return param.param_type_name == "argument"
 
 
@@ -35,7 +35,7 @@ def _code(text: str) -> str:
     return f"`{text}`" if text else ""
 
 
-def _default(param: object) -> str:
+def _default(param) -> str:
     if param.required:
         return "required"
     value = param.default
@@ -48,16 +48,16 @@ def _default(param: object) -> str:
     return _code(str(value))
 
 
-def _metavar(param: object) -> str:
+def _metavar(param) -> str:
     if _is_flag(param):
         return ""
     return param.metavar or param.name.upper()
 
 
-def _limits(param: object) -> str:
-    """click's range types (typer's min=/max=) as words: they refuse values the help does not name."""
-    bounds = getattr(param, "type", None) if hasattr(getattr(param, "type", None), "min") else param
-    low, high = getattr(bounds, "min", None), getattr(bounds, "max", None)
+def _limits(param) -> str:
+    """typer's min=/max= (kept on the parameter, or on click's range type) as words."""
+    holder = param if hasattr(param, "min") else getattr(param, "type", None)
+    low, high = getattr(holder, "min", None), getattr(holder, "max", None)
     if low is not None and high is not None:
         return f"{low} to {high}"
     if low is not None:
@@ -67,23 +67,21 @@ def _limits(param: object) -> str:
     return ""
 
 
-def _help(param: object) -> str:
+def _help(param) -> str:
     parts = [getattr(param, "help", None) or ""]
     if limits := _limits(param):
         parts.append(f"({limits})")
-    if getattr(param, "multiple", False) and "repeat" not in parts[0]:
-        parts.append("(repeatable)")
     return " ".join(part for part in parts if part)
 
 
-def _flags(param: object) -> str:
+def _flags(param) -> str:
     if _is_argument(param):
         return _code(_metavar(param))
     names = sorted(param.opts, key=len) + list(param.secondary_opts)
     return ", ".join(_code(name) for name in names)
 
 
-def _usage(name: str, command: object) -> str:
+def _usage(name: str, command) -> str:
     pieces = [PROGRAM, name]
     if any(not _is_argument(p) and not getattr(p, "hidden", False) for p in command.params):
         pieces.append("[OPTIONS]")
@@ -94,7 +92,7 @@ def _usage(name: str, command: object) -> str:
     return " ".join(pieces)
 
 
-def _command_section(name: str, command: object) -> list[str]:
+def _command_section(name: str, command) -> list[str]:
     lines = [f"## {name}", "", "```", _usage(name, command), "```", ""]
     if command.help:
         lines += [inspect.cleandoc(command.help), ""]
@@ -103,6 +101,8 @@ def _command_section(name: str, command: object) -> list[str]:
         lines += ["| argument / option | value | default | what |", "| --- | --- | --- | --- |"]
         for param in params:
             value = "" if _is_argument(param) else _code(_metavar(param))
+            if getattr(param, "multiple", False):
+                value += ", repeatable"
             lines.append(f"| {_cell(_flags(param))} | {_cell(value)} | {_cell(_default(param))} "
                          f"| {_cell(_help(param))} |")
         lines.append("")
