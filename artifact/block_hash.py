@@ -7,7 +7,7 @@ sequential, one core at ~1.7 GB/s here, slower than the kernel copies from the p
 blocks hash on `hash_threads()` threads at once (hashlib lets go of the GIL), each reading its
 block through small read-only maps of the page cache (no copy). The
 export hashes blocks behind its writes (`BlockHasher`); verify hashes a finished file
-(`hash_file`). README "Artifact hashes" checks one with split and sha256sum.
+(`hash_file`). docs/design.md, "Artifact hashes", checks one with split and sha256sum.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-BLOCK_BYTES = 64 << 20  # README "Artifact hashes": block size against hash rate
+BLOCK_BYTES = 64 << 20  # docs/design.md "Artifact hashes": block size against hash rate
 MAP_BYTES = 8 << 20  # one map of a block, hashed and unmapped
 MAX_THREADS = 16
 LAG_BLOCKS = 4  # per thread: how many written blocks may wait for their hash before the writer waits
@@ -37,7 +37,7 @@ def hash_file(path: str | Path, block_size: int = BLOCK_BYTES) -> str:
 def hash_block(fd: int, start: int, end: int) -> bytes:
     """sha256 of bytes [start, end) of the open file `fd`, through read-only maps of MAP_BYTES
     (each unmapped once hashed: at most one per thread in the resident size). Cheaper than pread
-    into a buffer: 0.60 s of CPU per GB here against 0.76-0.80 s (README "Artifact hashes")."""
+    into a buffer: 0.60 s of CPU per GB here against 0.76-0.80 s (docs/design.md, "Artifact hashes")."""
     digest = hashlib.sha256()
     while start < end:
         aligned = start - start % mmap.ALLOCATIONGRANULARITY

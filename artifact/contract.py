@@ -82,7 +82,7 @@ DEFAULT_QUANT_BLOCK = 32  # a block size where no scheme is named (the schemes' 
 
 
 def default_block_size(weights: str) -> int:
-    """The block an int8/int4 export gets when none is asked for (README "Weight-only int8 / int4" measures it)."""
+    """The block an int8/int4 export gets when none is asked for (docs/quantization.md measures it)."""
     scheme = WEIGHT_SCHEMES.get(weights)
     return scheme.block_size if scheme else DEFAULT_QUANT_BLOCK
 # Which weights a scheme quantizes; the token embeddings, the router and the norms stay float.

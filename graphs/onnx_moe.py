@@ -32,7 +32,7 @@ breaks such ties by index; ties need equal router logits).
 Quantized experts stay whole (QUANTIZED_EXPERT_PARTS). The CPU `QMoE` kernel (int8/int4,
 graphs/onnx_quant.py) deals experts to its threads itself, round-robin, largest first, so a
 decode token's 2 experts already land one per thread at 2 threads, and fewer, longer GEMVs read
-faster (int4 at 2 threads: README, "Weight-only int8 / int4").
+faster (int4 at 2 threads: docs/quantization.md).
 
 How it gets into the graph: before tracing, `route_through_moe_nodes` makes each gathered MoE
 block (mixtral_export/model.py, which knows nothing of ONNX) call `moe_node`, a

@@ -33,7 +33,7 @@ from mixtral_export.artifact.block_hash import BlockHasher
 from mixtral_export.artifact.manifest import FileEntry
 
 EXTERNAL_MIN = 256  # bytes: onnx_ir's size_threshold_bytes; at most this stays inside model.onnx
-WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (README "Measured")
+WRITE_BYTES = 8 << 20  # the most one write() call hands the kernel (docs/design.md, "The writer")
 CHUNK_BYTES = 4 << 20  # one BufferRing buffer: what one read or fill and write() handle
 RING = 3  # BufferRing's buffers: one being written while the next is filled
 PROGRESS_EVERY = 1.0  # seconds between progress reports
@@ -98,7 +98,7 @@ def torch_on_one_thread():
     """Run torch's ops (casts, transposes, expert layouts) on the writing thread alone while the
     file is written: the hashing threads keep the other cores busy, and torch's intra-op pool then
     waits on descheduled workers (a 2 MB strided copy_ ran at 0.26 GB/s with 2 threads on this
-    loaded 2-core machine, 39 GB/s with 1; README "Measured")."""
+    loaded 2-core machine, 39 GB/s with 1; docs/design.md, "The writer")."""
     import torch
 
     threads = torch.get_num_threads()

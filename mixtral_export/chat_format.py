@@ -8,7 +8,7 @@ A conversation is checked and normalised first, as mistral-common's request vali
 normaliser do, so the ids equal its encode_chat_completion; what it refuses, and what we cannot
 encode faithfully (tools, images, extra message fields), raises ChatFormatError.
 CHAT_TEMPLATE / render_chat are the Hugging Face template of the original 8x7B-Instruct, kept to
-compare against (see README, "Chat format").
+compare against (see docs/runtimes.md, "Chat format").
 """
 from __future__ import annotations
 

@@ -132,7 +132,7 @@ class Tokenizer:
 
         Each text segment between control tokens is sentencepiece-encoded on its own (so each gets
         the dummy-prefix space), as mistral-common does. Tokenizing a chat template's rendered
-        string in one go instead can give other ids at the seams (README, "Chat format").
+        string in one go instead can give other ids at the seams (docs/runtimes.md, "Chat format").
         for_generation: the conversation may not end with an assistant message.
         """
         if self.instruct_version not in ("v1", "v2", "v3"):

@@ -1,5 +1,5 @@
-"""sha256_blocks (graphs/block_hash.py): the definition, computed independently here; the README's
-shell check; blocks hashed behind an export's writes; manifests written the old way (plain sha256)."""
+"""sha256_blocks (artifact/block_hash.py): the definition, computed independently here; the shell
+check docs/design.md gives; blocks hashed behind an export's writes; manifests written the old way (plain sha256)."""
 from __future__ import annotations
 
 import functools
@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,7 @@ from mixtral_export.artifact.manifest import FORMAT_VERSION, MANIFEST_NAME, Mani
 
 
 def definition(data: bytes, block_size: int) -> str:
-    """The README's definition, spelled out: sha256 over the blocks' 32-byte sha256 digests."""
+    """docs/design.md's definition, spelled out: sha256 over the blocks' 32-byte sha256 digests."""
     blocks = [data[at:at + block_size] for at in range(0, len(data), block_size)]
     return hashlib.sha256(b"".join(hashlib.sha256(block).digest() for block in blocks)).hexdigest()
 
@@ -50,11 +51,16 @@ def test_blocks_hashed_behind_writes_on_a_small_pool(tmp_path):
 
 @pytest.mark.skipif(not (shutil.which("split") and shutil.which("xxd") and shutil.which("sha256sum")),
                     reason="split, xxd or sha256sum missing")
-def test_readme_shell_check_gives_the_root(tmp_path):
+def test_design_doc_shell_check_gives_the_root(tmp_path):
+    """The one-liner docs/design.md gives, as written there, on blocks of 1M instead of 64M."""
+    design = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    documented = [line for line in design.splitlines() if line.startswith("split -b 64M ")]
+    assert len(documented) == 1, "docs/design.md should give the split/xxd check on one line"
+    assert documented[0].endswith(" model.onnx.data | sha256sum") and block_hash.BLOCK_BYTES == 64 << 20
     data = bytes((i * 13) % 256 for i in range(3 * 1024 * 1024 + 5))
     path = tmp_path / "file"
     path.write_bytes(data)
-    command = f"split -b 1M --filter='sha256sum | cut -c1-64 | xxd -r -p' {path} | sha256sum | cut -c1-64"
+    command = documented[0].replace("-b 64M", "-b 1M").replace("model.onnx.data", str(path)) + " | cut -c1-64"
     out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, check=True).stdout.strip()
     assert out == hash_file(path, 1 << 20) == definition(data, 1 << 20)
 

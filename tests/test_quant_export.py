@@ -148,7 +148,7 @@ def test_quantized_artifact_serves_on_ort_without_torch(quantized):
 
 
 def test_export_without_a_block_size_takes_the_schemes_default(tmp_path):
-    """Each scheme's default block (README "Weight-only int8 / int4": the fastest measured above llama.cpp's
+    """Each scheme's default block (docs/quantization.md: the fastest measured above llama.cpp's
     q8_0 / q4_0 fidelity) is what an export without --block-size writes. The tiny model widened to 128
     features everywhere, so int4's 128 divides every K."""
     from dataclasses import replace

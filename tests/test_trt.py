@@ -2,7 +2,7 @@
 close in fp16/bf16; plus the refusals that need neither TensorRT nor a GPU.
 
 The engine tests need NVIDIA's TensorRT 10 and a CUDA GPU and are skipped without them (they have
-never run in this project's CI, which has neither; see the README's TensorRT section).
+never run in this project's CI, which has neither; see docs/runtimes.md, "TensorRT").
 """
 from __future__ import annotations
 
