@@ -81,8 +81,11 @@ def test_ort_matches_eager_on_dequantized_weights_and_cost_is_reported(quantized
     (kernels,) = report.comparisons
     assert kernels.passed and kernels.median_step_abs <= 1e-4 and all(d is None for d in kernels.first_divergence)
     assert kernels.top1_agreement == 1.0
-    within = np.mean([x <= 1e-4 for steps in kernels.per_step_max_abs for x in steps])
-    assert within >= 0.7  # measured: int4 all but 1 of 80 steps, int8 all but the 19 after one flip
+    # ORT rounds int8 activations with its own kernels (which differ by CPU): a step where one code
+    # lands on the other side of a rounding boundary moves the logits by ~0.1, the others agree to 1e-6.
+    # Measured on two x86 CPUs: int4 79 and 79 of 80 steps within 1e-4, int8 61 and 55 of 80.
+    steps = [x for row in kernels.per_step_max_abs for x in row]
+    assert np.mean([x <= 1e-4 for x in steps]) >= 0.6 and max(steps) <= 0.2
     costs = {c.runtime: c for c in report.quantization_cost}
     assert set(costs) == {"eager", "ort"} and all(c.against == "float" for c in report.quantization_cost)
     for cost in costs.values():
