@@ -14,13 +14,14 @@ from mixtral_export.artifact.contract import HEAD_KINDS
 
 from mixtral_export.artifact.config import ConfigError, read_config_json
 
-HEADS = ("causal-lm", *HEAD_KINDS)
-ARCHITECTURES = {"MixtralForCausalLM": "causal-lm", "MixtralModel": "model",
+CAUSAL_LM = "causal-lm"  # the generative head: exported as the step graph, not a head graph
+HEADS = (CAUSAL_LM, *HEAD_KINDS)
+ARCHITECTURES = {"MixtralForCausalLM": CAUSAL_LM, "MixtralModel": "model",
                  "MixtralForSequenceClassification": "sequence-classification",
                  "MixtralForTokenClassification": "token-classification",
                  "MixtralForQuestionAnswering": "question-answering"}
 # The tensors each head adds to the trunk: name -> required (False: optional, e.g. a bias)
-HEAD_TENSORS = {"causal-lm": {"lm_head.weight": True}, "model": {},
+HEAD_TENSORS = {CAUSAL_LM: {"lm_head.weight": True}, "model": {},
                 "sequence-classification": {"score.weight": True},
                 "token-classification": {"score.weight": True, "score.bias": False},
                 "question-answering": {"qa_outputs.weight": True, "qa_outputs.bias": True}}
@@ -41,6 +42,11 @@ class Head:
             raise ConfigError(f"the {self.kind} head {'needs' if classifies else 'has no'} labels")
 
     @property
+    def generates(self) -> bool:
+        """The causal LM: exported as the step graph and run by Session; every other head is scored."""
+        return self.kind == CAUSAL_LM
+
+    @property
     def num_labels(self) -> int:
         """Rows of the head's Linear: labels, 2 for question answering (start, end), 0 for the bare model."""
         return 2 if self.kind == "question-answering" else len(self.labels)
@@ -59,7 +65,7 @@ def read_head(folder: str | Path, tensors: dict[str, tuple[int, ...]], override:
     if bare and kind != "model":
         raise ConfigError(f"{path}: the checkpoint is a bare MixtralModel (no model. prefix); it has no "
                           f"{kind} head (--head model)")
-    tied = kind == "causal-lm" and bool(raw.get("tie_word_embeddings", False))
+    tied = kind == CAUSAL_LM and bool(raw.get("tie_word_embeddings", False))
     for name, required in HEAD_TENSORS[kind].items():
         if required and name not in tensors and not (tied and name == "lm_head.weight"):
             why = f"names {architectures[0]}" if kind == declared else f"was asked for {kind}"
@@ -79,7 +85,7 @@ def _infer(tensors: dict, bare: bool, tied: bool, path: Path) -> str:
         raise ConfigError(f"{path}: no Mixtral architectures entry and a score head: pass --head "
                           f"sequence-classification or --head token-classification")
     if "lm_head.weight" in tensors or tied:
-        return "causal-lm"
+        return CAUSAL_LM
     return "model"
 
 

@@ -20,7 +20,7 @@ from mixtral_export.model import MixtralStatic
 class HeadModel(nn.Module):
     def __init__(self, config: MixtralConfig, head: Head, routing: str = "dense"):
         super().__init__()
-        if head.kind == "causal-lm":
+        if head.generates:
             raise ValueError("the causal LM is the step graph (mixtral_export/model.py), not a head graph")
         self.head = head
         self.body = MixtralStatic(config, config.sliding_window, routing, lm_head=False)

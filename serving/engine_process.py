@@ -27,10 +27,10 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from mixtral_export.artifact.manifest import load_manifest
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.engine import Engine, EngineClosed, QueueFull, Request
 from mixtral_export.runtimes.generate import Completion, Row, TokenEvent, check_prompts, position_limit
+from mixtral_export.runtimes.load import load_step_manifest
 from mixtral_export.runtimes.session import generation_config
 from mixtral_export.runtimes.step import RequestError
 
@@ -47,9 +47,7 @@ class EngineProcess:
 
     def __init__(self, artifact: str | Path, runtime: str = "ort", provider: str = "cpu", threads: int | None = None,
                  checkpoint: str | Path | None = None, max_queue: int | None = None, rows: int | None = None):
-        manifest = load_manifest(artifact, verify_files=False)
-        if manifest.head != "causal-lm":
-            raise RequestError(f"{manifest.folder}: a {manifest.head} artifact does not generate")
+        manifest = load_step_manifest(artifact)
         self.manifest, self.shapes = manifest, manifest.shapes
         if rows is not None and not 1 <= rows <= self.shapes.batch:
             raise RequestError(f"rows must be in 1..{self.shapes.batch} (the batch), got {rows}")
@@ -232,10 +230,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the front drains us
     conn = Connection(fd)
     try:
-        from mixtral_export.runtimes.load import open_backend
+        from mixtral_export.runtimes.load import open_step_backend
 
-        backend, manifest = open_backend(spec["artifact"], spec["runtime"], provider=spec["provider"],
-                                         threads=spec["threads"], checkpoint=spec["checkpoint"])
+        backend, manifest = open_step_backend(spec["artifact"], spec["runtime"], provider=spec["provider"],
+                                              threads=spec["threads"], checkpoint=spec["checkpoint"])
         tokenizer = None
         if manifest.tokenizer:
             from mixtral_export.tokenizer import Tokenizer

@@ -254,7 +254,7 @@ def test_session_on_a_head_artifact_needs_no_torch(classifier):
     import sys
     from pathlib import Path
 
-    code = ("import sys; from runtimes.session import Session; s = Session.open(sys.argv[1], runtime='ort'); "
+    code = ("import sys; from mixtral_export import HeadSession; s = HeadSession.open(sys.argv[1], runtime='ort'); "
             "r = s.score_ids([[5, 6, 7]])[0]; assert r.outputs['logits'].shape == (2,); "
             "assert s.labels == ('class-0', 'class-1'); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code, str(classifier)], cwd=Path(__file__).resolve().parents[1], check=True)
@@ -290,10 +290,10 @@ def test_bare_model_exported_from_a_causal_lm_with_gathered_experts(tmp_path):
 
 
 def test_session_classify_names_labels_from_id2label(classifier):
-    from mixtral_export.runtimes.session import Session
+    from mixtral_export.runtimes.head_session import HeadSession
     from mixtral_export.runtimes.step import RequestError
 
-    session = Session.open(classifier, runtime="ort")
+    session = HeadSession.open(classifier, runtime="ort")
 
     class Words:  # a stand-in tokenizer: one id per word
         def encode(self, text, bos=True):
