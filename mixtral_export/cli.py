@@ -72,14 +72,18 @@ def _progress():
 @app.command()
 def tiny(out_dir: Path = typer.Argument(..., help="Folder to write the checkpoint into", metavar="OUT_DIR"),
          seed: int = typer.Option(0, help="Seed of the random weights", metavar="N"),
-         shard_bytes: Optional[int] = typer.Option(None, help="Split safetensors into shards of this size", metavar="N")):
+         shard_bytes: Optional[int] = typer.Option(None, help="Split safetensors into shards of this size", metavar="N"),
+         head: str = typer.Option("causal-lm", help="causal-lm | model | sequence-classification | "
+                                  "token-classification | question-answering: the transformers class it is saved as",
+                                  metavar="KIND")):
     """Write the embedded tiny Mixtral as a Hugging Face checkpoint (config, safetensors, tokenizer)."""
     from mixtral_export.tiny import TINY_CONFIG, write_tiny
 
-    folder = write_tiny(out_dir, seed=seed, max_shard_bytes=shard_bytes)
+    folder = write_tiny(out_dir, seed=seed, max_shard_bytes=shard_bytes, head=head)
     files = ", ".join(sorted(p.name for p in folder.iterdir()))
     c = TINY_CONFIG
-    out.print(f"wrote tiny Mixtral to {folder}: {c.num_hidden_layers} layers, {c.num_local_experts} experts "
+    out.print(f"wrote tiny Mixtral ({head}) to {folder}: "
+              f"{c.num_hidden_layers} layers, {c.num_local_experts} experts "
               f"(top-{c.num_experts_per_tok}), hidden {c.hidden_size}, vocab {c.vocab_size}, "
               f"sliding window {c.sliding_window} [{files}]", highlight=False)
 
