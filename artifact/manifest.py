@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from mixtral_export.artifact.block_hash import BLOCK_BYTES, hash_file
-from mixtral_export.artifact.contract import OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS, OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
 from mixtral_export.artifact.config import ConfigError, MixtralConfig
 from mixtral_export.errors import UserError
 
@@ -363,7 +363,7 @@ def _check_head(manifest: HeadManifest, head: str, path: Path) -> None:
     if shapes.hidden_size != manifest.config.hidden_size:
         raise ManifestError(f"{path}: shapes.hidden_size ({shapes.hidden_size}) does not match the config "
                             f"({manifest.config.hidden_size})")
-    classifies = shapes.head in ("sequence-classification", "token-classification")
+    classifies = shapes.head in CLASSIFIER_KINDS
     if len(manifest.labels) != (shapes.num_labels if classifies else 0):
         raise ManifestError(f"{path}: {len(manifest.labels)} labels for a {shapes.head} head with "
                             f"num_labels {shapes.num_labels}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixtral_export.artifact.contract import HEAD_KINDS
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS, HEAD_KINDS
 
 from mixtral_export.artifact.config import ConfigError, read_config_json
 
@@ -37,7 +37,7 @@ class Head:
     def __post_init__(self) -> None:
         if self.kind not in HEADS:
             raise ConfigError(f"head {self.kind!r} is not one of {', '.join(HEADS)}")
-        classifies = self.kind in ("sequence-classification", "token-classification")
+        classifies = self.kind in CLASSIFIER_KINDS
         if classifies != bool(self.labels):
             raise ConfigError(f"the {self.kind} head {'needs' if classifies else 'has no'} labels")
 
@@ -70,7 +70,7 @@ def read_head(folder: str | Path, tensors: dict[str, tuple[int, ...]], override:
         if required and name not in tensors and not (tied and name == "lm_head.weight"):
             why = f"names {architectures[0]}" if kind == declared else f"was asked for {kind}"
             raise ConfigError(f"{path}: {why}, but the checkpoint has no {name} tensor")
-    labels = _labels(raw, tensors, path) if kind in ("sequence-classification", "token-classification") else ()
+    labels = _labels(raw, tensors, path) if kind in CLASSIFIER_KINDS else ()
     bias = kind == "question-answering" or (kind == "token-classification" and "score.bias" in tensors)
     return Head(kind=kind, labels=labels, bias=bias)
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from mixtral_export.artifact.config import ConfigError, MixtralConfig
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS
 from mixtral_export.destinations import WRITER, json_mark, refuse, replace_folder
 from mixtral_export.head import ARCHITECTURES, CAUSAL_LM, HEADS
 from mixtral_export.model import TORCH_DTYPES
@@ -163,7 +164,7 @@ def head_config_json(head: str, labels: tuple[str, ...] = TINY_LABELS) -> dict:
     """config.json's keys that name `head`: its transformers class, and a classifier's id2label."""
     architecture = next(name for name, kind in ARCHITECTURES.items() if kind == head)
     out: dict = {"architectures": [architecture]}
-    if head in ("sequence-classification", "token-classification"):
+    if head in CLASSIFIER_KINDS:
         out.update(id2label={str(i): name for i, name in enumerate(labels)},
                    label2id={name: i for i, name in enumerate(labels)})
     return out

@@ -15,12 +15,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS
 from mixtral_export.artifact.manifest import HeadManifest
 from mixtral_export.runtimes.heads import HeadBackend, HeadResult, score
 from mixtral_export.runtimes.step import RequestError
-
-CLASSIFIERS = ("sequence-classification", "token-classification")
-
 
 class HeadSession:
     def __init__(self, backend: HeadBackend, manifest: HeadManifest, tokenizer=None):
@@ -77,7 +75,7 @@ class HeadSession:
 
     def classify(self, prompt: str | list[str], padding: str = "left"):
         """A sequence classifier's label per prompt, a token classifier's label per token."""
-        if self.head not in CLASSIFIERS:
+        if self.head not in CLASSIFIER_KINDS:
             raise RequestError(f"{self.manifest.folder}: a {self.head} artifact has no labels; use score")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         found = [r.to_json(self.head, self.labels) for r in self.score(prompts, padding)]
