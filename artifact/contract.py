@@ -243,6 +243,7 @@ def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) ->
 # the config has no pad_token_id (so such batches must be left-padded).
 
 HEAD_KINDS = ("model", "sequence-classification", "token-classification", "question-answering")
+CLASSIFIER_KINDS = ("sequence-classification", "token-classification")  # the heads with labels (id2label)
 HEAD_INPUT_NAMES = ("input_ids", "attention_mask")
 HEAD_OUTPUT_NAMES = {"model": ("last_hidden_state",), "sequence-classification": ("logits",),
                      "token-classification": ("logits",), "question-answering": ("start_logits", "end_logits")}

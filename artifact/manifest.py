@@ -7,6 +7,9 @@ file beside it (`FileEntry`: sha256_blocks, graphs/block_hash.py; a plain sha256
 2), so a runtime can refuse an artifact that was truncated, tampered with, mixed
 with another build's files or built for another model, before it loads gigabytes of weights.
 
+A head artifact (a non-generative head's one static graph) records its `head` and `labels` too and
+loads as a `HeadManifest`; a step artifact loads as a `Manifest`.
+
 Torch-free and onnx-free: runtimes read it with numpy and onnxruntime alone.
 """
 from __future__ import annotations
@@ -20,7 +23,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from mixtral_export.artifact.block_hash import BLOCK_BYTES, hash_file
-from mixtral_export.artifact.contract import OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS, OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
 from mixtral_export.artifact.config import ConfigError, MixtralConfig
 from mixtral_export.errors import UserError
 
@@ -89,14 +92,14 @@ class FileEntry:
         return f"{scheme} {self.digest[:16]}..."
 
 
-@dataclass(frozen=True)
-class Manifest:
+@dataclass(frozen=True, kw_only=True)
+class ArtifactManifest:
+    """What every artifact's manifest records; `load_manifest` returns one of the two kinds below."""
     folder: Path
     format_version: int
     kind: str
     config: MixtralConfig
-    shapes: StepShapes | HeadShapes  # HeadShapes: a head graph (graphs/contract.py); `head` says which
-    chunks: tuple[int, ...]  # the chunk lengths T the graphs serve: (P, 1)
+    chunks: tuple[int, ...]  # the chunk lengths T the graphs serve: (P, 1), or a head graph's (T,)
     graphs: dict[str, str]  # role -> file name, e.g. {"step": "model.onnx"}
     io: dict  # {"inputs"|"outputs": [{"name", "dtype", "shapes": {str(T): [dims]}}]}
     dtype: str
@@ -111,11 +114,6 @@ class Manifest:
     source: str | None = None  # the checkpoint folder it was built from, as the builder saw it
     routing: str = "dense"  # how the MoE blocks compute: "dense" | "gather" (mixtral_export/model.py)
     engines: dict[str, dict] = field(default_factory=dict)  # engine file -> its build record (TensorRT)
-    head: str = "causal-lm"  # what the graph computes: the step graph, or one of contract.HEAD_KINDS
-    labels: tuple[str, ...] = ()  # a classification head's label names by class id (config.json's id2label)
-    # Weight-only quantization (graphs/onnx_quant.py): scheme, bits, symmetric, block_size,
-    # activations and per tensor {kind, max_abs, mean_abs}; None = float weights.
-    quantization: dict | None = None
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -124,6 +122,27 @@ class Manifest:
         if role not in self.graphs:
             raise ManifestError(f"{self.folder / MANIFEST_NAME}: no {role!r} graph (has {', '.join(self.graphs)})")
         return self.folder / self.graphs[role]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest(ArtifactManifest):
+    """A causal LM's step artifact: the prefill/decode graph and its cache (graphs/contract.py)."""
+    shapes: StepShapes
+    # Weight-only quantization (graphs/onnx_quant.py): scheme, bits, symmetric, block_size,
+    # activations and per tensor {kind, max_abs, mean_abs}; None = float weights.
+    quantization: dict | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadManifest(ArtifactManifest):
+    """A head artifact (graphs/onnx_heads.py): one static (B, T) graph of a non-generative head."""
+    shapes: HeadShapes
+    labels: tuple[str, ...] = ()  # a classification head's label names by class id (config.json's id2label)
+
+    @property
+    def head(self) -> str:
+        """What the graph computes: one of contract.HEAD_KINDS."""
+        return self.shapes.head
 
 
 def io_contract(shapes: StepShapes, chunks: tuple[int, ...]) -> dict:
@@ -228,8 +247,9 @@ def file_entry(path: Path, hashed: FileEntry | None = None) -> dict:
     return hashed.to_json()
 
 
-def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
-    """Read and check an artifact's manifest.
+def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest | HeadManifest:
+    """Read and check an artifact's manifest: a step artifact's `Manifest` or a head artifact's
+    `HeadManifest`, so a caller that serves both dispatches once on the class.
 
     Always checks that every listed file exists with its recorded size and that no unlisted
     graph or weight file sits beside them (cheap: one stat per file). `verify_files` also
@@ -260,7 +280,7 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest:
     return manifest
 
 
-def check_compatible(manifest: Manifest, config: MixtralConfig) -> None:
+def check_compatible(manifest: ArtifactManifest, config: MixtralConfig) -> None:
     """Refuse an artifact built for another model: name every field that differs (dtype aside)."""
     differing = [f.name for f in fields(MixtralConfig)
                  if f.name not in IDENTITY_IGNORES and getattr(manifest.config, f.name) != getattr(config, f.name)]
@@ -270,23 +290,27 @@ def check_compatible(manifest: Manifest, config: MixtralConfig) -> None:
         raise ManifestError(f"{manifest.folder / MANIFEST_NAME}: built for another config ({detail})")
 
 
-def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
+def _parse(raw: dict, folder: Path, path: Path) -> Manifest | HeadManifest:
+    """The manifest as its kind: a recorded `head` makes a HeadManifest, its absence a step Manifest."""
     try:
         config = MixtralConfig.from_dict(raw["config"], source=f"{path}: config")
-        head = raw.get("head", "causal-lm")
-        shapes = StepShapes.from_dict(raw["shapes"]) if head == "causal-lm" else HeadShapes.from_dict(raw["shapes"])
         files = {name: FileEntry.from_json(entry, f"{path}: files[{name!r}]")
                  for name, entry in raw["files"].items()}
         eos = raw["eos_token_id"]
-        manifest = Manifest(
+        common = dict(
             folder=folder, format_version=raw["format_version"], kind=raw["kind"], config=config,
-            shapes=shapes, chunks=tuple(int(t) for t in raw["chunks"]), graphs=dict(raw["graphs"]),
+            chunks=tuple(int(t) for t in raw["chunks"]), graphs=dict(raw["graphs"]),
             io=raw["io"], dtype=raw["dtype"], opset=raw["opset"], tools=dict(raw["tools"]),
             created=raw["created"], tokenizer=raw["tokenizer"], bos_token_id=raw["bos_token_id"],
             eos_token_id=tuple(eos) if isinstance(eos, list) else (eos,), files=files,
             device=raw.get("device"), source=raw.get("source"), engines=dict(raw.get("engines") or {}),
-            routing=raw.get("routing", "dense"), head=head, labels=tuple(str(x) for x in raw.get("labels", ())),
-            quantization=raw.get("quantization"))
+            routing=raw.get("routing", "dense"))
+        if "head" in raw:
+            manifest = HeadManifest(**common, shapes=HeadShapes.from_dict(raw["shapes"]),
+                                    labels=tuple(str(x) for x in raw.get("labels", ())))
+        else:
+            manifest = Manifest(**common, shapes=StepShapes.from_dict(raw["shapes"]),
+                                quantization=raw.get("quantization"))
     except ManifestError:
         raise
     except ConfigError as err:
@@ -295,12 +319,13 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
         raise ManifestError(f"{path}: field {err.args[0]!r} is missing") from None
     except (ContractError, TypeError, ValueError, AttributeError) as err:
         raise ManifestError(f"{path}: malformed ({err})") from None
+    shapes = manifest.shapes
     if manifest.kind not in KINDS:
         raise ManifestError(f"{path}: unknown artifact kind {manifest.kind!r} (one of {', '.join(KINDS)})")
     if manifest.dtype != shapes.dtype:
         raise ManifestError(f"{path}: dtype {manifest.dtype!r} differs from shapes.dtype {shapes.dtype!r}")
-    if isinstance(shapes, HeadShapes):
-        _check_head(manifest, path)
+    if isinstance(manifest, HeadManifest):
+        _check_head(manifest, raw["head"], path)
     else:
         expected = {"num_layers": config.num_hidden_layers, "num_kv_heads": config.num_key_value_heads,
                     "head_dim": config.head_dim, "vocab_size": config.vocab_size}
@@ -330,15 +355,15 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest:
     return manifest
 
 
-def _check_head(manifest: Manifest, path: Path) -> None:
-    """A head artifact's shapes agree with its head, config, labels and recorded I/O."""
+def _check_head(manifest: HeadManifest, head: str, path: Path) -> None:
+    """A head artifact's shapes agree with its recorded head, config, labels and I/O."""
     shapes = manifest.shapes
-    if shapes.head != manifest.head:
-        raise ManifestError(f"{path}: head {manifest.head!r} differs from shapes.head {shapes.head!r}")
+    if shapes.head != head:
+        raise ManifestError(f"{path}: head {head!r} differs from shapes.head {shapes.head!r}")
     if shapes.hidden_size != manifest.config.hidden_size:
         raise ManifestError(f"{path}: shapes.hidden_size ({shapes.hidden_size}) does not match the config "
                             f"({manifest.config.hidden_size})")
-    classifies = shapes.head in ("sequence-classification", "token-classification")
+    classifies = shapes.head in CLASSIFIER_KINDS
     if len(manifest.labels) != (shapes.num_labels if classifies else 0):
         raise ManifestError(f"{path}: {len(manifest.labels)} labels for a {shapes.head} head with "
                             f"num_labels {shapes.num_labels}")
@@ -375,7 +400,7 @@ def set_engine(folder: str | Path, name: str, record: dict | None) -> Path:
     return path
 
 
-def _check_files(manifest: Manifest, verify_hashes: bool) -> None:
+def _check_files(manifest: ArtifactManifest, verify_hashes: bool) -> None:
     for name, entry in manifest.files.items():
         file = manifest.folder / name
         if not file.is_file():

@@ -18,6 +18,7 @@ from importlib import import_module
 # name -> the module that defines it
 _PUBLIC = {
     "Session": "mixtral_export.runtimes.session",
+    "HeadSession": "mixtral_export.runtimes.head_session",
     "GenerationConfig": "mixtral_export.runtimes.requests",
     "SamplingParams": "mixtral_export.runtimes.sampling",
     "export_onnx": "mixtral_export.graphs.onnx_export",

@@ -142,7 +142,7 @@ def checked_head_tensors(folder: Path, config: MixtralConfig, head: str | None =
 
     tensors = checkpoint_tensors(folder)
     chosen = read_head(folder, {key: entry.shape for key, entry in tensors.items()}, head)
-    if chosen.kind == "causal-lm":
+    if chosen.generates:
         raise CheckpointError(f"{folder}: its head is the causal LM; export it as a step graph (or pass --head)")
     prefix = "" if chosen.kind == "model" and "embed_tokens.weight" in tensors else "model."
     targets = {key: Target(f"body.{t.param}", t.shape, t.select)

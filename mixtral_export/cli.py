@@ -72,14 +72,18 @@ def _progress():
 @app.command()
 def tiny(out_dir: Path = typer.Argument(..., help="Folder to write the checkpoint into", metavar="OUT_DIR"),
          seed: int = typer.Option(0, help="Seed of the random weights", metavar="N"),
-         shard_bytes: Optional[int] = typer.Option(None, help="Split safetensors into shards of this size", metavar="N")):
+         shard_bytes: Optional[int] = typer.Option(None, help="Split safetensors into shards of this size", metavar="N"),
+         head: str = typer.Option("causal-lm", help="causal-lm | model | sequence-classification | "
+                                  "token-classification | question-answering: the transformers class it is saved as",
+                                  metavar="KIND")):
     """Write the embedded tiny Mixtral as a Hugging Face checkpoint (config, safetensors, tokenizer)."""
     from mixtral_export.tiny import TINY_CONFIG, write_tiny
 
-    folder = write_tiny(out_dir, seed=seed, max_shard_bytes=shard_bytes)
+    folder = write_tiny(out_dir, seed=seed, max_shard_bytes=shard_bytes, head=head)
     files = ", ".join(sorted(p.name for p in folder.iterdir()))
     c = TINY_CONFIG
-    out.print(f"wrote tiny Mixtral to {folder}: {c.num_hidden_layers} layers, {c.num_local_experts} experts "
+    out.print(f"wrote tiny Mixtral ({head}) to {folder}: "
+              f"{c.num_hidden_layers} layers, {c.num_local_experts} experts "
               f"(top-{c.num_experts_per_tok}), hidden {c.hidden_size}, vocab {c.vocab_size}, "
               f"sliding window {c.sliding_window} [{files}]", highlight=False)
 
@@ -110,7 +114,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
     with another head (or --head) exports a static (batch, seq-len) head graph instead."""
     if routing not in ("dense", "gather"):
         raise UsageError(f"--routing {routing!r} is not available (dense, gather)")
-    if _checkpoint_head(checkpoint, head) != "causal-lm":
+    if not _checkpoint_head(checkpoint, head).generates:  # a head graph, not the step graph
         if format != "onnx":
             raise UsageError(f"--format {format!r}: head graphs export to onnx only")
         from mixtral_export.graphs.onnx_heads import export_head_onnx
@@ -139,8 +143,8 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
     _describe(artifact)
 
 
-def _checkpoint_head(checkpoint: Path, head: Optional[str]) -> str:
-    """The head an export of `checkpoint` builds: --head, else the one config.json and the tensors name."""
+def _checkpoint_head(checkpoint: Path, head: Optional[str]):
+    """The Head an export of `checkpoint` builds: --head, else the one config.json and the tensors name."""
     from mixtral_export.checkpoint import checkpoint_tensors
     from mixtral_export.head import read_head
     from mixtral_export.safetensors_file import CheckpointError
@@ -148,7 +152,7 @@ def _checkpoint_head(checkpoint: Path, head: Optional[str]) -> str:
     if not checkpoint.is_dir():
         raise CheckpointError(f"{checkpoint}: not a checkpoint folder")
     tensors = checkpoint_tensors(checkpoint)
-    return read_head(checkpoint, {key: entry.shape for key, entry in tensors.items()}, head).kind
+    return read_head(checkpoint, {key: entry.shape for key, entry in tensors.items()}, head)
 
 
 @app.command("build-engine")
@@ -189,7 +193,7 @@ def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written b
 
 
 def _describe(artifact: Path) -> None:
-    from mixtral_export.artifact.manifest import load_manifest
+    from mixtral_export.artifact.manifest import HeadManifest, load_manifest
 
     manifest = load_manifest(artifact)
     c, s = manifest.config, manifest.shapes
@@ -200,7 +204,7 @@ def _describe(artifact: Path) -> None:
     out.print(f"  model   {c.num_hidden_layers} layers, hidden {c.hidden_size}, {c.num_attention_heads} heads / "
               f"{c.num_key_value_heads} kv heads x {c.head_dim}, {c.num_local_experts} experts top-"
               f"{c.num_experts_per_tok}, vocab {c.vocab_size}, sliding window {c.sliding_window}", highlight=False)
-    if manifest.head != "causal-lm":
+    if isinstance(manifest, HeadManifest):
         outputs = ", ".join(f"{e['name']} {e['shape']}" for e in manifest.io["outputs"])
         labels = f"; labels {', '.join(manifest.labels)}" if manifest.labels else ""
         out.print(f"  head    {manifest.head}: input_ids, attention_mask [{s.batch}, {s.seq_len}] -> {outputs}{labels}"
@@ -250,9 +254,7 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
 
     if bool(prompt) == bool(input_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
-    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)
-    if session.head != "causal-lm":
-        raise UsageError(f"{artifact}: a {session.head} artifact does not generate; score it (mixtral-export score)")
+    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)  # refuses a head
     chat = chat or system is not None
     if input_ids:
         if chat:
@@ -297,7 +299,7 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
            as_json: bool = typer.Option(False, "--json", help="Print the report as JSON"),
            report: Optional[Path] = typer.Option(None, help="Also write the JSON report to this file", metavar="PATH")):
     """Compare runtimes (and the reference) on the same prompts; the exit code says pass or fail."""
-    from mixtral_export.artifact.manifest import load_manifest
+    from mixtral_export.artifact.manifest import HeadManifest, load_manifest
     from mixtral_export.runtimes.verify import print_report, verify_artifact
     from mixtral_export.runtimes.verify_heads import print_head_report, verify_head_artifact
 
@@ -306,20 +308,19 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
         raise UsageError(f"--reference {reference!r}: only 'hf' is known")
     if report:
         check_file(report, report_is_ours("verify"))  # before minutes of verifying, not after
-    head = load_manifest(artifact, verify_files=False).head != "causal-lm"
+    if isinstance(load_manifest(artifact, verify_files=False), HeadManifest):
+        # a head graph: every output, left- and right-padded, at the prompts' tokens
+        check, options, show = verify_head_artifact, {}, print_head_report
+    else:
+        check, options, show = verify_artifact, {"steps": steps}, print_report
     with err.status("verifying..."):
-        if head:  # a head graph: every output, left- and right-padded, at the prompts' tokens
-            result = verify_head_artifact(artifact, names, reference=reference, checkpoint=checkpoint)
-        else:
-            result = verify_artifact(artifact, names, reference=reference, steps=steps, checkpoint=checkpoint)
+        result = check(artifact, names, reference=reference, checkpoint=checkpoint, **options)
     if report:
         write_report(report, result.to_json(), "verify")
     if as_json:
         print(json.dumps(result.to_json(), indent=2))
-    elif head:
-        print_head_report(result, out)
     else:
-        print_report(result, out)
+        show(result, out)
     raise typer.Exit(0 if result.passed else 1)
 
 
@@ -334,13 +335,11 @@ def score(artifact: Path = typer.Argument(..., help="Head artifact folder writte
                                                      "(default: the one recorded at export)", metavar="PATH"),
           as_json: bool = typer.Option(False, "--json", help="Print one JSON object with every output")):
     """Run a head artifact: a classifier's label, per-token labels, a QA span, or hidden states."""
-    from mixtral_export.runtimes.session import Session
+    from mixtral_export.runtimes.head_session import HeadSession
 
     if bool(prompt) == bool(input_ids):
         raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
-    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)
-    if session.head == "causal-lm":
-        raise UsageError(f"{artifact}: a causal-LM artifact has no head to score; use generate")
+    session = HeadSession.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)  # refuses a causal LM
     prompts = [_token_ids(ids) for ids in input_ids] if input_ids else [session.encode(p) for p in prompt]
     found = [r.to_json(session.head, session.labels) for r in session.score_ids(prompts, padding)]
     if as_json:

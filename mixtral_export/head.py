@@ -10,17 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixtral_export.artifact.contract import HEAD_KINDS
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS, HEAD_KINDS
 
 from mixtral_export.artifact.config import ConfigError, read_config_json
 
-HEADS = ("causal-lm", *HEAD_KINDS)
-ARCHITECTURES = {"MixtralForCausalLM": "causal-lm", "MixtralModel": "model",
+CAUSAL_LM = "causal-lm"  # the generative head: exported as the step graph, not a head graph
+HEADS = (CAUSAL_LM, *HEAD_KINDS)
+ARCHITECTURES = {"MixtralForCausalLM": CAUSAL_LM, "MixtralModel": "model",
                  "MixtralForSequenceClassification": "sequence-classification",
                  "MixtralForTokenClassification": "token-classification",
                  "MixtralForQuestionAnswering": "question-answering"}
 # The tensors each head adds to the trunk: name -> required (False: optional, e.g. a bias)
-HEAD_TENSORS = {"causal-lm": {"lm_head.weight": True}, "model": {},
+HEAD_TENSORS = {CAUSAL_LM: {"lm_head.weight": True}, "model": {},
                 "sequence-classification": {"score.weight": True},
                 "token-classification": {"score.weight": True, "score.bias": False},
                 "question-answering": {"qa_outputs.weight": True, "qa_outputs.bias": True}}
@@ -36,9 +37,14 @@ class Head:
     def __post_init__(self) -> None:
         if self.kind not in HEADS:
             raise ConfigError(f"head {self.kind!r} is not one of {', '.join(HEADS)}")
-        classifies = self.kind in ("sequence-classification", "token-classification")
+        classifies = self.kind in CLASSIFIER_KINDS
         if classifies != bool(self.labels):
             raise ConfigError(f"the {self.kind} head {'needs' if classifies else 'has no'} labels")
+
+    @property
+    def generates(self) -> bool:
+        """The causal LM: exported as the step graph and run by Session; every other head is scored."""
+        return self.kind == CAUSAL_LM
 
     @property
     def num_labels(self) -> int:
@@ -59,12 +65,12 @@ def read_head(folder: str | Path, tensors: dict[str, tuple[int, ...]], override:
     if bare and kind != "model":
         raise ConfigError(f"{path}: the checkpoint is a bare MixtralModel (no model. prefix); it has no "
                           f"{kind} head (--head model)")
-    tied = kind == "causal-lm" and bool(raw.get("tie_word_embeddings", False))
+    tied = kind == CAUSAL_LM and bool(raw.get("tie_word_embeddings", False))
     for name, required in HEAD_TENSORS[kind].items():
         if required and name not in tensors and not (tied and name == "lm_head.weight"):
             why = f"names {architectures[0]}" if kind == declared else f"was asked for {kind}"
             raise ConfigError(f"{path}: {why}, but the checkpoint has no {name} tensor")
-    labels = _labels(raw, tensors, path) if kind in ("sequence-classification", "token-classification") else ()
+    labels = _labels(raw, tensors, path) if kind in CLASSIFIER_KINDS else ()
     bias = kind == "question-answering" or (kind == "token-classification" and "score.bias" in tensors)
     return Head(kind=kind, labels=labels, bias=bias)
 
@@ -79,7 +85,7 @@ def _infer(tensors: dict, bare: bool, tied: bool, path: Path) -> str:
         raise ConfigError(f"{path}: no Mixtral architectures entry and a score head: pass --head "
                           f"sequence-classification or --head token-classification")
     if "lm_head.weight" in tensors or tied:
-        return "causal-lm"
+        return CAUSAL_LM
     return "model"
 
 

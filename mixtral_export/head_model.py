@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mixtral_export.artifact.contract import NO_POSITION
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS, NO_POSITION
 
 from mixtral_export.artifact.config import MixtralConfig
 from mixtral_export.head import Head
@@ -20,12 +20,12 @@ from mixtral_export.model import MixtralStatic
 class HeadModel(nn.Module):
     def __init__(self, config: MixtralConfig, head: Head, routing: str = "dense"):
         super().__init__()
-        if head.kind == "causal-lm":
+        if head.generates:
             raise ValueError("the causal LM is the step graph (mixtral_export/model.py), not a head graph")
         self.head = head
         self.body = MixtralStatic(config, config.sliding_window, routing, lm_head=False)
         hidden = config.hidden_size
-        if head.kind in ("sequence-classification", "token-classification"):
+        if head.kind in CLASSIFIER_KINDS:
             self.score = nn.Linear(hidden, head.num_labels, bias=head.bias)
         elif head.kind == "question-answering":
             self.qa_outputs = nn.Linear(hidden, 2, bias=True)

@@ -2,7 +2,10 @@
 
 Random weights, scaled so routing and argmax are decisive (HF's 0.02 init makes routers near
 uniform), written in the per-expert layout save_pretrained writes, with a sentencepiece
-tokenizer trained from the corpus the repo ships.
+tokenizer trained from the corpus the repo ships. Any of transformers' five Mixtral classes
+(mixtral_export/head.py): the causal LM, or a head checkpoint as that class's save_pretrained
+writes it (its architectures entry, the trunk bare under MixtralModel, the head's own tensors,
+id2label for a classifier).
 """
 from __future__ import annotations
 
@@ -17,8 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from mixtral_export.artifact.config import MixtralConfig
+from mixtral_export.artifact.config import ConfigError, MixtralConfig
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS
 from mixtral_export.destinations import WRITER, json_mark, refuse, replace_folder
+from mixtral_export.head import ARCHITECTURES, CAUSAL_LM, HEADS
 from mixtral_export.model import TORCH_DTYPES
 from mixtral_export.tokenizer_training import load_tiny_corpus, train_tokenizer
 
@@ -28,6 +33,8 @@ TINY_CONFIG = MixtralConfig(
     rope_theta=1e6, sliding_window=32, num_local_experts=4, num_experts_per_tok=2,
     bos_token_id=1, eos_token_id=(2,), tie_word_embeddings=False, dtype="float32",
 )
+TINY_LABELS = ("class-0", "class-1", "class-2")  # a tiny classifier's id2label
+HEAD_STD = 3.0  # / sqrt(hidden): a head's Linear, as lm_head's, gives peaked outputs
 
 
 def random_weights(config: MixtralConfig, seed: int = 0,
@@ -81,9 +88,11 @@ def check_replaceable(folder: Path) -> None:
 
 
 def write_checkpoint(folder: str | Path, config: MixtralConfig, tensors: dict[str, torch.Tensor],
-                     max_shard_bytes: int | None = None, tokenizer_model: Path | None = None) -> Path:
+                     max_shard_bytes: int | None = None, tokenizer_model: Path | None = None,
+                     config_json: dict | None = None) -> Path:
     """Write config.json, generation_config.json, safetensors (sharded past max_shard_bytes) and
     the tokenizer into `folder` atomically: everything goes to a temp folder that is renamed.
+    `config_json` adds to (or overrides) config.json's keys: a head's architectures, say.
 
     An existing `folder` is replaced only when it is one this function wrote (check_replaceable)."""
     folder = Path(folder)
@@ -112,8 +121,8 @@ def write_checkpoint(folder: str | Path, config: MixtralConfig, tensors: dict[st
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config_json = {**config.to_dict(), "written_by": WRITER}  # the mark check_replaceable looks for
-        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
+        raw = {**config.to_dict(), **(config_json or {}), "written_by": WRITER}  # the mark check_replaceable looks for
+        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": list(config.eos_token_id)[0]}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer_model is not None:
@@ -126,10 +135,57 @@ def write_checkpoint(folder: str | Path, config: MixtralConfig, tensors: dict[st
     return folder
 
 
+def check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ConfigError(f"--head {head!r} is not one of {', '.join(HEADS)}")
+
+
+def head_weights(config: MixtralConfig, head: str, seed: int = 0,
+                 labels: tuple[str, ...] = TINY_LABELS) -> dict[str, torch.Tensor]:
+    """The tensors transformers' Mixtral class of `head` saves: `random_weights`' trunk (the same for
+    every head of a seed), bare under MixtralModel, and the head's own Linear drawn after it."""
+    trunk = random_weights(config, seed)
+    if head == CAUSAL_LM:
+        return trunk
+    trunk.pop("lm_head.weight", None)
+    if head == "model":
+        return {key.removeprefix("model."): value for key, value in trunk.items()}
+    gen = torch.Generator().manual_seed(seed + 1)
+    h = config.hidden_size
+    rows = 2 if head == "question-answering" else len(labels)  # start and end, or one per label
+    name = "qa_outputs" if head == "question-answering" else "score"
+    trunk[f"{name}.weight"] = torch.randn(rows, h, generator=gen) * (HEAD_STD / math.sqrt(h))  # (N, H)
+    if head != "sequence-classification":  # transformers' token classifier and QA Linear have a bias
+        trunk[f"{name}.bias"] = torch.randn(rows, generator=gen) * 0.1  # (N,)
+    return trunk
+
+
+def head_config_json(head: str, labels: tuple[str, ...] = TINY_LABELS) -> dict:
+    """config.json's keys that name `head`: its transformers class, and a classifier's id2label."""
+    architecture = next(name for name, kind in ARCHITECTURES.items() if kind == head)
+    out: dict = {"architectures": [architecture]}
+    if head in CLASSIFIER_KINDS:
+        out.update(id2label={str(i): name for i, name in enumerate(labels)},
+                   label2id={name: i for i, name in enumerate(labels)})
+    return out
+
+
+def write_head_checkpoint(folder: str | Path, config: MixtralConfig, head: str = CAUSAL_LM, seed: int = 0,
+                          labels: tuple[str, ...] = TINY_LABELS, max_shard_bytes: int | None = None,
+                          tokenizer_model: Path | None = None) -> Path:
+    """A random checkpoint of `head` (one of head.HEADS) as transformers' class saves it; a classifier
+    gets one class per label."""
+    check_head(head)
+    return write_checkpoint(folder, config, head_weights(config, head, seed, labels), max_shard_bytes,
+                            tokenizer_model, head_config_json(head, labels))
+
+
 def write_tiny(folder: str | Path, seed: int = 0, config: MixtralConfig = TINY_CONFIG,
-               max_shard_bytes: int | None = None) -> Path:
-    """The tiny checkpoint, tokenizer included; the same seed writes the same files."""
+               max_shard_bytes: int | None = None, head: str = CAUSAL_LM) -> Path:
+    """The tiny checkpoint of `head`, tokenizer included; the same seed writes the same files."""
+    check_head(head)  # before a tokenizer is trained
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = train_tokenizer(load_tiny_corpus(), Path(scratch) / "tokenizer.model",
                                     vocab_size=config.vocab_size)
-        return write_checkpoint(folder, config, random_weights(config, seed), max_shard_bytes, tokenizer)
+        return write_head_checkpoint(folder, config, head, seed, max_shard_bytes=max_shard_bytes,
+                                     tokenizer_model=tokenizer)

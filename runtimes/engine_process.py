@@ -28,10 +28,10 @@ from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from mixtral_export.artifact.manifest import load_manifest
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.engine import Engine
 from mixtral_export.runtimes.engine_client import RequestHandle, wake_consumers
+from mixtral_export.runtimes.load import load_step_manifest, open_step_backend, open_tokenizer
 from mixtral_export.runtimes.requests import (Admission, Completion, EngineClosed, GenerationConfig, QueueFull,
                                               TokenEvent)
 from mixtral_export.runtimes.step import RequestError
@@ -140,16 +140,10 @@ class ProcessClient:
 
     def __init__(self, artifact: str | Path, runtime: str = "ort", provider: str = "cpu", threads: int | None = None,
                  checkpoint: str | Path | None = None, max_queue: int | None = None, max_rows: int | None = None):
-        manifest = load_manifest(artifact, verify_files=False)
-        if manifest.head != "causal-lm":
-            raise RequestError(f"{manifest.folder}: a {manifest.head} artifact does not generate")
+        manifest = load_step_manifest(artifact)
         self.manifest = manifest
         self.admission = Admission.of(manifest.shapes, manifest.config.max_position_embeddings, max_rows, max_queue)
-        self.tokenizer = None
-        if manifest.tokenizer:
-            from mixtral_export.tokenizer import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
+        self.tokenizer = open_tokenizer(manifest)
         self.closed = False
         self.busy_rows = self.queue_depth = 0  # as of the child's last step
         self.handles: dict[int, RequestHandle] = {}  # submitted, not yet ended
@@ -301,15 +295,9 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent drains us
     conn = Connection(fd)
     try:
-        from mixtral_export.runtimes.load import open_backend
-
-        backend, manifest = open_backend(spec.artifact, spec.runtime, provider=spec.provider, threads=spec.threads,
-                                         checkpoint=spec.checkpoint)
-        tokenizer = None
-        if manifest.tokenizer:
-            from mixtral_export.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
+        backend, manifest = open_step_backend(spec.artifact, spec.runtime, provider=spec.provider,
+                                              threads=spec.threads, checkpoint=spec.checkpoint)
+        tokenizer = open_tokenizer(manifest)
         engine = Engine(backend, max_rows=spec.max_rows, max_positions=manifest.config.max_position_embeddings)
     except Exception as error:  # UserError and whatever opening a backend raises: one line to the parent
         conn.send_bytes(encode(Failed(str(error) or type(error).__name__)))

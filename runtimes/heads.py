@@ -2,7 +2,7 @@
 
 A head backend runs a static (B, T) batch: `run(input_ids, attention_mask) -> {output name: array}`
 (graphs/contract.py, HeadShapes). `score` pads prompts into such batches (left or right), runs
-them B rows at a time and cuts each row's outputs back to its own tokens, so every caller (Session,
+them B rows at a time and cuts each row's outputs back to its own tokens, so every caller (HeadSession,
 the CLI, verify) pads and unpads the same way.
 """
 from __future__ import annotations

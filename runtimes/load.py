@@ -1,12 +1,18 @@
-"""Open an artifact on a named runtime. ORT never imports torch; eager loads the source checkpoint."""
+"""Open an artifact on a named runtime. ORT never imports torch; eager loads the source checkpoint.
+
+A step artifact opens as a step backend (runtimes/step.py), a head artifact as a head backend
+(runtimes/heads.py): `open_backend` dispatches once on the manifest's class, `open_step_backend` and
+`open_head_backend` take one kind and refuse the other with one line naming the class that runs it.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-from mixtral_export.artifact.manifest import Manifest, check_compatible, load_manifest
+from mixtral_export.artifact.manifest import HeadManifest, Manifest, check_compatible, load_manifest
 from mixtral_export.errors import UserError
 
 RUNTIMES = ("eager", "compiled", "ort", "aoti", "trt")
+HEAD_RUNTIMES = ("eager", "ort")
 ARTIFACT_KIND = {"ort": "onnx", "aoti": "aoti", "trt": "onnx"}  # eager and compiled run any artifact's source checkpoint
 
 
@@ -14,14 +20,73 @@ class RuntimeLoadError(UserError, ValueError):
     """A runtime that cannot serve this artifact here; one line saying why."""
 
 
+class ArtifactKindError(RuntimeLoadError):
+    """A head artifact opened to generate, or a step artifact opened to score."""
+
+
+def load_step_manifest(artifact: str | Path, verify_files: bool = False) -> Manifest:
+    """The manifest of a step artifact (generation); a head artifact is refused."""
+    manifest = load_manifest(artifact, verify_files=verify_files)
+    if isinstance(manifest, HeadManifest):
+        raise ArtifactKindError(f"{manifest.folder}: a {manifest.head} artifact does not generate; score it "
+                                f"(HeadSession, mixtral-export score)")
+    return manifest
+
+
+def load_head_manifest(artifact: str | Path, verify_files: bool = False) -> HeadManifest:
+    """The manifest of a head artifact (scoring); a causal-LM step artifact is refused."""
+    manifest = load_manifest(artifact, verify_files=verify_files)
+    if not isinstance(manifest, HeadManifest):
+        raise ArtifactKindError(f"{manifest.folder}: a causal-LM artifact has no head to score; generate with it "
+                                f"(Session, mixtral-export generate)")
+    return manifest
+
+
 def open_backend(artifact: str | Path, runtime: str, provider: str = "cpu", threads: int | None = None,
                  checkpoint: str | Path | None = None):
-    """(backend, manifest) for `runtime` over the artifact folder."""
+    """(backend, manifest) for `runtime` over the artifact folder: a step backend over a step
+    artifact, a head backend over a head artifact."""
+    check_runtime(runtime)
+    manifest = load_manifest(artifact, verify_files=False)  # the backend verifies hashes once
+    if isinstance(manifest, HeadManifest):
+        return _head_backend(manifest, runtime, provider, threads, checkpoint), manifest
+    return _step_backend(manifest, runtime, provider, threads, checkpoint), manifest
+
+
+def open_step_backend(artifact: str | Path, runtime: str, provider: str = "cpu", threads: int | None = None,
+                      checkpoint: str | Path | None = None):
+    """(step backend, Manifest) for `runtime` over a step artifact."""
+    check_runtime(runtime)
+    manifest = load_step_manifest(artifact)
+    return _step_backend(manifest, runtime, provider, threads, checkpoint), manifest
+
+
+def open_head_backend(artifact: str | Path, runtime: str, provider: str = "cpu", threads: int | None = None,
+                      checkpoint: str | Path | None = None):
+    """(head backend, HeadManifest) for `runtime` over a head artifact."""
+    check_runtime(runtime)
+    manifest = load_head_manifest(artifact)
+    return _head_backend(manifest, runtime, provider, threads, checkpoint), manifest
+
+
+def check_runtime(runtime: str) -> None:
+    """Refuse an unknown runtime name before anything is read."""
     if runtime not in RUNTIMES:
         raise RuntimeLoadError(f"unknown runtime {runtime!r} (one of {', '.join(RUNTIMES)})")
-    manifest = load_manifest(artifact, verify_files=False)  # the backend verifies hashes once
-    if manifest.head != "causal-lm":
-        return open_head_backend(manifest, runtime, provider, threads, checkpoint), manifest
+
+
+def open_tokenizer(manifest: Manifest | HeadManifest):
+    """The artifact's tokenizer (mixtral_export/tokenizer.py), or None when its checkpoint had none."""
+    if not manifest.tokenizer:
+        return None
+    from mixtral_export.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(manifest.path(manifest.tokenizer))
+
+
+def _step_backend(manifest: Manifest, runtime: str, provider: str, threads: int | None,
+                  checkpoint: str | Path | None):
+    artifact = manifest.folder
     kind = ARTIFACT_KIND.get(runtime)
     if kind is not None and manifest.kind != kind:
         raise RuntimeLoadError(f"{manifest.folder}: the {runtime} runtime needs an {kind} artifact, this one is "
@@ -29,22 +94,22 @@ def open_backend(artifact: str | Path, runtime: str, provider: str = "cpu", thre
     if runtime == "ort":
         from mixtral_export.runtimes.ort import OrtBackend
 
-        return OrtBackend(artifact, provider=provider, threads=threads), manifest
+        return OrtBackend(artifact, provider=provider, threads=threads)
     if runtime == "trt":
         from mixtral_export.runtimes.trt import TrtBackend
 
-        return TrtBackend(artifact), manifest
+        return TrtBackend(artifact)
     if runtime == "aoti":
         from mixtral_export.runtimes.aoti import AotiBackend
 
-        return AotiBackend(artifact, device=_torch_device(provider)), manifest
+        return AotiBackend(artifact, device=_torch_device(provider))
     backend = eager_backend(manifest, checkpoint, device=_torch_device(provider))
     if runtime == "compiled":
         from mixtral_export.runtimes.compiled import CompiledBackend
 
         backend = CompiledBackend(backend.model, manifest.shapes, device=backend.device)
         backend.warmup()  # compile both chunk lengths now, timed apart from generation
-    return backend, manifest
+    return backend
 
 
 def _torch_device(provider: str) -> str:
@@ -73,15 +138,15 @@ def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, devi
     return EagerBackend(model, manifest.shapes, device=device)
 
 
-def open_head_backend(manifest: Manifest, runtime: str, provider: str = "cpu", threads: int | None = None,
-                      checkpoint: str | Path | None = None):
+def _head_backend(manifest: HeadManifest, runtime: str, provider: str, threads: int | None,
+                  checkpoint: str | Path | None):
     """A HeadBackend (runtimes/heads.py) over a head artifact: ort, or eager on its source checkpoint."""
+    if runtime not in HEAD_RUNTIMES:
+        raise RuntimeLoadError(f"{manifest.folder}: a {manifest.head} head graph runs on eager or ort, not {runtime}")
     if runtime == "ort":
         from mixtral_export.runtimes.ort_heads import OrtHeadBackend
 
         return OrtHeadBackend(manifest.folder, provider=provider, threads=threads)
-    if runtime != "eager":
-        raise RuntimeLoadError(f"{manifest.folder}: a {manifest.head} head graph runs on eager or ort, not {runtime}")
     from mixtral_export.checkpoint import load_head_model
     from mixtral_export.artifact.config import MixtralConfig
     from mixtral_export.runtimes.eager_heads import EagerHeadBackend
@@ -92,7 +157,7 @@ def open_head_backend(manifest: Manifest, runtime: str, provider: str = "cpu", t
     return EagerHeadBackend(model, manifest.shapes, device=_torch_device(provider))
 
 
-def _source(manifest: Manifest, checkpoint: str | Path | None) -> Path:
+def _source(manifest: Manifest | HeadManifest, checkpoint: str | Path | None) -> Path:
     source = Path(checkpoint) if checkpoint else (Path(manifest.source) if manifest.source else None)
     if source is None or not (source / "config.json").exists():
         raise RuntimeLoadError(f"{manifest.folder}: the eager runtime needs the source checkpoint "

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mixtral_export.artifact.contract import DTYPES, HEAD_INPUT_NAMES, HeadShapes
-from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
+from mixtral_export.artifact.manifest import MANIFEST_NAME, HeadManifest, ManifestError, load_manifest
 from mixtral_export.runtimes.heads import check_head_inputs
 from mixtral_export.runtimes.ort import OrtBackendError, check_provider, session_options
 from mixtral_export.runtimes.resident_weights import make_resident
@@ -24,9 +24,9 @@ class OrtHeadBackend:
 
     def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
                  verify_files: bool = True, preload: bool = True):
-        self.manifest: Manifest = load_manifest(artifact_dir, verify_files=verify_files)
+        self.manifest: HeadManifest = load_manifest(artifact_dir, verify_files=verify_files)
         path = self.manifest.folder / MANIFEST_NAME
-        if not isinstance(self.manifest.shapes, HeadShapes):
+        if not isinstance(self.manifest, HeadManifest):
             raise OrtBackendError(f"{path}: a causal-LM step artifact, not a head graph (use the step backend)")
         provider_name = check_provider(self.manifest, provider)
         self.shapes: HeadShapes = self.manifest.shapes
@@ -44,7 +44,7 @@ class OrtHeadBackend:
         return dict(zip(self.shapes.output_names, values))
 
 
-def check_head_session_io(session: ort.InferenceSession, manifest: Manifest) -> None:
+def check_head_session_io(session: ort.InferenceSession, manifest: HeadManifest) -> None:
     """The loaded graph has the manifest's head I/O: names in order, element types, static dims."""
     path = manifest.graph_path("head")
     for side, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):

@@ -7,8 +7,8 @@
         print(piece, end="")
 
 A head artifact (graphs/onnx_heads.py: bare model, sequence / token classification, question
-answering) is scored instead: `session.score("text")` returns its outputs, `session.classify`
-its label names (config.json's id2label); generation needs a causal-LM artifact.
+answering) does not generate: `Session.open` refuses it, naming HeadSession
+(runtimes/head_session.py), which scores and classifies.
 
 Thread safety: a Session owns one backend and one Engine (runtimes/engine.py) stepping it on a
 background thread; every call submits its prompts to the engine, which lends each a batch row.
@@ -18,14 +18,12 @@ request. `last_result` is the last call's result (from whichever thread finished
 """
 from __future__ import annotations
 
-import threading
 import weakref
 from pathlib import Path
 from typing import Iterator
 
 from mixtral_export.runtimes.engine import Engine
 from mixtral_export.runtimes.engine_client import InprocessClient, RequestHandle, result_of
-from mixtral_export.runtimes.heads import HeadResult, score
 from mixtral_export.runtimes.requests import GenerationConfig, GenerationResult, check_prompts, generation_config
 from mixtral_export.runtimes.step import RequestError
 
@@ -37,27 +35,21 @@ class Session:
         self.manifest = manifest
         self.tokenizer = tokenizer
         self.last_result: GenerationResult | None = None
-        self._score_lock = threading.Lock()  # head artifacts: one scoring batch at a time
-        self._client = None if manifest.head != "causal-lm" else InprocessClient(
+        self._client = InprocessClient(
             Engine(backend, max_queue=max_queue, max_rows=max_rows,
                    max_positions=manifest.config.max_position_embeddings),
             tokenizer.stream_decoder if tokenizer else None)
-        if self._client is not None:
-            weakref.finalize(self, self._client.stop_and_wait)  # dropped unclosed, or at exit: its thread ends
+        weakref.finalize(self, self._client.stop_and_wait)  # dropped unclosed, or at exit: its thread ends
 
     @property
     def client(self) -> InprocessClient:
         """The engine client generation goes through (what a server holds)."""
-        if self._client is None:
-            raise RequestError(f"{self.manifest.folder}: a {self.manifest.head} artifact does not generate; "
-                               f"score it (Session.score)")
         return self._client
 
     def close(self, grace: float = 0.0) -> None:
         """Stop admitting; running requests get `grace` seconds to finish, then are cancelled; the
         engine's thread ends (it holds the backend until then)."""
-        if self._client is not None:
-            self._client.close(grace)
+        self._client.close(grace)
 
     def __enter__(self) -> "Session":
         return self
@@ -69,15 +61,11 @@ class Session:
     def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",
              threads: int | None = None, checkpoint: str | Path | None = None,
              max_queue: int | None = None, max_rows: int | None = None) -> "Session":
-        from mixtral_export.runtimes.load import open_backend
+        from mixtral_export.runtimes.load import open_step_backend, open_tokenizer
 
-        backend, manifest = open_backend(artifact, runtime, provider=provider, threads=threads, checkpoint=checkpoint)
-        tokenizer = None
-        if manifest.tokenizer:
-            from mixtral_export.tokenizer import Tokenizer
-
-            tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
-        return cls(backend, manifest, tokenizer, max_queue=max_queue, max_rows=max_rows)
+        backend, manifest = open_step_backend(artifact, runtime, provider=provider, threads=threads,
+                                              checkpoint=checkpoint)
+        return cls(backend, manifest, open_tokenizer(manifest), max_queue=max_queue, max_rows=max_rows)
 
     # ---- text <-> ids ----
 
@@ -147,35 +135,3 @@ class Session:
 
     def stream(self, prompt: str, chat: bool = False, system: str | None = None, **options) -> Iterator[str]:
         return self.stream_ids(self._prompt_ids(prompt, chat, system), **options)
-
-    # ---- heads (non-generative artifacts) ----
-
-    @property
-    def head(self) -> str:
-        """What the artifact computes: "causal-lm" (generate) or a head (score)."""
-        return self.manifest.head
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self.manifest.labels
-
-    def score_ids(self, prompts: list[list[int]], padding: str = "left") -> list[HeadResult]:
-        """Each prompt's head outputs, cut to its own tokens; batched `shapes.batch` rows at a time."""
-        if self.head == "causal-lm":
-            raise RequestError(f"{self.manifest.folder}: a causal-LM artifact has no head to score; use generate")
-        with self._score_lock:
-            return score(self.backend, prompts, self.manifest.config.pad_token_id, padding)
-
-    def score(self, prompt: str | list[str], padding: str = "left") -> HeadResult | list[HeadResult]:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        results = self.score_ids([self.encode(p) for p in prompts], padding)
-        return results[0] if isinstance(prompt, str) else results
-
-    def classify(self, prompt: str | list[str], padding: str = "left"):
-        """A sequence classifier's label per prompt, a token classifier's label per token."""
-        if self.head not in ("sequence-classification", "token-classification"):
-            raise RequestError(f"{self.manifest.folder}: a {self.head} artifact has no labels; use score")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        found = [r.to_json(self.head, self.labels) for r in self.score(prompts, padding)]
-        names = [r["label"] if self.head == "sequence-classification" else r["labels"] for r in found]
-        return names[0] if isinstance(prompt, str) else names

@@ -274,26 +274,21 @@ def default_prompts(session_tokenizer, vocab_size: int, window: int | None, coun
 def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | None = None,
                     steps: int = 48, checkpoint: str | Path | None = None) -> VerifyReport:
     """Open the artifact on each runtime and compare them (and the reference) on default prompts."""
-    from mixtral_export.runtimes.load import RuntimeLoadError, open_backend
+    from mixtral_export.runtimes.load import RuntimeLoadError, load_step_manifest, open_step_backend, open_tokenizer
 
     if len(runtimes) < 1 or len(set(runtimes)) != len(runtimes):
         raise RuntimeLoadError(f"--runtimes needs distinct runtime names, got {','.join(runtimes)}")
     if len(runtimes) < 2 and reference is None:
         raise RuntimeLoadError("nothing to compare: give two runtimes or --reference hf")
-    from mixtral_export.artifact.manifest import load_manifest
-
-    manifest = load_manifest(artifact, verify_files=False)  # each backend checks the files as it opens
-    backends = {name: (lambda name=name: open_backend(artifact, name, checkpoint=checkpoint)[0]) for name in runtimes}
+    manifest = load_step_manifest(artifact)  # each backend checks the files as it opens
+    backends = {name: (lambda name=name: open_step_backend(artifact, name, checkpoint=checkpoint)[0])
+                for name in runtimes}
     float_backend = None
     if manifest.quantization:
         from mixtral_export.runtimes.load import eager_backend
 
         float_backend = lambda: eager_backend(manifest, checkpoint, float_weights=True)  # noqa: E731
-    tokenizer = None
-    if manifest.tokenizer:
-        from mixtral_export.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
+    tokenizer = open_tokenizer(manifest)
     shapes = manifest.shapes
     prompts = default_prompts(tokenizer, shapes.vocab_size, shapes.attention_window, max(2, shapes.batch))
     if shapes.max_positions is not None:

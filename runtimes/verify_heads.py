@@ -125,20 +125,15 @@ def default_head_prompts(tokenizer, shapes: HeadShapes, vocab_size: int) -> list
 def verify_head_artifact(artifact: str | Path, runtimes: list[str], reference: str | None = None,
                          checkpoint: str | Path | None = None) -> HeadVerifyReport:
     """Open the head artifact on each runtime and compare them (and transformers) on default prompts."""
-    from mixtral_export.runtimes.load import RuntimeLoadError, open_backend
+    from mixtral_export.runtimes.load import RuntimeLoadError, load_head_manifest, open_head_backend, open_tokenizer
 
     if len(runtimes) < 1 or len(set(runtimes)) != len(runtimes):
         raise RuntimeLoadError(f"--runtimes needs distinct runtime names, got {','.join(runtimes)}")
     if len(runtimes) < 2 and reference is None:
         raise RuntimeLoadError("nothing to compare: give two runtimes or --reference hf")
-    backends, manifest = {}, None
-    for name in runtimes:
-        backends[name], manifest = open_backend(artifact, name, checkpoint=checkpoint)
-    tokenizer = None
-    if manifest.tokenizer:
-        from mixtral_export.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer))
+    manifest = load_head_manifest(artifact)  # each backend checks the files as it opens
+    backends = {name: open_head_backend(artifact, name, checkpoint=checkpoint)[0] for name in runtimes}
+    tokenizer = open_tokenizer(manifest)
     prompts = default_head_prompts(tokenizer, manifest.shapes, manifest.config.vocab_size)
     ref = None
     if reference == "hf":

@@ -59,20 +59,22 @@ HEAD_CLASSES = {"model": "MixtralModel", "sequence-classification": "MixtralForS
 
 def hf_head_reference(folder: Path, head: str, seed: int = 0, num_labels: int = 3, pad_token_id: int | None = None,
                       **overrides):
-    """Save a random transformers Mixtral `head` class (fp32, eager attention) into `folder`; return it."""
+    """Write a random `head` checkpoint with the tiny model's writer (mixtral_export/tiny.py), BASE's
+    shapes, and load it into transformers' own class (fp32, eager attention); return that model.
+    Loading checks the files are what the class saves: no tensor missing, none left over."""
     import transformers
 
+    from mixtral_export.artifact.config import MixtralConfig as OurConfig
+    from mixtral_export.tiny import write_head_checkpoint
+
     values = {**BASE, **overrides}
-    rope_theta = values.pop("rope_theta")
-    labels = {i: f"class-{i}" for i in range(num_labels)}
-    config = transformers.MixtralConfig(**values, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-                                        id2label=labels, label2id={v: k for k, v in labels.items()},
-                                        pad_token_id=pad_token_id)
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = decisive(getattr(transformers, HEAD_CLASSES[head])(config).eval())
-    model.save_pretrained(folder)
-    return model
+    values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
+    config = OurConfig(**values, pad_token_id=pad_token_id, dtype="float32")
+    write_head_checkpoint(folder, config, head, seed, labels=tuple(f"class-{i}" for i in range(num_labels)))
+    model, info = getattr(transformers, HEAD_CLASSES[head]).from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True)
+    assert not any(info.values()), info  # missing, unexpected, mismatched keys, errors
+    return model.eval()
 
 
 def left_padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -254,7 +254,7 @@ def test_session_on_a_head_artifact_needs_no_torch(classifier):
     import sys
     from pathlib import Path
 
-    code = ("import sys; from runtimes.session import Session; s = Session.open(sys.argv[1], runtime='ort'); "
+    code = ("import sys; from mixtral_export import HeadSession; s = HeadSession.open(sys.argv[1], runtime='ort'); "
             "r = s.score_ids([[5, 6, 7]])[0]; assert r.outputs['logits'].shape == (2,); "
             "assert s.labels == ('class-0', 'class-1'); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code, str(classifier)], cwd=Path(__file__).resolve().parents[1], check=True)
@@ -290,10 +290,10 @@ def test_bare_model_exported_from_a_causal_lm_with_gathered_experts(tmp_path):
 
 
 def test_session_classify_names_labels_from_id2label(classifier):
-    from mixtral_export.runtimes.session import Session
+    from mixtral_export.runtimes.head_session import HeadSession
     from mixtral_export.runtimes.step import RequestError
 
-    session = Session.open(classifier, runtime="ort")
+    session = HeadSession.open(classifier, runtime="ort")
 
     class Words:  # a stand-in tokenizer: one id per word
         def encode(self, text, bos=True):
@@ -318,3 +318,56 @@ def test_float16_head_graph_agrees_with_transformers(classifier, tmp_path):
     assert report.dtype == "float16" and report.passed, report.to_json()
     assert all(c.comparison.top1_agreement == 1.0 for c in report.comparisons)
     assert max(c.comparison.max_abs for c in report.comparisons) < 0.05  # fp16 weights: ~3e-3 measured
+
+
+def test_each_session_refuses_the_other_kind(classifier, tiny_onnx):
+    """A head artifact does not open as a Session, a causal-LM one not as a HeadSession: one line
+    naming the folder and the class (and command) that runs it."""
+    from mixtral_export import HeadSession, Session, UserError
+
+    for opener, artifact, names in ((Session.open, classifier, ("does not generate", "HeadSession", "score")),
+                                    (HeadSession.open, tiny_onnx, ("no head to score", "Session", "generate"))):
+        with pytest.raises(UserError) as info:
+            opener(artifact)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(str(artifact)), message
+        assert all(name in message for name in names), message
+    result = cli("score", tiny_onnx, "--input-ids", "1,2")
+    assert result.returncode == 2 and "no head to score" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", HEADS)
+def test_tiny_head_checkpoint_exports_scores_and_verifies(kind, tmp_path):
+    """`tiny --head KIND` writes the checkpoint transformers' class saves (its architectures entry,
+    id2label for a classifier); export, score and verify --reference hf run on it as a user types them."""
+    import json
+
+    from mixtral_export.tiny import TINY_LABELS
+    from tests.reference_models import HEAD_CLASSES
+
+    checkpoint, artifact = tmp_path / "tiny-head", tmp_path / "tiny-head-onnx"
+    for args in (("tiny", checkpoint, "--head", kind), ("export", checkpoint, "-o", artifact, "--batch", "2",
+                                                        "--seq-len", "16")):
+        result = cli(*args)
+        assert result.returncode == 0, result.stderr
+    config = json.loads((checkpoint / "config.json").read_text())
+    classifies = kind in ("sequence-classification", "token-classification")
+    assert config["architectures"] == [HEAD_CLASSES[kind]]
+    assert config.get("id2label") == ({str(i): name for i, name in enumerate(TINY_LABELS)} if classifies else None)
+    result = cli("score", artifact, "--prompt", "The quick brown fox", "--prompt", "jumps", "--json")
+    assert result.returncode == 0, result.stderr
+    scored = json.loads(result.stdout)
+    assert scored["head"] == kind and scored["labels"] == (list(TINY_LABELS) if classifies else [])
+    assert len(scored["results"]) == 2 and all(r["token_ids"][0] == 1 for r in scored["results"])  # BOS first
+    result = cli("verify", artifact, "--runtimes", "eager,ort", "--reference", "hf", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["head"] == kind
+    assert max(c["max_abs"] for c in report["comparisons"]) <= 1e-4
+
+
+def test_tiny_refuses_an_unknown_head(tmp_path):
+    result = cli("tiny", tmp_path / "ck", "--head", "regression")
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "--head 'regression'" in lines[0], result.stderr
+    assert not (tmp_path / "ck").exists()

@@ -8,9 +8,9 @@ import json
 
 import pytest
 
-from mixtral_export.artifact.contract import StepShapes
-from mixtral_export.artifact.manifest import (FORMAT_VERSION, MANIFEST_NAME, OLDEST_READ, ManifestError, check_compatible, load_manifest,
-                             write_manifest)
+from mixtral_export.artifact.contract import HeadShapes, StepShapes
+from mixtral_export.artifact.manifest import (FORMAT_VERSION, MANIFEST_NAME, OLDEST_READ, HeadManifest, Manifest,
+                                              ManifestError, check_compatible, load_manifest, write_manifest)
 from mixtral_export.artifact.config import MixtralConfig
 
 CONFIG = MixtralConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -181,3 +181,60 @@ def test_prefill_length_is_the_shortest_chunk_that_holds_the_piece():
     shapes = StepShapes.for_config(CONFIG, prefill_chunk=(8, 32), cache_slots=64)
     assert [shapes.prefill_length(n) for n in (1, 8, 9, 32, 33, 100)] == [8, 8, 32, 32, 32, 32]
     assert StepShapes.for_config(CONFIG, prefill_chunk=(8, 100), cache_slots=64).prefill_chunks == (8, 64)
+
+
+HEAD_SHAPES = HeadShapes(head="token-classification", batch=2, seq_len=12, hidden_size=CONFIG.hidden_size,
+                         num_labels=3, dtype="float32")
+
+
+@pytest.fixture
+def head_artifact(tmp_path):
+    folder = tmp_path / "head-artifact"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"graph" * 100)
+    write_manifest(folder, kind="onnx", config=CONFIG, shapes=HEAD_SHAPES, graphs={"head": "model.onnx"}, opset=18,
+                   labels=("O", "B-X", "I-X"))
+    return folder
+
+
+def test_each_kind_loads_as_its_own_class(artifact, head_artifact):
+    """One read tells the kinds apart: a step artifact is a Manifest with StepShapes and nothing of a
+    head; a head artifact is a HeadManifest with its HeadShapes, head and labels."""
+    step, head = load_manifest(artifact), load_manifest(head_artifact)
+    assert type(step) is Manifest and isinstance(step.shapes, StepShapes)
+    assert not hasattr(step, "head") and not hasattr(step, "labels")
+    assert type(head) is HeadManifest and head.shapes == HEAD_SHAPES
+    assert head.head == "token-classification" and head.labels == ("O", "B-X", "I-X")
+    assert head.chunks == (12,) and head.graph_path("head") == head_artifact / "model.onnx"
+    assert not hasattr(head, "quantization")
+
+
+def test_head_manifest_json_keeps_its_format(head_artifact):
+    """A head manifest's JSON is what earlier versions wrote (head and labels beside the common
+    fields), so artifacts already on disk load unchanged; a step manifest records neither key."""
+    raw = json.loads((head_artifact / MANIFEST_NAME).read_text())
+    assert raw["head"] == "token-classification" and raw["labels"] == ["O", "B-X", "I-X"]
+    assert raw["shapes"] == {"head": "token-classification", "batch": 2, "seq_len": 12, "hidden_size": 64,
+                             "num_labels": 3, "dtype": "float32"}
+    assert raw["chunks"] == [12] and raw["graphs"] == {"head": "model.onnx"}
+
+
+def test_step_manifest_records_no_head(artifact):
+    raw = json.loads((artifact / MANIFEST_NAME).read_text())
+    assert "head" not in raw and "labels" not in raw
+
+
+def test_head_that_differs_from_its_shapes_is_refused(head_artifact):
+    path = head_artifact / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["head"] = "sequence-classification"
+    path.write_text(json.dumps(raw))
+    assert "differs from shapes.head" in error_of(load_manifest, head_artifact)
+
+
+def test_labels_must_match_the_classifier(head_artifact):
+    path = head_artifact / MANIFEST_NAME
+    raw = json.loads(path.read_text())
+    raw["labels"] = ["O"]
+    path.write_text(json.dumps(raw))
+    assert "1 labels" in error_of(load_manifest, head_artifact)
