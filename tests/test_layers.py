@@ -19,7 +19,7 @@ P = "mixtral_export"
 
 # Mirrors docs/design.md. A module may import only modules of its own rank or a lower one.
 LAYERS = [
-    Layer(0, "foundation", (f"{P}.errors", f"{P}.destinations", f"{P}.interruption")),
+    Layer(0, "foundation", (f"{P}.errors", f"{P}.destinations")),
     Layer(1, "artifact contract", (f"{P}.artifact", f"{P}.artifact.*")),
     Layer(2, "model", tuple(f"{P}.{name}" for name in (
         "model", "checkpoint", "safetensors_file", "tokenizer", "chat_format", "head", "head_model", "tiny",
@@ -33,7 +33,7 @@ LAYERS = [
         "head_session"))),
     Layer(5, "tools", (f"{P}.runtimes.verify*", f"{P}.runtimes.step_parity", f"{P}.serving", f"{P}.serving.*",
                        f"{P}.bench", f"{P}.bench.*")),
-    Layer(6, "CLI", (P, f"{P}.cli", f"{P}.entry", f"{P}.__main__")),
+    Layer(6, "CLI", (P, f"{P}.cli", f"{P}.entry", f"{P}.interruption", f"{P}.__main__")),
 ]
 # Same-rank or lower imports the design still forbids: build and run stay apart, serving never builds.
 FORBIDDEN = [(f"{P}.graphs.*", f"{P}.runtimes*"), (f"{P}.runtimes.*", f"{P}.graphs*"),
