@@ -102,8 +102,8 @@ def _source(manifest: Manifest, checkpoint: str | Path | None) -> Path:
 
 def dequantize_model(model, record: dict, round_activations: bool = True) -> None:
     """Replace every weight the manifest's quantization record lists by its dequantized self, quantized
-    exactly as the export did (mixtral_export.artifact.weight_codes), and round the inputs of those GEMMs to int8
-    per block as ORT's kernels do (record["activations"])."""
+    exactly as the export did (the artifact's weight codes), and round the inputs of those GEMMs to
+    int8 per block as ORT's kernels do (record["activations"])."""
     import torch
 
     from mixtral_export.artifact.contract import WEIGHT_SCHEMES
