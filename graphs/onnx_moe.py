@@ -206,17 +206,21 @@ def expert_chunks(source, lay_out, parts: int, limit: int):
     strided copy. fc2: rows of a column slice of w2[e], copied from the layer's w2, read whole
     once as `expert_slices` does.
     """
+    import torch
+
     e, rows, cols = (int(d) for d in source.shape)
     item = int(source.dtype.itemsize)
     if lay_out is fc1_slices:
         inter, units = rows // 2, rows // 2 // parts
         step = max(1, limit // (2 * cols * item))  # row pairs per run
+        scratch = torch.empty(min(step, units) * cols * item, dtype=torch.uint8)  # one run's gate (or up) rows
         for p in range(parts):
             for x in range(e):
                 for first in range(0, units, step):
                     pairs = min(step, units - first)
                     gate, up = ((x * rows + start + first) * cols for start in (p * units, inter + p * units))
-                    yield 2 * pairs * cols * item, functools.partial(interleave_rows, source, gate, up, pairs, cols)
+                    yield 2 * pairs * cols * item, functools.partial(interleave_rows, source, gate, up, pairs, cols,
+                                                                     scratch=scratch)
         return
     w2 = source.span(0, e * rows * cols).view(e, rows, cols)  # (E, H, I)
     units = cols // parts
@@ -288,26 +292,15 @@ def _expert_pieces(source, lay_out, parts: int, limit: int, blocks: list[tuple[s
                             min(step, rows - first))]
 
 
-def interleave_rows(source, gate: int, up: int, pairs: int, cols: int, dest: torch.Tensor) -> None:
+def interleave_rows(source, gate: int, up: int, pairs: int, cols: int, dest: torch.Tensor, *,
+                    scratch: torch.Tensor) -> None:
     """dest (uint8) <- `pairs` gate rows from flat element `gate` of `source` interleaved with as
-    many up rows from element `up`: gate_0, up_0, gate_1, up_1, ... (swiglu_fusion=1)."""
-    scratch = scratch_bytes(dest.numel() // 2)
+    many up rows from element `up`: gate_0, up_0, gate_1, up_1, ... (swiglu_fusion=1). `scratch`
+    (uint8, at least half of dest) is the caller's, reused run after run: no page faults per run."""
+    scratch = scratch[:dest.numel() // 2]
     for n, start in enumerate((gate, up)):
         rows = source.span(start, start + pairs * cols, out=scratch).view(pairs, cols)  # (pairs, H)
         dest.view(rows.dtype).view(pairs, 2, cols)[:, n].copy_(rows)
-
-
-def scratch_bytes(nbytes: int) -> torch.Tensor:
-    """A uint8 buffer of at least `nbytes`, allocated once and reused (no page faults per slice)."""
-    global _scratch
-    import torch
-
-    if _scratch is None or _scratch.numel() < nbytes:
-        _scratch = torch.empty(nbytes, dtype=torch.uint8)
-    return _scratch[:nbytes]
-
-
-_scratch = None
 
 
 def torch_view(tensor) -> torch.Tensor:

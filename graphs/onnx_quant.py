@@ -36,7 +36,8 @@ import numpy as np
 from mixtral_export.graphs.artifact_folder import ExportError
 from mixtral_export.artifact.contract import FLOAT_WEIGHTS, INT8_ACTIVATIONS, QUANT_BLOCK_SIZES, WEIGHT_SCHEMES, WeightScheme
 from mixtral_export.graphs.onnx_moe import MOE_DOMAIN
-from mixtral_export.graphs.quantize import QuantizeError, Quantized, check_block, quantize_matrices
+from mixtral_export.artifact.weight_codes import QuantizeError, Quantized
+from mixtral_export.graphs.quantize import check_block, quantize_matrices
 
 QMOE_OP, NBITS_OP = "QMoE", "MatMulNBits"
 

@@ -16,7 +16,8 @@ only its own precision is accepted.
 
 An engine runs only with the TensorRT version and on the GPU model that built it. The manifest
 records both (with the precision and profiles under `engines`, the sha256_blocks hash under `files`), and
-`check_engine_record` refuses a mismatch before TensorRT is asked to load it.
+`check_engine_record` refuses a mismatch before TensorRT is asked to load it: the record's names, that
+check and the lazy `tensorrt` import live in mixtral_export.artifact.engine_record, read by build and run.
 
 Atomic: the engine goes to a hidden temp file; the manifest first drops any earlier engine, the
 file is renamed into place, then the manifest lists it. At every moment the artifact is valid for
@@ -33,65 +34,17 @@ from pathlib import Path
 from typing import Callable
 
 from mixtral_export.artifact.contract import StepShapes
-from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest, set_engine
+from mixtral_export.artifact.engine_record import ENGINE_NAME, gpu_identity, import_tensorrt
+from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, load_manifest, set_engine
 from mixtral_export.destinations import refuse, write_file
 from mixtral_export.errors import UserError
 
-ENGINE_NAME = "engine.plan"
 PRECISIONS = ("fp32", "fp16", "bf16")
 FIXED_PRECISION = {"float16": "fp16", "bfloat16": "bf16"}  # artifact dtypes whose types decide the precision
-TRT_MAJOR = "10"
-INSTALL_HINT = "TensorRT is not installed (pip install mixtral-export[tensorrt] on a machine with NVIDIA's TensorRT 10)"
-
-
-class TrtUnavailable(UserError, RuntimeError):
-    """No usable TensorRT or no CUDA GPU here; one line saying what to install or where to run."""
 
 
 class TrtBuildError(UserError, RuntimeError):
     """An artifact TensorRT cannot turn into an engine; one line naming the file."""
-
-
-class EngineMismatch(ManifestError):
-    """An engine built by another TensorRT version or for another GPU; one line naming the file."""
-
-
-def import_tensorrt():
-    """The `tensorrt` module, checked to be TensorRT 10."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise TrtUnavailable(INSTALL_HINT) from None
-    if tensorrt.__version__.split(".")[0] != TRT_MAJOR:
-        raise TrtUnavailable(f"TensorRT {tensorrt.__version__} is installed; this project builds and runs "
-                             f"TensorRT {TRT_MAJOR} engines")
-    return tensorrt
-
-
-def gpu_identity() -> tuple[str, str]:
-    """(name, compute capability "major.minor") of the current CUDA device, through torch."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise TrtUnavailable("no CUDA GPU is visible (torch.cuda.is_available() is False); TensorRT engines "
-                             "are built and run on the GPU they are for")
-    major, minor = torch.cuda.get_device_capability()
-    return torch.cuda.get_device_name(), f"{major}.{minor}"
-
-
-def check_engine_record(record: dict, trt_version: str, gpu_name: str, compute_capability: str,
-                        where: str | Path = ENGINE_NAME) -> None:
-    """Refuse an engine whose recorded TensorRT version or GPU differs from this machine's."""
-    differences = []
-    if record["tensorrt"] != trt_version:
-        differences.append(f"TensorRT {record['tensorrt']} (here: {trt_version})")
-    if record["gpu"] != gpu_name or record["compute_capability"] != compute_capability:
-        differences.append(f"a {record['gpu']} with compute capability {record['compute_capability']} "
-                           f"(here: {gpu_name}, {compute_capability})")
-    if differences:
-        raise EngineMismatch(f"{where}: built with {' for '.join(differences)}; an engine runs only with the "
-                             f"TensorRT and on the GPU that built it: rebuild it here with "
-                             f"`mixtral-export build-engine`")
 
 
 def build_engine(artifact_dir: str | Path, precision: str = "fp32", workspace_gib: float = 4.0,

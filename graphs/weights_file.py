@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -77,10 +79,10 @@ def save_with_weights(model, path: Path, data_name: str,
                     report(offset)
                     del tensor
                     release_freed_memory()
-                ring.drain()
+                ring.close()
                 root = hasher.root(offset)
             except BaseException:
-                ring.drain(quiet=True)  # no write of the threads outlives the file (Ctrl-C, a full disk)
+                ring.close(quiet=True)  # no write of the threads outlives the file (Ctrl-C, a full disk)
                 raise
     except OSError as err:
         if err.filename is not None and Path(err.filename) != data_path:  # reading the checkpoint failed
@@ -98,7 +100,8 @@ def torch_on_one_thread():
     """Run torch's ops (casts, transposes, expert layouts) on the writing thread alone while the
     file is written: the hashing threads keep the other cores busy, and torch's intra-op pool then
     waits on descheduled workers (a 2 MB strided copy_ ran at 0.26 GB/s with 2 threads on this
-    loaded 2-core machine, 39 GB/s with 1; docs/design.md, "The writer")."""
+    loaded 2-core machine, 39 GB/s with 1; docs/design.md, "The writer"). torch's thread count is
+    the process's: it is set back however the write ends."""
     import torch
 
     threads = torch.get_num_threads()
@@ -131,7 +134,7 @@ def write_tensor(tensor, handle, ring: BufferRing) -> int:
     ranges = tensor.stored_ranges() if hasattr(tensor, "stored_ranges") else None
     if ranges:
         return sum(copy_range(entry, handle, ring) for entry in ranges)
-    pieces = tensor.stored_pieces(CHUNK_BYTES) if hasattr(tensor, "stored_pieces") and _gather_write else None
+    pieces = tensor.stored_pieces(CHUNK_BYTES) if hasattr(tensor, "stored_pieces") and GATHER_WRITE else None
     if pieces is not None:
         return write_pieces(pieces, ring)
     if hasattr(tensor, "chunks"):
@@ -214,8 +217,7 @@ def copy_range(entry, handle, ring: BufferRing) -> int:
     copy_file_range, CHUNK_BYTES at a time (the checkpoint is never mapped: no page faults; the
     hashing threads read the copy back). Writing through Python ran at 0.3-0.4 GB/s on this
     machine where the kernel's copy ran at 1.3-2.5 GB/s; where the kernel cannot copy (another
-    filesystem, no such call), mapped bytes are written."""
-    global _kernel_copy
+    filesystem, no such call), mapped bytes are written, and the ring remembers it for the rest of the file."""
     done = 0
     truncated = f"{entry.path}: truncated while reading tensor {entry.name}"
     with open(entry.path, "rb", buffering=0) as source:
@@ -223,14 +225,14 @@ def copy_range(entry, handle, ring: BufferRing) -> int:
             got = min(CHUNK_BYTES, entry.nbytes - done)
             at = ring.claim(got)
             copied = 0
-            while copied < got and _kernel_copy:
+            while copied < got and ring.kernel_copy:
                 try:
                     step = os.copy_file_range(source.fileno(), ring.fd, got - copied,
                                               entry.start + done + copied, at + copied)
                 except OSError as err:
                     if err.errno not in NO_KERNEL_COPY or copied:
                         raise
-                    _kernel_copy = False
+                    ring.kernel_copy = False
                     break
                 if not step:
                     raise ExportError(truncated)
@@ -265,7 +267,8 @@ class BufferRing:
     A buffer is handed out again only once its last write is done, so filling (reading, laying
     out) the next chunk overlaps the write (write(): ~0.8 GB/s) of this one, and nothing is
     allocated per chunk. Every write is positional (pwrite, copy_file_range's destination
-    offset): the threads' order does not matter.
+    offset): the threads' order does not matter. The writing thread is the ring's own and ends
+    with `close()`.
     """
 
     def __init__(self, hasher: BlockHasher, fd: int):
@@ -275,6 +278,8 @@ class BufferRing:
         self.buffers = [torch.empty(CHUNK_BYTES, dtype=torch.uint8) for _ in range(RING)]
         self.pending: list[list] = [[] for _ in range(RING)]
         self.turn = 0
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="pwrite")
+        self.kernel_copy = KERNEL_COPY  # False once the kernel refused to copy into this file
 
     def claim(self, nbytes: int) -> int:
         """The offset of the next nbytes of the file, which are now the caller's to write."""
@@ -295,24 +300,28 @@ class BufferRing:
     def put(self, view: memoryview) -> None:
         """Write `view` (of the buffer last taken) at the next offset, on the writing thread."""
         at = self.claim(len(view))
-        self.pending[self.turn] = [one_thread("pwrite").submit(write_all, self.fd, view, at)]
+        self.pending[self.turn] = [self.writer.submit(write_all, self.fd, view, at)]
         self.wrote()
 
     def put_views(self, views: list[memoryview]) -> None:
         """pwritev `views` (of maps the caller dropped) at the next offset on the writing thread:
         the views, and with them the maps, go once written."""
         at = self.claim(sum(len(view) for view in views))
-        self.pending[self.turn] = [one_thread("pwrite").submit(write_views, self.fd, views, at)]
+        self.pending[self.turn] = [self.writer.submit(write_views, self.fd, views, at)]
         self.wrote()
 
-    def drain(self, quiet: bool = False) -> None:
-        """Wait for every write; quiet: whatever they raise (the caller is failing already)."""
-        for turn in range(RING):
-            try:
-                self._wait(turn)
-            except Exception:
-                if not quiet:
-                    raise
+    def close(self, quiet: bool = False) -> None:
+        """Wait for every write, then end the writing thread; quiet: whatever the writes raise (the
+        caller is failing already)."""
+        try:
+            for turn in range(RING):
+                try:
+                    self._wait(turn)
+                except Exception:
+                    if not quiet:
+                        raise
+        finally:
+            self.writer.shutdown(wait=True)
 
     def _wait(self, turn: int) -> None:
         work, self.pending[turn] = self.pending[turn], []
@@ -321,22 +330,9 @@ class BufferRing:
 
 
 NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF}
-_kernel_copy = hasattr(os, "copy_file_range")
-_gather_write = hasattr(os, "pwritev")  # else gathered layouts fill the ring's buffers (`write_chunks`)
+KERNEL_COPY = hasattr(os, "copy_file_range")  # the platform has it (a filesystem may still refuse)
+GATHER_WRITE = hasattr(os, "pwritev")  # else gathered layouts fill the ring's buffers (`write_chunks`)
 IOV_MAX = 1024  # Linux's UIO_MAXIOV: the most buffers one pwritev takes
-
-
-def one_thread(name: str):
-    """The one named worker thread ("pwrite" writes a filled buffer) that runs beside the main
-    thread while it fills the next."""
-    if name not in _threads:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _threads[name] = ThreadPoolExecutor(1, thread_name_prefix=name)
-    return _threads[name]
-
-
-_threads: dict = {}
 
 
 def release_freed_memory() -> None:
@@ -345,19 +341,20 @@ def release_freed_memory() -> None:
     Tensors of a few tens of MB land in malloc's heap once its mmap threshold has risen past
     them; freed, they fragment it, and without this the resident size creeps up layer by layer.
     """
-    global _trim
-    if _trim is None:
-        try:
-            import ctypes
-
-            _trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _trim = False
-    if _trim:
-        _trim(0)
+    trim = malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_trim = None
+@functools.cache
+def malloc_trim():
+    """glibc's malloc_trim, or None without glibc; looked up once (the C library never changes)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def tensor_bytes(tensor):

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.text import Text
 
 from mixtral_export.destinations import check_file, png_is_ours, report_is_ours, write_report
-from mixtral_export.entry import Interrupted, interrupted
+from mixtral_export.interruption import Interrupted, interrupted
 from mixtral_export.errors import UsageError, UserError, missing_extra
 
 # Typer 0.29 prints a required argument as {ARTIFACT} and appends <path>-style types after

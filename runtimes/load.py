@@ -167,19 +167,19 @@ def _source(manifest: Manifest | HeadManifest, checkpoint: str | Path | None) ->
 
 def dequantize_model(model, record: dict, round_activations: bool = True) -> None:
     """Replace every weight the manifest's quantization record lists by its dequantized self, quantized
-    exactly as the export did (graphs/quantize.py), and round the inputs of those GEMMs to int8
-    per block as ORT's kernels do (record["activations"])."""
+    exactly as the export did (the artifact's weight codes), and round the inputs of those GEMMs to
+    int8 per block as ORT's kernels do (record["activations"])."""
     import torch
 
     from mixtral_export.artifact.contract import WEIGHT_SCHEMES
-    from mixtral_export.graphs.quantize import dequantize, quantize
+    from mixtral_export.artifact.weight_codes import round_trip
     from mixtral_export.model import int8_blocks
 
     scheme, block = WEIGHT_SCHEMES[record["scheme"]], int(record["block_size"])
     for name in record["tensors"]:
         owner, attr = model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
         weight = getattr(owner, attr).detach()
-        values = dequantize(quantize(weight.float().numpy(), scheme, block, name))
+        values = round_trip(weight.float().numpy(), scheme, block)  # (..., N, K)
         setattr(owner, attr, torch.nn.Parameter(torch.from_numpy(values).to(weight.dtype), requires_grad=False))
         if not round_activations or record.get("activations") != "int8":
             continue

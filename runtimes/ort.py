@@ -133,7 +133,8 @@ class OrtBackend:
         data_files = [self.manifest.path(name) for name in self.manifest.files if name.endswith(".data")]
         # see runtimes/resident_weights.py: mapped weights paged in, on huge pages where the kernel can
         self.resident_bytes = make_resident(data_files) if preload else 0
-        self.huge_page_bytes = collapse_new_buffers(before) if preload and provider == "cpu" else 0
+        self.huge_page_bytes = (collapse_new_buffers(before, prepacked_sizes(self.manifest))
+                                if preload and provider == "cpu" else 0)
 
         dtype = numpy_dtype(self.shapes.dtype)
         self.cache_k = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
@@ -160,6 +161,20 @@ class OrtBackend:
         self.cache_v[:, rows, :, slots] = chunk.new_v[:, rows, :, cols]
         self.cache_positions[rows, slots] = positions[rows, cols]
         return chunk.logits.copy()  # the buffer is overwritten by the next step
+
+
+def prepacked_sizes(manifest: Manifest) -> set[int]:
+    """The byte sizes of the copies ONNX Runtime makes of the graph's float MatMul weights at load
+    (MLAS's prepacked B: the weight's own bytes, as stored or as float32): the lm_head and the
+    attention projections (fused q/k/v too). Quantized ones are packed otherwise and not named."""
+    config = manifest.config
+    h, d, kv = config.hidden_size, config.head_dim, config.num_key_value_heads * config.head_dim
+    q = config.num_attention_heads * d
+    weights = {"lm_head": h * config.vocab_size, "q_proj": h * q, "k_proj": h * kv, "v_proj": h * kv,
+               "o_proj": q * h, "qkv": h * (q + 2 * kv)}
+    quantized = (manifest.quantization or {}).get("tensors", ())
+    floats = [count for name, count in weights.items() if not any(f"{name}." in tensor for tensor in quantized)]
+    return {count * item for count in floats for item in {numpy_dtype(manifest.dtype).itemsize, 4}}
 
 
 def check_session_io(session: ort.InferenceSession, manifest: Manifest) -> None:

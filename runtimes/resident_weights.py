@@ -19,6 +19,11 @@ system can: ext4 on Linux >= 6.16, and they are mapped whole), and `collapse_new
 large buffers the session allocated itself (ONNX Runtime's prepacked MatMul weights: the lm_head,
 attention) onto huge pages with MADV_COLLAPSE (Linux >= 6.1). Both are hints: where transparent
 huge pages are off or the kernel is older they are refused and nothing changes.
+
+Memory that appeared while the session opened is not all the session's: in a server other threads
+allocate too. So a new range is collapsed only when its size is that of a buffer the session was
+going to allocate (the caller names the sizes: a prepacked weight's bytes), or of a run of them
+the kernel merged into one mapping; anything else is left as it is.
 """
 from __future__ import annotations
 
@@ -29,11 +34,13 @@ import mmap
 import os
 import sys
 from pathlib import Path
+from typing import Collection
 
 MADV_HUGEPAGE = 14  # linux/mman.h
 MADV_POPULATE_READ = 22  # Linux 5.14+
 MADV_COLLAPSE = 25  # Linux 6.1+
 COLLAPSE_AT_LEAST = 32 << 20  # smaller buffers are not weights worth a copy
+ALLOCATION_SLACK = 64 << 10  # address space an allocation takes beyond its bytes: malloc's header, alignment, pages
 READ_CHUNK = 16 << 20
 
 
@@ -82,9 +89,10 @@ def new_ranges(before: set[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
-def collapse_new_buffers(before: set[tuple[int, int]]) -> int:
-    """Move every large, fully written anonymous range mapped since `before` onto huge pages
-    (MADV_COLLAPSE copies it into 2 MiB pages: measured ~2 s per GB here); returns the bytes collapsed."""
+def collapse_new_buffers(before: set[tuple[int, int]], sizes: Collection[int]) -> int:
+    """Move each large, fully written anonymous range mapped since `before` that holds buffers of
+    `sizes` bytes (`sized_as`) onto huge pages (MADV_COLLAPSE copies it into 2 MiB pages: measured
+    ~2 s per GB here); returns the bytes collapsed."""
     if not sys.platform.startswith("linux"):
         return 0
     madvise = madvise_function()
@@ -93,8 +101,8 @@ def collapse_new_buffers(before: set[tuple[int, int]]) -> int:
     done = 0
     for start, end in new_ranges(before):
         size = end - start
-        if size < COLLAPSE_AT_LEAST or not fully_resident(start, size):
-            continue  # small, or partly untouched (an arena's reserve): collapsing would fill it in
+        if size < COLLAPSE_AT_LEAST or not sized_as(size, sizes) or not fully_resident(start, size):
+            continue  # small, someone else's, or partly untouched (an arena's reserve): collapsing would fill it in
         madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_HUGEPAGE)
         for _ in range(3):  # EAGAIN: a page was briefly locked or no huge page was free yet
             if madvise(ctypes.c_void_p(start), ctypes.c_size_t(size), MADV_COLLAPSE) == 0:
@@ -103,6 +111,12 @@ def collapse_new_buffers(before: set[tuple[int, int]]) -> int:
             if ctypes.get_errno() != errno.EAGAIN:
                 break
     return done
+
+
+def sized_as(size: int, sizes: Collection[int]) -> bool:
+    """Whether a range of `size` bytes is one allocation of some b in `sizes`, or a run of m of them
+    merged by the kernel: between m * b and m * (b + ALLOCATION_SLACK) bytes."""
+    return any(b > 0 and size // b >= 1 and size <= size // b * (b + ALLOCATION_SLACK) for b in sizes)
 
 
 def fully_resident(start: int, size: int) -> bool:

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from mixtral_export.artifact.contract import NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
+from mixtral_export.artifact.engine_record import ENGINE_NAME, check_engine_record, gpu_identity, import_tensorrt
 from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
-from mixtral_export.graphs.trt_engine import ENGINE_NAME, check_engine_record, gpu_identity, import_tensorrt
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.step import check_step_inputs
 from mixtral_export.runtimes.torch_ring import TorchRing

@@ -18,7 +18,7 @@ import pytest
 from mixtral_export.artifact.manifest import ManifestError, load_manifest, write_manifest
 from mixtral_export.graphs.onnx_export import export_onnx
 from mixtral_export.runtimes.eager import EagerBackend
-from mixtral_export.runtimes.ort import OrtBackend, OrtBackendError
+from mixtral_export.runtimes.ort import OrtBackend, OrtBackendError, prepacked_sizes
 from mixtral_export.runtimes.step_parity import lockstep
 
 TOL = 1e-4
@@ -159,3 +159,16 @@ def test_serves_without_torch(tiny_onnx):
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
     assert not [m for m in loaded if m.split(".")[0] == "torch"]
     assert "mixtral_export.model" not in loaded
+
+
+def test_prepacked_sizes_name_the_float_matmul_weights_only(tiny_onnx):
+    """The sizes the backend attributes new memory by (runtimes/resident_weights.py): the lm_head's
+    and attention's float weights as the config shapes them; a quantized one is not among them."""
+    from dataclasses import replace
+
+    manifest = load_manifest(tiny_onnx, verify_files=False)
+    c = manifest.config
+    lm_head, q_proj = c.hidden_size * c.vocab_size * 4, c.hidden_size * c.num_attention_heads * c.head_dim * 4
+    assert {lm_head, q_proj} <= prepacked_sizes(manifest)
+    quantized = replace(manifest, quantization={"tensors": {"lm_head.weight": {}}})
+    assert lm_head not in prepacked_sizes(quantized) and q_proj in prepacked_sizes(quantized)

@@ -173,7 +173,7 @@ def test_stored_tensors_are_copied_file_to_file_or_written_the_same(tiny_checkpo
     monkeypatch.setattr(wf, "copy_range", lambda entry, *rest: copied.append(entry.name) or copy_range(entry, *rest))
     kernel = export_onnx(tiny_checkpoint, tmp_path / "kernel", dtype="float32", routing="dense", **SHAPES)
     assert any(".experts." in name for name in copied) and "model.embed_tokens.weight" in copied
-    monkeypatch.setattr(wf, "_kernel_copy", False)
+    monkeypatch.setattr(wf, "KERNEL_COPY", False)
     written = export_onnx(tiny_checkpoint, tmp_path / "written", dtype="float32", routing="dense", **SHAPES)
     assert_same_artifact(kernel, written)
 
@@ -191,7 +191,7 @@ def test_gathered_experts_are_written_from_the_checkpoint_or_through_buffers_the
     monkeypatch.setattr(wf, "CHUNK_BYTES", 1000)  # several runs per virtual expert, rows interleaved across them
     mapped = export_onnx(tiny_checkpoint, tmp_path / "mapped", dtype="float32", routing="gather", **SHAPES)
     assert len(runs) == 2 * 2  # fc1 and fc2 of each of the 2 layers
-    monkeypatch.setattr(wf, "_gather_write", False)
+    monkeypatch.setattr(wf, "GATHER_WRITE", False)
     buffered = export_onnx(tiny_checkpoint, tmp_path / "buffered", dtype="float32", routing="gather", **SHAPES)
     assert_same_artifact(mapped, buffered)
     from mixtral_export.artifact.manifest import load_manifest

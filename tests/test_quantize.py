@@ -1,4 +1,5 @@
-"""graphs/quantize.py: deterministic block-wise codes, and the layouts onnxruntime's kernels read.
+"""Block-wise weight codes (artifact/weight_codes.py, graphs/quantize.py): deterministic, and in the
+layouts onnxruntime's kernels read.
 
 The kernel tests build one-node graphs (MatMulNBits, QMoE) from our packed bytes and compare the
 kernel with float math on dequantize()'s weights: they fail if a nibble, a block or a zero point
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 
 from mixtral_export.artifact.contract import INT8_ACTIVATIONS, WEIGHT_SCHEMES, WeightScheme
-from mixtral_export.graphs.quantize import INT4_DIVISORS, QuantizeError, dequantize, error, quantize
+from mixtral_export.artifact.weight_codes import INT4_DIVISORS, QuantizeError, dequantize
+from mixtral_export.graphs.quantize import error, quantize
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

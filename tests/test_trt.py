@@ -11,7 +11,8 @@ import shutil
 import numpy as np
 import pytest
 
-from mixtral_export.graphs.trt_engine import ENGINE_NAME, INSTALL_HINT, TrtUnavailable, build_engine
+from mixtral_export.artifact.engine_record import ENGINE_NAME, INSTALL_HINT, TrtUnavailable
+from mixtral_export.graphs.trt_engine import build_engine
 from mixtral_export.runtimes.step_parity import lockstep
 from tests.test_ort_backend import eager_for
 
@@ -90,7 +91,7 @@ def test_half_precision_top1_and_greedy_agreement(engines, tiny_checkpoint, prec
 @pytest.mark.gpu
 def test_an_engine_recorded_for_another_gpu_is_refused(engines, tmp_path):
     from mixtral_export.artifact.manifest import load_manifest, set_engine
-    from mixtral_export.graphs.trt_engine import EngineMismatch
+    from mixtral_export.artifact.engine_record import EngineMismatch
     from mixtral_export.runtimes.trt import TrtBackend
 
     folder = shutil.copytree(engines["fp32"], tmp_path / "moved")

@@ -11,7 +11,8 @@ import pytest
 
 from mixtral_export.artifact.contract import StepShapes
 from mixtral_export.artifact.manifest import MANIFEST_NAME, ManifestError, load_manifest, set_engine, write_manifest
-from mixtral_export.graphs.trt_engine import ENGINE_NAME, EngineMismatch, TrtBuildError, build_engine, check_engine_record
+from mixtral_export.artifact.engine_record import ENGINE_NAME, EngineMismatch, check_engine_record
+from mixtral_export.graphs.trt_engine import TrtBuildError, build_engine
 from mixtral_export.artifact.config import MixtralConfig
 
 CONFIG = MixtralConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
