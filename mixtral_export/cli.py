@@ -18,13 +18,6 @@ from mixtral_export.destinations import check_file, png_is_ours, report_is_ours,
 from mixtral_export.entry import Interrupted, interrupted
 from mixtral_export.errors import UsageError, UserError, missing_extra
 
-# Typer 0.29 prints a required argument as {ARTIFACT} and appends <path>-style types after
-# explicit metavars; plain click-style help (ARTIFACT, --seed N) reads better.
-if hasattr(typer.core.TyperArgument, "_usage_display_name"):
-    typer.core.TyperArgument._usage_display_name = lambda self: (
-        self.display_name_raw if self.required else f"[{self.display_name_raw}]")
-    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Turn a Mixtral checkpoint into static-shape graphs and prove they match it.")
 # No markup: paths, error messages and generated text are printed as they are ("[/]" included).
