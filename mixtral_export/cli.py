@@ -34,8 +34,15 @@ def run() -> None:
 
     Called by mixtral_export/entry.py, which turns Ctrl-C into one line and exit code 130.
     """
+    # typer raises the errors of the click it runs on: click's own, or the copy newer typers carry
+    clicks = sys.modules[typer.BadParameter.__module__]
     try:
-        app()
+        code = app(prog_name="mixtral-export", standalone_mode=False)  # click's errors come here unprinted
+    except getattr(clicks, "NoArgsIsHelpError", ()) as error:  # a bare `mixtral-export`: its help
+        error.show()
+        sys.exit(error.exit_code)
+    except clicks.UsageError as error:  # not the "Usage:, Try ..., Error:" block: one line
+        fail(_usage_line(error))
     except UserError as error:
         fail(str(error))
     except ModuleNotFoundError as error:  # an optional extra that is not installed
@@ -46,6 +53,14 @@ def run() -> None:
     except OSError as error:  # unwritable folders, a full disk, missing files named by the user
         where = f"{error.filename}: " if error.filename else ""
         fail(f"{where}{error.strerror or error}")
+    sys.exit(code or 0)  # a command's typer.Exit(n) comes back as n
+
+
+def _usage_line(error) -> str:
+    """click's message ("No such option: --frobnicate") as our line, with where help is."""
+    message = error.format_message().rstrip(".")
+    where = f" ({error.ctx.command_path} --help)" if error.ctx is not None else ""
+    return f"{message[:1].lower()}{message[1:]}{where}"
 
 
 def fail(message: str) -> None:
@@ -81,24 +96,24 @@ def tiny(out_dir: Path = typer.Argument(..., help="Folder to write the checkpoin
 def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral folder", metavar="CHECKPOINT"),
            output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to create", metavar="PATH"),
            dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: the checkpoint's)", metavar="TEXT"),
-           batch: int = typer.Option(1, help="Rows per step", metavar="N"),
+           batch: int = typer.Option(1, min=1, help="Rows per step", metavar="N"),
            prefill_chunk: str = typer.Option("16", help="Tokens per prefill step; a comma list (16,128) serves "
                                                         "each, a prompt's steps take the shortest that holds it",
                                              metavar="N[,N...]"),
-           cache_slots: Optional[int] = typer.Option(None, help="Ring slots per layer (default: the sliding window)", metavar="N"),
+           cache_slots: Optional[int] = typer.Option(None, min=1, help="Ring slots per layer (default: the sliding window)", metavar="N"),
            slide: bool = typer.Option(False, help="Let a ring smaller than the window (or no window) slide"),
-           opset: int = typer.Option(18, help="ONNX opset (>= 18)", metavar="N"),
+           opset: int = typer.Option(18, min=18, help="ONNX opset", metavar="N"),
            routing: str = typer.Option("dense", help="dense: every expert on every token; gather: only each "
                                                      "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
            weights: str = typer.Option("float", help="float: the dtype's; int8 | int4: block-wise weight-only "
                                                      "(experts, attention, lm_head; needs --routing gather)", metavar="TEXT"),
-           block_size: Optional[int] = typer.Option(None, help="int8/int4: weights per quantization block (32 | 64 | "
+           block_size: Optional[int] = typer.Option(None, min=1, help="int8/int4: weights per quantization block (32 | 64 | "
                                                                "128; default: the scheme's, README)", metavar="N"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
            device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT"),
            head: Optional[str] = typer.Option(None, help="causal-lm | model | sequence-classification | "
                                               "token-classification | question-answering (default: config.json's)", metavar="TEXT"),
-           seq_len: int = typer.Option(128, help="Head graphs: tokens per row (the static T)", metavar="N")):
+           seq_len: int = typer.Option(128, min=1, help="Head graphs: tokens per row (the static T)", metavar="N")):
     """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest; a checkpoint
     with another head (or --head) exports a static (batch, seq-len) head graph instead."""
     if routing not in ("dense", "gather"):
@@ -213,6 +228,13 @@ def _describe(artifact: Path) -> None:
         out.print(f"  file    {name}  {info.size:,} bytes  {info.label()}", highlight=False)
 
 
+def _one_prompt_source(prompt: list[str], input_ids) -> None:
+    if prompt and input_ids:
+        raise UsageError("give --prompt TEXT or --input-ids 1,2,3, not both")
+    if not (prompt or input_ids):
+        raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
+
+
 def _token_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -229,8 +251,8 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
              chat: bool = typer.Option(False, help="Wrap each prompt as a Mixtral-Instruct user turn"),
              system: Optional[str] = typer.Option(None, help="System prompt of the chat (implies --chat)", metavar="TEXT"),
              max_new_tokens: int = typer.Option(32, min=1, help="Tokens to generate at most per prompt", metavar="N"),
-             temperature: float = typer.Option(0.0, help="0 = greedy", metavar="X"),
-             top_k: int = typer.Option(0, help="0 = off", metavar="N"),
+             temperature: float = typer.Option(0.0, min=0, help="0 = greedy", metavar="X"),
+             top_k: int = typer.Option(0, min=0, help="0 = off", metavar="N"),
              top_p: float = typer.Option(1.0, help="1 = off", metavar="X"),
              repetition_penalty: float = typer.Option(1.0, help="1 = off", metavar="X"),
              seed: Optional[int] = typer.Option(None, help="Seed for sampling: the same seed replays the same tokens", metavar="N"),
@@ -241,8 +263,7 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     """Generate text from an artifact on a runtime, streaming tokens as they come."""
     from mixtral_export.runtimes.session import Session
 
-    if bool(prompt) == bool(input_ids):
-        raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
+    _one_prompt_source(prompt, input_ids)
     session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)
     if session.head != "causal-lm":
         raise UsageError(f"{artifact}: a {session.head} artifact does not generate; score it (mixtral-export score)")
@@ -255,6 +276,12 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
         system_turn = [] if system is None else [{"role": "system", "content": system}]
         prompts = [session.encode_chat(system_turn + [{"role": "user", "content": p}]) if chat else session.encode(p)
                    for p in prompt]
+    if "" in stop:  # the library's own checks name its parameters (stop_strings, top_p); these name flags
+        raise UsageError("--stop needs a non-empty string")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (1 = off), got {top_p}")
+    if repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be > 0 (1 = off), got {repetition_penalty}")
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop))
     if as_json or len(prompts) > 1:
@@ -329,8 +356,7 @@ def score(artifact: Path = typer.Argument(..., help="Head artifact folder writte
     """Run a head artifact: a classifier's label, per-token labels, a QA span, or hidden states."""
     from mixtral_export.runtimes.session import Session
 
-    if bool(prompt) == bool(input_ids):
-        raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
+    _one_prompt_source(prompt, input_ids)
     session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)
     if session.head == "causal-lm":
         raise UsageError(f"{artifact}: a causal-LM artifact has no head to score; use generate")
@@ -364,8 +390,8 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           grace: float = typer.Option(10.0, min=0, help="Seconds running requests get to finish on SIGTERM", metavar="X"),
           model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)", metavar="TEXT"),
           request_timeout: Optional[float] = typer.Option(None, help="Seconds a request may take, queue included", metavar="X"),
-          threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: usable cores)", metavar="N"),
-          rows: Optional[int] = typer.Option(None, help="Use at most N batch rows (1 = one request at a time)", metavar="N"),
+          threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads (default: usable cores)", metavar="N"),
+          rows: Optional[int] = typer.Option(None, min=1, help="Use at most N batch rows (1 = one request at a time)", metavar="N"),
           stream_interval: int = typer.Option(1, min=1, help="Streamed tokens per SSE chunk after the first (fewer socket writes)", metavar="N"),
           checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled", metavar="PATH"),
           in_process: bool = typer.Option(False, "--in-process", help="Step the engine on a thread of the HTTP "
@@ -373,6 +399,8 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
           replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
+    if request_timeout is not None and request_timeout <= 0:
+        raise UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
     if ray:
         if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
             raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
