@@ -20,8 +20,18 @@ from mixtral_export.errors import UsageError, UserError, missing_extra
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Turn a Mixtral checkpoint into static-shape graphs and prove they match it.")
-# No markup: paths, error messages and generated text are printed as they are ("[/]" included).
-out = Console(markup=False)
+
+
+def _stdout() -> Console:
+    """stdout, with no markup: paths, errors and generated text print as they are ("[/]" included).
+    A pipe or a file (a CI log) gets whole rows, not tables cut at 80 columns (`paddi…`)."""
+    console = Console(markup=False)
+    if not console.is_terminal:
+        console.width = 10_000
+    return console
+
+
+out = _stdout()
 err = Console(stderr=True, markup=False)
 
 
@@ -193,7 +203,43 @@ def check_trt(artifact: Path = typer.Argument(..., help="Artifact folder (or a .
 @app.command()
 def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written by export", metavar="ARTIFACT")):
     """Show an artifact's config, shapes, files and I/O contract (and check its files)."""
+    from mixtral_export.artifact.manifest import load_manifest
+
     _describe(artifact)
+    out.print(_io_table(load_manifest(artifact, verify_files=False).io))
+
+
+def _io_table(io: dict):
+    """The graph's inputs and outputs as the manifest records them: name, dtype, shape per chunk
+    length T (a step graph) or the one static shape (a head graph); a layer's run of same-shaped
+    names (cache_k.0 .. cache_k.31) is one row."""
+    from rich.table import Table
+
+    table = Table(title="I/O contract", title_justify="left")
+    for column in ("", "name", "dtype", "shape"):
+        table.add_column(column, no_wrap=True)
+    for side in ("inputs", "outputs"):
+        rows: list[list] = []  # [name, first layer, last layer, dtype, shape]
+        for entry in io[side]:
+            shapes = [entry["shape"]] if "shape" in entry else list(entry["shapes"].values())
+            shape = " | ".join(dict.fromkeys(f"({', '.join(map(str, dims))})" for dims in shapes))
+            stem, _, layer = entry["name"].rpartition(".")
+            if rows and layer.isdigit() and rows[-1][0] == stem and rows[-1][3:] == [entry["dtype"], shape] \
+                    and int(layer) == rows[-1][2] + 1:
+                rows[-1][2] += 1
+                continue
+            if layer.isdigit():
+                rows.append([stem, int(layer), int(layer), entry["dtype"], shape])
+            else:
+                rows.append([entry["name"], None, None, entry["dtype"], shape])
+        for n, (name, first, last, dtype, shape) in enumerate(rows):
+            if first is not None:
+                name = f"{name}.{first}" if first == last else f"{name}.{first}..{last}"
+            table.add_row(side[:-1] if n == 0 else "", name, dtype, shape)
+    lengths = next((list(entry["shapes"]) for entry in io["inputs"] if "shapes" in entry), None)
+    if lengths:
+        table.caption = f"a step graph: one shape per chunk length T ({', '.join(lengths)})"
+    return table
 
 
 def _describe(artifact: Path) -> None:
@@ -420,18 +466,24 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
 def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint and artifact", metavar="OUT_DIR")):
     """The main job on the tiny model: build it, export ONNX, generate on ORT, verify vs eager and HF."""
     checkpoint, artifact = out_dir / "tiny-checkpoint", out_dir / "tiny-onnx"
-    out.rule("1. tiny checkpoint")
+    _heading("1. tiny checkpoint")
     _run_command("tiny", checkpoint, "--seed", "0")
     out.print("The tiny model's weights are random: its text is gibberish by design. What the demo shows is "
               "that every runtime computes the same gibberish as transformers, to the last logit.")
-    out.rule("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
+    _heading("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
     _run_command("export", checkpoint, "-o", artifact, "--batch", "2", "--prefill-chunk", "8")
-    out.rule("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
+    _heading("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
     _run_command("generate", artifact, "--runtime", "ort", "--prompt", "The quick brown fox", "--max-new-tokens", "48")
-    out.rule("4. verify ORT against eager PyTorch and transformers")
+    _heading("4. verify ORT against eager PyTorch and transformers")
     report = out_dir / "verify.json"
     out.print(f"(the full report goes to {report})")
     _run_command("verify", artifact, "--runtimes", "eager,ort", "--reference", "hf", "--steps", "48", "--report", report)
+
+
+def _heading(title: str) -> None:
+    from rich.rule import Rule
+
+    out.print(Rule(title), width=None if out.is_terminal else 80)  # a rule spans the width: not 10,000 columns
 
 
 def _run_command(*args) -> None:
@@ -517,9 +569,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
     result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
     if json_path is not None:
         write_report(json_path, result, "bench")
-    console = out if out.is_terminal else Console(width=240, markup=False)  # a pipe or file gets whole rows
-    console.print(table(result, markdown))
+    out.print(table(result, markdown))
     if result["gather_over_dense"]:
-        console.print(speedups(result, markdown))
+        out.print(speedups(result, markdown))
     if plot is not None:
         err.print(f"bench: wrote {draw(result, plot)}", highlight=False)
