@@ -113,10 +113,11 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
            cache_slots: Optional[int] = typer.Option(None, min=1, help="Ring slots per layer (default: the sliding window)", metavar="N"),
            slide: bool = typer.Option(False, help="Let a ring smaller than the window (or no window) slide"),
            opset: int = typer.Option(18, min=18, help="ONNX opset", metavar="N"),
-           routing: str = typer.Option("dense", help="dense: every expert on every token; gather: only each "
-                                                     "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
+           routing: Optional[str] = typer.Option(None, help="dense: every expert on every token; gather: only each "
+                                                     "token's top-k experts (com.microsoft.MoE on ONNX, silu models); "
+                                                     "default: gather with int8/int4 weights, else dense", metavar="TEXT"),
            weights: str = typer.Option("float", help="float: the dtype's; int8 | int4: block-wise weight-only "
-                                                     "(experts, attention, lm_head; needs --routing gather)", metavar="TEXT"),
+                                                     "(experts, attention, lm_head; always gathered)", metavar="TEXT"),
            block_size: Optional[int] = typer.Option(None, min=1, help="int8/int4: weights per quantization block (32 | 64 | "
                                                                "128; default: the scheme's, README)", metavar="N"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
@@ -126,7 +127,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
            seq_len: int = typer.Option(128, min=1, help="Head graphs: tokens per row (the static T)", metavar="N")):
     """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest; a checkpoint
     with another head (or --head) exports a static (batch, seq-len) head graph instead."""
-    if routing not in ("dense", "gather"):
+    if routing not in (None, "dense", "gather"):
         raise UsageError(f"--routing {routing!r} is not available (dense, gather)")
     if _checkpoint_head(checkpoint, head) != "causal-lm":
         if format != "onnx":
@@ -135,7 +136,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
 
         with err.status("exporting the head graph...") as status:
             artifact = export_head_onnx(checkpoint, output, head=head, dtype=dtype, batch=batch, seq_len=seq_len,
-                                        opset=opset, routing=routing,
+                                        opset=opset, routing=routing or "dense",
                                         progress=lambda stage: status.update(f"exporting onnx: {stage}..."))
         _describe(artifact)
         return
@@ -147,6 +148,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
             raise UsageError(f"--weights {weights}: quantized weights are exported for ONNX Runtime only (--format onnx)")
         from mixtral_export.graphs.aoti_export import export_aoti as build
         options = dict(device=device)
+        routing = routing or "dense"
     else:
         raise UsageError(f"--format {format!r}: one of onnx, aoti")
     chunks = _int_list(prefill_chunk, "--prefill-chunk")
@@ -345,12 +347,23 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     out.print()
     stats = session.last_result
     reason = stats.completions[0].finish_reason
-    if reason == "cache_full":  # a model without a sliding window cannot go past its ring
-        reason = (f"cache_full: the artifact holds at most {session.manifest.shapes.cache_slots} positions; "
-                  f"export with more --cache-slots, or --slide")
+    if reason == "cache_full":
+        reason = _cache_full(session.manifest.shapes, session.manifest.config.max_position_embeddings)
     err.print(f"{runtime}: prefill {stats.prefill_tokens} tokens in {stats.prefill_seconds * 1e3:.1f} ms, "
               f"{len(stats.completions[0].token_ids)} new tokens at {stats.decode_tokens_per_second:.1f} tok/s "
-              f"({reason})", highlight=False)
+              f"({reason})", highlight=False, soft_wrap=True)
+
+
+def _cache_full(shapes, max_position_embeddings: int) -> str:
+    """Which limit a generation ran into, and only the export options that lift it: a ring that does
+    not slide ends at its slots; past that (or with a sliding window) the model's position limit."""
+    ring = shapes.max_positions  # None: the graph slides
+    if ring is not None and ring < max_position_embeddings:
+        return (f"cache_full: the artifact's ring holds at most {ring} positions and does not slide; export with "
+                f"more --cache-slots (up to max_position_embeddings, {max_position_embeddings}), or --slide to "
+                f"attend to the last {ring} only")
+    return (f"cache_full: the model's max_position_embeddings ({max_position_embeddings}) is reached; "
+            f"no export option goes past it")
 
 
 @app.command()
