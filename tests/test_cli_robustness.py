@@ -205,3 +205,16 @@ def test_importing_the_cli_leaves_typers_classes_alone():
             "changed = [c.__name__ for c, attrs in before.items() if dict(vars(c)) != attrs]; print(changed)")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_anything(tiny_onnx):
+    """Checked before the artifact is opened: no "serving ..." line, no uvicorn error, exit 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = cli("serve", tiny_onnx, "--host", "127.0.0.1", "--port", port, ok=False)
+    assert_one_line_error(run, f"127.0.0.1:{port}", "in use", "--port")
+    assert run.stdout == ""
