@@ -476,7 +476,8 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
 
 
 @app.command()
-def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint and artifact", metavar="OUT_DIR")):
+def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint, the artifact and "
+                                        "verify.json, relative to the current folder", metavar="OUT_DIR")):
     """The main job on the tiny model: build it, export ONNX, generate on ORT, verify vs eager and HF."""
     checkpoint, artifact = out_dir / "tiny-checkpoint", out_dir / "tiny-onnx"
     _heading("1. tiny checkpoint")

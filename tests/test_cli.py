@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -177,3 +178,18 @@ def test_the_demo_runs_the_main_job_end_to_end(tmp_path):
     assert "all within tolerance" in run.stdout and "Traceback" not in run.stderr, run.stdout[-2000:]
     report = json.loads((tmp_path / "demo" / "verify.json").read_text())
     assert report["passed"] is True and report["comparisons"], report.get("comparisons")
+
+
+def test_demo_script_takes_a_relative_out_from_the_callers_folder(tmp_path):
+    """scripts/demo.sh cds into the checkout to install: a relative OUT must still land where the
+    caller ran it. $PYTHON stands in for the interpreter and records each call (no install runs)."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    run = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "rel/out"], cwd=caller, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHON": str(fake)})
+    assert run.returncode == 0, run.stderr
+    assert calls.read_text().splitlines()[-1] == f"-m mixtral_export demo {caller / 'rel' / 'out'}"
