@@ -83,6 +83,34 @@ def test_inspect_lists_files_and_shapes(tiny_onnx):
     assert "sha256_blocks/64M" in run.stdout  # the hash scheme beside each file
 
 
+def test_inspect_prints_the_io_contract(tiny_onnx):
+    """Every input and output of the manifest's io, with its dtype and each chunk length's shape."""
+    from mixtral_export.artifact.manifest import load_manifest
+
+    lines = cli("inspect", tiny_onnx).stdout.splitlines()
+    io = load_manifest(tiny_onnx, verify_files=False).io
+    for entry in io["inputs"] + io["outputs"]:
+        stem = entry["name"].split(".")[0]  # cache_k.0 and cache_k.1 share a row: cache_k.0..1
+        shapes = " | ".join(dict.fromkeys(f"({', '.join(map(str, s))})" for s in entry["shapes"].values()))
+        assert any(stem in line and entry["dtype"] in line and shapes in line for line in lines), (entry, lines)
+
+
+def test_piped_output_prints_whole_rows(tiny_onnx):
+    """A pipe (a CI log) gets every table row and line whole, not cut at 80 columns (`paddi…`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    for args in (("inspect", tiny_onnx), ("verify", tiny_onnx, "--runtimes", "eager,ort", "--steps", "4")):
+        run = subprocess.run([sys.executable, "-m", "mixtral_export", *map(str, args)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "…" not in run.stdout, run.stdout
+        if args[0] == "inspect":
+            assert any(line.strip().startswith("model") and "sliding window 32" in line
+                       for line in run.stdout.splitlines()), run.stdout
+        else:
+            assert any(all(word in line for word in ("runtime", "max|dlogit|", "mean|dlogit|", "diverges at", "result"))
+                       for line in run.stdout.splitlines()), run.stdout
+
+
 def test_tiny_is_deterministic(tmp_path):
     cli("tiny", tmp_path / "a")
     cli("tiny", tmp_path / "b")
