@@ -460,6 +460,11 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
     if request_timeout is not None and request_timeout <= 0:
         raise UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
+    if rows is not None:  # the engine's own check names its parameter, not the flag
+        from mixtral_export.artifact.manifest import load_manifest
+
+        if rows > (batch := load_manifest(artifact, verify_files=False).shapes.batch):
+            raise UsageError(f"--rows {rows} is more than the artifact's batch ({batch}; export --batch)")
     if ray:
         if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
             raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")

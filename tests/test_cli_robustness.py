@@ -193,6 +193,12 @@ def test_generate_messages_name_flags(tiny_onnx, args, words):
     assert not any(name in run.stderr for name in ("stop_strings", "top_p", "repetition_penalty", "input_ids"))
 
 
+def test_serve_rows_past_the_batch_names_the_flag(tiny_onnx):
+    run = cli("serve", tiny_onnx, "--rows", "3", "--port", "0", ok=False)
+    assert_one_line_error(run, "--rows 3", "batch (2")
+    assert "rows must be" not in run.stderr and run.stdout == ""
+
+
 def test_a_usage_error_prints_no_usage_block(tiny_onnx):
     run = cli("generate", tiny_onnx, "--frobnicate", ok=False)
     assert "Usage:" not in run.stderr and "Try " not in run.stderr and not run.stdout
