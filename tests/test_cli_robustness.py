@@ -163,7 +163,8 @@ def test_a_sliding_window_generation_at_the_models_limit_says_so(tiny_onnx):
     run = cli("generate", tiny_onnx, "--input-ids", "1,5,6,7", "--max-new-tokens", "1100", "--json")
     assert json.loads(run.stdout)["completions"][0]["finish_reason"] == "cache_full"
     run = cli("generate", tiny_onnx, "--input-ids", "1,5,6,7", "--max-new-tokens", "1100")
-    assert f"{1024 - 4 + 1} new tokens" in run.stderr  # the token at position 1023 is sampled, never fed and "max_position_embeddings (1024) is reached" in run.stderr
+    # 4 prompt positions, the last new token sampled at position 1023 and never fed
+    assert f"{1024 - 4 + 1} new tokens" in run.stderr and "max_position_embeddings (1024) is reached" in run.stderr
     assert "--cache-slots" not in run.stderr and "--slide" not in run.stderr
 
 

@@ -116,7 +116,8 @@ def test_int8_parity_needs_the_kernels_int8_activations(tiny_checkpoint, tmp_pat
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(weights="int4", routing="dense", block_size=32), "int4 weights need --routing gather and float32 activations"),
+    (dict(weights="int4", routing="dense", block_size=32),
+     "int4 weights need --routing gather and float32 activations"),
     (dict(weights="int3", routing="gather"), "weights 'int3' are not supported"),
     (dict(weights="int8", routing="gather", block_size=48), "block size 48 is not supported"),
     (dict(weights="int8", routing="gather", dtype="float16"), "need --routing gather and float32"),
@@ -196,8 +197,8 @@ def test_export_without_a_block_size_takes_the_schemes_default(tmp_path):
 
 def test_cli_refuses_bad_weights_in_one_line(tiny_checkpoint, tmp_path):
     run = subprocess.run([sys.executable, "-m", "mixtral_export", "export", str(tiny_checkpoint), "-o",
-                          str(tmp_path / "art"), "--weights", "int4", "--routing", "dense", "--block-size", "32"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+                          str(tmp_path / "art"), "--weights", "int4", "--routing", "dense", "--block-size", "32"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'art'}: int4 weights need --routing gather and "
                                                f"float32 activations (com.microsoft.QMoE quantizes the gathered "
