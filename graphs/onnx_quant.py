@@ -58,8 +58,7 @@ def check_weights(weights: str, block_size: int, routing: str, config, out) -> W
         raise ExportError(f"{out}: block size {block_size} is not supported (one of {', '.join(map(str, QUANT_BLOCK_SIZES))})")
     if routing != "gather" or config.dtype != "float32":
         raise ExportError(f"{out}: {weights} weights need --routing gather and float32 activations "
-                          f"(com.microsoft.QMoE quantizes the gathered experts; gather is their default); "
-                          f"got {routing}, {config.dtype}")
+                          f"(com.microsoft.QMoE quantizes the gathered experts); got {routing}, {config.dtype}")
     # The input features K of every quantized weight: q/k/v, fc1, lm_head; fc2; o_proj.
     features = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
                 "num_attention_heads x head_dim": config.num_attention_heads * config.head_dim}
