@@ -217,8 +217,8 @@ def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) ->
     if slide:
         return cache_slots
     if sliding_window is not None:
-        raise ContractError(f"cache_slots ({cache_slots}) is smaller than the model's sliding_window "
-                            f"({sliding_window}); pass slide=True (--slide) to attend to the last "
+        raise ContractError(f"cache_slots / --cache-slots ({cache_slots}) is smaller than the model's sliding_window "
+                            f"({sliding_window}); pass slide=True / --slide to attend to the last "
                             f"{cache_slots} positions instead")
     return None
 

@@ -49,7 +49,7 @@ from mixtral_export.artifact.contract import (CHUNK_AXIS, DEFAULT_QUANT_BLOCK, D
 from mixtral_export.graphs.artifact_folder import ExportError, building, finish
 from mixtral_export.artifact.manifest import FileEntry, io_contract
 from mixtral_export.graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
-from mixtral_export.graphs.onnx_quant import check_weights, quantize_weights
+from mixtral_export.graphs.onnx_quant import check_weights, quantize_weights, weights_routing
 from mixtral_export.artifact.config import MixtralConfig
 
 GRAPH_NAME = "model.onnx"
@@ -59,21 +59,23 @@ DATA_NAME = GRAPH_NAME + ".data"  # the name torch's exporter gives the external
 def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str | None = "float32", batch: int = 1,
                 prefill_chunk: int | tuple[int, ...] = 16, cache_slots: int | None = None, slide: bool = False,
                 opset: int = 18,
-                progress: Callable[[str], None] | None = None, routing: str = "dense",
+                progress: Callable[[str], None] | None = None, routing: str | None = None,
                 weights: str = FLOAT_WEIGHTS, block_size: int | None = None) -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
 
     dtype None means the checkpoint's own; the graph's logits are float32 whatever the dtype.
-    routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring);
+    routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring; None: gather
+    for int8/int4 weights, which are always gathered, else dense);
     weights "float" | "int8" | "int4" with block_size 32 | 64 | 128 (None: the scheme's default) how its
     weights are stored.
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
+    routing = weights_routing(weights, routing)
     config = export_config(checkpoint, out, dtype, routing)
     dtype = config.dtype
     block_size = block_size or default_block_size(weights)
-    scheme = check_weights(weights, block_size, routing, dtype, out)
+    scheme = check_weights(weights, block_size, routing, config, out)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide)
     with building(out) as tmp:

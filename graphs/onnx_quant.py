@@ -42,17 +42,33 @@ from mixtral_export.graphs.quantize import check_block, quantize_matrices
 QMOE_OP, NBITS_OP = "QMoE", "MatMulNBits"
 
 
-def check_weights(weights: str, block_size: int, routing: str, dtype: str, out) -> WeightScheme | None:
-    """The WeightScheme for --weights (None for float), or one line saying why not."""
+def weights_routing(weights: str, routing: str | None) -> str:
+    """The routing a build uses when none is asked for: quantized weights are always gathered (QMoE
+    quantizes the gathered experts), float ones dense. An explicit routing stays as asked."""
+    return routing or ("gather" if weights in WEIGHT_SCHEMES else "dense")
+
+
+def check_weights(weights: str, block_size: int, routing: str, config, out) -> WeightScheme | None:
+    """The WeightScheme for --weights (None for float), or one line saying why not; before any
+    weight is read or traced, so a block that does not divide the model fails in a second."""
     if weights == FLOAT_WEIGHTS:
         return None
     if weights not in WEIGHT_SCHEMES:
         raise ExportError(f"{out}: weights {weights!r} are not supported (one of {FLOAT_WEIGHTS}, {', '.join(WEIGHT_SCHEMES)})")
     if block_size not in QUANT_BLOCK_SIZES:
         raise ExportError(f"{out}: block size {block_size} is not supported (one of {', '.join(map(str, QUANT_BLOCK_SIZES))})")
-    if routing != "gather" or dtype != "float32":
+    if routing != "gather" or config.dtype != "float32":
         raise ExportError(f"{out}: {weights} weights need --routing gather and float32 activations "
-                          f"(com.microsoft.QMoE quantizes the gathered experts); got {routing}, {dtype}")
+                          f"(com.microsoft.QMoE quantizes the gathered experts); got {routing}, {config.dtype}")
+    # The input features K of every quantized weight: q/k/v, fc1, lm_head; fc2; o_proj.
+    features = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+                "num_attention_heads x head_dim": config.num_attention_heads * config.head_dim}
+    for name, k in features.items():
+        if k % block_size:
+            fits = [str(b) for b in QUANT_BLOCK_SIZES if all(n % b == 0 for n in features.values())]
+            advice = f"pass --block-size {' or '.join(fits)}" if fits else "no --block-size divides them all"
+            raise ExportError(f"{out}: the model's {name}: {k} input features do not split into blocks "
+                              f"of {block_size}; {advice}")
     return WEIGHT_SCHEMES[weights]
 
 

@@ -18,17 +18,20 @@ from mixtral_export.destinations import check_file, png_is_ours, report_is_ours,
 from mixtral_export.interruption import Interrupted, interrupted
 from mixtral_export.errors import UsageError, UserError, missing_extra
 
-# Typer 0.29 prints a required argument as {ARTIFACT} and appends <path>-style types after
-# explicit metavars; plain click-style help (ARTIFACT, --seed N) reads better.
-if hasattr(typer.core.TyperArgument, "_usage_display_name"):
-    typer.core.TyperArgument._usage_display_name = lambda self: (
-        self.display_name_raw if self.required else f"[{self.display_name_raw}]")
-    typer.core.TyperArgument.display_type_rich = lambda self, ctx: None
-
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Turn a Mixtral checkpoint into static-shape graphs and prove they match it.")
-# No markup: paths, error messages and generated text are printed as they are ("[/]" included).
-out = Console(markup=False)
+
+
+def _stdout() -> Console:
+    """stdout, with no markup: paths, errors and generated text print as they are ("[/]" included).
+    A pipe or a file (a CI log) gets whole rows, not tables cut at 80 columns (`paddi…`)."""
+    console = Console(markup=False)
+    if not console.is_terminal:
+        console.width = 10_000
+    return console
+
+
+out = _stdout()
 err = Console(stderr=True, markup=False)
 
 
@@ -41,8 +44,15 @@ def run() -> None:
 
     Called by mixtral_export/entry.py, which turns Ctrl-C into one line and exit code 130.
     """
+    # typer raises the errors of the click it runs on: click's own, or the copy newer typers carry
+    clicks = sys.modules[typer.BadParameter.__module__]
     try:
-        app()
+        code = app(prog_name="mixtral-export", standalone_mode=False)  # click's errors come here unprinted
+    except getattr(clicks, "NoArgsIsHelpError", ()) as error:  # a bare `mixtral-export`: its help
+        error.show()
+        sys.exit(error.exit_code)
+    except clicks.UsageError as error:  # not the "Usage:, Try ..., Error:" block: one line
+        fail(_usage_line(error))
     except UserError as error:
         fail(str(error))
     except ModuleNotFoundError as error:  # an optional extra that is not installed
@@ -53,6 +63,14 @@ def run() -> None:
     except OSError as error:  # unwritable folders, a full disk, missing files named by the user
         where = f"{error.filename}: " if error.filename else ""
         fail(f"{where}{error.strerror or error}")
+    sys.exit(code or 0)  # a command's typer.Exit(n) comes back as n
+
+
+def _usage_line(error) -> str:
+    """click's message ("No such option: --frobnicate") as our line, with where help is."""
+    message = error.format_message().rstrip(".")
+    where = f" ({error.ctx.command_path} --help)" if error.ctx is not None else ""
+    return f"{message[:1].lower()}{message[1:]}{where}"
 
 
 def fail(message: str) -> None:
@@ -92,27 +110,28 @@ def tiny(out_dir: Path = typer.Argument(..., help="Folder to write the checkpoin
 def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral folder", metavar="CHECKPOINT"),
            output: Path = typer.Option(..., "-o", "--output", help="Artifact folder to create", metavar="PATH"),
            dtype: Optional[str] = typer.Option(None, help="float32 | float16 | bfloat16 (default: the checkpoint's)", metavar="TEXT"),
-           batch: int = typer.Option(1, help="Rows per step", metavar="N"),
+           batch: int = typer.Option(1, min=1, help="Rows per step", metavar="N"),
            prefill_chunk: str = typer.Option("16", help="Tokens per prefill step; a comma list (16,128) serves "
                                                         "each, a prompt's steps take the shortest that holds it",
                                              metavar="N[,N...]"),
-           cache_slots: Optional[int] = typer.Option(None, help="Ring slots per layer (default: the sliding window)", metavar="N"),
+           cache_slots: Optional[int] = typer.Option(None, min=1, help="Ring slots per layer (default: the sliding window)", metavar="N"),
            slide: bool = typer.Option(False, help="Let a ring smaller than the window (or no window) slide"),
-           opset: int = typer.Option(18, help="ONNX opset (>= 18)", metavar="N"),
-           routing: str = typer.Option("dense", help="dense: every expert on every token; gather: only each "
-                                                     "token's top-k experts (com.microsoft.MoE on ONNX, silu models)", metavar="TEXT"),
+           opset: int = typer.Option(18, min=18, help="ONNX opset", metavar="N"),
+           routing: Optional[str] = typer.Option(None, help="dense: every expert on every token; gather: only each "
+                                                     "token's top-k experts (com.microsoft.MoE on ONNX, silu models); "
+                                                     "default: gather with int8/int4 weights, else dense", metavar="TEXT"),
            weights: str = typer.Option("float", help="float: the dtype's; int8 | int4: block-wise weight-only "
-                                                     "(experts, attention, lm_head; needs --routing gather)", metavar="TEXT"),
-           block_size: Optional[int] = typer.Option(None, help="int8/int4: weights per quantization block (32 | 64 | "
-                                                               "128; default: the scheme's, README)", metavar="N"),
+                                                     "(experts, attention, lm_head; always gathered)", metavar="TEXT"),
+           block_size: Optional[int] = typer.Option(None, min=1, help="int8/int4: weights per quantization block (32 | 64 | "
+                                                               "128; default: the scheme's, docs/quantization.md)", metavar="N"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
            device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT"),
            head: Optional[str] = typer.Option(None, help="causal-lm | model | sequence-classification | "
                                               "token-classification | question-answering (default: config.json's)", metavar="TEXT"),
-           seq_len: int = typer.Option(128, help="Head graphs: tokens per row (the static T)", metavar="N")):
+           seq_len: int = typer.Option(128, min=1, help="Head graphs: tokens per row (the static T)", metavar="N")):
     """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest; a checkpoint
     with another head (or --head) exports a static (batch, seq-len) head graph instead."""
-    if routing not in ("dense", "gather"):
+    if routing not in (None, "dense", "gather"):
         raise UsageError(f"--routing {routing!r} is not available (dense, gather)")
     if not _checkpoint_head(checkpoint, head).generates:  # a head graph, not the step graph
         if format != "onnx":
@@ -121,7 +140,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
 
         with err.status("exporting the head graph...") as status:
             artifact = export_head_onnx(checkpoint, output, head=head, dtype=dtype, batch=batch, seq_len=seq_len,
-                                        opset=opset, routing=routing,
+                                        opset=opset, routing=routing or "dense",
                                         progress=lambda stage: status.update(f"exporting onnx: {stage}..."))
         _describe(artifact)
         return
@@ -133,6 +152,7 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
             raise UsageError(f"--weights {weights}: quantized weights are exported for ONNX Runtime only (--format onnx)")
         from mixtral_export.graphs.aoti_export import export_aoti as build
         options = dict(device=device)
+        routing = routing or "dense"
     else:
         raise UsageError(f"--format {format!r}: one of onnx, aoti")
     chunks = _int_list(prefill_chunk, "--prefill-chunk")
@@ -189,7 +209,43 @@ def check_trt(artifact: Path = typer.Argument(..., help="Artifact folder (or a .
 @app.command()
 def inspect(artifact: Path = typer.Argument(..., help="Artifact folder written by export", metavar="ARTIFACT")):
     """Show an artifact's config, shapes, files and I/O contract (and check its files)."""
+    from mixtral_export.artifact.manifest import load_manifest
+
     _describe(artifact)
+    out.print(_io_table(load_manifest(artifact, verify_files=False).io))
+
+
+def _io_table(io: dict):
+    """The graph's inputs and outputs as the manifest records them: name, dtype, shape per chunk
+    length T (a step graph) or the one static shape (a head graph); a layer's run of same-shaped
+    names (cache_k.0 .. cache_k.31) is one row."""
+    from rich.table import Table
+
+    table = Table(title="I/O contract", title_justify="left")
+    for column in ("", "name", "dtype", "shape"):
+        table.add_column(column, no_wrap=True)
+    for side in ("inputs", "outputs"):
+        rows: list[list] = []  # [name, first layer, last layer, dtype, shape]
+        for entry in io[side]:
+            shapes = [entry["shape"]] if "shape" in entry else list(entry["shapes"].values())
+            shape = " | ".join(dict.fromkeys(f"({', '.join(map(str, dims))})" for dims in shapes))
+            stem, _, layer = entry["name"].rpartition(".")
+            if rows and layer.isdigit() and rows[-1][0] == stem and rows[-1][3:] == [entry["dtype"], shape] \
+                    and int(layer) == rows[-1][2] + 1:
+                rows[-1][2] += 1
+                continue
+            if layer.isdigit():
+                rows.append([stem, int(layer), int(layer), entry["dtype"], shape])
+            else:
+                rows.append([entry["name"], None, None, entry["dtype"], shape])
+        for n, (name, first, last, dtype, shape) in enumerate(rows):
+            if first is not None:
+                name = f"{name}.{first}" if first == last else f"{name}.{first}..{last}"
+            table.add_row(side[:-1] if n == 0 else "", name, dtype, shape)
+    lengths = next((list(entry["shapes"]) for entry in io["inputs"] if "shapes" in entry), None)
+    if lengths:
+        table.caption = f"a step graph: one shape per chunk length T ({', '.join(lengths)})"
+    return table
 
 
 def _describe(artifact: Path) -> None:
@@ -224,6 +280,13 @@ def _describe(artifact: Path) -> None:
         out.print(f"  file    {name}  {info.size:,} bytes  {info.label()}", highlight=False)
 
 
+def _one_prompt_source(prompt: list[str], input_ids) -> None:
+    if prompt and input_ids:
+        raise UsageError("give --prompt TEXT or --input-ids 1,2,3, not both")
+    if not (prompt or input_ids):
+        raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
+
+
 def _token_ids(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -240,8 +303,8 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
              chat: bool = typer.Option(False, help="Wrap each prompt as a Mixtral-Instruct user turn"),
              system: Optional[str] = typer.Option(None, help="System prompt of the chat (implies --chat)", metavar="TEXT"),
              max_new_tokens: int = typer.Option(32, min=1, help="Tokens to generate at most per prompt", metavar="N"),
-             temperature: float = typer.Option(0.0, help="0 = greedy", metavar="X"),
-             top_k: int = typer.Option(0, help="0 = off", metavar="N"),
+             temperature: float = typer.Option(0.0, min=0, help="0 = greedy", metavar="X"),
+             top_k: int = typer.Option(0, min=0, help="0 = off", metavar="N"),
              top_p: float = typer.Option(1.0, help="1 = off", metavar="X"),
              repetition_penalty: float = typer.Option(1.0, help="1 = off", metavar="X"),
              seed: Optional[int] = typer.Option(None, help="Seed for sampling: the same seed replays the same tokens", metavar="N"),
@@ -252,8 +315,7 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     """Generate text from an artifact on a runtime, streaming tokens as they come."""
     from mixtral_export.runtimes.session import Session
 
-    if bool(prompt) == bool(input_ids):
-        raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
+    _one_prompt_source(prompt, input_ids)
     session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)  # refuses a head
     chat = chat or system is not None
     if input_ids:
@@ -264,6 +326,12 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
         system_turn = [] if system is None else [{"role": "system", "content": system}]
         prompts = [session.encode_chat(system_turn + [{"role": "user", "content": p}]) if chat else session.encode(p)
                    for p in prompt]
+    if "" in stop:  # the library's own checks name its parameters (stop_strings, top_p); these name flags
+        raise UsageError("--stop needs a non-empty string")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1] (1 = off), got {top_p}")
+    if repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be > 0 (1 = off), got {repetition_penalty}")
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                    repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop))
     if as_json or len(prompts) > 1:
@@ -281,12 +349,23 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     out.print()
     stats = session.last_result
     reason = stats.completions[0].finish_reason
-    if reason == "cache_full":  # a model without a sliding window cannot go past its ring
-        reason = (f"cache_full: the artifact holds at most {session.manifest.shapes.cache_slots} positions; "
-                  f"export with more --cache-slots, or --slide")
+    if reason == "cache_full":
+        reason = _cache_full(session.manifest.shapes, session.manifest.config.max_position_embeddings)
     err.print(f"{runtime}: prefill {stats.prefill_tokens} tokens in {stats.prefill_seconds * 1e3:.1f} ms, "
               f"{len(stats.completions[0].token_ids)} new tokens at {stats.decode_tokens_per_second:.1f} tok/s "
-              f"({reason})", highlight=False)
+              f"({reason})", highlight=False, soft_wrap=True)
+
+
+def _cache_full(shapes, max_position_embeddings: int) -> str:
+    """Which limit a generation ran into, and only the export options that lift it: a ring that does
+    not slide ends at its slots; past that (or with a sliding window) the model's position limit."""
+    ring = shapes.max_positions  # None: the graph slides
+    if ring is not None and ring < max_position_embeddings:
+        return (f"cache_full: the artifact's ring holds at most {ring} positions and does not slide; export with "
+                f"more --cache-slots (up to max_position_embeddings, {max_position_embeddings}), or --slide to "
+                f"attend to the last {ring} only")
+    return (f"cache_full: the model's max_position_embeddings ({max_position_embeddings}) is reached; "
+            f"no export option goes past it")
 
 
 @app.command()
@@ -337,8 +416,7 @@ def score(artifact: Path = typer.Argument(..., help="Head artifact folder writte
     """Run a head artifact: a classifier's label, per-token labels, a QA span, or hidden states."""
     from mixtral_export.runtimes.head_session import HeadSession
 
-    if bool(prompt) == bool(input_ids):
-        raise UsageError("give --prompt TEXT (repeatable) or --input-ids 1,2,3")
+    _one_prompt_source(prompt, input_ids)
     session = HeadSession.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)  # refuses a causal LM
     prompts = [_token_ids(ids) for ids in input_ids] if input_ids else [session.encode(p) for p in prompt]
     found = [r.to_json(session.head, session.labels) for r in session.score_ids(prompts, padding)]
@@ -370,8 +448,8 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           grace: float = typer.Option(10.0, min=0, help="Seconds running requests get to finish on SIGTERM", metavar="X"),
           model_name: Optional[str] = typer.Option(None, help="Model id clients send (default: the folder name)", metavar="TEXT"),
           request_timeout: Optional[float] = typer.Option(None, help="Seconds a request may take, queue included", metavar="X"),
-          threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: usable cores)", metavar="N"),
-          rows: Optional[int] = typer.Option(None, help="Use at most N batch rows (1 = one request at a time)", metavar="N"),
+          threads: Optional[int] = typer.Option(None, min=1, help="ONNX Runtime intra-op threads (default: usable cores)", metavar="N"),
+          rows: Optional[int] = typer.Option(None, min=1, help="Use at most N batch rows (1 = one request at a time)", metavar="N"),
           stream_interval: int = typer.Option(1, min=1, help="Streamed tokens per SSE chunk after the first (fewer socket writes)", metavar="N"),
           checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled", metavar="PATH"),
           in_process: bool = typer.Option(False, "--in-process", help="Step the engine on a thread of the HTTP "
@@ -379,6 +457,13 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
           replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
+    if request_timeout is not None and request_timeout <= 0:
+        raise UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
+    if rows is not None:  # the engine's own check names its parameter, not the flag
+        from mixtral_export.artifact.manifest import load_manifest
+
+        if rows > (batch := load_manifest(artifact, verify_files=False).shapes.batch):
+            raise UsageError(f"--rows {rows} is more than the artifact's batch ({batch}; export --batch)")
     if ray:
         if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
             raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
@@ -395,21 +480,28 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
 
 
 @app.command()
-def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint and artifact", metavar="OUT_DIR")):
+def demo(out_dir: Path = typer.Argument(Path("out/demo"), help="Folder for the checkpoint, the artifact and "
+                                        "verify.json, relative to the current folder", metavar="OUT_DIR")):
     """The main job on the tiny model: build it, export ONNX, generate on ORT, verify vs eager and HF."""
     checkpoint, artifact = out_dir / "tiny-checkpoint", out_dir / "tiny-onnx"
-    out.rule("1. tiny checkpoint")
+    _heading("1. tiny checkpoint")
     _run_command("tiny", checkpoint, "--seed", "0")
     out.print("The tiny model's weights are random: its text is gibberish by design. What the demo shows is "
               "that every runtime computes the same gibberish as transformers, to the last logit.")
-    out.rule("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
+    _heading("2. export ONNX (fp32, batch 2, prefill chunk 8, 32-slot ring)")
     _run_command("export", checkpoint, "-o", artifact, "--batch", "2", "--prefill-chunk", "8")
-    out.rule("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
+    _heading("3. generate on ONNX Runtime (greedy, 48 tokens: the ring wraps)")
     _run_command("generate", artifact, "--runtime", "ort", "--prompt", "The quick brown fox", "--max-new-tokens", "48")
-    out.rule("4. verify ORT against eager PyTorch and transformers")
+    _heading("4. verify ORT against eager PyTorch and transformers")
     report = out_dir / "verify.json"
     out.print(f"(the full report goes to {report})")
     _run_command("verify", artifact, "--runtimes", "eager,ort", "--reference", "hf", "--steps", "48", "--report", report)
+
+
+def _heading(title: str) -> None:
+    from rich.rule import Rule
+
+    out.print(Rule(title), width=None if out.is_terminal else 80)  # a rule spans the width: not 10,000 columns
 
 
 def _run_command(*args) -> None:
@@ -495,9 +587,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
     result = run_bench(options, say=lambda line: err.print(f"bench: {line}", highlight=False))
     if json_path is not None:
         write_report(json_path, result, "bench")
-    console = out if out.is_terminal else Console(width=240, markup=False)  # a pipe or file gets whole rows
-    console.print(table(result, markdown))
+    out.print(table(result, markdown))
     if result["gather_over_dense"]:
-        console.print(speedups(result, markdown))
+        out.print(speedups(result, markdown))
     if plot is not None:
         err.print(f"bench: wrote {draw(result, plot)}", highlight=False)

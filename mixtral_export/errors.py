@@ -21,9 +21,21 @@ class UsageError(UserError, ValueError):
     """A flag or argument combination that makes no sense."""
 
 
+# Extras that pull torch: from PyPI that is the multi-GB CUDA build, even on a machine without a GPU.
+TORCH_EXTRAS = ("export",)
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
 def missing_extra(error: ModuleNotFoundError, needed_by: str = "this") -> str | None:
-    """One line for an optional package that is not installed, or None when it is not one of ours."""
+    """One line for an optional package that is not installed, or None when it is not one of ours.
+    An extra with torch points at scripts/install.sh (it picks the machine's torch build) or the CPU index."""
     top = (error.name or "").split(".")[0]
     if top not in EXTRAS:
         return None
-    return f"{needed_by} needs {top}, which is not installed: pip install 'mixtral-export[{EXTRAS[top]}]'"
+    extra = EXTRAS[top]
+    if extra in TORCH_EXTRAS:
+        how = (f"EXTRAS={extra} bash scripts/install.sh in a checkout, or without a GPU pip install torch "
+               f"--index-url {TORCH_CPU_INDEX} before pip install 'mixtral-export[{extra}]'")
+    else:
+        how = f"pip install 'mixtral-export[{extra}]'"
+    return f"{needed_by} needs {top}, which is not installed: {how}"

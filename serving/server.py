@@ -7,13 +7,20 @@ forces the exit.
 """
 from __future__ import annotations
 
+import errno
 import signal
+import socket
 import threading
 from pathlib import Path
 
 import uvicorn
 
+from mixtral_export.errors import UserError
 from mixtral_export.serving.app import build_app
+
+
+class PortError(UserError, OSError):
+    """The address to serve on cannot be listened on; one line."""
 
 
 class GracefulServer(uvicorn.Server):
@@ -42,6 +49,7 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
     """Open the artifact, serve until a signal, close the engine. The engine steps in a process of its
     own (a ProcessClient, runtimes/engine_process.py), or with `in_process` on a thread of this one (a
     Session's InprocessClient)."""
+    check_port(host, port)
     if in_process:
         from mixtral_export.runtimes.session import Session
 
@@ -66,3 +74,23 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
         server.run()
     finally:
         client.close()
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind host:port once and let it go: a port in use (or a host not of this machine) is one line
+    before the artifact is opened or anything printed, not uvicorn's error after loading (exit 3)."""
+    if port == 0:  # any free port
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as error:
+        raise PortError(f"--host {host}: {error.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise PortError(f"{host}:{port} is already in use; pick another --port") from None
+            raise PortError(f"cannot listen on {host}:{port}: {error.strerror} (--host, --port)") from None

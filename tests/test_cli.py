@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,34 @@ def test_inspect_lists_files_and_shapes(tiny_onnx):
     run = cli("inspect", tiny_onnx)
     assert "model.onnx.data" in run.stdout and "cache slots 32" in run.stdout
     assert "sha256_blocks/64M" in run.stdout  # the hash scheme beside each file
+
+
+def test_inspect_prints_the_io_contract(tiny_onnx):
+    """Every input and output of the manifest's io, with its dtype and each chunk length's shape."""
+    from mixtral_export.artifact.manifest import load_manifest
+
+    lines = cli("inspect", tiny_onnx).stdout.splitlines()
+    io = load_manifest(tiny_onnx, verify_files=False).io
+    for entry in io["inputs"] + io["outputs"]:
+        stem = entry["name"].split(".")[0]  # cache_k.0 and cache_k.1 share a row: cache_k.0..1
+        shapes = " | ".join(dict.fromkeys(f"({', '.join(map(str, s))})" for s in entry["shapes"].values()))
+        assert any(stem in line and entry["dtype"] in line and shapes in line for line in lines), (entry, lines)
+
+
+def test_piped_output_prints_whole_rows(tiny_onnx):
+    """A pipe (a CI log) gets every table row and line whole, not cut at 80 columns (`paddi…`)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    for args in (("inspect", tiny_onnx), ("verify", tiny_onnx, "--runtimes", "eager,ort", "--steps", "4")):
+        run = subprocess.run([sys.executable, "-m", "mixtral_export", *map(str, args)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert "…" not in run.stdout, run.stdout
+        if args[0] == "inspect":
+            assert any(line.strip().startswith("model") and "sliding window 32" in line
+                       for line in run.stdout.splitlines()), run.stdout
+        else:
+            assert any(all(word in line for word in ("runtime", "max|dlogit|", "mean|dlogit|", "diverges at", "result"))
+                       for line in run.stdout.splitlines()), run.stdout
 
 
 def test_tiny_is_deterministic(tmp_path):
@@ -177,3 +206,18 @@ def test_the_demo_runs_the_main_job_end_to_end(tmp_path):
     assert "all within tolerance" in run.stdout and "Traceback" not in run.stderr, run.stdout[-2000:]
     report = json.loads((tmp_path / "demo" / "verify.json").read_text())
     assert report["passed"] is True and report["comparisons"], report.get("comparisons")
+
+
+def test_demo_script_takes_a_relative_out_from_the_callers_folder(tmp_path):
+    """scripts/demo.sh cds into the checkout to install: a relative OUT must still land where the
+    caller ran it. $PYTHON stands in for the interpreter and records each call (no install runs)."""
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n')
+    fake.chmod(0o755)
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    run = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "rel/out"], cwd=caller, capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHON": str(fake)})
+    assert run.returncode == 0, run.stderr
+    assert calls.read_text().splitlines()[-1] == f"-m mixtral_export demo {caller / 'rel' / 'out'}"

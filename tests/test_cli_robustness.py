@@ -41,12 +41,19 @@ def test_serving_commands_never_import_torch(tiny_onnx, args):
 
 def test_a_missing_extra_is_one_line_naming_it(tmp_path):
     run = probe("tiny", tmp_path / "ck", block="torch")
-    assert_one_line_error(run, "mixtral-export tiny needs torch", "pip install 'mixtral-export[export]'")
+    # PyPI's torch is the multi-GB CUDA build: the install script picks the machine's, or the CPU index first
+    assert_one_line_error(run, "mixtral-export tiny needs torch", "EXTRAS=export bash scripts/install.sh",
+                          "pip install torch --index-url https://download.pytorch.org/whl/cpu before")
     assert not (tmp_path / "ck").exists()
 
 
+def test_a_missing_extra_without_torch_keeps_the_pip_line(tiny_onnx):
+    run = probe("serve", tiny_onnx, block="fastapi")
+    assert_one_line_error(run, "mixtral-export serve needs fastapi", "pip install 'mixtral-export[serve]'")
+
+
 def test_empty_stop_string_is_one_line(tiny_onnx):
-    assert_one_line_error(cli("generate", tiny_onnx, "--prompt", "Hi", "--stop", "", ok=False), "stop_strings")
+    assert_one_line_error(cli("generate", tiny_onnx, "--prompt", "Hi", "--stop", "", ok=False), "--stop")
 
 
 def test_prompt_text_without_a_tokenizer_is_one_line(tiny_checkpoint, tmp_path):
@@ -147,3 +154,74 @@ def test_no_window_generation_stops_at_the_cache_and_says_why(tiny_checkpoint, t
     cli("export", ck, "-o", tmp_path / "art", "--cache-slots", "16", "--prefill-chunk", "8")
     run = cli("generate", tmp_path / "art", "--input-ids", "1,5,6,7", "--max-new-tokens", "40")
     assert "cache_full" in run.stderr and "--cache-slots" in run.stderr
+    assert "at most 16 positions" in run.stderr and "--slide" in run.stderr
+
+
+def test_a_sliding_window_generation_at_the_models_limit_says_so(tiny_onnx):
+    """The ring slides, so only max_position_embeddings (1024 for the tiny model) ends the text:
+    neither more --cache-slots nor --slide would help, and the line does not advise them."""
+    run = cli("generate", tiny_onnx, "--input-ids", "1,5,6,7", "--max-new-tokens", "1100", "--json")
+    assert json.loads(run.stdout)["completions"][0]["finish_reason"] == "cache_full"
+    run = cli("generate", tiny_onnx, "--input-ids", "1,5,6,7", "--max-new-tokens", "1100")
+    # 4 prompt positions, the last new token sampled at position 1023 and never fed
+    assert f"{1024 - 4 + 1} new tokens" in run.stderr and "max_position_embeddings (1024) is reached" in run.stderr
+    assert "--cache-slots" not in run.stderr and "--slide" not in run.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (("export", "--frobnicate"), ("no such option: --frobnicate", "(mixtral-export export --help)")),
+    (("inspect",), ("missing argument 'ARTIFACT'", "(mixtral-export inspect --help)")),
+    (("frobnicate",), ("no such command 'frobnicate'",)),
+    (("generate", "art", "--max-new-tokens", "0"), ("'--max-new-tokens'",)),
+    (("generate", "art", "--top-k", "-1"), ("'--top-k'",)),
+    (("serve", "art", "--rows", "0"), ("'--rows'",)),
+    (("export", "ck", "-o", "art", "--cache-slots", "0"), ("'--cache-slots'",)),
+])
+def test_usage_errors_are_one_line(args, words):
+    """click's Usage:/Try/Error: block is one line naming the command's --help, exit 2, before any work."""
+    assert_one_line_error(cli(*args, ok=False), *words)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--prompt", "Hi", "--input-ids", "1,2"), ("--prompt", "--input-ids", "not both")),
+    (("--prompt", "Hi", "--stop", ""), ("--stop",)),
+    (("--prompt", "Hi", "--top-p", "0"), ("--top-p",)),
+    (("--prompt", "Hi", "--repetition-penalty", "0"), ("--repetition-penalty",)),
+])
+def test_generate_messages_name_flags(tiny_onnx, args, words):
+    run = cli("generate", tiny_onnx, *args, ok=False)
+    assert_one_line_error(run, *words)
+    assert not any(name in run.stderr for name in ("stop_strings", "top_p", "repetition_penalty", "input_ids"))
+
+
+def test_serve_rows_past_the_batch_names_the_flag(tiny_onnx):
+    run = cli("serve", tiny_onnx, "--rows", "3", "--port", "0", ok=False)
+    assert_one_line_error(run, "--rows 3", "batch (2")
+    assert "rows must be" not in run.stderr and run.stdout == ""
+
+
+def test_a_usage_error_prints_no_usage_block(tiny_onnx):
+    run = cli("generate", tiny_onnx, "--frobnicate", ok=False)
+    assert "Usage:" not in run.stderr and "Try " not in run.stderr and not run.stdout
+
+
+def test_importing_the_cli_leaves_typers_classes_alone():
+    """Nothing is patched at import: a program that embeds typer (or our app) keeps typer's behaviour."""
+    code = ("import typer.core as core; before = {c: dict(vars(c)) for c in (core.TyperArgument, core.TyperOption, "
+            "core.TyperCommand, core.TyperGroup)}; import mixtral_export.cli; "
+            "changed = [c.__name__ for c, attrs in before.items() if dict(vars(c)) != attrs]; print(changed)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_line_before_anything(tiny_onnx):
+    """Checked before the artifact is opened: no "serving ..." line, no uvicorn error, exit 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = cli("serve", tiny_onnx, "--host", "127.0.0.1", "--port", port, ok=False)
+    assert_one_line_error(run, f"127.0.0.1:{port}", "in use", "--port")
+    assert run.stdout == ""

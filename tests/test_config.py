@@ -87,3 +87,25 @@ def test_invalid_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         MixtralConfig.from_json(tmp_path)
+
+
+def test_a_config_without_rope_theta_is_transformers_default_and_the_model_uses_it(tmp_path):
+    """config.json with no rope key at all (older Mixtral configs): rope_theta is transformers'
+    MixtralConfig default, 1e6, and the static model's rotary embedding uses it: its fp32 logits
+    match transformers loading the same folder within 1e-4 at every position."""
+    import transformers
+
+    from tests.reference_models import hf_reference, random_prompts
+    from tests.test_parity_reference import assert_logits_match
+
+    hf_reference(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rope_theta", "rope_parameters", "rope_scaling"):
+        raw.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    reference = transformers.MixtralForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    theirs = (reference.config.rope_parameters or {}).get("rope_theta", getattr(reference.config, "rope_theta", None))
+    assert MixtralConfig.from_json(tmp_path).rope_theta == theirs == 1e6
+    assert MixtralConfig().rope_theta == transformers.MixtralConfig().rope_parameters["rope_theta"]  # built in Python
+    # window 8: relative distances up to 7, where a theta of 1e4 or 1e5 turns the keys by radians
+    assert_logits_match(tmp_path, reference, random_prompts([21], raw["vocab_size"]))

@@ -34,7 +34,7 @@ COST = {"int8": dict(min_top1=0.95, max_kl=2e-3), "int4": dict(min_top1=0.70, ma
 def quantized(request, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("quant") / request.param
     return request.param, export_onnx(tiny_checkpoint, out, batch=2, prefill_chunk=8, cache_slots=32,
-                                      routing="gather", weights=request.param, block_size=32)
+                                      weights=request.param, block_size=32)  # quantized weights: gathered
 
 
 def test_graph_runs_quantized_kernels_and_manifest_records_each_tensor(quantized, tiny_checkpoint):
@@ -119,7 +119,8 @@ def test_int8_parity_needs_the_kernels_int8_activations(tiny_checkpoint, tmp_pat
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(weights="int4"), "int4 weights need --routing gather and float32 activations"),
+    (dict(weights="int4", routing="dense", block_size=32),
+     "int4 weights need --routing gather and float32 activations"),
     (dict(weights="int3", routing="gather"), "weights 'int3' are not supported"),
     (dict(weights="int8", routing="gather", block_size=48), "block size 48 is not supported"),
     (dict(weights="int8", routing="gather", dtype="float16"), "need --routing gather and float32"),
@@ -131,6 +132,37 @@ def test_bad_weight_options_are_one_line_and_leave_nothing(tiny_checkpoint, tmp_
         export_onnx(tiny_checkpoint, out, **options)
     assert "\n" not in str(caught.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_weights_imply_gathered_routing(quantized):
+    """int8/int4 weights are always gathered (QMoE): an export that names no routing gathers."""
+    from mixtral_export.artifact.manifest import load_manifest
+
+    assert load_manifest(quantized[1]).routing == "gather"
+
+
+def test_a_block_that_does_not_divide_the_model_is_refused_before_tracing(tiny_checkpoint, tmp_path, monkeypatch):
+    """int4's default block (128) does not divide the tiny model's 64 features: refused from config.json
+    alone, naming --block-size and the sizes that fit, before any weight is read or traced."""
+    import mixtral_export.graphs.onnx_export as onnx_export
+
+    def traced(*args, **kwargs):
+        raise AssertionError("the export traced the model before checking the block size")
+
+    monkeypatch.setattr(onnx_export, "placeholder_model", traced)
+    with pytest.raises(ExportError, match=r"hidden_size: 64 input features .* blocks of 128; pass --block-size 32 or 64"):
+        export_onnx(tiny_checkpoint, tmp_path / "art", weights="int4")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_int4_without_routing_names_the_block_size(tiny_checkpoint, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "mixtral_export", "export", str(tiny_checkpoint), "-o",
+                          str(tmp_path / "art"), "--weights", "int4"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'art'}: the model's hidden_size: 64 input "
+                                               f"features do not split into blocks of 128; pass --block-size 32 or 64"]
+    assert not (tmp_path / "art").exists()
 
 
 def test_float_artifact_has_no_quantization_record(tiny_onnx):
@@ -168,8 +200,8 @@ def test_export_without_a_block_size_takes_the_schemes_default(tmp_path):
 
 def test_cli_refuses_bad_weights_in_one_line(tiny_checkpoint, tmp_path):
     run = subprocess.run([sys.executable, "-m", "mixtral_export", "export", str(tiny_checkpoint), "-o",
-                          str(tmp_path / "art"), "--weights", "int4"], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)
+                          str(tmp_path / "art"), "--weights", "int4", "--routing", "dense", "--block-size", "32"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'art'}: int4 weights need --routing gather and "
                                                f"float32 activations (com.microsoft.QMoE quantizes the gathered "
