@@ -111,7 +111,7 @@ def test_a_failed_export_leaves_nothing_behind(tiny_checkpoint, tmp_path):
 def test_serving_does_not_import_the_model_code(tiny_aoti):
     script = (
         "import sys, numpy as np\n"
-        "from runtimes.aoti import AotiBackend\n"
+        "from mixtral_export.runtimes.aoti import AotiBackend\n"
         f"backend = AotiBackend({str(tiny_aoti)!r})\n"
         "ids = np.zeros((2, 1), dtype=np.int64)\n"
         "backend.step(ids, np.array([[0], [" + str(NO_POSITION) + "]]))\n"

@@ -33,7 +33,8 @@ LAYERS = [
         "head_session"))),
     Layer(5, "tools", (f"{P}.runtimes.verify*", f"{P}.runtimes.step_parity", f"{P}.serving", f"{P}.serving.*",
                        f"{P}.bench", f"{P}.bench.*")),
-    Layer(6, "CLI", (P, f"{P}.cli", f"{P}.entry", f"{P}.interruption", f"{P}.__main__")),
+    Layer(6, "CLI", (P, f"{P}.cli", f"{P}.entry", f"{P}.interruption", f"{P}.cli_reference",
+                     f"{P}.__main__")),
 ]
 # Same-rank or lower imports the design still forbids: build and run stay apart, serving never builds.
 FORBIDDEN = [(f"{P}.graphs.*", f"{P}.runtimes*"), (f"{P}.runtimes.*", f"{P}.graphs*"),

@@ -145,7 +145,7 @@ def test_cuda_without_cuda_lists_the_providers(tiny_onnx):
 def test_serves_without_torch(tiny_onnx):
     script = (
         "import json, sys, numpy as np\n"
-        "from runtimes.ort import OrtBackend\n"
+        "from mixtral_export.runtimes.ort import OrtBackend\n"
         f"backend = OrtBackend({str(tiny_onnx)!r})\n"
         "logits = backend.step(np.zeros((2, 8), np.int64), np.tile(np.arange(8), (2, 1)))\n"
         "backend.step(np.zeros((2, 1), np.int64), np.full((2, 1), 8))\n"

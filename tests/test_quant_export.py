@@ -174,7 +174,7 @@ def test_float_artifact_has_no_quantization_record(tiny_onnx):
 
 def test_quantized_artifact_serves_on_ort_without_torch(quantized):
     scheme, artifact = quantized
-    code = ("import sys; from runtimes.session import Session; "
+    code = ("import sys; from mixtral_export.runtimes.session import Session; "
             f"s = Session.open({str(artifact)!r}); print(repr(s.generate('hello', max_new_tokens=4))); "
             "bad = [m for m in ('torch', 'mixtral_export.model', 'onnx_ir') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
