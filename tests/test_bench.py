@@ -15,15 +15,18 @@ RUNTIMES = ("eager", "ort-dense", "ort-gather", "transformers")
 
 
 def test_bench_on_tiny_writes_the_report(tmp_path):
+    """Run from a folder outside the checkout, a relative --work-dir is that folder's, not the checkout's."""
     report, plot = tmp_path / "bench.json", tmp_path / "bench.png"
-    args = [sys.executable, "-m", "mixtral_export", "bench", "tiny", "--work-dir", str(tmp_path / "work"),
+    args = [sys.executable, "-m", "mixtral_export", "bench", "tiny", "--work-dir", "work",
             "--runtimes", ",".join(RUNTIMES), "--contexts", "8,40", "--decode-steps", "3", "--repeats", "1",
             "--json", str(report)]
     has_matplotlib = importlib.util.find_spec("matplotlib") is not None
-    run = subprocess.run(args + (["--plot", str(plot)] if has_matplotlib else []), cwd=REPO, capture_output=True,
-                         text=True, timeout=600)
+    run = subprocess.run(args + (["--plot", str(plot)] if has_matplotlib else []), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     data = json.loads(report.read_text())
+    artifacts = [Path(r["artifact"]) for r in data["runs"] if r["artifact"]]
+    assert artifacts and all(a.is_dir() and a.is_relative_to(tmp_path / "work") for a in artifacts)
     assert {"model", "settings", "machine", "runs", "gather_over_dense"} <= data.keys()
     assert data["machine"]["bound_bandwidth_gbps"] > 0
     assert [r["runtime"] for r in data["runs"]] == list(RUNTIMES)
