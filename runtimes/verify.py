@@ -240,14 +240,13 @@ class HFReference:
         self.model = MixtralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                                         attn_implementation="eager").eval()
 
-    def teacher_forced(self, prompts: list[list[int]], forced: list[list[int]]) -> list[np.ndarray]:
-        out = []
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """(n, V) float32 logits of one sequence in one forward pass: row i predicts ids[i + 1]."""
         with self.torch.no_grad():
-            for prompt, tokens in zip(prompts, forced):
-                ids = self.torch.tensor([prompt + tokens[:-1]])
-                logits = self.model(input_ids=ids).logits[0].float().numpy()  # (n, V)
-                out.append(logits[len(prompt) - 1:])
-        return out
+            return self.model(input_ids=self.torch.tensor([ids])).logits[0].float().numpy()  # (n, V)
+
+    def teacher_forced(self, prompts: list[list[int]], forced: list[list[int]]) -> list[np.ndarray]:
+        return [self.logits(prompt + tokens[:-1])[len(prompt) - 1:] for prompt, tokens in zip(prompts, forced)]
 
     def greedy(self, prompts: list[list[int]], steps: int) -> list[list[int]]:
         out = []
