@@ -245,3 +245,65 @@ def hf_reference(checkpoint: str | Path, windows: np.ndarray, first: int, model:
     del hf
     gc.collect()
     return reference
+
+
+def eval_artifact(artifact: str | Path, runtime: str, options: EvalOptions, tokens_file: str | Path | None = None,
+                  text_file: str | Path | None = None, provider: str = "cpu", checkpoint: str | Path | None = None,
+                  progress: Callable[[int, int], None] | None = None) -> EvalReport:
+    """Open the artifact on `runtime` and score the tokens (ids, or text in the artifact's tokenizer, BOS
+    first); every input is checked before the model opens, so bad input costs no load time."""
+    from mixtral_export.destinations import check_file
+    from mixtral_export.runtimes import logit_reference
+    from mixtral_export.runtimes.load import (check_runtime, eager_source, load_step_manifest, open_step_backend,
+                                              open_tokenizer)
+
+    check_runtime(runtime)
+    manifest = load_step_manifest(artifact)
+    shapes, model = manifest.shapes, manifest.config.to_dict()
+    if (tokens_file is None) == (text_file is None):
+        raise EvalInputError("give --tokens FILE or --text FILE, not both" if tokens_file else
+                             "give --tokens FILE (token ids) or --text FILE")
+    if tokens_file is not None:
+        tokens, source = read_token_ids(tokens_file), tokens_file
+    else:
+        tokenizer = open_tokenizer(manifest)
+        if tokenizer is None:
+            raise EvalInputError(f"{manifest.folder}: the artifact has no tokenizer to encode --text; give --tokens")
+        tokens, source = tokenizer.encode(read_text(text_file), bos=True), text_file
+    options.check_fits(shapes, manifest.config.max_position_embeddings, str(manifest.folder))
+    windows = cut_windows(tokens, options.ctx, shapes.vocab_size, source)
+    reference = None
+    if options.reference not in (None, "hf"):
+        reference = logit_reference.load(options.reference)
+        logit_reference.check_matches(reference, options.reference, model, windows)
+    if options.save_logits:
+        check_file(options.save_logits, logit_reference.is_ours)  # before the scoring, not after
+    if options.reference == "hf":
+        reference = hf_reference(eager_source(manifest, checkpoint), windows, options.first, model)
+    backend, _ = open_step_backend(artifact, runtime, provider=provider, checkpoint=checkpoint)
+    report, saved = evaluate(backend, windows, options, artifact=str(artifact), reference=reference,
+                             reference_name=options.reference, model=model, progress=progress)
+    if saved is not None:
+        logit_reference.save(options.save_logits, saved)
+    report.runtime = runtime
+    return report
+
+
+def print_eval_report(report: EvalReport, console) -> None:
+    """The report as llama-perplexity prints it: each measure with its uncertainty."""
+    def line(label: str, text: str) -> None:
+        console.print(f"{label:<24}{text}", highlight=False)
+
+    console.print(f"{report.artifact} on {report.runtime}: {report.windows} windows of {report.ctx} tokens, "
+                  f"{report.tokens_scored} scored (each window's second half)", highlight=False)
+    line("perplexity", f"{report.perplexity.value:.6g} ± {report.perplexity.uncertainty:.2g}")
+    if report.kl_mean is None:
+        return
+    line(f"reference ({report.reference})", f"{report.reference_perplexity.value:.6g} ± "
+                                             f"{report.reference_perplexity.uncertainty:.2g}")
+    line("perplexity change", f"{report.perplexity_change.value:+.4g} ± {report.perplexity_change.uncertainty:.2g}")
+    line("mean ln(PPL/PPL ref)", f"{report.log_perplexity_ratio.value:+.4g} ± "
+                                 f"{report.log_perplexity_ratio.uncertainty:.2g}")
+    line("KL divergence mean", f"{report.kl_mean.value:.4g} ± {report.kl_mean.uncertainty:.2g} nats")
+    line("KL median, p99, max", f"{report.kl_median:.4g}, {report.kl_p99:.4g}, {report.kl_max:.4g}")
+    line("same top-1", f"{report.top1_agreement.value:.3%} ± {report.top1_agreement.uncertainty:.2%}")
