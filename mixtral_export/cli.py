@@ -429,11 +429,20 @@ def eval_command(artifact: Path = typer.Argument(..., help="Artifact folder writ
     to_stdout = json_path is not None and str(json_path) == "-"
     if json_path is not None and not to_stdout:
         check_file(json_path, report_is_ours("eval"))  # before minutes of scoring, not after
-    with _progress(eta=True) as progress:
-        task = progress.add_task("scoring windows", total=None)
+    progress, tasks = _progress(eta=True), []
+
+    def advance(done: int, total: int) -> None:  # the bar starts with the first window: a bad input prints one line
+        if not tasks:
+            progress.start()
+            tasks.append(progress.add_task("scoring windows", total=total))
+        progress.update(tasks[0], completed=done)
+
+    try:
         result = eval_artifact(artifact, runtime, options, tokens_file=tokens, text_file=text, provider=provider,
-                               checkpoint=checkpoint,
-                               progress=lambda done, total: progress.update(task, completed=done, total=total))
+                               checkpoint=checkpoint, progress=advance)
+    finally:
+        if tasks:
+            progress.stop()
     if json_path is not None and not to_stdout:
         write_report(json_path, result.to_json(), "eval")
     if to_stdout:
