@@ -4,8 +4,9 @@ A reference holds the windows it scored (so a later run can prove it scores the 
 model config it came from, and per scored token: the exact NLL (float64, so the reference's
 perplexity is reproduced exactly), the argmax (top-1 agreement is exact too) and the log-probabilities
 of the whole vocabulary as uint16 codes over the row's own range, as llama.cpp's KL file does:
-2 bytes per vocabulary entry, half of float32. The rounding (at most half a step of range / 65535,
-about 4e-4 nats on a 50-nat range) moves a KL divergence by about the mean square error, ~1e-8 nats.
+2 bytes per vocabulary entry, half of float32. The rounding is at most half a step of range / 65535
+(2e-4 nats on the tiny model's 20-nat range); it moves a KL divergence by about its mean square,
+measured 2.5e-9 nats for two fp32 runs and 4e-6 relative on an int4 KL mean.
 """
 from __future__ import annotations
 

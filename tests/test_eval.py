@@ -3,7 +3,8 @@
 Tolerances: perplexity 1e-4 relative against transformers (fp32 graphs agree to ~1e-6 in logits);
 fp32 ORT against transformers KL mean < 1e-6 (measured ~2.5e-9 on the tiny model, most of it the
 saved reference's uint16 rounding); a saved reference's KL within 1e-4 relative of the KL computed
-from the float logits themselves (measured ~1e-6 on the tiny int4 model).
+from the float logits themselves (measured on the tiny int4 model: 3.7e-6 for the mean, 2.4e-5 for
+the max).
 """
 from __future__ import annotations
 
