@@ -46,9 +46,9 @@ class LogitReference:
     def log_probs(self, window: int) -> np.ndarray:
         """(n, V) float64 log-probabilities of one window's scored tokens, decoded and renormalised."""
         rows = slice(window * self.per_window, (window + 1) * self.per_window)
-        values = self.low[rows, None] + self.codes[rows].astype(np.float64) * self.step[rows, None]  # (n, V)
-        top = values.max(-1, keepdims=True)
-        return values - top - np.log(np.exp(values - top).sum(-1, keepdims=True))
+        from mixtral_export.runtimes.verify import log_softmax
+
+        return log_softmax(self.low[rows, None] + self.codes[rows].astype(np.float64) * self.step[rows, None])
 
 
 def encode(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

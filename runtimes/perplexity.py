@@ -23,7 +23,7 @@ from mixtral_export.artifact.contract import NO_POSITION, StepShapes
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.logit_reference import LogitReference, build
 from mixtral_export.runtimes.step import StepBackend
-from mixtral_export.runtimes.verify import kl_divergence
+from mixtral_export.runtimes.verify import kl_divergence, log_softmax
 
 
 class EvalInputError(UserError, ValueError):
@@ -121,13 +121,6 @@ def window_logits(backend: StepBackend, windows: np.ndarray, first: int) -> Iter
             done += width
         scored = np.concatenate(kept, axis=1)  # (b, ctx - first, V)
         yield from scored
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(n, V) float64 log-probabilities."""
-    x = logits.astype(np.float64)
-    top = x.max(-1, keepdims=True)
-    return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
 
 
 def nll_of(log_probs: np.ndarray, targets: np.ndarray) -> np.ndarray:

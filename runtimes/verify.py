@@ -145,13 +145,15 @@ def compare(runtime: str, against: str, ours: list[np.ndarray], theirs: list[np.
                       per_step_max_abs=[[float(x) for x in d.max(-1)] for d in diffs], tolerance=tolerance)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(..., V) float64 log-probabilities of logits (or of unnormalised log-probabilities)."""
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def kl_divergence(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
     """KL(softmax(reference) || softmax(ours)) per row of (steps, V) logits, in float64."""
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
     log_p, log_q = log_softmax(reference), log_softmax(ours)
     return (np.exp(log_p) * (log_p - log_q)).sum(-1)
 

@@ -19,8 +19,8 @@ import pytest
 
 from mixtral_export.runtimes import logit_reference
 from mixtral_export.runtimes.load import open_step_backend
-from mixtral_export.runtimes.perplexity import EvalOptions, cut_windows, evaluate, log_softmax, window_logits
-from mixtral_export.runtimes.verify import kl_divergence
+from mixtral_export.runtimes.perplexity import EvalOptions, cut_windows, evaluate, window_logits
+from mixtral_export.runtimes.verify import kl_divergence, log_softmax
 
 REPO = Path(__file__).resolve().parents[1]
 CTX = 25  # odd: ctx - ctx // 2 = 13 tokens scored per window, each window within the tiny model's 32-token window
@@ -112,6 +112,7 @@ def test_fp32_against_transformers_agrees(tiny_onnx, token_file):
 def test_int4_against_the_saved_float_reference(tiny_onnx, tiny_int4, token_file, tmp_path):
     ref = tmp_path / "float.npz"
     float_run = tmp_path / "float.json"
+    float_run.write_text("")  # an empty file (a caller's fresh temp file) is free to write
     run = cli("eval", tiny_onnx, "--tokens", token_file, "--ctx", CTX, "--save-logits", ref, "--json", float_run)
     assert run.returncode == 0, run.stderr
     float_ppl = json.loads(float_run.read_text())["perplexity"]
