@@ -60,9 +60,8 @@ def encode(log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def build(model: dict, windows: np.ndarray, nll: list[np.ndarray], top1: list[np.ndarray],
-          log_probs: list[np.ndarray]) -> LogitReference:
-    """A reference from per-window scored NLLs (n,), argmaxes (n,) and log-probabilities (n, V)."""
-    parts = [encode(lp) for lp in log_probs]
+          parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> LogitReference:
+    """A reference from per-window scored NLLs (n,), argmaxes (n,) and encoded log-probabilities."""
     return LogitReference(model=model, windows=np.asarray(windows, dtype=np.int64), nll=np.concatenate(nll),
                           top1=np.concatenate(top1).astype(np.int64),
                           codes=np.concatenate([p[0] for p in parts]), low=np.concatenate([p[1] for p in parts]),

@@ -21,7 +21,7 @@ import numpy as np
 
 from mixtral_export.artifact.contract import NO_POSITION, StepShapes
 from mixtral_export.errors import UserError
-from mixtral_export.runtimes.logit_reference import LogitReference, build
+from mixtral_export.runtimes.logit_reference import LogitReference, build, encode
 from mixtral_export.runtimes.step import StepBackend
 from mixtral_export.runtimes.verify import kl_divergence, log_softmax
 
@@ -123,9 +123,12 @@ def window_logits(backend: StepBackend, windows: np.ndarray, first: int) -> Iter
         yield from scored
 
 
-def nll_of(log_probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(n,) -log p(target) from (n, V) log-probabilities."""
-    return -log_probs[np.arange(len(targets)), targets]
+def scored(logits: np.ndarray, targets: np.ndarray, nll: list, top1: list) -> np.ndarray:
+    """(n, V) log-probabilities of a window's scored logits; appends its (n,) NLLs and argmaxes."""
+    log_probs = log_softmax(logits)
+    nll.append(-log_probs[np.arange(len(targets)), targets])
+    top1.append(log_probs.argmax(-1))
+    return log_probs
 
 
 @dataclass(frozen=True)
@@ -179,14 +182,12 @@ def evaluate(backend: StepBackend, windows: np.ndarray, options: EvalOptions, ar
     first, count = options.first, len(windows)
     nll, top1, kl, agree, keep = [], [], [], [], []
     for n, logits in enumerate(window_logits(backend, windows, first)):
-        log_probs = log_softmax(logits)  # (ctx - first, V)
-        nll.append(nll_of(log_probs, windows[n, first:]))
-        top1.append(log_probs.argmax(-1))
+        log_probs = scored(logits, windows[n, first:], nll, top1)  # (ctx - first, V)
         if reference is not None:
             kl.append(kl_divergence(reference.log_probs(n), log_probs))
             agree.append(top1[-1] == reference.top1[n * reference.per_window:(n + 1) * reference.per_window])
         if options.save_logits:
-            keep.append(log_probs)
+            keep.append(encode(log_probs))  # encoded window by window: 2 bytes per entry held, not 8
         if progress:
             progress(n + 1, count)
     ours = np.concatenate(nll)
@@ -220,13 +221,10 @@ def compare(report: EvalReport, ours: np.ndarray, reference: LogitReference, kl:
 
 def reference_of(logits: Iterator[np.ndarray], windows: np.ndarray, first: int, model: dict) -> LogitReference:
     """A reference from per-window (ctx - first, V) logits predicting each window's tokens first..ctx-1."""
-    nll, top1, log_probs = [], [], []
+    nll, top1, parts = [], [], []
     for n, window in enumerate(logits):
-        lp = log_softmax(window)
-        nll.append(nll_of(lp, windows[n, first:]))
-        top1.append(lp.argmax(-1))
-        log_probs.append(lp)
-    return build(model, windows, nll, top1, log_probs)
+        parts.append(encode(scored(window, windows[n, first:], nll, top1)))
+    return build(model, windows, nll, top1, parts)
 
 
 def hf_reference(checkpoint: str | Path, windows: np.ndarray, first: int, model: dict) -> LogitReference:
