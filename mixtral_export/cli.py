@@ -80,11 +80,13 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def _progress():
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+def _progress(eta: bool = False):
+    """A progress bar on stderr, gone when done; with eta, the time left estimated from the rate so far."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    remaining = (TextColumn("left"), TimeRemainingColumn()) if eta else ()
     return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=err, transient=True)
+                    TimeElapsedColumn(), *remaining, console=err, transient=True)
 
 
 @app.command()
@@ -401,6 +403,52 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact folder written by
     else:
         show(result, out)
     raise typer.Exit(0 if result.passed else 1)
+
+
+@app.command("eval")
+def eval_command(artifact: Path = typer.Argument(..., help="Artifact folder written by export", metavar="ARTIFACT"),
+                 text: Optional[Path] = typer.Option(None, help="UTF-8 text to score, in the artifact's tokenizer "
+                                                     "(BOS first)", metavar="FILE"),
+                 tokens: Optional[Path] = typer.Option(None, help="Token ids to score, whitespace- or "
+                                                       "comma-separated", metavar="FILE"),
+                 ctx: int = typer.Option(512, help="Window length; each window's second half is scored", metavar="N"),
+                 runtime: str = typer.Option("ort", help="eager | compiled | ort | aoti | trt", metavar="TEXT"),
+                 provider: str = typer.Option("cpu", help="cpu | cuda (| trt for ORT's TensorRT provider)", metavar="TEXT"),
+                 reference: Optional[str] = typer.Option(None, help="hf (transformers on the checkpoint) or a file "
+                                                         "from --save-logits: KL divergence against it", metavar="REF"),
+                 save_logits: Optional[Path] = typer.Option(None, help="Save this run's next-token distributions "
+                                                            "as a reference for later runs", metavar="REF"),
+                 checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for eager/hf "
+                                                           "(default: the one recorded at export)", metavar="PATH"),
+                 json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the JSON report to this "
+                                                          "file (- prints it instead of the table)", metavar="PATH")):
+    """Perplexity over a text or token ids, and KL divergence against a reference run (llama-perplexity's measures)."""
+    from mixtral_export.runtimes.perplexity import EvalOptions, eval_artifact, print_eval_report
+
+    options = EvalOptions(ctx=ctx, reference=reference, save_logits=None if save_logits is None else str(save_logits))
+    to_stdout = json_path is not None and str(json_path) == "-"
+    if json_path is not None and not to_stdout:
+        check_file(json_path, report_is_ours("eval"))  # before minutes of scoring, not after
+    progress, tasks = _progress(eta=True), []
+
+    def advance(done: int, total: int) -> None:  # the bar starts with the first window: a bad input prints one line
+        if not tasks:
+            progress.start()
+            tasks.append(progress.add_task("scoring windows", total=total))
+        progress.update(tasks[0], completed=done)
+
+    try:
+        result = eval_artifact(artifact, runtime, options, tokens_file=tokens, text_file=text, provider=provider,
+                               checkpoint=checkpoint, progress=advance)
+    finally:
+        if tasks:
+            progress.stop()
+    if json_path is not None and not to_stdout:
+        write_report(json_path, result.to_json(), "eval")
+    if to_stdout:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_eval_report(result, out)
 
 
 @app.command()

@@ -29,11 +29,12 @@ def refuse(path: Path, why: str) -> DestinationError:
 
 
 def check_file(path: str | Path, is_ours: Callable[[Path], bool]) -> Path:
-    """Raise unless `path` is free or a file `is_ours` recognises; commands call it before long work."""
+    """Raise unless `path` is free (absent, or an empty file: nothing to lose, as a caller's fresh temp
+    file) or a file `is_ours` recognises; commands call it before long work."""
     path = Path(path)
     if path.is_symlink() or path.is_dir():
         raise refuse(path, "exists and is not a plain file")
-    if path.exists() and not is_ours(path):
+    if path.exists() and path.stat().st_size > 0 and not is_ours(path):
         raise refuse(path, f"exists and was not written by {WRITER}")
     return path
 

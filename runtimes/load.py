@@ -126,11 +126,9 @@ def eager_backend(manifest: Manifest, checkpoint: str | Path | None = None, devi
     ORT checks the kernels, not the quantization), unless float_weights asks for the originals.
     """
     from mixtral_export.checkpoint import load_model
-    from mixtral_export.artifact.config import MixtralConfig
     from mixtral_export.runtimes.eager import EagerBackend
 
-    source = _source(manifest, checkpoint)
-    check_compatible(manifest, MixtralConfig.from_json(source))
+    source = eager_source(manifest, checkpoint)
     model = load_model(source, dtype=manifest.shapes.dtype, attention_window=manifest.shapes.attention_window,
                        routing=manifest.routing)
     if manifest.quantization and not float_weights:
@@ -162,6 +160,16 @@ def _source(manifest: Manifest | HeadManifest, checkpoint: str | Path | None) ->
     if source is None or not (source / "config.json").exists():
         raise RuntimeLoadError(f"{manifest.folder}: the eager runtime needs the source checkpoint "
                                f"({source or 'not recorded'} is not there); pass its folder")
+    return source
+
+
+def eager_source(manifest: Manifest, checkpoint: str | Path | None = None) -> Path:
+    """The source checkpoint folder of a step artifact (--checkpoint, else the one recorded at export),
+    checked to hold the model the artifact was built from."""
+    from mixtral_export.artifact.config import MixtralConfig
+
+    source = _source(manifest, checkpoint)
+    check_compatible(manifest, MixtralConfig.from_json(source))
     return source
 
 

@@ -145,13 +145,15 @@ def compare(runtime: str, against: str, ours: list[np.ndarray], theirs: list[np.
                       per_step_max_abs=[[float(x) for x in d.max(-1)] for d in diffs], tolerance=tolerance)
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """(..., V) float64 log-probabilities of logits (or of unnormalised log-probabilities)."""
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def kl_divergence(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
     """KL(softmax(reference) || softmax(ours)) per row of (steps, V) logits, in float64."""
-    def log_softmax(x):
-        x = x.astype(np.float64)
-        x = x - x.max(-1, keepdims=True)
-        return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
     log_p, log_q = log_softmax(reference), log_softmax(ours)
     return (np.exp(log_p) * (log_p - log_q)).sum(-1)
 
@@ -240,14 +242,13 @@ class HFReference:
         self.model = MixtralForCausalLM.from_pretrained(checkpoint, dtype=torch.float32,
                                                         attn_implementation="eager").eval()
 
-    def teacher_forced(self, prompts: list[list[int]], forced: list[list[int]]) -> list[np.ndarray]:
-        out = []
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """(n, V) float32 logits of one sequence in one forward pass: row i predicts ids[i + 1]."""
         with self.torch.no_grad():
-            for prompt, tokens in zip(prompts, forced):
-                ids = self.torch.tensor([prompt + tokens[:-1]])
-                logits = self.model(input_ids=ids).logits[0].float().numpy()  # (n, V)
-                out.append(logits[len(prompt) - 1:])
-        return out
+            return self.model(input_ids=self.torch.tensor([ids])).logits[0].float().numpy()  # (n, V)
+
+    def teacher_forced(self, prompts: list[list[int]], forced: list[list[int]]) -> list[np.ndarray]:
+        return [self.logits(prompt + tokens[:-1])[len(prompt) - 1:] for prompt, tokens in zip(prompts, forced)]
 
     def greedy(self, prompts: list[list[int]], steps: int) -> list[list[int]]:
         out = []

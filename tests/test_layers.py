@@ -31,7 +31,8 @@ LAYERS = [
     Layer(4, "engine", tuple(f"{P}.runtimes.{name}" for name in (
         "requests", "scheduler", "sampling", "engine", "engine_client", "engine_process", "generate", "session",
         "head_session"))),
-    Layer(5, "tools", (f"{P}.runtimes.verify*", f"{P}.runtimes.step_parity", f"{P}.serving", f"{P}.serving.*",
+    Layer(5, "tools", (f"{P}.runtimes.verify*", f"{P}.runtimes.step_parity", f"{P}.runtimes.perplexity",
+                       f"{P}.runtimes.logit_reference", f"{P}.serving", f"{P}.serving.*",
                        f"{P}.bench", f"{P}.bench.*")),
     Layer(6, "CLI", (P, f"{P}.cli", f"{P}.entry", f"{P}.interruption", f"{P}.cli_reference",
                      f"{P}.__main__")),
