@@ -7,7 +7,7 @@ tokens and the requests that ended; the parent reads it on its event loop (one w
 for all streams) and feeds the RequestHandles its callers consume. A request is checked by the
 same Admission as in process (RequestError / QueueFull / EngineClosed at once) before it crosses;
 a cancel (a client gone) crosses and frees the row at the child's next step. The child ignores
-SIGINT (the parent drains it: `close(grace)`) and ends when the pipe closes. Every message is a
+SIGINT and SIGTERM (the parent drains it: `close(grace)`) and ends when the pipe closes. Every message is a
 frozen dataclass sent as tagged JSON, never pickle; no torch on either side for ORT.
 
     python3 -m mixtral_export.runtimes.engine_process FD SPEC   # started by ProcessClient, not by hand
@@ -292,7 +292,8 @@ def serve_pipe(conn: Connection, engine: Engine, tokenizer) -> None:
 
 def main() -> None:
     fd, spec = int(sys.argv[1]), ChildSpec(**json.loads(sys.argv[2]))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent drains us
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal to the whole group: the parent drains us
+        signal.signal(sig, signal.SIG_IGN)
     conn = Connection(fd)
     try:
         backend, manifest = open_step_backend(spec.artifact, spec.runtime, provider=spec.provider,

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from mixtral_export.runtimes.engine_client import EngineClient, RequestHandle
 from mixtral_export.runtimes.requests import EngineClosed, QueueFull, generation_config
 from mixtral_export.runtimes.step import RequestError
+from mixtral_export.serving.guards import CountResponses, OpenResponses, RequireApiKey
 from mixtral_export.serving.metrics import ServerMetrics
 from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response,
                                                sse_text as sse, usage_chunk)
@@ -29,19 +30,23 @@ DISCONNECT_POLL_SECONDS = 0.25
 
 def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], model_name: str,
               request_timeout: float | None = None, replica: str | None = None,
-              stream_interval: int = 1) -> FastAPI:
+              stream_interval: int = 1, api_key: str | None = None) -> FastAPI:
     """The app over an engine client, in process or not; `tokenizer` (None: the artifact has none) encodes
     prompts. The caller owns the client (and closes it: see serving/server.py). `replica` names this
     copy in an `x-replica` header and /health (Ray Serve runs several). A stream sends its first token
     at once, then a chunk per `stream_interval` tokens (each chunk is a socket write on the event loop,
-    the serving cost per token: see docs/serving.md)."""
+    the serving cost per token: see docs/serving.md). With `api_key` every route but /health needs it
+    (serving/guards.py); `app.state.responses` counts the responses still being written."""
     if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
         raise RequestError(f"stream_interval must be an integer >= 1 (tokens per streamed chunk), got {stream_interval!r}")
     app = FastAPI(title="mixtral-export", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(client)
     limit = client.admission.limit
     default_chat_tokens = 512 if limit is None else limit  # chat without max_tokens: up to the context
-    app.state.client, app.state.metrics = client, metrics
+    app.state.client, app.state.metrics, app.state.responses = client, metrics, OpenResponses()
+    app.add_middleware(CountResponses, responses=app.state.responses)
+    if api_key:
+        app.add_middleware(RequireApiKey, api_key=api_key)  # added last: runs first
     headers = {"x-replica": replica} if replica else None
     has_text = tokenizer is not None  # without one, a token's text is its id: "12 "
 

@@ -1,9 +1,9 @@
 """Run the OpenAI-compatible app under uvicorn, with a graceful stop on SIGINT / SIGTERM.
 
-On the first signal the engine stops admitting (new requests get 503), running and queued
-requests get `grace` seconds to finish, then are cancelled (their streams end cleanly with the
-text so far); uvicorn waits for the responses to flush, and the process exits 0. A second SIGINT
-forces the exit.
+On the first signal the engine stops admitting (new requests get 503: the port stays open while
+draining), running and queued requests get `grace` seconds to finish, then are cancelled (their
+streams end cleanly with the text so far, a finish_reason and [DONE]); once every response has
+been written uvicorn stops listening, and the process exits 0. A second SIGINT forces the exit.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import errno
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -23,21 +24,34 @@ class PortError(UserError, OSError):
     """The address to serve on cannot be listened on; one line."""
 
 
-class GracefulServer(uvicorn.Server):
-    """uvicorn's Server, but a signal drains the engine and ends in exit 0 (uvicorn re-raises it)."""
+FLUSH_SECONDS = 5.0  # after the engine has drained: for the last chunks to reach their clients
 
-    def __init__(self, config: uvicorn.Config, client, grace: float):
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's Server, but a signal drains the engine first and ends in exit 0 (uvicorn re-raises it).
+
+    uvicorn closes its listening socket as soon as `should_exit` is set, so it is set only after the
+    drain: until then a new request is answered 503, not refused a connection."""
+
+    def __init__(self, config: uvicorn.Config, client, grace: float, responses):
         super().__init__(config)
-        self.client, self.grace = client, grace
+        self.client, self.grace, self.responses = client, grace, responses
         self.draining: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
+        if self.draining is not None:  # a second signal
+            if sig == signal.SIGINT:
+                self.force_exit = self.should_exit = True
             return
-        if self.draining is None:
-            self.draining = threading.Thread(target=self.client.close, args=(self.grace,), daemon=True)
-            self.draining.start()
+        self.draining = threading.Thread(target=self.drain, daemon=True)
+        self.draining.start()
+
+    def drain(self) -> None:
+        """Close the engine (running requests get `grace` s), wait for the responses to be written, exit."""
+        self.client.close(self.grace)
+        deadline = time.monotonic() + FLUSH_SECONDS
+        while self.responses.open and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.should_exit = True
 
 
@@ -67,7 +81,7 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
                     stream_interval=stream_interval)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
                             access_log=False, lifespan="off")
-    server = GracefulServer(config, client, grace)
+    server = GracefulServer(config, client, grace, app.state.responses)
     print(f"serving {name} ({runtime}, {client.admission.max_rows} of {client.admission.batch} rows, "
           f"queue {max_queue}) on http://{host}:{port}/v1", flush=True)
     try:
