@@ -454,6 +454,10 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled", metavar="PATH"),
           in_process: bool = typer.Option(False, "--in-process", help="Step the engine on a thread of the HTTP "
                                           "server's process (default: a process of its own)"),
+          api_key: Optional[str] = typer.Option(None, envvar="MIXTRAL_EXPORT_API_KEY", show_envvar=True,
+                                                help="Every route but /health needs Authorization: Bearer KEY",
+                                                metavar="KEY"),
+          max_body_mb: float = typer.Option(4.0, min=0.001, help="Request bodies over X MB get 413", metavar="X"),
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
           replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
@@ -470,13 +474,14 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
         from mixtral_export.serving.ray_app import serve_on_ray  # a missing extra is one line (run())
 
         serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
-                     model_name=model_name, threads=threads, request_timeout=request_timeout)
+                     model_name=model_name, threads=threads, request_timeout=request_timeout, api_key=api_key)
         return
     from mixtral_export.serving.server import serve as run_server
 
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
                model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
-               max_rows=rows, stream_interval=stream_interval, in_process=in_process)
+               max_rows=rows, stream_interval=stream_interval, in_process=in_process, api_key=api_key,
+               max_body=int(max_body_mb * 2**20))
 
 
 @app.command()

@@ -2,8 +2,9 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as server-sent
 events), GET /v1/models, GET /health, GET /metrics. Errors have OpenAI's body
-{"error": {"message", "type", "param", "code"}}: 400 for a bad request, 404 for an unknown model
-or route, 429 when the engine's queue is full, 503 while shutting down. A client that disconnects
+{"error": {"message", "type", "param", "code"}}: 400 for a bad request, 401 without the API key (if
+one is set), 404 for an unknown model or route, 413 for a body over the limit, 429 when the engine's
+queue is full, 503 while shutting down or restarting the engine. A client that disconnects
 cancels its requests, which frees their rows at the next step. No torch on this path.
 """
 from __future__ import annotations
@@ -26,17 +27,18 @@ from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, 
                                                sse_text as sse, usage_chunk)
 
 DISCONNECT_POLL_SECONDS = 0.25
+MAX_BODY_BYTES = 4 * 2**20  # a request body beyond this gets 413 (a long prompt is ~100 kB of JSON)
 
 
 def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], model_name: str,
               request_timeout: float | None = None, replica: str | None = None,
-              stream_interval: int = 1, api_key: str | None = None) -> FastAPI:
+              stream_interval: int = 1, api_key: str | None = None, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     """The app over an engine client, in process or not; `tokenizer` (None: the artifact has none) encodes
     prompts. The caller owns the client (and closes it: see serving/server.py). `replica` names this
     copy in an `x-replica` header and /health (Ray Serve runs several). A stream sends its first token
     at once, then a chunk per `stream_interval` tokens (each chunk is a socket write on the event loop,
     the serving cost per token: see docs/serving.md). With `api_key` every route but /health needs it
-    (serving/guards.py); `app.state.responses` counts the responses still being written."""
+    (serving/guards.py); a body over `max_body` bytes gets 413; `app.state.responses` counts the responses still being written."""
     if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
         raise RequestError(f"stream_interval must be an integer >= 1 (tokens per streamed chunk), got {stream_interval!r}")
     app = FastAPI(title="mixtral-export", docs_url=None, redoc_url=None, openapi_url=None)
@@ -63,9 +65,23 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
     async def validation_error(_, error: RequestValidationError):
         return JSONResponse(error_body(str(error)), status_code=400)
 
+    async def read_body(http: HttpRequest) -> bytes | None:
+        """The body, or None once it is over `max_body` (refused by its Content-Length before any is read)."""
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            return None
+        body = bytearray()
+        async for piece in http.stream():
+            body += piece
+            if len(body) > max_body:
+                return None
+        return bytes(body)
+
     async def serve(kind: str, http: HttpRequest):
+        if (raw := await read_body(http)) is None:
+            return refuse(413, f"the request body is over {max_body} bytes", "invalid_request_error", "too_large")
         try:
-            body = json.loads(await http.body())
+            body = json.loads(raw)
         except ValueError:
             return refuse(400, "the request body is not valid JSON", "invalid_request_error", "bad_request")
         try:

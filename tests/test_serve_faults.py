@@ -88,3 +88,74 @@ def test_sigterm_drains_running_and_queued_streams_and_refuses_new_requests_with
     for n in range(4):
         assert results[n].get("status") == 200 and results[n]["done"] and results[n]["error"] is None, results
         assert results[n]["finish"] in ("length", "stop"), results  # the cut ones end as "length"
+
+
+def request(server: Server, method: str, path: str, key: str | None = None) -> int:
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request(method, path, json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 2}),
+                           {} if key is None else {"Authorization": f"Bearer {key}"})
+        reply = connection.getresponse()
+        reply.read()
+        return reply.status
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_onnx):
+    """The key from the environment (as a deployment passes it), a 1 MB body limit."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MIXTRAL_EXPORT_API_KEY", "s3cret")
+        running = Server(tiny_onnx, "--max-body-mb", "1")
+    yield running
+    code, output = running.stop()
+    assert code == 0, output
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
+                                          ("POST", "/v1/chat/completions"), ("GET", "/metrics"),
+                                          ("GET", "/no/such/route")])
+def test_every_route_but_health_needs_the_api_key(keyed_server, method, path):
+    assert request(keyed_server, method, path) == 401
+    assert request(keyed_server, method, path, key="s3cre") == 401
+    assert request(keyed_server, method, path, key="s3cret") in (200, 400, 404)  # past the key: the route's own answer
+    assert request(keyed_server, "GET", "/health") == 200
+
+
+def test_the_api_key_flag_and_the_openai_client(tiny_onnx):
+    import openai
+
+    server = Server(tiny_onnx, "--api-key", "flag-key")
+    try:
+        assert request(server, "GET", "/v1/models") == 401
+        keyed = openai.OpenAI(base_url=server.url + "/v1", api_key="flag-key", max_retries=0, timeout=60)
+        assert [m.id for m in keyed.models.list().data] == ["tiny"]
+        assert keyed.completions.create(model="tiny", prompt="x", max_tokens=3).usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            server.client.models.list()  # api_key="none"
+    finally:
+        assert server.stop()[0] == 0
+
+
+def test_a_body_over_the_limit_gets_413_at_once_and_the_server_stays_healthy(keyed_server):
+    key = {"Authorization": "Bearer s3cret"}
+    started = time.monotonic()
+    big = json.dumps({"model": "tiny", "prompt": "x" * (20 * 2**20), "max_tokens": 2}).encode()  # 20 MB
+    status, body = post(keyed_server, "/v1/completions", big, key)
+    assert status == 413 and json.loads(body)["error"]["message"], body
+    assert time.monotonic() - started < 10
+    connection = http.client.HTTPConnection("127.0.0.1", keyed_server.port, timeout=30)  # no Content-Length
+    connection.putrequest("POST", "/v1/completions")
+    for name, value in {**key, "Transfer-Encoding": "chunked", "Content-Type": "application/json"}.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    piece = b"x" * 2**16
+    for _ in range(24):  # 1.5 MB in chunks
+        connection.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+    connection.send(b"0\r\n\r\n")
+    assert connection.getresponse().status == 413
+    connection.close()
+    assert get(keyed_server.url + "/health")[0] == 200
+    assert post(keyed_server, "/v1/completions", json.dumps({"model": "tiny", "prompt": "y", "max_tokens": 2}).encode(),
+                key)[0] == 200
