@@ -177,11 +177,11 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
 
     @app.get("/health")
     async def health():
-        status = 503 if client.closed else 200
-        return JSONResponse({"status": "closing" if client.closed else "ok", "busy_rows": client.busy_rows,
+        state = "closing" if client.closed else client.state
+        return JSONResponse({"status": state, "restarts": client.restarts, "busy_rows": client.busy_rows,
                              "batch_rows": client.admission.batch, "queue_depth": client.queue_depth,
                              "replica": replica},
-                            status_code=status)
+                            status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus():

@@ -18,6 +18,10 @@ class ServerMetrics:
             .set_function(lambda: client.busy_rows)
         Gauge("mixtral_batch_rows", "Batch rows (request slots) of the artifact", registry=self.registry) \
             .set(client.admission.batch)
+        Gauge("mixtral_engine_restarts", "Engine processes started after the first one died",
+              registry=self.registry).set_function(lambda: client.restarts)
+        Gauge("mixtral_engine_up", "1 while the engine serves, 0 while it restarts, has failed or is closing",
+              registry=self.registry).set_function(lambda: float(client.state == "ok" and not client.closed))
         self.requests = Counter("mixtral_requests", "Requests by outcome (a finish reason, or why refused)",
                                 ["outcome"], registry=self.registry)
         self.prompt_tokens = Counter("mixtral_prompt_tokens", "Prompt tokens admitted", registry=self.registry)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import threading
 import time
@@ -159,3 +160,78 @@ def test_a_body_over_the_limit_gets_413_at_once_and_the_server_stays_healthy(key
     assert get(keyed_server.url + "/health")[0] == 200
     assert post(keyed_server, "/v1/completions", json.dumps({"model": "tiny", "prompt": "y", "max_tokens": 2}).encode(),
                 key)[0] == 200
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if (value := condition()):
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"{what} not within {seconds} s")
+
+
+def test_a_killed_engine_process_ends_its_streams_with_an_error_and_is_restarted(tiny_onnx):
+    """SIGKILL under 4 streams (batch 2: two queued): every stream ends within 20 s with an in-band error,
+    the same server answers again within 30 s, and /metrics counts the restart."""
+    server = Server(tiny_onnx)
+    try:
+        (engine,) = children(server.process.pid)
+        bodies = [dict(prompt=f"request {n}", max_tokens=1000, temperature=0) for n in range(4)]
+        threads, results, first = run_streams(server, bodies, started=2)
+        first.wait()
+        killed = time.monotonic()
+        os.kill(engine, signal.SIGKILL)
+        for thread in threads:
+            thread.join(20)
+        assert time.monotonic() - killed < 20 and not any(t.is_alive() for t in threads)
+        for n in range(4):  # queued ones may also be refused while it restarts (503)
+            got = results[n]
+            assert (got.get("status") == 200 and "the engine process exited" in got["error"]
+                    or got.get("status") == 503), results
+        wait_for(lambda: get(server.url + "/health")[0] == 200, 30, "/health 200 after the restart")
+        assert time.monotonic() - killed < 30
+        reply = server.client.completions.create(model="tiny", prompt="again", max_tokens=3, temperature=0)
+        assert reply.usage.completion_tokens == 3
+        (restarted,) = children(server.process.pid)
+        assert restarted != engine and server.metric("mixtral_engine_restarts") == 1
+        assert server.metric("mixtral_engine_up") == 1
+    finally:
+        code, output = server.stop()
+    assert code == 0, output
+
+
+def test_a_crash_loop_backs_off_then_gives_up_with_one_line(tiny_onnx, tmp_path, capfd):
+    """An engine process that cannot start again (its artifact gone): the client tries each back-off
+    delay, then stays "failed" and says so once; submits are refused meanwhile."""
+    import asyncio
+    import shutil
+
+    from mixtral_export.runtimes.engine_process import ProcessClient, Supervision
+    from mixtral_export.runtimes.requests import EngineClosed, generation_config
+
+    artifact = shutil.copytree(tiny_onnx, tmp_path / "artifact")
+    client = ProcessClient(artifact, threads=1, supervision=Supervision(delays=(0.0, 0.1, 0.2), stable_seconds=60))
+
+    async def crash():
+        handle = client.submit([1, 2, 3], generation_config((), max_new_tokens=1000))
+        async for _ in handle.batches():
+            break
+        (artifact / "model.onnx").unlink()  # a new engine process fails to open it
+        os.kill(client.engine_pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="the engine process exited"):
+            async for _ in handle.batches():
+                pass
+        assert client.state == "restarting"
+        with pytest.raises(EngineClosed, match="restarting"):
+            client.submit([1, 2], generation_config((), max_new_tokens=2))
+        while client.state == "restarting":
+            await asyncio.sleep(0.1)
+
+    try:
+        asyncio.run(asyncio.wait_for(crash(), 120))
+        assert client.state == "failed" and client.restarts == 0
+        lines = [line for line in capfd.readouterr().err.splitlines() if "not restarted again" in line]
+        assert len(lines) == 1 and "3 tries in a row failed" in lines[0], lines
+    finally:
+        client.close()
