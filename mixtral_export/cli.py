@@ -458,6 +458,8 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
                                                 help="Every route but /health needs Authorization: Bearer KEY",
                                                 metavar="KEY"),
           max_body_mb: float = typer.Option(4.0, min=0.001, help="Request bodies over X MB get 413", metavar="X"),
+          stall_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a stream may wait on a client that "
+                                              "stopped reading before it is cut", metavar="X"),
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
           replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
@@ -481,7 +483,7 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
                model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
                max_rows=rows, stream_interval=stream_interval, in_process=in_process, api_key=api_key,
-               max_body=int(max_body_mb * 2**20))
+               max_body=int(max_body_mb * 2**20), stall_seconds=stall_timeout)
 
 
 @app.command()

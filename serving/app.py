@@ -15,12 +15,13 @@ import time
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from mixtral_export.runtimes.engine_client import EngineClient, RequestHandle
 from mixtral_export.runtimes.requests import EngineClosed, QueueFull, generation_config
 from mixtral_export.runtimes.step import RequestError
+from mixtral_export.serving.bounded_stream import STALL_SECONDS, BoundedStream
 from mixtral_export.serving.guards import CountResponses, OpenResponses, RequireApiKey
 from mixtral_export.serving.metrics import ServerMetrics
 from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response,
@@ -32,13 +33,15 @@ MAX_BODY_BYTES = 4 * 2**20  # a request body beyond this gets 413 (a long prompt
 
 def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], model_name: str,
               request_timeout: float | None = None, replica: str | None = None,
-              stream_interval: int = 1, api_key: str | None = None, max_body: int = MAX_BODY_BYTES) -> FastAPI:
+              stream_interval: int = 1, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
+              stall_seconds: float = STALL_SECONDS) -> FastAPI:
     """The app over an engine client, in process or not; `tokenizer` (None: the artifact has none) encodes
     prompts. The caller owns the client (and closes it: see serving/server.py). `replica` names this
     copy in an `x-replica` header and /health (Ray Serve runs several). A stream sends its first token
     at once, then a chunk per `stream_interval` tokens (each chunk is a socket write on the event loop,
     the serving cost per token: see docs/serving.md). With `api_key` every route but /health needs it
-    (serving/guards.py); a body over `max_body` bytes gets 413; `app.state.responses` counts the responses still being written."""
+    (serving/guards.py); a body over `max_body` bytes gets 413; a stream
+    whose client reads nothing for `stall_seconds` is cut (serving/bounded_stream.py); `app.state.responses` counts the responses still being written."""
     if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
         raise RequestError(f"stream_interval must be an integer >= 1 (tokens per streamed chunk), got {stream_interval!r}")
     app = FastAPI(title="mixtral-export", docs_url=None, redoc_url=None, openapi_url=None)
@@ -107,7 +110,8 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
             return refuse(400, str(error), "invalid_request_error", "bad_request", "prompt")
         metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
         if job.stream:
-            return StreamingResponse(stream(job, requests[0]), media_type="text/event-stream", headers=headers)
+            return BoundedStream(stream(job, requests[0]), stall_seconds, metrics.stalled_streams.inc,
+                                 media_type="text/event-stream", headers=headers)
         watcher = asyncio.create_task(watch_disconnect(http, requests))
         try:
             completions = await asyncio.gather(*(collect(r) for r in requests))

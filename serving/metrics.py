@@ -24,6 +24,8 @@ class ServerMetrics:
               registry=self.registry).set_function(lambda: float(client.state == "ok" and not client.closed))
         self.requests = Counter("mixtral_requests", "Requests by outcome (a finish reason, or why refused)",
                                 ["outcome"], registry=self.registry)
+        self.stalled_streams = Counter("mixtral_stalled_streams", "Streams cut because their client stopped reading",
+                                       registry=self.registry)
         self.prompt_tokens = Counter("mixtral_prompt_tokens", "Prompt tokens admitted", registry=self.registry)
         self.generated_tokens = Counter("mixtral_generated_tokens", "Tokens generated", registry=self.registry)
         self.ttft = Histogram("mixtral_time_to_first_token_seconds", "Submit to first token",

@@ -18,6 +18,7 @@ import uvicorn
 
 from mixtral_export.errors import UserError
 from mixtral_export.serving.app import MAX_BODY_BYTES, build_app
+from mixtral_export.serving.bounded_stream import STALL_SECONDS
 
 
 class PortError(UserError, OSError):
@@ -60,7 +61,7 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
           request_timeout: float | None = None, threads: int | None = None,
           checkpoint: str | Path | None = None, max_rows: int | None = None, log_level: str = "warning",
           stream_interval: int = 1, in_process: bool = False, api_key: str | None = None,
-          max_body: int = MAX_BODY_BYTES) -> None:
+          max_body: int = MAX_BODY_BYTES, stall_seconds: float = STALL_SECONDS) -> None:
     """Open the artifact, serve until a signal, close the engine. The engine steps in a process of its
     own (a ProcessClient, runtimes/engine_process.py), or with `in_process` on a thread of this one (a
     Session's InprocessClient)."""
@@ -79,7 +80,8 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
         manifest, tokenizer = client.manifest, client.tokenizer
     name = model_name or Path(artifact).resolve().name
     app = build_app(client, tokenizer, manifest.eos_token_id, name, request_timeout=request_timeout,
-                    stream_interval=stream_interval, api_key=api_key, max_body=max_body)
+                    stream_interval=stream_interval, api_key=api_key, max_body=max_body,
+                    stall_seconds=stall_seconds)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
                             access_log=False, lifespan="off")
     server = GracefulServer(config, client, grace, app.state.responses)

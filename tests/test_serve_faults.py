@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -235,3 +236,59 @@ def test_a_crash_loop_backs_off_then_gives_up_with_one_line(tiny_onnx, tmp_path,
         assert len(lines) == 1 and "3 tries in a row failed" in lines[0], lines
     finally:
         client.close()
+
+
+def test_a_stream_whose_client_stops_reading_is_cut_after_the_stall_time_and_its_request_cancelled():
+    """A send that never completes (a full socket buffer): after stall_seconds the response ends, the
+    generator's `finally` runs (where the app cancels the request) and the stall is counted."""
+    import asyncio
+
+    from mixtral_export.serving.bounded_stream import BoundedStream
+
+    events = []
+
+    async def chunks():
+        try:
+            for n in range(1000):
+                yield f"data: {n}\n\n"
+        finally:
+            events.append("cancelled")
+
+    async def send(message):
+        if message["type"] == "http.response.body" and message["body"] != b"data: 0\n\n":
+            await asyncio.Event().wait()  # the client stopped reading after the first chunk
+
+    response = BoundedStream(chunks(), 0.2, lambda: events.append("stalled"), media_type="text/event-stream")
+    started = time.monotonic()
+    asyncio.run(asyncio.wait_for(response.stream_response(send), 10))
+    assert events == ["stalled", "cancelled"] and 0.2 <= time.monotonic() - started < 5
+
+
+def test_a_client_that_stops_reading_does_not_slow_the_others(tiny_onnx):
+    """One stream whose client never reads (a tiny receive buffer) beside four requests: they take at
+    most 3x what they take alone (plus a second of slack for a busy machine)."""
+    server = Server(tiny_onnx, "--stall-timeout", "2")
+    try:
+        body = dict(prompt="Beautiful is better than", max_tokens=24, temperature=0)
+
+        def four() -> float:
+            started = time.monotonic()
+            threads, results, first = run_streams(server, [body] * 4, started=0)
+            for thread in threads:
+                thread.join(60)
+            assert all(r.get("done") for r in results.values()), results
+            return time.monotonic() - started
+
+        alone = four()
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        stalled.connect(("127.0.0.1", server.port))
+        request = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1000, "stream": True})
+        stalled.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(request)}\r\n\r\n{request}".encode())
+        beside = four()
+        assert beside < 3 * alone + 1.0, (alone, beside)
+        stalled.close()
+    finally:
+        code, output = server.stop()
+    assert code == 0, output
