@@ -95,9 +95,8 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
 
 def check_port(host: str, port: int) -> None:
     """Bind host:port once and let it go: a port in use (or a host not of this machine) is one line
-    before the artifact is opened or anything printed, not uvicorn's error after loading (exit 3)."""
-    if port == 0:  # any free port
-        return
+    before the artifact is opened or anything printed, not uvicorn's error after loading (exit 3).
+    Port 0 (any free port) still checks the host."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]

@@ -292,3 +292,20 @@ def test_a_client_that_stops_reading_does_not_slow_the_others(tiny_onnx):
     finally:
         code, output = server.stop()
     assert code == 0, output
+
+
+@pytest.mark.parametrize("flags, message", [(("--port", "PORT"), "is already in use"),
+                                            (("--host", "192.0.2.1", "--port", "0"), "cannot listen on"),  # TEST-NET-1: not this machine
+                                            (("--host", "no.such.host.invalid"), "--host no.such.host.invalid")])
+def test_a_start_up_error_is_one_line_and_exit_2_with_nothing_printed_before(tiny_onnx, flags, message):
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        run = subprocess.run([sys.executable, "-m", "mixtral_export", "serve", str(tiny_onnx),
+                              *[port if f == "PORT" else f for f in flags]], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and run.stdout == "", (run.returncode, run.stdout, run.stderr)
+    assert len(run.stderr.splitlines()) == 1 and message in run.stderr, run.stderr
