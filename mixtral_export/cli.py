@@ -461,7 +461,9 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           stall_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a stream may wait on a client that "
                                               "stopped reading before it is cut", metavar="X"),
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
-          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N")):
+          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N"),
+          ray_dashboard: bool = typer.Option(False, "--ray-dashboard", help="With --ray: start Ray's dashboard "
+                                             "(on --host)")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
     if request_timeout is not None and request_timeout <= 0:
         raise UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
@@ -470,13 +472,15 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
 
         if rows > (batch := load_manifest(artifact, verify_files=False).shapes.batch):
             raise UsageError(f"--rows {rows} is more than the artifact's batch ({batch}; export --batch)")
+    if ray_dashboard and not ray:
+        raise UsageError("--ray-dashboard needs --ray")
     if ray:
         if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
             raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
         from mixtral_export.serving.ray_app import serve_on_ray  # a missing extra is one line (run())
 
         serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
-                     model_name=model_name, threads=threads, request_timeout=request_timeout, api_key=api_key)
+                     model_name=model_name, threads=threads, request_timeout=request_timeout, api_key=api_key, dashboard=ray_dashboard)
         return
     from mixtral_export.serving.server import serve as run_server
 
