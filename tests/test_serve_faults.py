@@ -309,3 +309,72 @@ def test_a_start_up_error_is_one_line_and_exit_2_with_nothing_printed_before(tin
                               *[port if f == "PORT" else f for f in flags]], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and run.stdout == "", (run.returncode, run.stdout, run.stderr)
     assert len(run.stderr.splitlines()) == 1 and message in run.stderr, run.stderr
+
+
+def rss_kb(pid: int) -> int:
+    return int(next(line.split()[1] for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS")))
+
+
+SOAK_KINDS = ("plain", "streamed", "cancelled", "disconnecting", "bad", "oversized")
+
+
+def soak_one(server: Server, kind: str, n: int) -> bool:
+    """One request of `kind` on a connection of its own; whether it ended as that kind must."""
+    body = {"model": "tiny", "prompt": f"soak {n}", "max_tokens": 4 + n % 8, "temperature": 0}
+    if kind == "plain":
+        status, text = post(server, "/v1/completions", json.dumps(body).encode())
+        return status == 200 and json.loads(text)["choices"][0]["finish_reason"] in ("length", "stop")
+    if kind == "streamed":
+        got = read_stream(server, body)
+        return got["status"] == 200 and got["done"] and got["finish"] in ("length", "stop")
+    if kind == "bad":
+        return post(server, "/v1/completions", json.dumps({**body, "temperature": 3}).encode())[0] == 400
+    if kind == "oversized":
+        return post(server, "/v1/completions", json.dumps({**body, "prompt": "x" * 2**20}).encode())[0] == 413
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+    data = json.dumps({**body, "max_tokens": 200, "stream": kind == "cancelled"})
+    connection.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                       f"Content-Length: {len(data)}\r\n\r\n{data}".encode())
+    if kind == "cancelled":
+        connection.recv(1)  # the stream began
+    connection.close()
+    return True
+
+
+@pytest.mark.slow
+def test_soak_mixed_requests_end_properly_with_flat_memory_and_exact_metrics(tiny_onnx):
+    """~2,000 requests over 16 connections, every kind in SOAK_KINDS: every one ends as it should,
+    the server's and engine's RSS grow < 10% after warm-up, the rows empty, the metrics count them all."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = Server(tiny_onnx, "--max-body-mb", "0.5", "--max-queue", "64")
+    try:
+        (engine,) = children(server.process.pid)
+        rounds, per_round = 10, 192
+        sent = {kind: 0 for kind in SOAK_KINDS}
+        failures, rss, started = [], [], time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            for round_ in range(rounds):
+                kinds = [SOAK_KINDS[(round_ + n) % len(SOAK_KINDS)] for n in range(per_round)]
+                for kind, ok in zip(kinds, pool.map(lambda a: soak_one(server, *a),
+                                                    [(k, round_ * per_round + n) for n, k in enumerate(kinds)])):
+                    sent[kind] += 1
+                    if not ok:
+                        failures.append(kind)
+                wait_for(lambda: json.loads(get(server.url + "/health")[1])["busy_rows"] == 0, 30, "idle rows")
+                rss.append(rss_kb(server.process.pid) + rss_kb(engine))
+        seconds = time.monotonic() - started
+        assert not failures, failures
+        health = json.loads(get(server.url + "/health")[1])
+        assert health["busy_rows"] == 0 and health["queue_depth"] == 0
+        total = sum(sent.values())
+        wait_for(lambda: server.metric("mixtral_requests_total") == total, 10, "every request counted")
+        assert server.metric('mixtral_requests_total{outcome="bad_request"}') == sent["bad"]
+        assert server.metric('mixtral_requests_total{outcome="too_large"}') == sent["oversized"]
+        warm = rss[1]
+        assert max(rss[2:]) < 1.10 * warm, rss
+        print(f"soak: {total} requests in {seconds:.0f} s, RSS (front + engine) after warm-up {warm // 1024} MB, "
+              f"at most {max(rss[2:]) // 1024} MB, at the end {rss[-1] // 1024} MB")
+    finally:
+        code, output = server.stop()
+    assert code == 0, output
