@@ -259,7 +259,11 @@ class ProcessClient:
             except EngineStartError as error:
                 self._crashes, reason = self._crashes + 1, str(error)
                 continue
-            self._loop.call_soon_threadsafe(self._attach, *started)
+            try:
+                self._loop.call_soon_threadsafe(self._attach, *started)
+            except RuntimeError:  # the loop is closed: the server is gone, and so is this engine
+                started[0].kill()
+                started[0].wait()
             return
         self.state = "failed"
         print(f"the engine process is not restarted again: {len(self.supervision.delays)} tries in a row failed "

@@ -378,3 +378,19 @@ def test_soak_mixed_requests_end_properly_with_flat_memory_and_exact_metrics(tin
     finally:
         code, output = server.stop()
     assert code == 0, output
+
+
+def test_hundreds_of_idle_connections_do_not_starve_an_active_one(tiny_onnx):
+    server = Server(tiny_onnx)
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=10))
+        started = time.monotonic()
+        got = read_stream(server, dict(prompt="still served", max_tokens=8, temperature=0))
+        assert got["done"] and got["finish"] in ("length", "stop") and time.monotonic() - started < 10
+    finally:
+        for connection in idle:
+            connection.close()
+        code, output = server.stop()
+    assert code == 0, output
