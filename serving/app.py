@@ -162,7 +162,7 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
             raise
         except Exception as error:  # a failed backend step: tell the client in-band
             metrics.requests.labels("error").inc()
-            yield sse(error_body(f"generation failed: {error}", "server_error"))
+            yield sse(error_body(f"generation failed: {error}", "server_error")) + "data: [DONE]\n\n"
         finally:
             request.cancel()
 
