@@ -502,8 +502,16 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager/compiled", metavar="PATH"),
           in_process: bool = typer.Option(False, "--in-process", help="Step the engine on a thread of the HTTP "
                                           "server's process (default: a process of its own)"),
+          api_key: Optional[str] = typer.Option(None, envvar="MIXTRAL_EXPORT_API_KEY", show_envvar=True,
+                                                help="Every route but /health needs Authorization: Bearer KEY",
+                                                metavar="KEY"),
+          max_body_mb: float = typer.Option(4.0, min=0.001, help="Request bodies over X MB get 413", metavar="X"),
+          stall_timeout: float = typer.Option(30.0, min=0.1, help="Seconds a stream may wait on a client that "
+                                              "stopped reading before it is cut", metavar="X"),
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
-          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N")):
+          replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N"),
+          ray_dashboard: bool = typer.Option(False, "--ray-dashboard", help="With --ray: start Ray's dashboard "
+                                             "(on --host)")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
     if request_timeout is not None and request_timeout <= 0:
         raise UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
@@ -512,19 +520,22 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
 
         if rows > (batch := load_manifest(artifact, verify_files=False).shapes.batch):
             raise UsageError(f"--rows {rows} is more than the artifact's batch ({batch}; export --batch)")
+    if ray_dashboard and not ray:
+        raise UsageError("--ray-dashboard needs --ray")
     if ray:
         if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
             raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
         from mixtral_export.serving.ray_app import serve_on_ray  # a missing extra is one line (run())
 
         serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
-                     model_name=model_name, threads=threads, request_timeout=request_timeout)
+                     model_name=model_name, threads=threads, request_timeout=request_timeout, api_key=api_key, dashboard=ray_dashboard)
         return
     from mixtral_export.serving.server import serve as run_server
 
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
                model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
-               max_rows=rows, stream_interval=stream_interval, in_process=in_process)
+               max_rows=rows, stream_interval=stream_interval, in_process=in_process, api_key=api_key,
+               max_body=int(max_body_mb * 2**20), stall_seconds=stall_timeout)
 
 
 @app.command()

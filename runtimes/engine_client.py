@@ -151,6 +151,14 @@ class EngineClient(Protocol):
     def closed(self) -> bool: ...
 
     @property
+    def state(self) -> str:
+        """"ok" while it serves; "restarting" / "failed" for a supervised engine process that died."""
+
+    @property
+    def restarts(self) -> int:
+        """Engines started after the first died (always 0 in process)."""
+
+    @property
     def busy_rows(self) -> int: ...
 
     @property
@@ -185,6 +193,9 @@ class InprocessClient:
     @property
     def closed(self) -> bool:
         return self.engine.closed
+
+    state = "ok"  # the engine is this process: it never restarts
+    restarts = 0
 
     @property
     def busy_rows(self) -> int:

@@ -7,7 +7,7 @@ tokens and the requests that ended; the parent reads it on its event loop (one w
 for all streams) and feeds the RequestHandles its callers consume. A request is checked by the
 same Admission as in process (RequestError / QueueFull / EngineClosed at once) before it crosses;
 a cancel (a client gone) crosses and frees the row at the child's next step. The child ignores
-SIGINT (the parent drains it: `close(grace)`) and ends when the pipe closes. Every message is a
+SIGINT and SIGTERM (the parent drains it: `close(grace)`) and ends when the pipe closes. Every message is a
 frozen dataclass sent as tagged JSON, never pickle; no torch on either side for ORT.
 
     python3 -m mixtral_export.runtimes.engine_process FD SPEC   # started by ProcessClient, not by hand
@@ -134,53 +134,61 @@ class ChildSpec:
 
 # ---- the parent ----
 
+@dataclass(frozen=True)
+class Supervision:
+    """How a dead engine process is replaced: the pauses before the tries of one crash loop (a process
+    that dies within `stable_seconds` of its start continues the loop), after which the client gives up."""
+
+    delays: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0, 8.0)
+    stable_seconds: float = 30.0
+
+
 class ProcessClient:
     """An EngineClient (runtimes/engine_client.py) whose engine steps in a child process. Submit from
-    the event loop that consumes the handles; `manifest` and `tokenizer` are the artifact's."""
+    the event loop that consumes the handles; `manifest` and `tokenizer` are the artifact's.
+
+    The child is supervised: when it dies, its requests end with an error and a new one is started
+    (`state` "restarting", then "ok"; `restarts` counts them); a crash loop backs off by `supervision`
+    and then gives up (`state` "failed", one line on stderr)."""
 
     def __init__(self, artifact: str | Path, runtime: str = "ort", provider: str = "cpu", threads: int | None = None,
-                 checkpoint: str | Path | None = None, max_queue: int | None = None, max_rows: int | None = None):
+                 checkpoint: str | Path | None = None, max_queue: int | None = None, max_rows: int | None = None,
+                 supervision: Supervision = Supervision()):
         manifest = load_step_manifest(artifact)
         self.manifest = manifest
         self.admission = Admission.of(manifest.shapes, manifest.config.max_position_embeddings, max_rows, max_queue)
         self.tokenizer = open_tokenizer(manifest)
+        self.supervision = supervision
         self.closed = False
+        self.state = "ok"  # "ok" | "restarting" | "failed" (given up); `closed` once close() is called
+        self.restarts = 0
         self.busy_rows = self.queue_depth = 0  # as of the child's last step
         self.handles: dict[int, RequestHandle] = {}  # submitted, not yet ended
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        ours, theirs = socket.socketpair()
-        spec = ChildSpec(str(artifact), runtime, provider, threads, None if checkpoint is None else str(checkpoint),
-                         max_rows)
-        self.process = subprocess.Popen([sys.executable, "-m", "mixtral_export.runtimes.engine_process",
-                                         str(theirs.fileno()), json.dumps(asdict(spec))],
-                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-        theirs.close()
-        self.conn = Connection(ours.detach())
-        self.engine_pid = self._started()
-
-    def _started(self) -> int:
-        deadline = time.monotonic() + START_SECONDS
-        while not self.conn.poll(0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise EngineStartError(f"the engine process exited (code {self.process.wait()}) before it was ready")
-        message = decode(self.conn.recv_bytes())
-        if isinstance(message, Failed):
-            self.process.wait(30)
-            raise EngineStartError(message.reason)
-        return message.pid
+        self._spec = ChildSpec(str(artifact), runtime, provider, threads,
+                               None if checkpoint is None else str(checkpoint), max_rows)
+        self._crashes = 0  # engine processes in a row that died before `stable_seconds`
+        self.process, self.conn, self.engine_pid = start_child(self._spec)
+        self._started_at = time.monotonic()
 
     def submit(self, prompt_ids: list[int], config: GenerationConfig, index: int = 0,
                timeout: float | None = None) -> RequestHandle:
         """Check and queue one prompt; consume the handle on this event loop."""
         waiting = max(0, len(self.handles) - self.admission.max_rows)  # in flight beyond the rows: queued
         ids = self.admission.check(prompt_ids, config, self.tokenizer is not None, timeout, self.closed, waiting)
+        if self.state != "ok":
+            raise EngineClosed("the engine process is restarting" if self.state == "restarting" else
+                               "the engine process failed and was not restarted")
         self._listen()
         rid = next(self._ids)
         handle = self.handles[rid] = RequestHandle(index, ids, lambda: self._cancel(rid))
-        self._send(Submit(rid, ids, config, timeout))
+        try:
+            self._send(Submit(rid, ids, config, timeout))
+        except OSError:  # it died since its last report: the reader restarts it
+            del self.handles[rid]
+            raise EngineClosed("the engine process exited") from None
         return handle
 
     def cancel(self, handle: RequestHandle) -> None:
@@ -188,7 +196,10 @@ class ProcessClient:
 
     def _cancel(self, rid: int) -> None:
         if rid in self.handles:
-            self._send(Cancel(rid))
+            try:
+                self._send(Cancel(rid))
+            except OSError:  # the engine process is gone: its loss ends the request
+                pass
 
     def _send(self, message) -> None:
         with self._send_lock:
@@ -206,12 +217,7 @@ class ProcessClient:
             while self.conn.poll():
                 self._apply(decode(self.conn.recv_bytes()), touched)
         except (EOFError, OSError):  # the engine process is gone
-            self._loop.remove_reader(self.conn.fileno())
-            self.closed = True
-            for rid, handle in self.handles.items():
-                handle.finish(None, RuntimeError("the engine process exited"))
-                touched[rid] = handle
-            self.handles.clear()
+            self._lost(touched)
         wake_consumers(list(touched.values()))
 
     def _apply(self, report: StepReport, touched: dict[int, RequestHandle]) -> None:
@@ -225,6 +231,55 @@ class ProcessClient:
                                                            end.finish_reason)
             handle.finish(completion, RuntimeError(end.error) if end.error else None)
 
+    def _lost(self, touched: dict[int, RequestHandle]) -> None:
+        """The engine process ended: its requests end with an error; unless closing, start another."""
+        self._loop.remove_reader(self.conn.fileno())
+        self.conn.close()
+        for rid, handle in self.handles.items():
+            handle.finish(None, RuntimeError("the engine process exited"))
+            touched[rid] = handle
+        self.handles.clear()
+        self.busy_rows = self.queue_depth = 0
+        if not self.closed:
+            self.state = "restarting"
+            threading.Thread(target=self._restart, name="engine-restart", daemon=True).start()
+
+    def _restart(self) -> None:
+        """On a thread of its own (starting a child blocks): back off, start, hand it to the loop."""
+        code = self.process.wait()
+        quick = time.monotonic() - self._started_at < self.supervision.stable_seconds
+        self._crashes = self._crashes + 1 if quick else 1
+        reason = f"exit code {code}"
+        while self._crashes <= len(self.supervision.delays):
+            time.sleep(self.supervision.delays[self._crashes - 1])
+            if self.closed:
+                return
+            try:
+                started = start_child(self._spec)
+            except EngineStartError as error:
+                self._crashes, reason = self._crashes + 1, str(error)
+                continue
+            try:
+                self._loop.call_soon_threadsafe(self._attach, *started)
+            except RuntimeError:  # the loop is closed: the server is gone, and so is this engine
+                started[0].kill()
+                started[0].wait()
+            return
+        self.state = "failed"
+        print(f"the engine process is not restarted again: {len(self.supervision.delays)} tries in a row failed "
+              f"(last: {reason}); /health stays 503", file=sys.stderr, flush=True)
+
+    def _attach(self, process: subprocess.Popen, conn: Connection, pid: int) -> None:
+        """On the loop: the new engine process serves from now on (or, when closing, is let go)."""
+        self.process, self.conn, self.engine_pid = process, conn, pid
+        self._started_at = time.monotonic()
+        self._loop.add_reader(conn.fileno(), self._receive)
+        if self.closed:  # close() came during the start: this one ends at once
+            self.close()
+            return
+        self.restarts += 1
+        self.state = "ok"
+
     def close(self, grace: float = 0.0) -> None:
         """Stop admitting; the child lets running requests finish for `grace` s, cancels the rest, exits."""
         self.closed = True
@@ -237,6 +292,28 @@ class ProcessClient:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def start_child(spec: ChildSpec) -> tuple[subprocess.Popen, Connection, int]:
+    """Start an engine process and wait until its engine is open: (the process, its pipe, its pid)."""
+    ours, theirs = socket.socketpair()
+    process = subprocess.Popen([sys.executable, "-m", "mixtral_export.runtimes.engine_process",
+                                str(theirs.fileno()), json.dumps(asdict(spec))],
+                               pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+    theirs.close()
+    conn = Connection(ours.detach())
+    deadline = time.monotonic() + START_SECONDS
+    while not conn.poll(0.2):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            conn.close()
+            raise EngineStartError(f"the engine process exited (code {process.wait()}) before it was ready")
+    message = decode(conn.recv_bytes())
+    if isinstance(message, Failed):
+        process.wait(30)
+        conn.close()
+        raise EngineStartError(message.reason)
+    return process, conn, message.pid
 
 
 # ---- the child ----
@@ -292,7 +369,8 @@ def serve_pipe(conn: Connection, engine: Engine, tokenizer) -> None:
 
 def main() -> None:
     fd, spec = int(sys.argv[1]), ChildSpec(**json.loads(sys.argv[2]))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent drains us
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a signal to the whole group: the parent drains us
+        signal.signal(sig, signal.SIG_IGN)
     conn = Connection(fd)
     try:
         backend, manifest = open_step_backend(spec.artifact, spec.runtime, provider=spec.provider,

@@ -2,8 +2,9 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as server-sent
 events), GET /v1/models, GET /health, GET /metrics. Errors have OpenAI's body
-{"error": {"message", "type", "param", "code"}}: 400 for a bad request, 404 for an unknown model
-or route, 429 when the engine's queue is full, 503 while shutting down. A client that disconnects
+{"error": {"message", "type", "param", "code"}}: 400 for a bad request, 401 without the API key (if
+one is set), 404 for an unknown model or route, 413 for a body over the limit, 429 when the engine's
+queue is full, 503 while shutting down or restarting the engine. A client that disconnects
 cancels its requests, which frees their rows at the next step. No torch on this path.
 """
 from __future__ import annotations
@@ -14,34 +15,43 @@ import time
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from mixtral_export.runtimes.engine_client import EngineClient, RequestHandle
 from mixtral_export.runtimes.requests import EngineClosed, QueueFull, generation_config
 from mixtral_export.runtimes.step import RequestError
+from mixtral_export.serving.bounded_stream import STALL_SECONDS, BoundedStream
+from mixtral_export.serving.guards import CountResponses, OpenResponses, RequireApiKey
 from mixtral_export.serving.metrics import ServerMetrics
 from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response,
                                                sse_text as sse, usage_chunk)
 
 DISCONNECT_POLL_SECONDS = 0.25
+MAX_BODY_BYTES = 4 * 2**20  # a request body beyond this gets 413 (a long prompt is ~100 kB of JSON)
 
 
 def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], model_name: str,
               request_timeout: float | None = None, replica: str | None = None,
-              stream_interval: int = 1) -> FastAPI:
+              stream_interval: int = 1, api_key: str | None = None, max_body: int = MAX_BODY_BYTES,
+              stall_seconds: float = STALL_SECONDS) -> FastAPI:
     """The app over an engine client, in process or not; `tokenizer` (None: the artifact has none) encodes
     prompts. The caller owns the client (and closes it: see serving/server.py). `replica` names this
     copy in an `x-replica` header and /health (Ray Serve runs several). A stream sends its first token
     at once, then a chunk per `stream_interval` tokens (each chunk is a socket write on the event loop,
-    the serving cost per token: see docs/serving.md)."""
+    the serving cost per token: see docs/serving.md). With `api_key` every route but /health needs it
+    (serving/guards.py); a body over `max_body` bytes gets 413; a stream
+    whose client reads nothing for `stall_seconds` is cut (serving/bounded_stream.py); `app.state.responses` counts the responses still being written."""
     if isinstance(stream_interval, bool) or not isinstance(stream_interval, int) or stream_interval < 1:
         raise RequestError(f"stream_interval must be an integer >= 1 (tokens per streamed chunk), got {stream_interval!r}")
     app = FastAPI(title="mixtral-export", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = ServerMetrics(client)
     limit = client.admission.limit
     default_chat_tokens = 512 if limit is None else limit  # chat without max_tokens: up to the context
-    app.state.client, app.state.metrics = client, metrics
+    app.state.client, app.state.metrics, app.state.responses = client, metrics, OpenResponses()
+    app.add_middleware(CountResponses, responses=app.state.responses)
+    if api_key:
+        app.add_middleware(RequireApiKey, api_key=api_key)  # added last: runs first
     headers = {"x-replica": replica} if replica else None
     has_text = tokenizer is not None  # without one, a token's text is its id: "12 "
 
@@ -58,9 +68,23 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
     async def validation_error(_, error: RequestValidationError):
         return JSONResponse(error_body(str(error)), status_code=400)
 
+    async def read_body(http: HttpRequest) -> bytes | None:
+        """The body, or None once it is over `max_body` (refused by its Content-Length before any is read)."""
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_body:
+            return None
+        body = bytearray()
+        async for piece in http.stream():
+            body += piece
+            if len(body) > max_body:
+                return None
+        return bytes(body)
+
     async def serve(kind: str, http: HttpRequest):
+        if (raw := await read_body(http)) is None:
+            return refuse(413, f"the request body is over {max_body} bytes", "invalid_request_error", "too_large")
         try:
-            body = json.loads(await http.body())
+            body = json.loads(raw)
         except ValueError:
             return refuse(400, "the request body is not valid JSON", "invalid_request_error", "bad_request")
         try:
@@ -86,7 +110,8 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
             return refuse(400, str(error), "invalid_request_error", "bad_request", "prompt")
         metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
         if job.stream:
-            return StreamingResponse(stream(job, requests[0]), media_type="text/event-stream", headers=headers)
+            return BoundedStream(stream(job, requests[0]), stall_seconds, metrics.stalled_streams.inc,
+                                 media_type="text/event-stream", headers=headers)
         watcher = asyncio.create_task(watch_disconnect(http, requests))
         try:
             completions = await asyncio.gather(*(collect(r) for r in requests))
@@ -137,7 +162,7 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
             raise
         except Exception as error:  # a failed backend step: tell the client in-band
             metrics.requests.labels("error").inc()
-            yield sse(error_body(f"generation failed: {error}", "server_error"))
+            yield sse(error_body(f"generation failed: {error}", "server_error")) + "data: [DONE]\n\n"
         finally:
             request.cancel()
 
@@ -156,11 +181,11 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
 
     @app.get("/health")
     async def health():
-        status = 503 if client.closed else 200
-        return JSONResponse({"status": "closing" if client.closed else "ok", "busy_rows": client.busy_rows,
+        state = "closing" if client.closed else client.state
+        return JSONResponse({"status": state, "restarts": client.restarts, "busy_rows": client.busy_rows,
                              "batch_rows": client.admission.batch, "queue_depth": client.queue_depth,
                              "replica": replica},
-                            status_code=status)
+                            status_code=200 if state == "ok" else 503)
 
     @app.get("/metrics")
     async def prometheus():

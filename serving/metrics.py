@@ -18,8 +18,14 @@ class ServerMetrics:
             .set_function(lambda: client.busy_rows)
         Gauge("mixtral_batch_rows", "Batch rows (request slots) of the artifact", registry=self.registry) \
             .set(client.admission.batch)
+        Gauge("mixtral_engine_restarts", "Engine processes started after the first one died",
+              registry=self.registry).set_function(lambda: client.restarts)
+        Gauge("mixtral_engine_up", "1 while the engine serves, 0 while it restarts, has failed or is closing",
+              registry=self.registry).set_function(lambda: float(client.state == "ok" and not client.closed))
         self.requests = Counter("mixtral_requests", "Requests by outcome (a finish reason, or why refused)",
                                 ["outcome"], registry=self.registry)
+        self.stalled_streams = Counter("mixtral_stalled_streams", "Streams cut because their client stopped reading",
+                                       registry=self.registry)
         self.prompt_tokens = Counter("mixtral_prompt_tokens", "Prompt tokens admitted", registry=self.registry)
         self.generated_tokens = Counter("mixtral_generated_tokens", "Tokens generated", registry=self.registry)
         self.ttft = Histogram("mixtral_time_to_first_token_seconds", "Submit to first token",

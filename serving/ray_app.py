@@ -14,14 +14,17 @@ the others, the artifact at the same path on each), give each replica a machine'
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from pathlib import Path
 
 from ray import serve
 
 from mixtral_export.serving.app import build_app
+from mixtral_export.serving.guards import API_KEY_VARIABLE
 
 
 @serve.deployment
@@ -30,28 +33,31 @@ class Replica:
     """One engine per replica; the ASGI app is built on the replica, after the artifact is open."""
 
     def __init__(self, artifact: str, runtime: str = "ort", provider: str = "cpu", max_queue: int = 64,
-                 model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None):
+                 model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None,
+                 api_key: str | None = None):
         from mixtral_export.runtimes.session import Session
 
         self.session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads,
                                     max_queue=max_queue)
         self.name = model_name or Path(artifact).resolve().name
-        self.request_timeout = request_timeout
+        self.request_timeout, self.api_key = request_timeout, api_key
 
     def __serve_build_asgi_app__(self):
         return build_app(self.session.client, self.session.tokenizer, self.session.manifest.eos_token_id, self.name,
-                         request_timeout=self.request_timeout, replica=f"{socket.gethostname()}:{os.getpid()}")
+                         request_timeout=self.request_timeout, replica=f"{socket.gethostname()}:{os.getpid()}",
+                         api_key=self.api_key)
 
     def __del__(self):
         self.session.close()
 
 
 def deployment(artifact: str, replicas: int = 1, runtime: str = "ort", provider: str = "cpu", max_queue: int = 64,
-               model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None):
+               model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None,
+               api_key: str | None = None):
     """The bound application: `replicas` copies of Replica, each reserving its threads (or a GPU)."""
     actor = {"num_gpus": 1} if provider == "cuda" else {"num_cpus": threads or 1}
     return Replica.options(num_replicas=replicas, ray_actor_options=actor).bind(
-        str(Path(artifact).resolve()), runtime, provider, max_queue, model_name, threads, request_timeout)
+        str(Path(artifact).resolve()), runtime, provider, max_queue, model_name, threads, request_timeout, api_key)
 
 
 def app(args: dict):
@@ -59,22 +65,34 @@ def app(args: dict):
     return deployment(args["artifact"], replicas=int(args.get("replicas", 1)), runtime=args.get("runtime", "ort"),
                       provider=args.get("provider", "cpu"), max_queue=int(args.get("max_queue", 64)),
                       model_name=args.get("model_name"),
-                      threads=int(args["threads"]) if args.get("threads") else None)
+                      threads=int(args["threads"]) if args.get("threads") else None,
+                      api_key=args.get("api_key") or os.environ.get(API_KEY_VARIABLE))
 
 
-def serve_on_ray(artifact: str | Path, replicas: int, host: str, port: int, **options) -> None:
-    """Start (or join, with RAY_ADDRESS) a Ray cluster, run the app until SIGINT/SIGTERM, shut it down."""
+def serve_on_ray(artifact: str | Path, replicas: int, host: str, port: int, dashboard: bool = False,
+                 **options) -> None:
+    """Start (or join, with RAY_ADDRESS) a Ray cluster, run the app until SIGINT/SIGTERM, shut it down.
+
+    A cluster started here is bound to `host` (its node address, the dashboard when asked for, the
+    HTTP proxy) and keeps its session files in a temporary folder removed at the end."""
     import ray
 
-    # Replicas import mixtral_export from the installed package: a cluster's nodes install it as the driver did.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, logging_level="warning",
-             log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(deployment(str(artifact), replicas=replicas, **options), name="mixtral-export", route_prefix="/")
-    print(f"serving {Path(artifact).name} on Ray Serve, {replicas} replicas, on http://{host}:{port}/v1", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    serve.shutdown()
-    ray.shutdown()
+    address = os.environ.get("RAY_ADDRESS")
+    local = {} if address else {"_node_ip_address": host, "_temp_dir": tempfile.mkdtemp(prefix="mixtral-ray-")}
+    try:
+        # Replicas import mixtral_export from the installed package: a cluster's nodes install it as the driver did.
+        ray.init(address=address, include_dashboard=dashboard, dashboard_host=host, logging_level="warning",
+                 log_to_driver=False, **local)
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(str(artifact), replicas=replicas, **options), name="mixtral-export", route_prefix="/")
+        print(f"serving {Path(artifact).name} on Ray Serve, {replicas} replicas, on http://{host}:{port}/v1",
+              flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        if local:
+            shutil.rmtree(local["_temp_dir"], ignore_errors=True)

@@ -1,9 +1,9 @@
 """Run the OpenAI-compatible app under uvicorn, with a graceful stop on SIGINT / SIGTERM.
 
-On the first signal the engine stops admitting (new requests get 503), running and queued
-requests get `grace` seconds to finish, then are cancelled (their streams end cleanly with the
-text so far); uvicorn waits for the responses to flush, and the process exits 0. A second SIGINT
-forces the exit.
+On the first signal the engine stops admitting (new requests get 503: the port stays open while
+draining), running and queued requests get `grace` seconds to finish, then are cancelled (their
+streams end cleanly with the text so far, a finish_reason and [DONE]); once every response has
+been written uvicorn stops listening, and the process exits 0. A second SIGINT forces the exit.
 """
 from __future__ import annotations
 
@@ -11,33 +11,48 @@ import errno
 import signal
 import socket
 import threading
+import time
 from pathlib import Path
 
 import uvicorn
 
 from mixtral_export.errors import UserError
-from mixtral_export.serving.app import build_app
+from mixtral_export.serving.app import MAX_BODY_BYTES, build_app
+from mixtral_export.serving.bounded_stream import STALL_SECONDS
 
 
 class PortError(UserError, OSError):
     """The address to serve on cannot be listened on; one line."""
 
 
-class GracefulServer(uvicorn.Server):
-    """uvicorn's Server, but a signal drains the engine and ends in exit 0 (uvicorn re-raises it)."""
+FLUSH_SECONDS = 5.0  # after the engine has drained: for the last chunks to reach their clients
 
-    def __init__(self, config: uvicorn.Config, client, grace: float):
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's Server, but a signal drains the engine first and ends in exit 0 (uvicorn re-raises it).
+
+    uvicorn closes its listening socket as soon as `should_exit` is set, so it is set only after the
+    drain: until then a new request is answered 503, not refused a connection."""
+
+    def __init__(self, config: uvicorn.Config, client, grace: float, responses):
         super().__init__(config)
-        self.client, self.grace = client, grace
+        self.client, self.grace, self.responses = client, grace, responses
         self.draining: threading.Thread | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.should_exit and sig == signal.SIGINT:
-            self.force_exit = True
+        if self.draining is not None:  # a second signal
+            if sig == signal.SIGINT:
+                self.force_exit = self.should_exit = True
             return
-        if self.draining is None:
-            self.draining = threading.Thread(target=self.client.close, args=(self.grace,), daemon=True)
-            self.draining.start()
+        self.draining = threading.Thread(target=self.drain, daemon=True)
+        self.draining.start()
+
+    def drain(self) -> None:
+        """Close the engine (running requests get `grace` s), wait for the responses to be written, exit."""
+        self.client.close(self.grace)
+        deadline = time.monotonic() + FLUSH_SECONDS
+        while self.responses.open and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.should_exit = True
 
 
@@ -45,7 +60,8 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
           port: int = 8000, max_queue: int = 64, grace: float = 10.0, model_name: str | None = None,
           request_timeout: float | None = None, threads: int | None = None,
           checkpoint: str | Path | None = None, max_rows: int | None = None, log_level: str = "warning",
-          stream_interval: int = 1, in_process: bool = False) -> None:
+          stream_interval: int = 1, in_process: bool = False, api_key: str | None = None,
+          max_body: int = MAX_BODY_BYTES, stall_seconds: float = STALL_SECONDS) -> None:
     """Open the artifact, serve until a signal, close the engine. The engine steps in a process of its
     own (a ProcessClient, runtimes/engine_process.py), or with `in_process` on a thread of this one (a
     Session's InprocessClient)."""
@@ -64,10 +80,11 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
         manifest, tokenizer = client.manifest, client.tokenizer
     name = model_name or Path(artifact).resolve().name
     app = build_app(client, tokenizer, manifest.eos_token_id, name, request_timeout=request_timeout,
-                    stream_interval=stream_interval)
+                    stream_interval=stream_interval, api_key=api_key, max_body=max_body,
+                    stall_seconds=stall_seconds)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=grace + 5,
                             access_log=False, lifespan="off")
-    server = GracefulServer(config, client, grace)
+    server = GracefulServer(config, client, grace, app.state.responses)
     print(f"serving {name} ({runtime}, {client.admission.max_rows} of {client.admission.batch} rows, "
           f"queue {max_queue}) on http://{host}:{port}/v1", flush=True)
     try:
@@ -78,9 +95,8 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
 
 def check_port(host: str, port: int) -> None:
     """Bind host:port once and let it go: a port in use (or a host not of this machine) is one line
-    before the artifact is opened or anything printed, not uvicorn's error after loading (exit 3)."""
-    if port == 0:  # any free port
-        return
+    before the artifact is opened or anything printed, not uvicorn's error after loading (exit 3).
+    Port 0 (any free port) still checks the host."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
