@@ -3,8 +3,9 @@
 Fields mean what they mean in the OpenAI API: `model`, `prompt` (text, token ids, or a list of
 either: one choice each) or `messages` (encoded like `generate --chat`), `max_tokens`
 (`max_completion_tokens` for chat), `temperature` (default 1), `top_p`, `stop` (up to 4 strings,
-cut from the text), `seed`, `stream` (+ `stream_options.include_usage`). Anything a client can get
-wrong raises BadRequest (HTTP 400) with the parameter it names.
+cut from the text), `seed`, `stream` (+ `stream_options.include_usage`), `user` (accepted, unused). Any other field, or a
+field this server does not implement set to anything but its "off" value, is refused rather than
+ignored. Anything a client can get wrong raises BadRequest (HTTP 400) with the parameter it names.
 """
 from __future__ import annotations
 
@@ -17,9 +18,14 @@ from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
-               "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-               "tools": ([],)}  # name -> the values that mean "off" (None always does)
+COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
+                           "user"})
+FIELDS = {"completion": COMMON_FIELDS | {"prompt"},
+          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens"}}  # the fields each endpoint reads
+OFF = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
+       "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],),
+       "tool_choice": ("none",), "response_format": ({"type": "text"},)}  # not implemented: the values that
+# mean "off" (None always does); any other field not in FIELDS is refused whatever its value
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
                   "cancelled": "length", "timeout": "length"}  # OpenAI knows only stop / length here
 
@@ -87,9 +93,7 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required: a model name from /v1/models", "model")
-    for name, off in UNSUPPORTED.items():
-        if body.get(name) is not None and body[name] not in off:
-            raise BadRequest(f"'{name}' = {body[name]!r} is not supported by this server", name)
+    refuse_unimplemented(kind, body)
     if kind == "chat":
         prompts = [chat_prompt(body.get("messages"), tokenizer)]
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -112,6 +116,17 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
     if options["top_p"] == 0:
         raise BadRequest("'top_p' must be > 0", "top_p")
     return Job(kind, model, prompts, options, stream, bool(stream_options.get("include_usage", False)))
+
+
+def refuse_unimplemented(kind: str, body: dict) -> None:
+    """A field this endpoint does not implement, unless it is None or its "off" value: BadRequest naming
+    it (a client that asked for JSON output or tools must not get free text instead)."""
+    for name, value in body.items():
+        if name in FIELDS[kind] or value is None or value in OFF.get(name, ()):
+            continue
+        if name in OFF:
+            raise BadRequest(f"'{name}' = {value!r} is not supported by this server", name)
+        raise BadRequest(f"'{name}' is not supported by this server", name)
 
 
 def checked(body: dict, name: str, kind: type, default):
@@ -174,9 +189,12 @@ def chat_prompt(messages, tokenizer) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' is required: a non-empty list of {role, content}", "messages")
     plain = []
-    for message in messages:
+    for number, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("each message must be an object with a 'role' and a 'content'", "messages")
+        extra = sorted(name for name, value in message.items() if name not in ("role", "content") and value is not None)
+        if extra:  # `name`, `tool_calls`, `tool_call_id`, ...: not encoded, so refused rather than dropped
+            raise BadRequest(f"message {number}: '{extra[0]}' is not supported by this server", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text ones
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
