@@ -3,7 +3,9 @@
 Fields mean what they mean in the OpenAI API: `model`, `prompt` (text, token ids, or a list of
 either: one choice each) or `messages` (encoded like `generate --chat`), `max_tokens`
 (`max_completion_tokens` for chat), `temperature` (default 1), `top_p`, `stop` (up to 4 strings,
-cut from the text), `seed`, `stream` (+ `stream_options.include_usage`), `user` (accepted, unused). Any other field, or a
+cut from the text), `seed`, `stream` (+ `stream_options.include_usage`), `user` (accepted, unused), `logprobs` (chat: a
+bool, with `top_logprobs` 0..20; completions: an int 0..5), reported as the model's log-softmax of the
+raw logits (runtimes/logprobs.py). Any other field, or a
 field this server does not implement set to anything but its "off" value, is refused rather than
 ignored. Anything a client can get wrong raises BadRequest (HTTP 400) with the parameter it names.
 """
@@ -14,15 +16,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` bound (OpenAI's)
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
                            "user"})
-FIELDS = {"completion": COMMON_FIELDS | {"prompt"},
-          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens"}}  # the fields each endpoint reads
-OFF = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
+FIELDS = {"completion": COMMON_FIELDS | {"prompt", "logprobs"},
+          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}  # the fields each endpoint reads
+OFF = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
        "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],),
        "tool_choice": ("none",), "response_format": ({"type": "text"},)}  # not implemented: the values that
 # mean "off" (None always does); any other field not in FIELDS is refused whatever its value
@@ -112,7 +116,7 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
                    temperature=number(body, "temperature", 1.0, 0.0, 2.0),
                    top_p=number(body, "top_p", 1.0, 0.0, 1.0),
                    seed=None if body.get("seed") is None else integer(body["seed"], "seed"),
-                   stop_strings=stops(body.get("stop")))
+                   stop_strings=stops(body.get("stop")), logprobs=logprobs(kind, body))
     if options["top_p"] == 0:
         raise BadRequest("'top_p' must be > 0", "top_p")
     return Job(kind, model, prompts, options, stream, bool(stream_options.get("include_usage", False)))
@@ -127,6 +131,26 @@ def refuse_unimplemented(kind: str, body: dict) -> None:
         if name in OFF:
             raise BadRequest(f"'{name}' = {value!r} is not supported by this server", name)
         raise BadRequest(f"'{name}' is not supported by this server", name)
+
+
+def logprobs(kind: str, body: dict) -> int | None:
+    """The alternatives per token to report (None = no logprobs): chat's `top_logprobs` when `logprobs`
+    is true; completions' `logprobs` integer."""
+    if kind == "chat":
+        top = body.get("top_logprobs")
+        if not checked(body, "logprobs", bool, False):
+            if top is not None:
+                raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            return None
+        return 0 if top is None else bounded(top, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    value = body.get("logprobs")
+    return None if value is None else bounded(value, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+
+
+def bounded(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be an integer in {low}..{high}, got {value!r}", name)
+    return value
 
 
 def checked(body: dict, name: str, kind: type, default):
@@ -215,34 +239,76 @@ def text_of(completion: Completion) -> str:
     return completion.text if completion.text is not None else "".join(f"{t} " for t in completion.token_ids)
 
 
+def token_surface(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """A token's text as OpenAI reports it, and its UTF-8 bytes: the piece with "\u2581" as a space, a
+    byte piece that is no character by itself as "bytes:\\xNN", without a tokenizer its id ("12 ")."""
+    piece = f"{token_id} " if tokenizer is None else tokenizer.piece[token_id]
+    if isinstance(piece, int):  # a byte piece
+        return (chr(piece) if piece < 0x80 else f"bytes:\\x{piece:02x}"), [piece]
+    text = piece.replace("\u2581", " ")
+    return text, list(text.encode())
+
+
+class LogprobsWriter:
+    """The `logprobs` object of one choice in OpenAI's shape, for all its tokens at once or chunk by
+    chunk (a completion's `text_offset` runs on across chunks: offsets into its tokens' texts)."""
+
+    def __init__(self, kind: str, tokenizer):
+        self.kind, self.tokenizer, self.offset = kind, tokenizer, 0
+
+    def body(self, tokens: list[tuple[int, TokenLogprob]]) -> dict:
+        """`tokens`: (token id, its TokenLogprob) in order."""
+        if self.kind == "chat":
+            return {"content": [{**self.entry(token, entry.logprob),
+                                 "top_logprobs": [self.entry(t, p) for t, p in entry.top]}
+                                for token, entry in tokens], "refusal": None}
+        texts = [token_surface(self.tokenizer, token)[0] for token, _ in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": texts, "token_logprobs": [entry.logprob for _, entry in tokens],
+                "top_logprobs": [{**{token_surface(self.tokenizer, t)[0]: p for t, p in entry.top}, text: entry.logprob}
+                                 for text, (_, entry) in zip(texts, tokens)],  # the sampled token too, as OpenAI
+                "text_offset": offsets}
+
+    def entry(self, token: int, logprob: float) -> dict:
+        text, raw = token_surface(self.tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+
 def usage(prompts: list[list[int]], completions: list[Completion]) -> dict:
     prompt = sum(map(len, prompts))
     generated = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-def response(job: Job, completions: list[Completion]) -> dict:
-    """The whole (non-streamed) response body."""
+def response(job: Job, completions: list[Completion], tokenizer=None) -> dict:
+    """The whole (non-streamed) response body; `tokenizer` names the tokens of logprobs."""
+    logprobs = [None if c.logprobs is None else LogprobsWriter(job.kind, tokenizer).body(list(zip(c.token_ids, c.logprobs)))
+                for c in completions]
     if job.kind == "chat":
         choices = [{"index": n, "message": {"role": "assistant", "content": text_of(c)},
-                    "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
+                    "logprobs": logprobs[n], "finish_reason": FINISH_REASONS[c.finish_reason]}
                    for n, c in enumerate(completions)]
     else:
-        choices = [{"index": n, "text": text_of(c), "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
-                   for n, c in enumerate(completions)]
+        choices = [{"index": n, "text": text_of(c), "logprobs": logprobs[n],
+                    "finish_reason": FINISH_REASONS[c.finish_reason]} for n, c in enumerate(completions)]
     return {"id": prefix(job) + job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
             "created": job.created, "model": job.model, "choices": choices,
             "usage": usage(job.prompts, completions)}
 
 
-def chunk(job: Job, text: str | None, finish: str | None = None, first: bool = False) -> dict:
-    """One streamed chunk: a text delta, or (text None) the end with its finish reason."""
+def chunk(job: Job, text: str | None, finish: str | None = None, first: bool = False,
+          logprobs: dict | None = None) -> dict:
+    """One streamed chunk: a text delta (with its tokens' `logprobs` object), or (text None) the end
+    with its finish reason."""
     if job.kind == "chat":
         delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
-        choice = {"index": 0, "delta": delta, "logprobs": None,
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs,
                   "finish_reason": FINISH_REASONS[finish] if finish else None}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None,
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs,
                   "finish_reason": FINISH_REASONS[finish] if finish else None}
     return {"id": prefix(job) + job.id, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
             "created": job.created, "model": job.model, "choices": [choice]}

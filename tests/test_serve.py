@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -170,6 +171,31 @@ def test_the_grouper_lets_out_the_first_token_then_every_interval():
     assert [Grouper(1).add(t, 1) for t in "xyz"] == ["x", "y", "z"]  # interval 1: every token as it comes
 
 
+def test_logprobs_are_the_sessions_streamed_or_not(server, session):
+    """Chat: each token's logprob and its top_logprobs as the Session reports them (tests/test_logprobs.py
+    compares those with transformers); the stream's logprobs are the whole reply's, token by token."""
+    messages = [{"role": "user", "content": "Hi there"}]
+    args = dict(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    expected = session.generate_ids([session.encode_chat(messages)], max_new_tokens=8, logprobs=3).completions[0]
+    content = server.client.chat.completions.create(**args).choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids) == 8
+    for item, entry in zip(content, expected.logprobs):
+        assert abs(item.logprob - entry.logprob) < 1e-6 and len(item.top_logprobs) == 3
+        assert [abs(a.logprob - p) < 1e-6 for a, (_, p) in zip(item.top_logprobs, entry.top)] == [True] * 3
+        raw = [int(item.token[len("bytes:\\x"):], 16)] if item.token.startswith("bytes:") else list(item.token.encode())
+        assert item.bytes == raw  # a byte piece that is no character alone: "bytes:\\x9b" and its byte
+    streamed = [c for part in server.client.chat.completions.create(stream=True, **args)
+                if part.choices and part.choices[0].logprobs for c in part.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    text = server.client.completions.create(model="tiny", prompt="Simple is better", max_tokens=6, temperature=0,
+                                            logprobs=2).choices[0]
+    expected = session.generate_ids([session.encode("Simple is better")], max_new_tokens=6, logprobs=2).completions[0]
+    assert np.allclose(text.logprobs.token_logprobs, [e.logprob for e in expected.logprobs], atol=1e-6)
+    assert all(2 <= len(top) <= 3 and top[token] == p for top, token, p in  # the 2 best and the sampled one
+               zip(text.logprobs.top_logprobs, text.logprobs.tokens, text.logprobs.token_logprobs))
+    assert text.logprobs.text_offset[0] == 0 and text.logprobs.text_offset == sorted(text.logprobs.text_offset)
+
+
 def test_seeded_sampling_is_reproducible(server):
     args = dict(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, top_p=0.9)
     texts = [server.client.completions.create(seed=seed, **args).choices[0].text for seed in (3, 3, 4)]
@@ -179,7 +205,7 @@ def test_seeded_sampling_is_reproducible(server):
 @pytest.mark.parametrize("body, param", [
     (dict(prompt="x", temperature=3), "temperature"), (dict(prompt="x", max_tokens=0), "max_tokens"),
     (dict(prompt=[]), "prompt"), (dict(prompt="x", stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(prompt="x", n=2), "n"), (dict(prompt=[10**6]), "prompt"), (dict(prompt="x " * 2000), "prompt")])
+    (dict(prompt="x", logprobs=6), "logprobs"), (dict(prompt=[10**6]), "prompt"), (dict(prompt="x " * 2000), "prompt")])
 def test_bad_requests_get_400_with_an_openai_error_body(server, body, param):
     with pytest.raises(openai.BadRequestError) as caught:
         server.client.completions.create(model="tiny", **body)
