@@ -25,6 +25,14 @@ class QueueFull(RuntimeError):
     """The engine's queue is at its bound: the request is refused at once (HTTP 429), not kept waiting."""
 
 
+class OptionError(RequestError):
+    """A request option this engine cannot take (a token id beyond its vocabulary); `option` names it."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
+
+
 class EngineClosed(RuntimeError):
     """The engine is shutting down and admits nothing new."""
 
@@ -79,10 +87,13 @@ class GenerationConfig:
 
 def generation_config(eos_token_ids: tuple[int, ...], max_new_tokens: int = 32, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                      stop_strings: tuple[str, ...] = (), logprobs: int | None = None) -> GenerationConfig:
-    """A request's options (Session.submit's keywords) checked into its GenerationConfig (RequestError)."""
+                      stop_strings: tuple[str, ...] = (), logprobs: int | None = None, presence_penalty: float = 0.0,
+                      frequency_penalty: float = 0.0, logit_bias=()) -> GenerationConfig:
+    """A request's options (Session.submit's keywords) checked into its GenerationConfig (RequestError);
+    `logit_bias` maps token ids to biases (a dict, or (id, bias) pairs)."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
+                              repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, logit_bias=logit_bias)
     return GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
                             stop_strings=tuple(stop_strings), logprobs=logprobs)
 
@@ -190,6 +201,10 @@ class Admission:
         `decodes`: the request has a detokenizer; `waiting`: requests already waiting for a row."""
         ids = [int(t) for t in prompt]
         check_prompts([ids], self.vocab_size, self.limit)
+        bias = config.sampling.logit_bias
+        if bias and bias[-1][0] >= self.vocab_size:
+            raise OptionError(f"logit_bias has token id {bias[-1][0]}, outside the vocabulary (0..{self.vocab_size - 1})",
+                              "logit_bias")
         if config.stop_strings and not decodes:
             raise RequestError("stop_strings are matched on decoded text: they need a detokenizer "
                                "(the artifact's tokenizer)")
@@ -209,7 +224,7 @@ class RequestState:
     def __init__(self, index: int, prompt: list[int], config: GenerationConfig, detokenizer: Detokenizer | None = None,
                  sampler=None, timeout: float | None = None, handle=None):
         self.index, self.prompt, self.config, self.detokenizer = index, prompt, config, detokenizer
-        self.sampler = sampler or Sampler(config.sampling)
+        self.sampler = sampler or Sampler(config.sampling, prompt_length=len(prompt))
         self.deadline = time.monotonic() + timeout if timeout is not None else None
         self.handle = handle
         self.ids = list(prompt)  # prompt + generated; the last one is fed at position len(ids) - 1

@@ -3,11 +3,13 @@
 Fields mean what they mean in the OpenAI API: `model`, `prompt` (text, token ids, or a list of
 either: one choice each) or `messages` (encoded like `generate --chat`), `max_tokens`
 (`max_completion_tokens` for chat), `temperature` (default 1), `top_p`, `stop` (up to 4 strings,
-cut from the text), `seed`, `stream` (+ `stream_options.include_usage`), `user` (accepted, unused), `logprobs` (chat: a
-bool, with `top_logprobs` 0..20; completions: an int 0..5), reported as the model's log-softmax of the
-raw logits (runtimes/logprobs.py). Any other field, or a
-field this server does not implement set to anything but its "off" value, is refused rather than
-ignored. Anything a client can get wrong raises BadRequest (HTTP 400) with the parameter it names.
+cut from the text), `seed`, `stream` (+ `stream_options.include_usage`), `user` (accepted, unused),
+`logprobs` (chat: a bool, with `top_logprobs` 0..20; completions: an int 0..5: the model's
+log-softmax of the raw logits, runtimes/logprobs.py), `logit_bias`, `presence_penalty`,
+`frequency_penalty` (OpenAI's definitions, runtimes/sampling.py) and `n` (each choice its own
+request; with `seed`, choice 0 draws from the seed and choice i from one derived from it). Any other
+field, or an unimplemented one set to anything but its "off" value, is refused rather than ignored.
+Anything a client can get wrong raises BadRequest (HTTP 400) with the parameter it names.
 """
 from __future__ import annotations
 
@@ -16,18 +18,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` bound (OpenAI's)
+MAX_CHOICES = 128  # `n` at most (OpenAI's bound)
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
-                           "user"})
+                           "user", "n", "logit_bias", "presence_penalty", "frequency_penalty"})
 FIELDS = {"completion": COMMON_FIELDS | {"prompt", "logprobs"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}  # the fields each endpoint reads
-OFF = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",),
-       "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "tools": ([],),
+OFF = {"best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],),
        "tool_choice": ("none",), "response_format": ({"type": "text"},)}  # not implemented: the values that
 # mean "off" (None always does); any other field not in FIELDS is refused whatever its value
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
@@ -46,10 +50,11 @@ class BadRequest(RequestError):
 class Job:
     kind: str  # "completion" | "chat"
     model: str
-    prompts: list[list[int]]  # one per choice
-    options: dict  # generation_config keyword options (Session.submit's)
+    prompts: list[list[int]]  # one per choice: each prompt n times in a row
+    options: dict  # generation_config keyword options (Session.submit's); `choice_options` gives a choice's
     stream: bool = False
     include_usage: bool = False
+    n: int = 1  # choices per prompt
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     delta_frame: tuple[str, str] | None = None  # the SSE text around a delta's JSON string, made once
@@ -112,14 +117,46 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
         raise BadRequest("'stream_options' must be an object", "stream_options")
     if stream and len(prompts) > 1:
         raise BadRequest("streaming takes one prompt per request", "prompt")
+    n = 1 if body.get("n") is None else bounded(body["n"], "n", 1, MAX_CHOICES)
+    if stream and n > 1:
+        raise BadRequest("streaming takes one choice per request (n = 1)", "n")
     options = dict(max_new_tokens=integer(max_tokens, "max_tokens", low=1),
                    temperature=number(body, "temperature", 1.0, 0.0, 2.0),
                    top_p=number(body, "top_p", 1.0, 0.0, 1.0),
                    seed=None if body.get("seed") is None else integer(body["seed"], "seed"),
-                   stop_strings=stops(body.get("stop")), logprobs=logprobs(kind, body))
+                   stop_strings=stops(body.get("stop")), logprobs=logprobs(kind, body),
+                   presence_penalty=number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                   frequency_penalty=number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                   logit_bias=logit_bias(body.get("logit_bias")))
     if options["top_p"] == 0:
         raise BadRequest("'top_p' must be > 0", "top_p")
-    return Job(kind, model, prompts, options, stream, bool(stream_options.get("include_usage", False)))
+    return Job(kind, model, [p for p in prompts for _ in range(n)], options, stream,
+               bool(stream_options.get("include_usage", False)), n)
+
+
+def choice_options(job: Job, choice: int) -> dict:
+    """The generation options of choice `choice` (its index among all the job's choices): with a seed,
+    choice 0 draws from it and choice i > 0 from a seed derived from (seed, i), so each is reproducible
+    and the choices differ."""
+    seed = job.options["seed"]
+    if seed is None or choice == 0:
+        return job.options
+    return {**job.options, "seed": int(np.random.SeedSequence([seed, choice]).generate_state(1)[0])}
+
+
+def logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} with biases in [-100, 100]; (id, bias) pairs."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise BadRequest("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        if not key.isdigit() or isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise BadRequest(f"'logit_bias' maps token ids to numbers in [-100, 100], got {key!r}: {bias!r}",
+                             "logit_bias")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
 
 
 def refuse_unimplemented(kind: str, body: dict) -> None:
@@ -277,8 +314,9 @@ class LogprobsWriter:
         return {"token": text, "logprob": logprob, "bytes": raw}
 
 
-def usage(prompts: list[list[int]], completions: list[Completion]) -> dict:
-    prompt = sum(map(len, prompts))
+def usage(prompts: list[list[int]], completions: list[Completion], n: int = 1) -> dict:
+    """Each distinct prompt's tokens once (`prompts` holds each n times), every choice's tokens."""
+    prompt = sum(map(len, prompts[::n]))
     generated = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
@@ -296,7 +334,7 @@ def response(job: Job, completions: list[Completion], tokenizer=None) -> dict:
                     "finish_reason": FINISH_REASONS[c.finish_reason]} for n, c in enumerate(completions)]
     return {"id": prefix(job) + job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
             "created": job.created, "model": job.model, "choices": choices,
-            "usage": usage(job.prompts, completions)}
+            "usage": usage(job.prompts, completions, job.n)}
 
 
 def chunk(job: Job, text: str | None, finish: str | None = None, first: bool = False,

@@ -202,10 +202,43 @@ def test_seeded_sampling_is_reproducible(server):
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_n_choices_are_reproducible_with_a_seed_and_all_counted(server):
+    """n = 3 (batch 2, so one choice waits for a row): three choices, each reproducible with the seed,
+    choice 0 the n = 1 reply; usage counts the prompt once and every choice's tokens."""
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    args = dict(model="tiny", messages=messages, max_tokens=10, temperature=1.0, seed=7)
+    replies = [server.client.chat.completions.create(n=3, logprobs=True, **args) for _ in range(2)]
+    texts = [[c.message.content for c in r.choices] for r in replies]
+    assert [c.index for c in replies[0].choices] == [0, 1, 2] and texts[0] == texts[1]
+    assert len(set(texts[0])) > 1  # each choice its own draws
+    alone = server.client.chat.completions.create(**args)
+    assert alone.choices[0].message.content == texts[0][0]
+    assert replies[0].usage.prompt_tokens == alone.usage.prompt_tokens
+    assert replies[0].usage.completion_tokens == sum(len(c.logprobs.content) for c in replies[0].choices)
+
+
+def test_logit_bias_forces_a_token_and_penalties_reach_the_sampler(server, session):
+    """+100 on one token: every token is it, greedy or sampled. Penalties: the reply is the Session's
+    with the same penalties (tests/test_sampling.py checks their arithmetic), not the plain one (negative
+    penalties: the greedy reply of random weights rarely repeats a token by itself)."""
+    forced = session.encode("ok")[-1]
+    for temperature in (0, 1.0):
+        reply = server.client.completions.create(model="tiny", prompt="Simple is better", max_tokens=5,
+                                                 temperature=temperature, logit_bias={str(forced): 100})
+        assert reply.choices[0].text == session.decode([forced] * 5) and reply.usage.completion_tokens == 5
+    prompt, penalties = session.encode("Beautiful is better than"), dict(frequency_penalty=-2.0, presence_penalty=-1.5)
+    plain = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    penalized = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, **penalties)
+    expected = session.generate_ids([prompt], max_new_tokens=24, **penalties).completions[0].text
+    assert penalized.choices[0].text == expected != plain.choices[0].text
+
+
 @pytest.mark.parametrize("body, param", [
     (dict(prompt="x", temperature=3), "temperature"), (dict(prompt="x", max_tokens=0), "max_tokens"),
     (dict(prompt=[]), "prompt"), (dict(prompt="x", stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(prompt="x", logprobs=6), "logprobs"), (dict(prompt=[10**6]), "prompt"), (dict(prompt="x " * 2000), "prompt")])
+    (dict(prompt="x", logprobs=6), "logprobs"), (dict(prompt="x", logit_bias={"1": 101}), "logit_bias"),
+    (dict(prompt="x", logit_bias={"100000": 1}), "logit_bias"), (dict(prompt="x", presence_penalty=-2.5), "presence_penalty"),
+    (dict(prompt="x", n=2, stream=True), "n"), (dict(prompt=[10**6]), "prompt"), (dict(prompt="x " * 2000), "prompt")])
 def test_bad_requests_get_400_with_an_openai_error_body(server, body, param):
     with pytest.raises(openai.BadRequestError) as caught:
         server.client.completions.create(model="tiny", **body)
