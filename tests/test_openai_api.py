@@ -47,3 +47,34 @@ def test_a_message_field_that_is_not_encoded_is_refused(tokenizer):
         message = {"role": "user", "content": "Hi", **extra}
         with pytest.raises(BadRequest, match=f"message 0: '{next(iter(extra))}'"):
             parse("chat", {**CHAT, "messages": [message]}, tokenizer, "tiny", 16)
+
+
+def test_n_repeats_each_prompt_and_gives_each_choice_its_own_seed(tokenizer):
+    from mixtral_export.serving.openai_api import choice_options
+
+    job = parse("completion", {**COMPLETION, "prompt": [[1, 2], [3]], "n": 3, "seed": 9}, tokenizer, "tiny", 16)
+    assert job.prompts == [[1, 2]] * 3 + [[3]] * 3 and job.n == 3
+    seeds = [choice_options(job, i)["seed"] for i in range(6)]
+    assert seeds[0] == 9 and len(set(seeds)) == 6
+    assert seeds == [choice_options(job, i)["seed"] for i in range(6)]  # the same every time
+    unseeded = parse("completion", {**COMPLETION, "n": 2}, tokenizer, "tiny", 16)
+    assert choice_options(unseeded, 1)["seed"] is None
+
+
+@pytest.mark.parametrize("kind, extra, param", [
+    ("chat", {"top_logprobs": 2}, "top_logprobs"), ("chat", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat", {"logprobs": 1}, "logprobs"), ("completion", {"logprobs": True}, "logprobs"),
+    ("completion", {"n": 0}, "n"), ("completion", {"logit_bias": {"a": 1}}, "logit_bias"),
+    ("chat", {"frequency_penalty": 2.5}, "frequency_penalty")])
+def test_bad_logprobs_n_bias_and_penalties_name_their_field(tokenizer, kind, extra, param):
+    body = {**(CHAT if kind == "chat" else COMPLETION), **extra}
+    with pytest.raises(BadRequest) as caught:
+        parse(kind, body, tokenizer, "tiny", 16)
+    assert caught.value.param == param
+
+
+def test_logprobs_options_become_the_alternatives_per_token(tokenizer):
+    assert parse("chat", {**CHAT, "logprobs": True}, tokenizer, "tiny", 16).options["logprobs"] == 0
+    assert parse("chat", {**CHAT, "logprobs": True, "top_logprobs": 20}, tokenizer, "tiny", 16).options["logprobs"] == 20
+    assert parse("chat", {**CHAT, "logprobs": False}, tokenizer, "tiny", 16).options["logprobs"] is None
+    assert parse("completion", {**COMPLETION, "logprobs": 5}, tokenizer, "tiny", 16).options["logprobs"] == 5
