@@ -253,7 +253,8 @@ def chat_prompt(messages, tokenizer) -> list[int]:
     for number, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("each message must be an object with a 'role' and a 'content'", "messages")
-        extra = sorted(name for name, value in message.items() if name not in ("role", "content") and value is not None)
+        extra = sorted(name for name, value in message.items()
+                       if name not in ("role", "content") and value is not None and value != [])
         if extra:  # `name`, `tool_calls`, `tool_call_id`, ...: not encoded, so refused rather than dropped
             raise BadRequest(f"message {number}: '{extra[0]}' is not supported by this server", "messages")
         content = message.get("content")

@@ -37,7 +37,8 @@ def test_an_unimplemented_field_is_refused_by_name(tokenizer, kind, extra, param
 
 
 @pytest.mark.parametrize("extra", [{"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"},
-                                   {"echo": False}, {"response_format": None}, {"user": "someone"}])
+                                   {"echo": False}, {"response_format": None}, {"user": "someone"},
+                                   {"messages": [{"role": "user", "content": "Hi", "tool_calls": [], "name": None}]}])
 def test_a_field_at_its_off_value_is_accepted(tokenizer, extra):
     assert parse("chat", {**CHAT, **extra}, tokenizer, "tiny", 16).prompts
 
