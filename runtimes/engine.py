@@ -24,6 +24,7 @@ from typing import Generator, Iterable
 from mixtral_export.runtimes.engine_client import RequestHandle, result_of, wake_consumers
 from mixtral_export.runtimes.requests import (Admission, Detokenizer, GenerationConfig, GenerationResult, RequestState,
                                               TokenEvent)
+from mixtral_export.runtimes.logprobs import token_logprobs
 from mixtral_export.runtimes.sampling import next_tokens
 from mixtral_export.runtimes.scheduler import StepPlan, plan_step
 from mixtral_export.runtimes.step import StepBackend
@@ -170,7 +171,9 @@ class Engine:
             logits = self.backend.step(plan.input_ids, plan.positions)  # (B, T, V)
             ready = logits[[row for row, _ in plan.sample_at], [column for _, column in plan.sample_at]]  # (n, V)
             tokens = next_tokens([r.sampler for r in sampled], ready, [r.ids for r in sampled])
-            events = [(r, TokenEvent(r.index, token, r.add(token, self.limit))) for r, token in zip(sampled, tokens)]
+            logprobs = token_logprobs(ready, tokens, [r.config.logprobs for r in sampled])  # of the raw logits
+            events = [(r, TokenEvent(r.index, token, r.add(token, self.limit, logprob), logprob))
+                      for r, token, logprob in zip(sampled, tokens, logprobs)]
         except Exception as error:  # a failed step ends every request in it, never the engine
             with self.lock:
                 for r in running.values():

@@ -32,6 +32,7 @@ from mixtral_export.errors import UserError
 from mixtral_export.runtimes.engine import Engine
 from mixtral_export.runtimes.engine_client import RequestHandle, wake_consumers
 from mixtral_export.runtimes.load import load_step_manifest, open_step_backend, open_tokenizer
+from mixtral_export.runtimes.logprobs import TokenLogprob
 from mixtral_export.runtimes.requests import (Admission, Completion, EngineClosed, GenerationConfig, QueueFull,
                                               TokenEvent)
 from mixtral_export.runtimes.step import RequestError
@@ -89,15 +90,17 @@ class Ended:
     text: str | None
     finish_reason: str
     error: str | None = None
+    logprobs: list | None = None  # TokenLogprob.to_json() per token, when asked
 
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one step changed: new tokens (id, token, text delta) in order, ended requests, the engine's state."""
+    """What one step changed: new tokens (id, token, text delta, TokenLogprob.to_json() or None) in order,
+    ended requests, the engine's state."""
 
     busy_rows: int
     queue_depth: int
-    tokens: list[tuple[int, int, str]]
+    tokens: list[tuple[int, int, str, list | None]]
     ended: list[Ended]
 
     @classmethod
@@ -222,13 +225,14 @@ class ProcessClient:
 
     def _apply(self, report: StepReport, touched: dict[int, RequestHandle]) -> None:
         self.busy_rows, self.queue_depth = report.busy_rows, report.queue_depth
-        for rid, token, text in report.tokens:
+        for rid, token, text, logprob in report.tokens:
             handle = touched[rid] = self.handles[rid]
-            handle.push(TokenEvent(handle.index, token, text))
+            handle.push(TokenEvent(handle.index, token, text, None if logprob is None else TokenLogprob.from_json(logprob)))
         for end in report.ended:
             handle = touched[end.id] = self.handles.pop(end.id)
+            logprobs = None if end.logprobs is None else [TokenLogprob.from_json(entry) for entry in end.logprobs]
             completion = None if end.error else Completion(handle.prompt_ids, end.token_ids, end.text,
-                                                           end.finish_reason)
+                                                           end.finish_reason, logprobs)
             handle.finish(completion, RuntimeError(end.error) if end.error else None)
 
     def _lost(self, touched: dict[int, RequestHandle]) -> None:
@@ -353,12 +357,15 @@ def serve_pipe(conn: Connection, engine: Engine, tokenizer) -> None:
                 error = None
             except Exception as failure:  # the step that ended it failed
                 got, done, error = [], True, f"{type(failure).__name__}: {failure}"
-            tokens += [(rid, event.token_id, event.text_delta) for event in got]
+            tokens += [(rid, event.token_id, event.text_delta, None if event.logprob is None else event.logprob.to_json())
+                       for event in got]
             if done:
                 del handles[rid]
                 completion = handle.completion
                 ended.append(Ended(rid, [], None, "cancelled", error) if error else
-                             Ended(rid, completion.token_ids, completion.text, completion.finish_reason))
+                             Ended(rid, completion.token_ids, completion.text, completion.finish_reason,
+                                   logprobs=None if completion.logprobs is None else
+                                   [entry.to_json() for entry in completion.logprobs]))
         state = (engine.busy_rows, engine.queue_depth)
         if tokens or ended or state != reported:
             conn.send_bytes(encode(StepReport(*state, tokens, ended)))

@@ -14,6 +14,7 @@ from typing import Callable, Literal, Protocol
 
 import numpy as np
 
+from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.sampling import Sampler, SamplingParams
 from mixtral_export.runtimes.step import ContextOverflow, RequestError
 
@@ -22,6 +23,14 @@ FinishReason = Literal["eos", "stop_string", "length", "cache_full", "cancelled"
 
 class QueueFull(RuntimeError):
     """The engine's queue is at its bound: the request is refused at once (HTTP 429), not kept waiting."""
+
+
+class OptionError(RequestError):
+    """A request option this engine cannot take (a token id beyond its vocabulary); `option` names it."""
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option
 
 
 class EngineClosed(RuntimeError):
@@ -45,6 +54,7 @@ class GenerationConfig:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    logprobs: int | None = None  # None = off; k = each token's log-probability and its k best alternatives
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
@@ -58,25 +68,34 @@ class GenerationConfig:
             raise RequestError(f"eos_token_ids must be token ids >= 0, got {self.eos_token_ids!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise RequestError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
+            raise RequestError(f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per "
+                               f"token), got {self.logprobs!r}")
 
     def to_json(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "sampling": asdict(self.sampling),
-                "eos_token_ids": [int(t) for t in self.eos_token_ids], "stop_strings": list(self.stop_strings)}
+                "eos_token_ids": [int(t) for t in self.eos_token_ids], "stop_strings": list(self.stop_strings),
+                "logprobs": self.logprobs}
 
     @classmethod
     def from_json(cls, data: dict) -> "GenerationConfig":
         return cls(max_new_tokens=data["max_new_tokens"], sampling=SamplingParams(**data["sampling"]),
-                   eos_token_ids=tuple(data["eos_token_ids"]), stop_strings=tuple(data["stop_strings"]))
+                   eos_token_ids=tuple(data["eos_token_ids"]), stop_strings=tuple(data["stop_strings"]),
+                   logprobs=data.get("logprobs"))
 
 
 def generation_config(eos_token_ids: tuple[int, ...], max_new_tokens: int = 32, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                      stop_strings: tuple[str, ...] = ()) -> GenerationConfig:
-    """A request's options (Session.submit's keywords) checked into its GenerationConfig (RequestError)."""
+                      stop_strings: tuple[str, ...] = (), logprobs: int | None = None, presence_penalty: float = 0.0,
+                      frequency_penalty: float = 0.0, logit_bias=()) -> GenerationConfig:
+    """A request's options (Session.submit's keywords) checked into its GenerationConfig (RequestError);
+    `logit_bias` maps token ids to biases (a dict, or (id, bias) pairs)."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, seed=seed)
+                              repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty, logit_bias=logit_bias)
     return GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
-                            stop_strings=tuple(stop_strings))
+                            stop_strings=tuple(stop_strings), logprobs=logprobs)
 
 
 @dataclass(frozen=True)
@@ -84,6 +103,7 @@ class TokenEvent:
     index: int  # the request's prompt index
     token_id: int
     text_delta: str  # "" without a detokenizer; all deltas of a request concatenate to its final text
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 @dataclass
@@ -92,6 +112,7 @@ class Completion:
     token_ids: list[int]  # generated ids, the EOS or stop-string-completing token included
     text: str | None  # None without a detokenizer
     finish_reason: FinishReason
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
 
 @dataclass
@@ -117,12 +138,19 @@ class GenerationResult:
 
     def to_json(self, **extra) -> dict:
         return {**extra,
-                "completions": [vars(c).copy() for c in self.completions],
+                "completions": [completion_json(c) for c in self.completions],
                 "prefill_tokens": self.prefill_tokens, "prefill_seconds": self.prefill_seconds,
                 "decode_tokens": self.decode_tokens, "decode_steps": self.decode_steps,
                 "decode_seconds": self.decode_seconds,
                 "prefill_tokens_per_second": self.prefill_tokens_per_second,
                 "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+def completion_json(completion: Completion) -> dict:
+    data = vars(completion).copy()
+    if completion.logprobs is not None:
+        data["logprobs"] = [entry.to_json() for entry in completion.logprobs]
+    return data
 
 
 def position_limit(*limits: int | None) -> int | None:
@@ -173,6 +201,10 @@ class Admission:
         `decodes`: the request has a detokenizer; `waiting`: requests already waiting for a row."""
         ids = [int(t) for t in prompt]
         check_prompts([ids], self.vocab_size, self.limit)
+        bias = config.sampling.logit_bias
+        if bias and bias[-1][0] >= self.vocab_size:
+            raise OptionError(f"logit_bias has token id {bias[-1][0]}, outside the vocabulary (0..{self.vocab_size - 1})",
+                              "logit_bias")
         if config.stop_strings and not decodes:
             raise RequestError("stop_strings are matched on decoded text: they need a detokenizer "
                                "(the artifact's tokenizer)")
@@ -192,7 +224,7 @@ class RequestState:
     def __init__(self, index: int, prompt: list[int], config: GenerationConfig, detokenizer: Detokenizer | None = None,
                  sampler=None, timeout: float | None = None, handle=None):
         self.index, self.prompt, self.config, self.detokenizer = index, prompt, config, detokenizer
-        self.sampler = sampler or Sampler(config.sampling)
+        self.sampler = sampler or Sampler(config.sampling, prompt_length=len(prompt))
         self.deadline = time.monotonic() + timeout if timeout is not None else None
         self.handle = handle
         self.ids = list(prompt)  # prompt + generated; the last one is fed at position len(ids) - 1
@@ -202,15 +234,18 @@ class RequestState:
         self.text = ""
         self.emitted = 0  # characters of text already yielded
         self.finish_reason: FinishReason | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if config.logprobs is not None else None
         self.steps: list[tuple[int, bool, float]] = []  # (engine step, a prefill step?, seconds)
 
     @property
     def prefilling(self) -> bool:
         return self.fed < len(self.prompt)
 
-    def add(self, token: int, limit: int | None) -> str:
-        """Append a sampled token, decide whether the request ends; returns the text to yield now."""
+    def add(self, token: int, limit: int | None, logprob: TokenLogprob | None = None) -> str:
+        """Append a sampled token (and its logprob), decide whether the request ends; returns the text to yield now."""
         self.ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         if token in self.config.eos_token_ids:
             self.finish_reason = "eos"
         elif len(self.ids) - len(self.prompt) >= self.config.max_new_tokens:
@@ -241,7 +276,7 @@ class RequestState:
     def completion(self) -> Completion:
         return Completion(prompt_ids=self.prompt, token_ids=self.ids[len(self.prompt):],
                           text=self.text if self.detokenizer is not None else None,
-                          finish_reason=self.finish_reason)
+                          finish_reason=self.finish_reason, logprobs=self.logprobs)
 
 
 def held_back(text: str, emitted: int, stops: tuple[str, ...]) -> int:

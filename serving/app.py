@@ -19,13 +19,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from mixtral_export.runtimes.engine_client import EngineClient, RequestHandle
-from mixtral_export.runtimes.requests import EngineClosed, QueueFull, generation_config
+from mixtral_export.runtimes.requests import EngineClosed, OptionError, QueueFull, generation_config
 from mixtral_export.runtimes.step import RequestError
 from mixtral_export.serving.bounded_stream import STALL_SECONDS, BoundedStream
 from mixtral_export.serving.guards import CountResponses, OpenResponses, RequireApiKey
 from mixtral_export.serving.metrics import ServerMetrics
-from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, chunk, delta_event, error_body, parse, response,
-                                               sse_text as sse, usage_chunk)
+from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, LogprobsWriter, choice_options, chunk, delta_event,
+                                               error_body, parse, response, sse_text as sse, usage_chunk)
 
 DISCONNECT_POLL_SECONDS = 0.25
 MAX_BODY_BYTES = 4 * 2**20  # a request body beyond this gets 413 (a long prompt is ~100 kB of JSON)
@@ -96,8 +96,8 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
                           "invalid_request_error", "bad_request", "model", "model_not_found")
         requests: list[RequestHandle] = []
         try:
-            config = generation_config(eos_token_ids, **job.options)
             for index, prompt in enumerate(job.prompts):
+                config = generation_config(eos_token_ids, **choice_options(job, index))
                 requests.append(client.submit(prompt, config, index=index, timeout=request_timeout))
         except QueueFull as error:
             cancel(requests)
@@ -107,7 +107,8 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
             return refuse(503, str(error), "service_unavailable", "rejected_shutting_down")
         except RequestError as error:  # too long for the context, bad token ids, ...
             cancel(requests)
-            return refuse(400, str(error), "invalid_request_error", "bad_request", "prompt")
+            param = error.option if isinstance(error, OptionError) else "prompt"
+            return refuse(400, str(error), "invalid_request_error", "bad_request", param)
         metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
         if job.stream:
             return BoundedStream(stream(job, requests[0]), stall_seconds, metrics.stalled_streams.inc,
@@ -120,7 +121,7 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
         finally:
             watcher.cancel()
             cancel(requests)
-        return JSONResponse(response(job, completions), headers=headers)
+        return JSONResponse(response(job, completions, tokenizer), headers=headers)
 
     async def collect(request: RequestHandle):
         async for _ in timed(request):
@@ -148,14 +149,26 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
             if job.kind == "chat":
                 yield sse(chunk(job, "", first=True))  # the role, as OpenAI sends it first
             grouper = Grouper(stream_interval)
+            writer = LogprobsWriter(job.kind, tokenizer) if job.options["logprobs"] is not None else None
+            unsent = []  # (token id, TokenLogprob) of tokens whose text has not gone out yet
+
+            def delta(text: str) -> str:  # the fast template path unless logprobs ride along
+                if writer is None:
+                    return delta_event(job, text)
+                out = sse(chunk(job, text, logprobs=writer.body(unsent)))
+                unsent.clear()
+                return out
+
             async for events in timed(request):
                 text = "".join(event.text_delta if has_text else f"{event.token_id} " for event in events)
+                unsent.extend((event.token_id, event.logprob) for event in events)
                 if text := grouper.add(text, len(events)):
-                    yield delta_event(job, text)
+                    yield delta(text)
             completion = request.completion
             metrics.requests.labels(completion.finish_reason).inc()
             usage = sse(usage_chunk(job, completion)) if job.include_usage else ""
-            held = delta_event(job, text) if (text := grouper.rest()) else ""
+            text = grouper.rest()
+            held = delta(text) if text or (writer is not None and unsent) else ""
             yield held + sse(chunk(job, None, completion.finish_reason)) + usage + "data: [DONE]\n\n"  # one write
         except (asyncio.CancelledError, GeneratorExit):  # how a dropped client reaches us depends on Starlette
             metrics.requests.labels("disconnected").inc()

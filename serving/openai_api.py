@@ -3,8 +3,13 @@
 Fields mean what they mean in the OpenAI API: `model`, `prompt` (text, token ids, or a list of
 either: one choice each) or `messages` (encoded like `generate --chat`), `max_tokens`
 (`max_completion_tokens` for chat), `temperature` (default 1), `top_p`, `stop` (up to 4 strings,
-cut from the text), `seed`, `stream` (+ `stream_options.include_usage`). Anything a client can get
-wrong raises BadRequest (HTTP 400) with the parameter it names.
+cut from the text), `seed`, `stream` (+ `stream_options.include_usage`), `user` (accepted, unused),
+`logprobs` (chat: a bool, with `top_logprobs` 0..20; completions: an int 0..5: the model's
+log-softmax of the raw logits, runtimes/logprobs.py), `logit_bias`, `presence_penalty`,
+`frequency_penalty` (OpenAI's definitions, runtimes/sampling.py) and `n` (each choice its own
+request; with `seed`, choice 0 draws from the seed and choice i from one derived from it). Any other
+field, or an unimplemented one set to anything but its "off" value, is refused rather than ignored.
+Anything a client can get wrong raises BadRequest (HTTP 400) with the parameter it names.
 """
 from __future__ import annotations
 
@@ -13,13 +18,22 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,),
-               "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},),
-               "tools": ([],)}  # name -> the values that mean "off" (None always does)
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` bound (OpenAI's)
+MAX_CHOICES = 128  # `n` at most (OpenAI's bound)
+COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
+                           "user", "n", "logit_bias", "presence_penalty", "frequency_penalty"})
+FIELDS = {"completion": COMMON_FIELDS | {"prompt", "logprobs"},
+          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}  # the fields each endpoint reads
+OFF = {"best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],),
+       "tool_choice": ("none",), "response_format": ({"type": "text"},)}  # not implemented: the values that
+# mean "off" (None always does); any other field not in FIELDS is refused whatever its value
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
                   "cancelled": "length", "timeout": "length"}  # OpenAI knows only stop / length here
 
@@ -36,10 +50,11 @@ class BadRequest(RequestError):
 class Job:
     kind: str  # "completion" | "chat"
     model: str
-    prompts: list[list[int]]  # one per choice
-    options: dict  # generation_config keyword options (Session.submit's)
+    prompts: list[list[int]]  # one per choice: each prompt n times in a row
+    options: dict  # generation_config keyword options (Session.submit's); `choice_options` gives a choice's
     stream: bool = False
     include_usage: bool = False
+    n: int = 1  # choices per prompt
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     delta_frame: tuple[str, str] | None = None  # the SSE text around a delta's JSON string, made once
@@ -87,9 +102,7 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required: a model name from /v1/models", "model")
-    for name, off in UNSUPPORTED.items():
-        if body.get(name) is not None and body[name] not in off:
-            raise BadRequest(f"'{name}' = {body[name]!r} is not supported by this server", name)
+    refuse_unimplemented(kind, body)
     if kind == "chat":
         prompts = [chat_prompt(body.get("messages"), tokenizer)]
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -104,14 +117,77 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
         raise BadRequest("'stream_options' must be an object", "stream_options")
     if stream and len(prompts) > 1:
         raise BadRequest("streaming takes one prompt per request", "prompt")
+    n = 1 if body.get("n") is None else bounded(body["n"], "n", 1, MAX_CHOICES)
+    if stream and n > 1:
+        raise BadRequest("streaming takes one choice per request (n = 1)", "n")
     options = dict(max_new_tokens=integer(max_tokens, "max_tokens", low=1),
                    temperature=number(body, "temperature", 1.0, 0.0, 2.0),
                    top_p=number(body, "top_p", 1.0, 0.0, 1.0),
                    seed=None if body.get("seed") is None else integer(body["seed"], "seed"),
-                   stop_strings=stops(body.get("stop")))
+                   stop_strings=stops(body.get("stop")), logprobs=logprobs(kind, body),
+                   presence_penalty=number(body, "presence_penalty", 0.0, -2.0, 2.0),
+                   frequency_penalty=number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+                   logit_bias=logit_bias(body.get("logit_bias")))
     if options["top_p"] == 0:
         raise BadRequest("'top_p' must be > 0", "top_p")
-    return Job(kind, model, prompts, options, stream, bool(stream_options.get("include_usage", False)))
+    return Job(kind, model, [p for p in prompts for _ in range(n)], options, stream,
+               bool(stream_options.get("include_usage", False)), n)
+
+
+def choice_options(job: Job, choice: int) -> dict:
+    """The generation options of choice `choice` (its index among all the job's choices): with a seed,
+    choice 0 draws from it and choice i > 0 from a seed derived from (seed, i), so each is reproducible
+    and the choices differ."""
+    seed = job.options["seed"]
+    if seed is None or choice == 0:
+        return job.options
+    return {**job.options, "seed": int(np.random.SeedSequence([seed, choice]).generate_state(1)[0])}
+
+
+def logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} with biases in [-100, 100]; (id, bias) pairs."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise BadRequest("'logit_bias' must be an object mapping token ids to biases", "logit_bias")
+    pairs = []
+    for key, bias in value.items():
+        if not key.isdigit() or isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise BadRequest(f"'logit_bias' maps token ids to numbers in [-100, 100], got {key!r}: {bias!r}",
+                             "logit_bias")
+        pairs.append((int(key), float(bias)))
+    return tuple(pairs)
+
+
+def refuse_unimplemented(kind: str, body: dict) -> None:
+    """A field this endpoint does not implement, unless it is None or its "off" value: BadRequest naming
+    it (a client that asked for JSON output or tools must not get free text instead)."""
+    for name, value in body.items():
+        if name in FIELDS[kind] or value is None or value in OFF.get(name, ()):
+            continue
+        if name in OFF:
+            raise BadRequest(f"'{name}' = {value!r} is not supported by this server", name)
+        raise BadRequest(f"'{name}' is not supported by this server", name)
+
+
+def logprobs(kind: str, body: dict) -> int | None:
+    """The alternatives per token to report (None = no logprobs): chat's `top_logprobs` when `logprobs`
+    is true; completions' `logprobs` integer."""
+    if kind == "chat":
+        top = body.get("top_logprobs")
+        if not checked(body, "logprobs", bool, False):
+            if top is not None:
+                raise BadRequest("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            return None
+        return 0 if top is None else bounded(top, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    value = body.get("logprobs")
+    return None if value is None else bounded(value, "logprobs", 0, MAX_COMPLETION_LOGPROBS)
+
+
+def bounded(value, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise BadRequest(f"'{name}' must be an integer in {low}..{high}, got {value!r}", name)
+    return value
 
 
 def checked(body: dict, name: str, kind: type, default):
@@ -174,9 +250,13 @@ def chat_prompt(messages, tokenizer) -> list[int]:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' is required: a non-empty list of {role, content}", "messages")
     plain = []
-    for message in messages:
+    for number, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("each message must be an object with a 'role' and a 'content'", "messages")
+        extra = sorted(name for name, value in message.items()
+                       if name not in ("role", "content") and value is not None and value != [])
+        if extra:  # `name`, `tool_calls`, `tool_call_id`, ...: not encoded, so refused rather than dropped
+            raise BadRequest(f"message {number}: '{extra[0]}' is not supported by this server", "messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: only text ones
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -197,34 +277,77 @@ def text_of(completion: Completion) -> str:
     return completion.text if completion.text is not None else "".join(f"{t} " for t in completion.token_ids)
 
 
-def usage(prompts: list[list[int]], completions: list[Completion]) -> dict:
-    prompt = sum(map(len, prompts))
+def token_surface(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """A token's text as OpenAI reports it, and its UTF-8 bytes: the piece with "\u2581" as a space, a
+    byte piece that is no character by itself as "bytes:\\xNN", without a tokenizer its id ("12 ")."""
+    piece = f"{token_id} " if tokenizer is None else tokenizer.piece[token_id]
+    if isinstance(piece, int):  # a byte piece
+        return (chr(piece) if piece < 0x80 else f"bytes:\\x{piece:02x}"), [piece]
+    text = piece.replace("\u2581", " ")
+    return text, list(text.encode())
+
+
+class LogprobsWriter:
+    """The `logprobs` object of one choice in OpenAI's shape, for all its tokens at once or chunk by
+    chunk (a completion's `text_offset` runs on across chunks: offsets into its tokens' texts)."""
+
+    def __init__(self, kind: str, tokenizer):
+        self.kind, self.tokenizer, self.offset = kind, tokenizer, 0
+
+    def body(self, tokens: list[tuple[int, TokenLogprob]]) -> dict:
+        """`tokens`: (token id, its TokenLogprob) in order."""
+        if self.kind == "chat":
+            return {"content": [{**self.entry(token, entry.logprob),
+                                 "top_logprobs": [self.entry(t, p) for t, p in entry.top]}
+                                for token, entry in tokens], "refusal": None}
+        texts = [token_surface(self.tokenizer, token)[0] for token, _ in tokens]
+        offsets = []
+        for text in texts:
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {"tokens": texts, "token_logprobs": [entry.logprob for _, entry in tokens],
+                "top_logprobs": [{**{token_surface(self.tokenizer, t)[0]: p for t, p in entry.top}, text: entry.logprob}
+                                 for text, (_, entry) in zip(texts, tokens)],  # the sampled token too, as OpenAI
+                "text_offset": offsets}
+
+    def entry(self, token: int, logprob: float) -> dict:
+        text, raw = token_surface(self.tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+
+def usage(prompts: list[list[int]], completions: list[Completion], n: int = 1) -> dict:
+    """Each distinct prompt's tokens once (`prompts` holds each n times), every choice's tokens."""
+    prompt = sum(map(len, prompts[::n]))
     generated = sum(len(c.token_ids) for c in completions)
     return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
-def response(job: Job, completions: list[Completion]) -> dict:
-    """The whole (non-streamed) response body."""
+def response(job: Job, completions: list[Completion], tokenizer=None) -> dict:
+    """The whole (non-streamed) response body; `tokenizer` names the tokens of logprobs."""
+    logprobs = [None if c.logprobs is None else LogprobsWriter(job.kind, tokenizer).body(list(zip(c.token_ids, c.logprobs)))
+                for c in completions]
     if job.kind == "chat":
         choices = [{"index": n, "message": {"role": "assistant", "content": text_of(c)},
-                    "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
+                    "logprobs": logprobs[n], "finish_reason": FINISH_REASONS[c.finish_reason]}
                    for n, c in enumerate(completions)]
     else:
-        choices = [{"index": n, "text": text_of(c), "logprobs": None, "finish_reason": FINISH_REASONS[c.finish_reason]}
-                   for n, c in enumerate(completions)]
+        choices = [{"index": n, "text": text_of(c), "logprobs": logprobs[n],
+                    "finish_reason": FINISH_REASONS[c.finish_reason]} for n, c in enumerate(completions)]
     return {"id": prefix(job) + job.id, "object": "chat.completion" if job.kind == "chat" else "text_completion",
             "created": job.created, "model": job.model, "choices": choices,
-            "usage": usage(job.prompts, completions)}
+            "usage": usage(job.prompts, completions, job.n)}
 
 
-def chunk(job: Job, text: str | None, finish: str | None = None, first: bool = False) -> dict:
-    """One streamed chunk: a text delta, or (text None) the end with its finish reason."""
+def chunk(job: Job, text: str | None, finish: str | None = None, first: bool = False,
+          logprobs: dict | None = None) -> dict:
+    """One streamed chunk: a text delta (with its tokens' `logprobs` object), or (text None) the end
+    with its finish reason."""
     if job.kind == "chat":
         delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
-        choice = {"index": 0, "delta": delta, "logprobs": None,
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs,
                   "finish_reason": FINISH_REASONS[finish] if finish else None}
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": None,
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs,
                   "finish_reason": FINISH_REASONS[finish] if finish else None}
     return {"id": prefix(job) + job.id, "object": "chat.completion.chunk" if job.kind == "chat" else "text_completion",
             "created": job.created, "model": job.model, "choices": [choice]}

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from mixtral_export.runtimes.sampling import Sampler, SamplingParams, next_tokens
+from mixtral_export.runtimes.step import RequestError
 
 
 def random_logits(rows=4, vocab=50, seed=0) -> np.ndarray:
@@ -118,3 +119,41 @@ def test_batched_choice_refuses_nan_in_a_greedy_row():
     logits[2, 4] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         next_tokens([Sampler(SamplingParams()) for _ in range(3)], logits, no_history(3))
+
+
+def test_presence_and_frequency_penalties_follow_openais_definition():
+    """Each generated token's logit loses presence * 1[count > 0] + frequency * count; prompt ids count not."""
+    logits = random_logits(rows=1, seed=4)  # (1, V)
+    prompt, generated = [5, 5, 6], [7, 7, 7, 8]
+    params = SamplingParams(temperature=1.0, seed=2, presence_penalty=0.5, frequency_penalty=-1.25)
+    expected = logits.astype(np.float64).copy()
+    expected[0, 7] -= 0.5 + -1.25 * 3
+    expected[0, 8] -= 0.5 + -1.25 * 1
+    draws = Sampler(params, prompt_length=len(prompt)).next_tokens(np.tile(logits, (2000, 1)),
+                                                                   [prompt + generated] * 2000)
+    reference = Sampler(SamplingParams(temperature=1.0, seed=2)).next_tokens(
+        np.tile(expected.astype(np.float32), (2000, 1)), no_history(2000))
+    assert draws.tolist() == reference.tolist()  # the same scores, so the same seeded draws
+    top = int(logits[0].argmax())
+    pushed = Sampler(SamplingParams(presence_penalty=2.0, frequency_penalty=2.0), prompt_length=1)
+    assert pushed.next_tokens(logits, [[top, top]])[0] != top  # generated twice: 6 below
+    assert Sampler(SamplingParams(presence_penalty=2.0), prompt_length=2).next_tokens(logits, [[top, top]])[0] == top
+
+
+def test_logit_bias_forces_or_bans_a_token_greedy_or_sampled():
+    logits = random_logits(rows=1, seed=6)
+    low = int(logits[0].argmin())
+    for temperature in (0.0, 1.0):
+        forced = Sampler(SamplingParams(temperature=temperature, seed=1, logit_bias={str(low): 100}))
+        assert all(forced.next_tokens(logits, [[]])[0] == low for _ in range(20))
+    top = int(logits[0].argmax())
+    banned = Sampler(SamplingParams(logit_bias=((top, -100.0),))).next_tokens(logits, [[]])[0]
+    assert banned == int(np.argsort(-logits[0], kind="stable")[1])
+    assert not SamplingParams(logit_bias={1: 2.0}).plain and SamplingParams().plain
+
+
+@pytest.mark.parametrize("options", [dict(presence_penalty=2.5), dict(frequency_penalty=-3),
+                                     dict(logit_bias={1: 101}), dict(logit_bias={-1: 0}), dict(logit_bias={"x": 1})])
+def test_penalties_and_biases_out_of_range_are_refused(options):
+    with pytest.raises(RequestError):
+        SamplingParams(**options)

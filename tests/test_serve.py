@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -170,22 +171,92 @@ def test_the_grouper_lets_out_the_first_token_then_every_interval():
     assert [Grouper(1).add(t, 1) for t in "xyz"] == ["x", "y", "z"]  # interval 1: every token as it comes
 
 
+def test_logprobs_are_the_sessions_streamed_or_not(server, session):
+    """Chat: each token's logprob and its top_logprobs as the Session reports them (tests/test_logprobs.py
+    compares those with transformers); the stream's logprobs are the whole reply's, token by token."""
+    messages = [{"role": "user", "content": "Hi there"}]
+    args = dict(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    expected = session.generate_ids([session.encode_chat(messages)], max_new_tokens=8, logprobs=3).completions[0]
+    content = server.client.chat.completions.create(**args).choices[0].logprobs.content
+    assert len(content) == len(expected.token_ids) == 8
+    for item, entry in zip(content, expected.logprobs):
+        assert abs(item.logprob - entry.logprob) < 1e-6 and len(item.top_logprobs) == 3
+        assert [abs(a.logprob - p) < 1e-6 for a, (_, p) in zip(item.top_logprobs, entry.top)] == [True] * 3
+        raw = [int(item.token[len("bytes:\\x"):], 16)] if item.token.startswith("bytes:") else list(item.token.encode())
+        assert item.bytes == raw  # a byte piece that is no character alone: "bytes:\\x9b" and its byte
+    streamed = [c for part in server.client.chat.completions.create(stream=True, **args)
+                if part.choices and part.choices[0].logprobs for c in part.choices[0].logprobs.content]
+    assert [(c.token, c.logprob) for c in streamed] == [(c.token, c.logprob) for c in content]
+    text = server.client.completions.create(model="tiny", prompt="Simple is better", max_tokens=6, temperature=0,
+                                            logprobs=2).choices[0]
+    expected = session.generate_ids([session.encode("Simple is better")], max_new_tokens=6, logprobs=2).completions[0]
+    assert np.allclose(text.logprobs.token_logprobs, [e.logprob for e in expected.logprobs], atol=1e-6)
+    assert all(2 <= len(top) <= 3 and top[token] == p for top, token, p in  # the 2 best and the sampled one
+               zip(text.logprobs.top_logprobs, text.logprobs.tokens, text.logprobs.token_logprobs))
+    assert text.logprobs.text_offset[0] == 0 and text.logprobs.text_offset == sorted(text.logprobs.text_offset)
+
+
 def test_seeded_sampling_is_reproducible(server):
     args = dict(model="tiny", prompt="Once", max_tokens=12, temperature=1.0, top_p=0.9)
     texts = [server.client.completions.create(seed=seed, **args).choices[0].text for seed in (3, 3, 4)]
     assert texts[0] == texts[1] != texts[2]
 
 
+def test_n_choices_are_reproducible_with_a_seed_and_all_counted(server):
+    """n = 3 (batch 2, so one choice waits for a row): three choices, each reproducible with the seed,
+    choice 0 the n = 1 reply; usage counts the prompt once and every choice's tokens."""
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    args = dict(model="tiny", messages=messages, max_tokens=10, temperature=1.0, seed=7)
+    replies = [server.client.chat.completions.create(n=3, logprobs=True, **args) for _ in range(2)]
+    texts = [[c.message.content for c in r.choices] for r in replies]
+    assert [c.index for c in replies[0].choices] == [0, 1, 2] and texts[0] == texts[1]
+    assert len(set(texts[0])) > 1  # each choice its own draws
+    alone = server.client.chat.completions.create(**args)
+    assert alone.choices[0].message.content == texts[0][0]
+    assert replies[0].usage.prompt_tokens == alone.usage.prompt_tokens
+    assert replies[0].usage.completion_tokens == sum(len(c.logprobs.content) for c in replies[0].choices)
+
+
+def test_logit_bias_forces_a_token_and_penalties_reach_the_sampler(server, session):
+    """+100 on one token: every token is it, greedy or sampled. Penalties: the reply is the Session's
+    with the same penalties (tests/test_sampling.py checks their arithmetic), not the plain one (negative
+    penalties: the greedy reply of random weights rarely repeats a token by itself)."""
+    forced = session.encode("ok")[-1]
+    for temperature in (0, 1.0):
+        reply = server.client.completions.create(model="tiny", prompt="Simple is better", max_tokens=5,
+                                                 temperature=temperature, logit_bias={str(forced): 100})
+        assert reply.choices[0].text == session.decode([forced] * 5) and reply.usage.completion_tokens == 5
+    prompt, penalties = session.encode("Beautiful is better than"), dict(frequency_penalty=-2.0, presence_penalty=-1.5)
+    plain = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    penalized = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, **penalties)
+    expected = session.generate_ids([prompt], max_new_tokens=24, **penalties).completions[0].text
+    assert penalized.choices[0].text == expected != plain.choices[0].text
+
+
 @pytest.mark.parametrize("body, param", [
     (dict(prompt="x", temperature=3), "temperature"), (dict(prompt="x", max_tokens=0), "max_tokens"),
     (dict(prompt=[]), "prompt"), (dict(prompt="x", stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(prompt="x", n=2), "n"), (dict(prompt=[10**6]), "prompt"), (dict(prompt="x " * 2000), "prompt")])
+    (dict(prompt="x", logprobs=6), "logprobs"), (dict(prompt="x", logit_bias={"1": 101}), "logit_bias"),
+    (dict(prompt="x", logit_bias={"100000": 1}), "logit_bias"), (dict(prompt="x", presence_penalty=-2.5), "presence_penalty"),
+    (dict(prompt="x", n=2, stream=True), "n"), (dict(prompt=[10**6]), "prompt"), (dict(prompt="x " * 2000), "prompt")])
 def test_bad_requests_get_400_with_an_openai_error_body(server, body, param):
     with pytest.raises(openai.BadRequestError) as caught:
         server.client.completions.create(model="tiny", **body)
     error = caught.value.body
     assert caught.value.status_code == 400 and error["type"] == "invalid_request_error" and error["message"]
     assert param is None or error["param"] == param
+
+
+def test_response_format_and_tools_are_refused_not_ignored(server):
+    messages = [{"role": "user", "content": "Hi"}]
+    for extra in (dict(response_format={"type": "json_object"}),
+                  dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+                  dict(extra_body={"guided_json": {"type": "object"}})):
+        with pytest.raises(openai.BadRequestError) as caught:
+            server.client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **extra)
+        name = next(iter(extra.get("extra_body", extra)))
+        assert caught.value.status_code == 400 and caught.value.body["param"] == name
+        assert f"'{name}'" in caught.value.body["message"]
 
 
 def test_unknown_model_and_bad_json(server):
