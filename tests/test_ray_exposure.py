@@ -6,6 +6,7 @@ import ipaddress
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,34 +35,44 @@ def proc_address(hexed: str) -> str:
     return str(ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))))
 
 
-def listening(pids) -> list[tuple[int, str, str]]:
-    """(pid, command line, address) of every listening TCP socket the processes hold: psutil where present,
-    else their /proc/PID/fd socket inodes looked up in /proc/net/tcp and tcp6."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    found = []
-    if psutil is not None:
-        for pid in pids:
-            try:
-                found += [(pid, command_line(pid), c.laddr.ip) for c in psutil.Process(pid).net_connections("tcp")
-                          if c.status == psutil.CONN_LISTEN]
-            except (psutil.Error, OSError):  # gone meanwhile
-                pass
-        return found
+def listening_from_proc(pids) -> list[tuple[int, str, str]]:
+    """(pid, command line, address) of every listening TCP socket the processes hold: their /proc/PID/fd
+    socket inodes looked up in /proc/net/tcp and tcp6."""
     sockets = {}  # inode -> local address, of listening sockets (state 0A)
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
             if fields[3] == "0A":
                 sockets[fields[9]] = proc_address(fields[1])
+    def link(fd: Path) -> str:
+        try:
+            return os.readlink(fd)
+        except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+            return ""
+
+    found = []
     for pid in pids:
         try:
-            links = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
-            found += [(pid, command_line(pid), sockets[link[8:-1]]) for link in links
-                      if link.startswith("socket:[") and link[8:-1] in sockets]
+            links = [link(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
         except OSError:  # gone meanwhile
+            continue
+        found += [(pid, command_line(pid), sockets[name[8:-1]]) for name in links
+                  if name.startswith("socket:[") and name[8:-1] in sockets]
+    return found
+
+
+def listening(pids) -> list[tuple[int, str, str]]:
+    """listening_from_proc's answer, from psutil where it is present."""
+    try:
+        import psutil
+    except ImportError:
+        return listening_from_proc(pids)
+    found = []
+    for pid in pids:
+        try:
+            found += [(pid, command_line(pid), c.laddr.ip) for c in psutil.Process(pid).net_connections("tcp")
+                      if c.status == psutil.CONN_LISTEN]
+        except (psutil.Error, OSError):  # gone meanwhile
             pass
     return found
 
@@ -107,6 +118,18 @@ def test_descendants_finds_grandchildren():
             os.kill(pid, signal.SIGKILL)
         child.kill()
         child.wait()
+
+
+def test_listening_sockets_are_read_from_proc():
+    with socket.socket() as v4, socket.socket(socket.AF_INET6) as v6:
+        v4.bind(("127.0.0.1", 0))
+        v6.bind(("::", 0))
+        v4.listen()
+        v6.listen()
+        mine = {(address, pid) for pid, _, address in listening_from_proc([os.getpid()])}
+        assert {("127.0.0.1", os.getpid()), ("::", os.getpid())} <= mine
+        assert [on_loopback(a) for a in ("127.0.0.1", "::ffff:127.0.0.1", "::1", "::", "0.0.0.0", "192.0.2.2")] \
+            == [True, True, True, False, False, False]
 
 
 @pytest.fixture
