@@ -90,19 +90,24 @@ def serve_on_ray(artifact: str | Path, replicas: int, host: str, port: int, dash
     `ray.init`): the cluster is stopped either way, then any process it left is killed by pid."""
     address = os.environ.get("RAY_ADDRESS")
     stop = threading.Event()
+
+    def request_stop(*_):
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    local = {}
+        signal.signal(sig, request_stop)
     if not address:
-        os.environ.update(cluster_environment(host, dict(os.environ)))
-        local = {"_node_ip_address": host, "_temp_dir": tempfile.mkdtemp(prefix="mixtral-ray-")}
-        if host in ("0.0.0.0", "::", ""):  # every interface: Ray picks the node address itself
-            del local["_node_ip_address"]
+        os.environ.update(cluster_environment(host, dict(os.environ)))  # before Ray is imported: it reads them then
     import ray
     from ray import serve
 
     from mixtral_export.serving.ray_app import deployment
 
+    local = {}
+    if not address:
+        local = {"_node_ip_address": host, "_temp_dir": tempfile.mkdtemp(prefix="mixtral-ray-")}
+        if host in ("0.0.0.0", "::", ""):  # every interface: Ray picks the node address itself
+            del local["_node_ip_address"]
     started = {}  # the processes below this one once the cluster is up: killed if Ray leaves any
     try:
         try:
@@ -111,7 +116,8 @@ def serve_on_ray(artifact: str | Path, replicas: int, host: str, port: int, dash
                      log_to_driver=False, **local)
         except SystemExit:  # Ray's SIGTERM handler, installed for the span of ray.init, stopped it
             stop.set()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())  # ray.init put its own in place
+        finally:
+            signal.signal(signal.SIGTERM, request_stop)  # ray.init put its own in place
         if local and is_loopback(host) and not stop.is_set():
             chosen = ray.util.get_node_ip_address()
             if not is_loopback(chosen):
