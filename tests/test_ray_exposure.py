@@ -1,5 +1,5 @@
 """`serve --ray --host 127.0.0.1`: every server of the cluster it starts listens on loopback (but the one
-Ray Serve hard-codes, docs/serving.md), and SIGTERM, also during start-up, leaves no process or file."""
+Ray Serve hard-codes, docs/serving.md), and SIGTERM or SIGINT, also during start-up, leaves no process or file."""
 from __future__ import annotations
 
 import ipaddress
@@ -175,7 +175,9 @@ def test_ray_listens_only_on_host_and_sigterm_leaves_nothing(tiny_onnx, private_
 
 
 @pytest.mark.slow
-def test_sigterm_while_ray_starts_leaves_nothing(tiny_onnx, private_dirs):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_while_ray_starts_leaves_nothing(tiny_onnx, private_dirs, sig):
+    """Ray's raylet is up, ray.init has not returned: the signal stops it all, exit 0, nothing served."""
     pytest.importorskip("ray.serve")
     from tests.test_serve import REPO, free_port
 
@@ -192,7 +194,7 @@ def test_sigterm_while_ray_starts_leaves_nothing(tiny_onnx, private_dirs):
     else:
         process.kill()
         pytest.fail(f"no raylet came up: {process.communicate()[0]}")
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     try:
         output, _ = process.communicate(timeout=90)
     except subprocess.TimeoutExpired:
