@@ -525,7 +525,7 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
     if ray:
         if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
             raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
-        from mixtral_export.serving.ray_app import serve_on_ray  # a missing extra is one line (run())
+        from mixtral_export.serving.ray_cluster import serve_on_ray  # a missing extra is one line (run())
 
         serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
                      model_name=model_name, threads=threads, request_timeout=request_timeout, api_key=api_key, dashboard=ray_dashboard)

@@ -4,7 +4,7 @@ Ray's HTTP proxy spreads requests over the replicas; each answers with the app o
 so the OpenAI routes, errors, SSE and /metrics are the same as `mixtral-export serve` (metrics are
 per replica: scrape each, or read the `x-replica` header a response carries). Either
 
-    mixtral-export serve ART --ray --replicas 2 [--port 8000]      # starts or joins a Ray cluster
+    mixtral-export serve ART --ray --replicas 2 [--port 8000]      # starts or joins a Ray cluster (ray_cluster.py)
     serve run mixtral_export.serving.ray_app:app artifact=ART replicas=2           # Ray's own CLI
 
 On a multi-machine cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on
@@ -14,11 +14,7 @@ the others, the artifact at the same path on each), give each replica a machine'
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import socket
-import tempfile
-import threading
 from pathlib import Path
 
 from ray import serve
@@ -68,31 +64,3 @@ def app(args: dict):
                       threads=int(args["threads"]) if args.get("threads") else None,
                       api_key=args.get("api_key") or os.environ.get(API_KEY_VARIABLE))
 
-
-def serve_on_ray(artifact: str | Path, replicas: int, host: str, port: int, dashboard: bool = False,
-                 **options) -> None:
-    """Start (or join, with RAY_ADDRESS) a Ray cluster, run the app until SIGINT/SIGTERM, shut it down.
-
-    A cluster started here is bound to `host` (its node address, the dashboard when asked for, the
-    HTTP proxy) and keeps its session files in a temporary folder removed at the end."""
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS")
-    local = {} if address else {"_node_ip_address": host, "_temp_dir": tempfile.mkdtemp(prefix="mixtral-ray-")}
-    try:
-        # Replicas import mixtral_export from the installed package: a cluster's nodes install it as the driver did.
-        ray.init(address=address, include_dashboard=dashboard, dashboard_host=host, logging_level="warning",
-                 log_to_driver=False, **local)
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(str(artifact), replicas=replicas, **options), name="mixtral-export", route_prefix="/")
-        print(f"serving {Path(artifact).name} on Ray Serve, {replicas} replicas, on http://{host}:{port}/v1",
-              flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        serve.shutdown()
-    finally:
-        ray.shutdown()
-        if local:
-            shutil.rmtree(local["_temp_dir"], ignore_errors=True)

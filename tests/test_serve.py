@@ -41,15 +41,16 @@ def get(url: str) -> tuple[int, str]:
 
 
 class Server:
-    def __init__(self, artifact: Path, *flags: str, grace: float | None = None):
-        """`mixtral-export serve` with flags, or (grace given) WRAPPER."""
+    def __init__(self, artifact: Path, *flags: str, grace: float | None = None, env: dict | None = None):
+        """`mixtral-export serve` with flags, or (grace given) WRAPPER; env: variables added to the process's."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = ["-m", "mixtral_export", "serve", str(artifact), "--port", str(self.port), "--threads", "1",
                    "--model-name", "tiny", *flags] if grace is None else ["-c", WRAPPER, str(artifact),
                                                                          str(self.port), str(grace)]
         self.process = subprocess.Popen(
-            [sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [sys.executable, *command], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 180  # Ray Serve takes ~30 s to come up on a busy machine
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.process.stdout.read()
