@@ -79,6 +79,7 @@ def test_sigterm_drains_running_and_queued_streams_and_refuses_new_requests_with
     bodies = [dict(prompt=f"request {n}", max_tokens=1000 if n % 2 else 12, temperature=0) for n in range(4)]
     threads, results, first = run_streams(server, bodies, started=2)
     first.wait()
+    wait_until_accepted(server, len(bodies))  # the queued two too: else a late thread's request meets the drain
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     late = post(server, "/v1/completions", json.dumps({"model": "tiny", "prompt": "late", "max_tokens": 2}).encode())
@@ -90,6 +91,19 @@ def test_sigterm_drains_running_and_queued_streams_and_refuses_new_requests_with
     for n in range(4):
         assert results[n].get("status") == 200 and results[n]["done"] and results[n]["error"] is None, results
         assert results[n]["finish"] in ("length", "stop"), results  # the cut ones end as "length"
+
+
+def wait_until_accepted(server: Server, count: int, timeout: float = 30) -> None:
+    """Until the server holds or has ended `count` requests (busy rows + queue + ended, from /metrics)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = get(server.url + "/metrics")[1]
+        held = sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith(("mixtral_busy_rows ", "mixtral_queue_depth ", "mixtral_requests_total{")))
+        if held >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the server did not accept {count} requests within {timeout} s")
 
 
 def request(server: Server, method: str, path: str, key: str | None = None) -> int:
