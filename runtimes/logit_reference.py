@@ -46,7 +46,7 @@ class LogitReference:
     def log_probs(self, window: int) -> np.ndarray:
         """(n, V) float64 log-probabilities of one window's scored tokens, decoded and renormalised."""
         rows = slice(window * self.per_window, (window + 1) * self.per_window)
-        from mixtral_export.runtimes.verify import log_softmax
+        from mixtral_export.runtimes.logprobs import log_softmax
 
         return log_softmax(self.low[rows, None] + self.codes[rows].astype(np.float64) * self.step[rows, None])
 

@@ -28,7 +28,8 @@ class TokenLogprob:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(n, V) logits -> (n, V) float64 log-probabilities."""
+    """(..., V) logits (or unnormalised log-probabilities) -> float64 log-probabilities, one log-softmax
+    for logprobs, verify's KL and eval."""
     scores = np.asarray(logits, dtype=np.float64)  # (n, V)
     shifted = scores - scores.max(axis=-1, keepdims=True)  # (n, V)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

@@ -22,8 +22,9 @@ import numpy as np
 from mixtral_export.artifact.contract import NO_POSITION, StepShapes
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.logit_reference import LogitReference, build, encode
+from mixtral_export.runtimes.logprobs import log_softmax
 from mixtral_export.runtimes.step import StepBackend
-from mixtral_export.runtimes.verify import kl_divergence, log_softmax
+from mixtral_export.runtimes.verify import kl_divergence
 
 
 class EvalInputError(UserError, ValueError):

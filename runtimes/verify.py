@@ -25,6 +25,7 @@ import numpy as np
 
 from mixtral_export.runtimes.engine import Engine
 from mixtral_export.runtimes.generate import generate
+from mixtral_export.runtimes.logprobs import log_softmax
 from mixtral_export.runtimes.requests import GenerationConfig
 from mixtral_export.runtimes.sampling import SamplingParams
 from mixtral_export.runtimes.step import StepBackend
@@ -143,13 +144,6 @@ def compare(runtime: str, against: str, ours: list[np.ndarray], theirs: list[np.
                       mean_abs=float(np.mean([d.mean() for d in diffs])), top1_agreement=float(agree.mean()),
                       first_divergence=divergence,
                       per_step_max_abs=[[float(x) for x in d.max(-1)] for d in diffs], tolerance=tolerance)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(..., V) float64 log-probabilities of logits (or of unnormalised log-probabilities)."""
-    x = logits.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 def kl_divergence(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:

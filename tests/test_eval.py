@@ -20,7 +20,8 @@ import pytest
 from mixtral_export.runtimes import logit_reference
 from mixtral_export.runtimes.load import open_step_backend
 from mixtral_export.runtimes.perplexity import EvalOptions, cut_windows, evaluate, window_logits
-from mixtral_export.runtimes.verify import kl_divergence, log_softmax
+from mixtral_export.runtimes.logprobs import log_softmax
+from mixtral_export.runtimes.verify import kl_divergence
 
 REPO = Path(__file__).resolve().parents[1]
 CTX = 25  # odd: ctx - ctx // 2 = 13 tokens scored per window, each window within the tiny model's 32-token window
