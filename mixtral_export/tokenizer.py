@@ -16,6 +16,7 @@ from mixtral_export.chat_format import (  # noqa: F401  (ChatFormatError is part
     ChatFormatError, Control, chat_segments, normalize_chat,
 )
 from mixtral_export.errors import UserError
+from mixtral_export.tool_calls import Function
 
 SPACE = "\u2581"  # sentencepiece's whitespace symbol "▁"
 BYTE, CONTROL, UNKNOWN, TEXT = range(4)  # what a piece decodes as
@@ -126,9 +127,11 @@ class Tokenizer:
                 mask[b, width - len(row):] = True
         return ids, mask
 
-    def encode_chat(self, messages: Sequence[Mapping], for_generation: bool = True) -> list[int]:
-        """Ids of a Mistral-Instruct conversation of "user", "assistant" and "system" messages in
-        this model's format (instruct_version), equal to mistral-common's encode_chat_completion.
+    def encode_chat(self, messages: Sequence[Mapping], for_generation: bool = True,
+                    tools: Sequence[Function] = ()) -> list[int]:
+        """Ids of a Mistral-Instruct conversation of "user", "assistant", "system" and "tool" messages
+        in this model's format (instruct_version), with the function `tools` (checked by
+        tool_calls.check_tools) available, equal to mistral-common's encode_chat_completion.
 
         Each text segment between control tokens is sentencepiece-encoded on its own (so each gets
         the dummy-prefix space), as mistral-common does. Tokenizing a chat template's rendered
@@ -139,7 +142,8 @@ class Tokenizer:
             raise ChatFormatError(f"{self.path}: instruct format {self.instruct_version} is not supported "
                                   "(Mixtral's v1 and v3 are)")
         ids: list[int] = []
-        for segment in chat_segments(normalize_chat(messages, for_generation), self.instruct_version):
+        for segment in chat_segments(normalize_chat(messages, for_generation, tools),
+                                     self.instruct_version):
             ids += [self.sp.piece_to_id(segment.piece)] if isinstance(segment, Control) else self.sp.encode(segment)
         return ids
 

@@ -230,11 +230,15 @@ def test_encode_chat_merges_turns_as_mistral_common_does(tok):
     (chat("Q", "A") + [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
      "message 2 is 'system' after 'assistant'"),
     (chat("Q", "") + chat("Q"), "message 1 is an empty assistant message"),
-    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "message 1 has role 'tool'"),
+    ([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}], "message 1 is a tool result without"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "abcdefghi", "content": "b"}], "need a tokenizer with tool tokens.*is v1"),
+    ([{"role": "user", "content": "a"}, {"role": "function", "content": "b"}], "message 1 has role 'function'"),
     ([{"role": "user", "content": [{"type": "image_url"}]}], "message 0 content must be a str, got list"),
     ([{"role": "user", "content": None}], "message 0 content must be a str, got NoneType"),
     ([{"role": "assistant", "content": "", "tool_calls": []}, {"role": "user", "content": "Q"}],
-     "message 0 has 'tool_calls'"),
+     "message 0 is an empty assistant message"),
     ([{"role": "user", "content": "Q", "name": "bob"}], "message 0 has 'name'"),
     ([{"role": "user"}], "message 0 must be a mapping"),
 ])
