@@ -96,6 +96,11 @@ class Tokenizer:
         """The model's pad id when it has one; Mistral/Mixtral models have none, so eos id."""
         return self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
 
+    def control_id(self, piece: str) -> int | None:
+        """The id of the control token `piece` (e.g. "[TOOL_CALLS]"), None when the model has none."""
+        token = self.sp.piece_to_id(piece)
+        return token if self.kind[token] == CONTROL and self.sp.id_to_piece(token) == piece else None
+
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of `text`, exactly as sentencepiece (and mistral-common) encode it: a literal "▁"
         (U+2581) reads as a space, and control pieces written as text ("[INST]", "</s>") stay text."""

@@ -26,6 +26,7 @@ from mixtral_export.serving.guards import CountResponses, OpenResponses, Require
 from mixtral_export.serving.metrics import ServerMetrics
 from mixtral_export.serving.openai_api import (BadRequest, Grouper, Job, LogprobsWriter, choice_options, chunk, delta_event,
                                                error_body, parse, response, sse_text as sse, usage_chunk)
+from mixtral_export.serving.tools_api import ToolCallHold, call_deltas, marker_id, tool_answer
 
 DISCONNECT_POLL_SECONDS = 0.25
 MAX_BODY_BYTES = 4 * 2**20  # a request body beyond this gets 413 (a long prompt is ~100 kB of JSON)
@@ -159,7 +160,10 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
                 unsent.clear()
                 return out
 
+            calls = ToolCallHold(marker_id(tokenizer)) if job.tools is not None and job.tools.calls_allowed else None
             async for events in timed(request):
+                if calls is not None:  # from a [TOOL_CALLS] token on, held until the answer is read
+                    events = calls.pass_on(events)
                 text = "".join(event.text_delta if has_text else f"{event.token_id} " for event in events)
                 unsent.extend((event.token_id, event.logprob) for event in events)
                 if text := grouper.add(text, len(events)):
@@ -167,9 +171,19 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
             completion = request.completion
             metrics.requests.labels(completion.finish_reason).inc()
             usage = sse(usage_chunk(job, completion)) if job.include_usage else ""
+            answer = None if calls is None else tool_answer(completion.token_ids, tokenizer, job.tools)
+            if answer is None and calls is not None:  # no valid calls: what was held is plain text
+                grouper.add("".join(event.text_delta for event in calls.held), len(calls.held))
+                unsent.extend((event.token_id, event.logprob) for event in calls.held)
             text = grouper.rest()
-            held = delta(text) if text or (writer is not None and unsent) else ""
-            yield held + sse(chunk(job, None, completion.finish_reason)) + usage + "data: [DONE]\n\n"  # one write
+            end = delta(text) if text or (writer is not None and unsent and answer is None) else ""
+            if answer is not None:
+                unsent.extend((event.token_id, event.logprob) for event in calls.held)
+                for d in call_deltas(answer):
+                    end += sse(chunk(job, None, delta=d, logprobs=writer.body(unsent) if writer and unsent else None))
+                    unsent.clear()
+            finish = "tool_calls" if answer is not None else completion.finish_reason
+            yield end + sse(chunk(job, None, finish)) + usage + "data: [DONE]\n\n"  # one write
         except (asyncio.CancelledError, GeneratorExit):  # how a dropped client reaches us depends on Starlette
             metrics.requests.labels("disconnected").inc()
             raise

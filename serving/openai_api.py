@@ -4,6 +4,7 @@ Fields mean what they mean in the OpenAI API: `model`, `prompt` (text, token ids
 either: one choice each) or `messages` (encoded like `generate --chat`), `max_tokens`
 (`max_completion_tokens` for chat), `temperature` (default 1), `top_p`, `stop` (up to 4 strings,
 cut from the text), `seed`, `stream` (+ `stream_options.include_usage`), `user` (accepted, unused),
+chat's `tools`, `tool_choice` and `parallel_tool_calls` (serving/tools_api.py),
 `logprobs` (chat: a bool, with `top_logprobs` 0..20; completions: an int 0..5: the model's
 log-softmax of the raw logits, runtimes/logprobs.py), `logit_bias`, `presence_penalty`,
 `frequency_penalty` (OpenAI's definitions, runtimes/sampling.py) and `n` (each choice its own
@@ -23,6 +24,8 @@ import numpy as np
 from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
+from mixtral_export.serving.tools_api import ToolRequest, marker_id, message, tool_answer, tool_request
+from mixtral_export.tool_calls import Function, ToolFormatError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` bound (OpenAI's)
@@ -30,9 +33,10 @@ MAX_CHOICES = 128  # `n` at most (OpenAI's bound)
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
                            "user", "n", "logit_bias", "presence_penalty", "frequency_penalty"})
 FIELDS = {"completion": COMMON_FIELDS | {"prompt", "logprobs"},
-          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}}  # the fields each endpoint reads
-OFF = {"best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],),
-       "tool_choice": ("none",), "response_format": ({"type": "text"},)}  # not implemented: the values that
+          "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
+                                   "tool_choice", "parallel_tool_calls"}}  # the fields each endpoint reads
+OFF = {"best_of": (1,), "echo": (False,), "suffix": ("",),
+       "response_format": ({"type": "text"},)}  # not implemented: the values that
 # mean "off" (None always does); any other field not in FIELDS is refused whatever its value
 FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
                   "cancelled": "length", "timeout": "length"}  # OpenAI knows only stop / length here
@@ -58,6 +62,7 @@ class Job:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
     delta_frame: tuple[str, str] | None = None  # the SSE text around a delta's JSON string, made once
+    tools: ToolRequest | None = None  # chat's tool fields (None: the request has none)
 
 
 def delta_event(job: Job, text: str) -> str:
@@ -103,8 +108,16 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
     if not isinstance(model, str) or not model:
         raise BadRequest("'model' is required: a model name from /v1/models", "model")
     refuse_unimplemented(kind, body)
+    tools = None
     if kind == "chat":
-        prompts = [chat_prompt(body.get("messages"), tokenizer)]
+        try:
+            tools = tool_request(body)
+        except ToolFormatError as error:
+            raise BadRequest(str(error), error.param) from None
+        if tools is not None and tools.functions and marker_id(tokenizer) is None:
+            raise BadRequest(f"'tools' need a tokenizer with tool tokens (v3, Mixtral-8x22B's); this model's is "
+                             f"{getattr(tokenizer, 'instruct_version', 'missing')}, which has none", "tools")
+        prompts = [chat_prompt(body.get("messages"), tokenizer, tools.functions if tools else ())]
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = default_max_tokens if max_tokens is None else max_tokens
     else:
@@ -130,8 +143,11 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
                    logit_bias=logit_bias(body.get("logit_bias")))
     if options["top_p"] == 0:
         raise BadRequest("'top_p' must be > 0", "top_p")
+    grammar = tools.grammar(marker_id(tokenizer)) if tools is not None and tools.calls_allowed else None
+    if grammar is not None:
+        options["grammar"] = grammar
     return Job(kind, model, [p for p in prompts for _ in range(n)], options, stream,
-               bool(stream_options.get("include_usage", False)), n)
+               bool(stream_options.get("include_usage", False)), n, tools=tools)
 
 
 def choice_options(job: Job, choice: int) -> dict:
@@ -243,31 +259,31 @@ def text_prompts(prompt, tokenizer) -> list[list[int]]:
     return out
 
 
-def chat_prompt(messages, tokenizer) -> list[int]:
+def chat_prompt(messages, tokenizer, functions: tuple[Function, ...] = ()) -> list[int]:
+    """The ids of chat `messages` (OpenAI's shapes: tool calls and tool results too) with `functions`
+    available; a field that is None (or an empty list) counts as absent."""
     if tokenizer is None:
         raise BadRequest("this artifact has no tokenizer.model: chat needs one; use /v1/completions with "
                          "token ids", "messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("'messages' is required: a non-empty list of {role, content}", "messages")
     plain = []
-    for number, message in enumerate(messages):
+    for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise BadRequest("each message must be an object with a 'role' and a 'content'", "messages")
-        extra = sorted(name for name, value in message.items()
-                       if name not in ("role", "content") and value is not None and value != [])
-        if extra:  # `name`, `tool_calls`, `tool_call_id`, ...: not encoded, so refused rather than dropped
-            raise BadRequest(f"message {number}: '{extra[0]}' is not supported by this server", "messages")
+        message = {name: value for name, value in message.items()
+                   if value is not None and (value != [] or name == "content")}  # [] = no tool calls
         content = message.get("content")
-        if isinstance(content, list):  # content parts: only text ones
+        if isinstance(content, list):  # content parts: only text ones, joined as mistral-common joins them
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in content):
                 raise BadRequest("only text content parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
+            message["content"] = "\n\n".join(p["text"] for p in content if p["text"])
+        elif content is None and message["role"] != "assistant":
             raise BadRequest("a message's 'content' must be a string", "messages")
-        plain.append({"role": message["role"], "content": content})
+        plain.append(message)
     try:
-        return tokenizer.encode_chat(plain)
+        return tokenizer.encode_chat(plain, tools=functions)
     except ValueError as error:  # the tokenizer's ChatFormatError: roles out of order, unknown role
         raise BadRequest(str(error), "messages") from None
 
@@ -327,9 +343,10 @@ def response(job: Job, completions: list[Completion], tokenizer=None) -> dict:
     logprobs = [None if c.logprobs is None else LogprobsWriter(job.kind, tokenizer).body(list(zip(c.token_ids, c.logprobs)))
                 for c in completions]
     if job.kind == "chat":
-        choices = [{"index": n, "message": {"role": "assistant", "content": text_of(c)},
-                    "logprobs": logprobs[n], "finish_reason": FINISH_REASONS[c.finish_reason]}
-                   for n, c in enumerate(completions)]
+        answers = [tool_answer(c.token_ids, tokenizer, job.tools) for c in completions]
+        choices = [{"index": n, "message": {"role": "assistant", "content": text_of(c)} if a is None else message(a),
+                    "logprobs": logprobs[n], "finish_reason": "tool_calls" if a else FINISH_REASONS[c.finish_reason]}
+                   for n, (c, a) in enumerate(zip(completions, answers))]
     else:
         choices = [{"index": n, "text": text_of(c), "logprobs": logprobs[n],
                     "finish_reason": FINISH_REASONS[c.finish_reason]} for n, c in enumerate(completions)]
@@ -339,13 +356,14 @@ def response(job: Job, completions: list[Completion], tokenizer=None) -> dict:
 
 
 def chunk(job: Job, text: str | None, finish: str | None = None, first: bool = False,
-          logprobs: dict | None = None) -> dict:
-    """One streamed chunk: a text delta (with its tokens' `logprobs` object), or (text None) the end
-    with its finish reason."""
+          logprobs: dict | None = None, delta: dict | None = None) -> dict:
+    """One streamed chunk: a text delta (with its tokens' `logprobs` object), another chat `delta` (tool
+    calls), or (text None) the end with its finish reason (ours, or "tool_calls")."""
     if job.kind == "chat":
-        delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
+        if delta is None:
+            delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
         choice = {"index": 0, "delta": delta, "logprobs": logprobs,
-                  "finish_reason": FINISH_REASONS[finish] if finish else None}
+                  "finish_reason": FINISH_REASONS.get(finish, finish) if finish else None}
     else:
         choice = {"index": 0, "text": text or "", "logprobs": logprobs,
                   "finish_reason": FINISH_REASONS[finish] if finish else None}

@@ -21,10 +21,7 @@ COMPLETION = {"model": "tiny", "prompt": "Hi"}
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("completion", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
      "response_format"),
-    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ("chat", {"tool_choice": "required"}, "tool_choice"),
-    ("chat", {"parallel_tool_calls": True}, "parallel_tool_calls"),
-    ("chat", {"functions": [{"name": "f"}]}, "functions"),
+    ("chat", {"functions": [{"name": "f"}]}, "functions"), ("completion", {"tools": []}, "tools"),
     ("completion", {"echo": True}, "echo"), ("completion", {"best_of": 2}, "best_of"),
     ("completion", {"suffix": "x"}, "suffix"), ("chat", {"top_k": 5}, "top_k"), ("chat", {"store": True}, "store"),
     ("completion", {"messages": [{"role": "user", "content": "x"}]}, "messages"),
@@ -37,6 +34,7 @@ def test_an_unimplemented_field_is_refused_by_name(tokenizer, kind, extra, param
 
 
 @pytest.mark.parametrize("extra", [{"response_format": {"type": "text"}}, {"tools": []}, {"tool_choice": "none"},
+                                   {"parallel_tool_calls": False}, {"tool_choice": "auto"},
                                    {"echo": False}, {"response_format": None}, {"user": "someone"},
                                    {"messages": [{"role": "user", "content": "Hi", "tool_calls": [], "name": None}]}])
 def test_a_field_at_its_off_value_is_accepted(tokenizer, extra):
@@ -46,8 +44,20 @@ def test_a_field_at_its_off_value_is_accepted(tokenizer, extra):
 def test_a_message_field_that_is_not_encoded_is_refused(tokenizer):
     for extra in ({"name": "bob"}, {"tool_calls": [{"id": "a"}]}, {"tool_call_id": "a"}):
         message = {"role": "user", "content": "Hi", **extra}
-        with pytest.raises(BadRequest, match=f"message 0: '{next(iter(extra))}'"):
+        with pytest.raises(BadRequest, match=f"message 0 has '{next(iter(extra))}'"):
             parse("chat", {**CHAT, "messages": [message]}, tokenizer, "tiny", 16)
+
+
+@pytest.mark.parametrize("extra, param, pattern", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "need a tokenizer with tool tokens"),
+    ({"tool_choice": "required"}, "tool_choice", "'required' needs 'tools'"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "abcdefghi", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+      {"role": "tool", "tool_call_id": "abcdefghi", "content": "1"}]}, "messages", "this tokenizer is v1")])
+def test_a_tokenizer_without_tool_tokens_refuses_tools_saying_why(tokenizer, extra, param, pattern):
+    with pytest.raises(BadRequest, match=pattern) as caught:
+        parse("chat", {**CHAT, **extra}, tokenizer, "tiny", 16)
+    assert caught.value.param == param
 
 
 def test_n_repeats_each_prompt_and_gives_each_choice_its_own_seed(tokenizer):
