@@ -37,7 +37,7 @@ class Session:
         self.last_result: GenerationResult | None = None
         self._client = InprocessClient(
             Engine(backend, max_queue=max_queue, max_rows=max_rows,
-                   max_positions=manifest.config.max_position_embeddings),
+                   max_positions=manifest.config.max_position_embeddings, tokenizer=tokenizer),
             tokenizer.stream_decoder if tokenizer else None)
         weakref.finalize(self, self._client.stop_and_wait)  # dropped unclosed, or at exit: its thread ends
 

@@ -34,7 +34,7 @@ FIELDS = {"completion": COMMON_FIELDS | {"prompt", "logprobs"},
 OFF = {"best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],),
        "tool_choice": ("none",), "response_format": ({"type": "text"},)}  # not implemented: the values that
 # mean "off" (None always does); any other field not in FIELDS is refused whatever its value
-FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
+FINISH_REASONS = {"eos": "stop", "grammar": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
                   "cancelled": "length", "timeout": "length"}  # OpenAI knows only stop / length here
 
 
