@@ -8,6 +8,10 @@ each layer's cache_k.i/cache_v.i input to its view of the same (L, ...) cache ar
 cache_positions, zero-copy on CPU. A step copies the
 tokens in, runs, and writes only the chunk's ring slots in place; the cache is never copied whole.
 
+Over a pipeline stage's folder (graphs/onnx_stages.py) the same class runs that stage: its first
+input is the token ids (stage 0) or the previous stage's hidden state, its output the logits (the
+last stage) or its own hidden state, its ring only its layers' (`run`; runtimes/pipeline.py chains them).
+
 With provider="cuda" the same host buffers are bound, so ORT uploads the cache every step:
 correct, but a device-resident cache needs the ring write inside a graph.
 """
@@ -19,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mixtral_export.artifact.contract import DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
+from mixtral_export.artifact.contract import DTYPES, NO_POSITION, StageShapes, StepShapes, layer_caches
 from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
@@ -86,28 +90,32 @@ def usable_cores() -> int:
 
 
 class ChunkBinding:
-    """The IOBinding for one chunk length T: its own ids/positions/output buffers, the shared cache."""
+    """The IOBinding for one chunk length T: its own first-input/positions/output buffers, the shared cache."""
 
-    def __init__(self, session: ort.InferenceSession, shapes: StepShapes, chunk: int, dtype: np.dtype,
-                 cache: dict[str, np.ndarray]):
-        self.input_ids = np.zeros((shapes.batch, chunk), dtype=np.int64)  # (B, T)
-        self.positions = np.full((shapes.batch, chunk), NO_POSITION, dtype=np.int64)  # (B, T)
-        out = shapes.output_shapes(chunk)
-        self.logits = np.zeros(out["logits"], dtype=np.float32)  # (B, T, V)
+    def __init__(self, session: ort.InferenceSession, shapes: StepShapes | StageShapes, chunk: int,
+                 dtype: np.dtype, cache: dict[str, np.ndarray]):
+        first = shapes.input_names[0]  # input_ids (B, T), or a later stage's hidden (B, T, H)
+        ins, out = shapes.input_shapes(chunk), shapes.output_shapes(chunk)
+        self.first = np.zeros(ins[first], dtype=np.int64 if first == "input_ids" else dtype)
+        self.positions = np.full((shapes.batch if isinstance(shapes, StepShapes) else shapes.step.batch, chunk),
+                                 NO_POSITION, dtype=np.int64)  # (B, T)
+        last = shapes.output_names[0]
+        self.output = np.zeros(out[last], dtype=np.float32 if last == "logits" else dtype)  # (B, T, V) | (B, T, H)
         self.new_k = np.zeros(out["new_k"], dtype=dtype)  # (L, B, Hkv, T, D)
         self.new_v = np.zeros(out["new_v"], dtype=dtype)  # (L, B, Hkv, T, D)
-        arrays = {"input_ids": self.input_ids, "positions": self.positions, **cache,
-                  "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v}
-        self.values = {name: host_value(arrays[name]) for name in (*shapes.input_names, *OUTPUT_NAMES)}  # kept alive
+        arrays = {first: self.first, "positions": self.positions, **cache,
+                  last: self.output, "new_k": self.new_k, "new_v": self.new_v}
+        names = (*shapes.input_names, *shapes.output_names)
+        self.values = {name: host_value(arrays[name]) for name in names}  # kept alive
         self.binding = session.io_binding()
         for name in shapes.input_names:
             self.binding.bind_ortvalue_input(name, self.values[name])
-        for name in OUTPUT_NAMES:
+        for name in shapes.output_names:
             self.binding.bind_ortvalue_output(name, self.values[name])
         self.session = session
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray) -> None:
-        np.copyto(self.input_ids, input_ids)
+    def run(self, first: np.ndarray, positions: np.ndarray) -> None:
+        np.copyto(self.first, first)
         np.copyto(self.positions, positions)
         self.session.run_with_iobinding(self.binding)
 
@@ -123,6 +131,10 @@ class OrtBackend:
         if self.manifest.kind != "onnx":
             raise OrtBackendError(f"{self.manifest.folder / MANIFEST_NAME}: a {self.manifest.kind!r} artifact, "
                                   f"not an ONNX one")
+        if self.manifest.stages:
+            raise OrtBackendError(f"{self.manifest.folder / MANIFEST_NAME}: a staged artifact; open it as a "
+                                  f"pipeline (runtimes/pipeline.py), which runs one OrtBackend per stage")
+        self.contract = self.manifest.contract  # the whole step, or one stage of it
         provider_name = check_provider(self.manifest, provider)
         self.provider = provider
         self.shapes: StepShapes = self.manifest.shapes
@@ -137,12 +149,13 @@ class OrtBackend:
                                 if preload and provider == "cpu" else 0)
 
         dtype = numpy_dtype(self.shapes.dtype)
-        self.cache_k = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
-        self.cache_v = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
+        self.cache_k = np.zeros(self.contract.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D), L: this graph's
+        self.cache_v = np.zeros(self.contract.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
         self.cache_positions = np.full((self.shapes.batch, self.shapes.cache_slots), NO_POSITION,
                                        dtype=np.int64)  # (B, S)
-        cache = {**layer_caches(self.cache_k, self.cache_v), "cache_positions": self.cache_positions}  # views
-        self.bindings = {chunk: ChunkBinding(self.session, self.shapes, chunk, dtype, cache)
+        first = self.manifest.stage.first_layer if self.manifest.stage else 0
+        cache = {**layer_caches(self.cache_k, self.cache_v, first), "cache_positions": self.cache_positions}  # views
+        self.bindings = {chunk: ChunkBinding(self.session, self.contract, chunk, dtype, cache)
                          for chunk in self.manifest.chunks}
 
     def reset(self, rows=None) -> None:
@@ -153,14 +166,20 @@ class OrtBackend:
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         check_step_inputs(self.shapes, self.shapes.vocab_size, input_ids, positions)
+        return self.run(input_ids, positions)
+
+    def run(self, first: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One chunk through the graph, inputs unchecked (`step` checks; a pipeline checks once for
+        all its stages): first is the ids (B, T) or a stage's hidden state (B, T, H); returns the
+        logits (B, T, V) or this stage's hidden state (B, T, H), and writes this graph's ring."""
         positions = np.asarray(positions, dtype=np.int64)
-        chunk = self.bindings[input_ids.shape[1]]
-        chunk.run(input_ids, positions)
+        chunk = self.bindings[first.shape[1]]
+        chunk.run(first, positions)
         rows, cols, slots = ring_writes(positions, self.shapes.cache_slots)
         self.cache_k[:, rows, :, slots] = chunk.new_k[:, rows, :, cols]  # (n, L, Hkv, D) on both sides
         self.cache_v[:, rows, :, slots] = chunk.new_v[:, rows, :, cols]
         self.cache_positions[rows, slots] = positions[rows, cols]
-        return chunk.logits.copy()  # the buffer is overwritten by the next step
+        return chunk.output.copy()  # the buffer is overwritten by the next step
 
 
 def prepacked_sizes(manifest: Manifest) -> set[int]:
@@ -180,7 +199,7 @@ def prepacked_sizes(manifest: Manifest) -> set[int]:
 def check_session_io(session: ort.InferenceSession, manifest: Manifest) -> None:
     """The loaded graph has the manifest's I/O: names in order, element types, static dims."""
     path = manifest.graph_path("step")
-    contract = io_contract(manifest.shapes, manifest.chunks)
+    contract = io_contract(manifest.contract, manifest.chunks)
     for side, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         names = [v.name for v in values]
         want_names = [e["name"] for e in contract[side]]
