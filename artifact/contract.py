@@ -239,13 +239,15 @@ def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) ->
 #
 #   inputs   input_ids (B, T) int64 (stage 0) | hidden (B, T, H) the build's dtype (the others)
 #            positions (B, T), cache_k.first .. cache_k.{stop-1}, cache_v.*, cache_positions (B, S)
-#   outputs  hidden (B, T, H) the build's dtype (every stage but the last) | logits (B, T, V) float32
+#   outputs  hidden_out (B, T, H) the build's dtype (every stage but the last; the next stage's
+#            hidden: ONNX names a graph's values once) | logits (B, T, V) float32
 #            new_k, new_v (stop - first, B, Hkv, T, D)
 #
 # Stage 0 holds the embedding, the last the final norm and the LM head. Every stage keeps its own
 # copy of cache_positions (B x S int64), written the same way by each, so none waits on another.
 
 HIDDEN = "hidden"
+HIDDEN_OUT = "hidden_out"
 
 
 @dataclass(frozen=True)
@@ -298,7 +300,7 @@ class StageShapes:
 
     @property
     def last_output(self) -> str:
-        return "logits" if self.ends else HIDDEN
+        return "logits" if self.ends else HIDDEN_OUT
 
     @property
     def output_names(self) -> tuple[str, ...]:
