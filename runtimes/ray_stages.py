@@ -20,6 +20,7 @@ ring, and the next step is admitted as usual.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -50,9 +51,10 @@ class StageActor:
         except FileNotFoundError as error:
             self.error = f"{error.filename or folder}: {error.strerror}"
 
-    def describe(self) -> tuple[str | None, Manifest | None, int]:
-        """(the load error, or None; the stage's manifest; this process's pid)."""
-        return self.error, None if self.backend is None else self.backend.manifest, os.getpid()
+    def describe(self) -> tuple[str | None, Manifest | None, dict]:
+        """(the load error, or None; the stage's manifest; this process: its pid, whether torch got imported)."""
+        process = {"pid": os.getpid(), "torch": "torch" in sys.modules}
+        return self.error, None if self.backend is None else self.backend.manifest, process
 
     def run(self, first: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self.backend.run(first, positions)
@@ -99,18 +101,17 @@ class RayStages:
         self.actors = [remote.options(**{**DEFAULT_OPTIONS, **option}).remote(str(folder), provider, threads,
                                                                              verify_files)
                        for option, folder in zip(options, folders)]
-        self.pids = []
         try:
             described = ray.get([actor.describe.remote() for actor in self.actors])
-            for index, (error, manifest, pid) in enumerate(described):
+            for index, (error, manifest, _) in enumerate(described):
                 if error is not None:
                     raise ManifestError(error)
                 check_stage(top, index, manifest)
-                self.pids.append(pid)
         except BaseException:
             self.close()
             raise
         self.bytes = [sum(entry.size for entry in m.files.values()) for _, m, _ in described]
+        self.processes = [process for _, _, process in described]  # each actor's pid, torch-free or not
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         ref = input_ids
