@@ -24,7 +24,7 @@ import numpy as np
 from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
-from mixtral_export.serving.tools_api import ToolRequest, marker_id, message, tool_answer, tool_request
+from mixtral_export.serving.tools_api import ToolRequest, marker_id, message, tool_answer, tool_request, writes_tools
 from mixtral_export.tool_calls import Function, ToolFormatError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
@@ -114,9 +114,9 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
             tools = tool_request(body)
         except ToolFormatError as error:
             raise BadRequest(str(error), error.param) from None
-        if tools is not None and tools.functions and marker_id(tokenizer) is None:
-            raise BadRequest(f"'tools' need a tokenizer with tool tokens (v3, Mixtral-8x22B's); this model's is "
-                             f"{getattr(tokenizer, 'instruct_version', 'missing')}, which has none", "tools")
+        if tools is not None and tools.functions and not writes_tools(tokenizer):
+            raise BadRequest(f"'tools' need a tokenizer with tool tokens in the v3 format (Mixtral-8x22B's); this "
+                             f"model's is {getattr(tokenizer, 'instruct_version', 'missing')}", "tools")
         prompts = [chat_prompt(body.get("messages"), tokenizer, tools.functions if tools else ())]
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = default_max_tokens if max_tokens is None else max_tokens
