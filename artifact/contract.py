@@ -26,6 +26,17 @@ copied whole. Runtimes keep one (L, B, Hkv, S, D) array per side and bind each l
 stacked input, which per layer and step would cost twice the traffic of reading the cache.
 Because the chunk attends to the cache *before* it is written, a W-slot ring never
 lets the slot about to be overwritten leak in, and never loses a key a query still needs.
+
+Spans (StepShapes.span_axis, graphs exported since the span axis exists): the slot axis S of the
+cache inputs and cache_positions is symbolic (SPAN_AXIS), so a step may pass any span s <= S of
+slots instead of the whole ring. While no row has wrapped (every position < S) slot = position,
+so the slots in use are the prefix [0, extent) and a step needs only s >= the longest row's extent
+after the step; the runtime picks s from `span_buckets` (powers of two from MIN_SPAN, then S) with
+`span_for` and keeps the ring laid out as (L, B, Hkv, s, D) so that prefix is one contiguous view
+(re-laid out when the bucket changes). Slots past a row's extent are empty (position -1, keys and
+values 0) and masked: they add exp(min - max) = 0 to the softmax and 0 * 0 to the output, so a
+span gives the full ring's result. Once any row wraps, s = S. Graphs without the axis (older
+manifests, span_axis False) take the whole ring every step.
 """
 from __future__ import annotations
 
@@ -35,7 +46,9 @@ from mixtral_export.errors import UserError
 
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
 NO_POSITION = -1
-CHUNK_AXIS = "T"  # the name of the one free axis in an exported graph
+CHUNK_AXIS = "T"  # the name of the chunk-length axis in an exported graph
+SPAN_AXIS = "S"  # the name of the cache-span axis (slots passed to a step) in a span-axis graph
+MIN_SPAN = 64  # the smallest span bucket: below it a step's cost is not the cache's
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,9 @@ class StepShapes:
     # Every prefill length T served, ascending (prefill_chunk is the largest): a short prompt
     # runs a short step instead of padding to the largest. () = just prefill_chunk (older manifests).
     prefill_chunks: tuple[int, ...] = ()
+    # True: the graph's cache slot axis is symbolic (SPAN_AXIS), so a step may pass a prefix span of
+    # the ring (see the module docstring); False (older manifests): every step passes all S slots.
+    span_axis: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch", "prefill_chunk", "cache_slots"):
@@ -149,20 +165,43 @@ class StepShapes:
         """The longest sequence the cache can serve, or None when the ring slides forever."""
         return self.cache_slots if self.attention_window is None else None
 
-    def cache_shape(self) -> tuple[int, int, int, int, int]:
-        """The runtime's cache per side: (L, B, Hkv, S, D); the graph takes it layer by layer."""
-        return (self.num_layers, self.batch, self.num_kv_heads, self.cache_slots, self.head_dim)
+    def cache_shape(self, span: int | None = None) -> tuple[int, int, int, int, int]:
+        """The runtime's cache per side: (L, B, Hkv, S, D), or (L, B, Hkv, span, D) for a span of it;
+        the graph takes it layer by layer."""
+        return (self.num_layers, self.batch, self.num_kv_heads, span or self.cache_slots, self.head_dim)
+
+    @property
+    def span_buckets(self) -> tuple[int, ...]:
+        """The spans a step may pass: powers of two from MIN_SPAN below S, then S; just S without the axis."""
+        if not self.span_axis:
+            return (self.cache_slots,)
+        small = []
+        while (span := MIN_SPAN << len(small)) < self.cache_slots:
+            small.append(span)
+        return (*small, self.cache_slots)
+
+    def span_for(self, extent: int) -> int:
+        """The smallest span bucket holding slots [0, extent): what a step needs when the longest row,
+        after the step, holds positions below `extent` (extent > S, a wrapped ring: S)."""
+        return next((s for s in self.span_buckets if s >= extent), self.cache_slots)
 
     @property
     def input_names(self) -> tuple[str, ...]:
         return ("input_ids", "positions", *layer_names("cache_k", self.num_layers),
                 *layer_names("cache_v", self.num_layers), "cache_positions")
 
-    def input_shapes(self, chunk: int) -> dict[str, tuple[int, ...]]:
-        layer = self.cache_shape()[1:]  # (B, Hkv, S, D)
+    def input_shapes(self, chunk: int, span: int | None = None) -> dict[str, tuple[int, ...]]:
+        """Every input's shape for chunk length T = `chunk` and `span` cache slots (None: all S)."""
+        layer = self.cache_shape(span)[1:]  # (B, Hkv, S, D)
         return {"input_ids": (self.batch, chunk), "positions": (self.batch, chunk),
                 **{name: layer for name in self.input_names[2:-1]},
-                "cache_positions": (self.batch, self.cache_slots)}
+                "cache_positions": (self.batch, span or self.cache_slots)}
+
+    def span_dims(self, name: str) -> tuple[int, ...]:
+        """The axes of input `name` that are SPAN_AXIS in a span-axis graph (none otherwise)."""
+        if not self.span_axis:
+            return ()
+        return (2,) if name.startswith(("cache_k.", "cache_v.")) else (1,) if name == "cache_positions" else ()
 
     def input_dtype(self, name: str) -> str:
         return self.dtype if name.startswith(("cache_k.", "cache_v.")) else "int64"
@@ -176,9 +215,10 @@ class StepShapes:
 
     @classmethod
     def for_config(cls, config, batch: int = 1, prefill_chunk: int | tuple[int, ...] = 16,
-                   cache_slots: int | None = None, dtype: str | None = None, slide: bool = False) -> "StepShapes":
+                   cache_slots: int | None = None, dtype: str | None = None, slide: bool = False,
+                   span_axis: bool = False) -> "StepShapes":
         """Shapes for a MixtralConfig; cache_slots defaults to the sliding window (or 4096 without);
-        prefill_chunk is one length or several (each capped at cache_slots)."""
+        prefill_chunk is one length or several (each capped at cache_slots); span_axis as the graph has it."""
         if cache_slots is None:
             cache_slots = config.sliding_window or min(config.max_position_embeddings, 4096)
         lengths = (prefill_chunk,) if isinstance(prefill_chunk, int) else tuple(prefill_chunk)
@@ -188,7 +228,7 @@ class StepShapes:
         return cls(batch=batch, prefill_chunk=max(lengths), prefill_chunks=lengths, cache_slots=cache_slots,
                    num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
                    head_dim=config.head_dim, vocab_size=config.vocab_size, dtype=dtype or config.dtype,
-                   attention_window=resolve_window(config.sliding_window, cache_slots, slide))
+                   attention_window=resolve_window(config.sliding_window, cache_slots, slide), span_axis=span_axis)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "StepShapes":

@@ -74,6 +74,21 @@ def speedups(report: dict, markdown: bool = False):
     return grid
 
 
+def ring_ratios(report: dict, markdown: bool = False):
+    """Each ring size against the smallest one in the run: decode tok/s and TTFT ratios."""
+    from rich import box
+    from rich.table import Table
+
+    grid = Table(title="larger rings over the smallest (same runtime, precision and context)",
+                 box=box.MARKDOWN if markdown else box.SIMPLE_HEAD)
+    for column in ("runtime", "weights", "S", "over S", "context", "decode", "TTFT"):
+        grid.add_column(column, no_wrap=True)
+    for row in report["over_smallest_ring"]:
+        grid.add_row(row["runtime"], row["weights"], str(row["cache_slots"]), str(row["baseline_slots"]),
+                     str(row["context"]), ratio(row["decode_ratio"]), ratio(row["ttft_ratio"]))
+    return grid
+
+
 def plot(report: dict, path: Path) -> Path:
     """Decode tokens/s against context length, one line per runtime (and cache size), bounds dashed."""
     try:

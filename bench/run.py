@@ -132,7 +132,7 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
         raise BenchError("--gguf types apply to llama.cpp; add it to --runtimes")
     options.work_dir.mkdir(parents=True, exist_ok=True)
     model = bench_model(options.model, options.layers, options.work_dir)
-    shapes = [StepShapes.for_config(model.config, batch=1, prefill_chunk=p, cache_slots=s)
+    shapes = [StepShapes.for_config(model.config, batch=1, prefill_chunk=p, cache_slots=s, span_axis=True)
               for s in equal_capacity(options) for p in options.prefill_chunk]
     check_contexts(options, model, shapes)
     runtimes = list(options.runtimes)

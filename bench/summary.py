@@ -5,6 +5,7 @@ import os
 import statistics
 
 from mixtral_export.bench.models import BenchModel, folder_bytes
+from mixtral_export.artifact.contract import StepShapes
 from mixtral_export.bench.roofline import decode_bytes, kv_bytes
 
 
@@ -29,6 +30,9 @@ def merge(spec: dict, found: list[dict]) -> dict:
     head.update(weights=spec.get("weights", "fp32"), block_size=spec.get("block_size", 32))
     head["prefill_chunk"] = spec.get("prefill_chunk")
     head["prefill_chunks"] = spec.get("prefill_chunks")
+    head["span_axis"] = spec["runtime"].startswith("ort") and bool((spec.get("shapes") or {}).get("span_axis"))
+    if head["span_axis"]:
+        head["shapes"] = spec["shapes"]
     if "decode_weight_bytes" in spec:  # llama.cpp: counted from its GGUF file
         head["decode_weight_bytes"] = spec["decode_weight_bytes"]
     failed = [r["error"] for r in found if "error" in r]
@@ -61,6 +65,8 @@ def summarise(settings: dict, model: BenchModel, bandwidth: dict, runs: list[dic
     for run in runs:
         for point in run.get("contexts", []):
             kv = run["cache_slots"] if run["cache_slots"] is not None else point["context"]
+            if run.get("span_axis"):  # the ONNX runtime reads the span its last decode step needs
+                kv = StepShapes.from_dict(run["shapes"]).span_for(point["context"] + settings["decode_steps"] + 1)
             weights = (run.get("weights", "fp32"), run.get("block_size", 32))
             if "decode_weight_bytes" in run:
                 point["bytes_per_token"] = run["decode_weight_bytes"] + kv_bytes(model.config, kv)
@@ -78,7 +84,7 @@ def summarise(settings: dict, model: BenchModel, bandwidth: dict, runs: list[dic
             "machine": {"cpus": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
                         "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                         "bandwidth_gbps": bandwidth, "bound_bandwidth_gbps": limit},
-            "runs": runs, "gather_over_dense": gather_over_dense(runs)}
+            "runs": runs, "gather_over_dense": gather_over_dense(runs), "over_smallest_ring": over_smallest_ring(runs)}
 
 
 def gather_over_dense(runs: list[dict]) -> list[dict]:
@@ -94,4 +100,24 @@ def gather_over_dense(runs: list[dict]) -> list[dict]:
                 out.append({"gather": gather_name, "dense": dense_name, "cache_slots": g["cache_slots"],
                             "context": gp["context"],
                             "speedup": gp["decode_tokens_per_s"]["median"] / dp["decode_tokens_per_s"]["median"]})
+    return out
+
+
+def over_smallest_ring(runs: list[dict]) -> list[dict]:
+    """Decode tokens/s and TTFT of each ring size over the smallest ring in the run, per runtime
+    (label without the ring), precision and context: what a larger --cache-slots costs a short context."""
+    out = []
+    for run in (r for r in runs if r["cache_slots"] is not None and "contexts" in r):
+        same = [r for r in runs if r["cache_slots"] is not None and "contexts" in r and r["runtime"] == run["runtime"]
+                and r.get("weights") == run.get("weights") and r.get("block_size") == run.get("block_size")
+                and r.get("prefill_chunks") == run.get("prefill_chunks")]
+        base = min(same, key=lambda r: r["cache_slots"])
+        if base is run:
+            continue
+        for point, ref in zip(run["contexts"], base["contexts"]):
+            out.append({"runtime": run["runtime"], "weights": run.get("weights", "fp32"),
+                        "cache_slots": run["cache_slots"], "baseline_slots": base["cache_slots"],
+                        "context": point["context"],
+                        "decode_ratio": point["decode_tokens_per_s"]["median"] / ref["decode_tokens_per_s"]["median"],
+                        "ttft_ratio": point["ttft_s"]["median"] / ref["ttft_s"]["median"]})
     return out

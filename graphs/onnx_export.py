@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixtral_export.artifact.contract import (CHUNK_AXIS, DEFAULT_QUANT_BLOCK, DTYPES, FLOAT_DTYPES, FLOAT_WEIGHTS, NO_POSITION,
-                             OUTPUT_NAMES, StepShapes, default_block_size)
+                             OUTPUT_NAMES, SPAN_AXIS, StepShapes, default_block_size)
 from mixtral_export.graphs.artifact_folder import ExportError, building, finish
 from mixtral_export.artifact.manifest import FileEntry, io_contract
 from mixtral_export.graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
@@ -77,7 +77,7 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     block_size = block_size or default_block_size(weights)
     scheme = check_weights(weights, block_size, routing, config, out)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
-                                   dtype=dtype, slide=slide)
+                                   dtype=dtype, slide=slide, span_axis=True)
     with building(out) as tmp:
         from mixtral_export.checkpoint import ParameterReader
 
@@ -175,19 +175,25 @@ def step_graph(model, shapes: StepShapes, opset: int,
     from mixtral_export.model import TORCH_DTYPES
 
     example = max(shapes.prefill_chunk, 2)  # torch.export specialises a size-1 example to 1
+    # A span-axis graph traces at a span unlike T's example, so the exporter never ties the two symbols.
+    span = shapes.cache_slots if not shapes.span_axis or shapes.cache_slots != example else shapes.cache_slots + 1
     dtype = TORCH_DTYPES[shapes.dtype]
     args = (torch.zeros(shapes.batch, example, dtype=torch.int64),  # input_ids (B, T)
             torch.arange(example, dtype=torch.int64).repeat(shapes.batch, 1),  # positions (B, T)
-            list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
-            list(torch.zeros(shapes.cache_shape(), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
-            torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64))  # (B, S)
+            list(torch.zeros(shapes.cache_shape(span), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
+            list(torch.zeros(shapes.cache_shape(span), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
+            torch.full((shapes.batch, span), NO_POSITION, dtype=torch.int64))  # (B, S)
     route_through_moe_nodes(model, block)  # gather: one com.microsoft.MoE node per block
     chunk = torch.export.Dim(CHUNK_AXIS, min=1)
-    layers = [None] * shapes.num_layers
+    if shapes.span_axis:
+        slots = torch.export.Dim(SPAN_AXIS, min=2, max=max(shapes.cache_slots, span))
+        layers, cache_positions = [{2: slots}] * shapes.num_layers, {1: slots}
+    else:
+        layers, cache_positions = [None] * shapes.num_layers, None
     dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
-               "cache_positions": None}
+               "cache_positions": cache_positions}
     graph = trace(model, args, dynamic, list(shapes.input_names), list(OUTPUT_NAMES), opset, weights)
-    name_chunk_axis(graph)
+    name_free_axes(graph, shapes.span_axis)
     lay_out_experts(graph)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
     return graph
 
@@ -247,16 +253,20 @@ def save_graph(graph, path: Path, progress: Callable[[str], None] | None = None)
     return save_with_weights(graph, path, DATA_NAME, progress)
 
 
-def name_chunk_axis(model) -> None:
-    """Call the exporter's symbol for T "T" everywhere (it cannot name it itself when the cache
-    inputs are lists: a list of static tensors flattens to no dynamic_shapes entries)."""
+def name_free_axes(model, span_axis: bool) -> None:
+    """Call the exporter's symbols for T "T" and for the span "S" everywhere (it cannot name them
+    itself when the cache inputs are lists of tensors)."""
     import onnx_ir as ir
 
-    symbol = re.compile(rf"\b{re.escape(str(model.graph.inputs[0].shape[1].value))}\b")  # input_ids (B, T)
+    inputs = model.graph.inputs
+    names = {str(inputs[0].shape[1].value): CHUNK_AXIS}  # input_ids (B, T)
+    if span_axis:
+        names[str(inputs[-1].shape[1].value)] = SPAN_AXIS  # cache_positions (B, S)
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
 
     def renamed(dim):
         if isinstance(dim, ir.SymbolicDim) and dim.value is not None and symbol.search(dim.value):
-            return ir.SymbolicDim(symbol.sub(CHUNK_AXIS, dim.value))  # "s18" -> "T", "2*s18" -> "2*T"
+            return ir.SymbolicDim(symbol.sub(lambda m: names[m.group(1)], dim.value))  # "s18" -> "T", "2*s18" -> "2*T"
         return dim
 
     values = [*model.graph.inputs, *model.graph.outputs,
@@ -280,7 +290,8 @@ def check_graph(path: Path, shapes: StepShapes) -> None:
         for value, want in zip(values, expected):
             tensor = value.type.tensor_type
             dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-            want_dims = [CHUNK_AXIS if d == NO_POSITION else d for d in want["shapes"][str(NO_POSITION)]]
+            want_dims = [SPAN_AXIS if axis in shapes.span_dims(value.name) else CHUNK_AXIS if d == NO_POSITION else d
+                         for axis, d in enumerate(want["shapes"][str(NO_POSITION)])]
             if tensor.elem_type != DTYPES[want["dtype"]].onnx or dims != want_dims:
                 raise ExportError(f"{path}: {value.name} is {onnx.TensorProto.DataType.Name(tensor.elem_type)} "
                                   f"{dims}, the contract says {want['dtype']} {want_dims}")

@@ -128,7 +128,8 @@ def parse(trt, network, logger, graph: Path):
 def add_profiles(builder, network, config, shapes: StepShapes, chunks: tuple[int, ...], graph: Path) -> dict[str, int]:
     """One optimization profile per chunk length, in the manifest's order: {str(T): profile index}."""
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    symbolic = shapes.input_shapes(-1)  # the contract with -1 where T is free, as TensorRT reports it
+    # the contract with -1 where T (and a span-axis graph's S) is free, as TensorRT reports it
+    symbolic = shapes.input_shapes(-1, span=-1 if shapes.span_axis else None)
     for tensor in inputs:
         if tensor.name not in symbolic or tuple(tensor.shape) != symbolic[tensor.name]:
             raise TrtBuildError(f"{graph}: input {tensor.name} {tuple(tensor.shape)} is not the contract's "
@@ -138,7 +139,7 @@ def add_profiles(builder, network, config, shapes: StepShapes, chunks: tuple[int
         profile = builder.create_optimization_profile()
         for tensor in inputs:
             if -1 in tuple(tensor.shape):
-                shape = shapes.input_shapes(chunk)[tensor.name]
+                shape = shapes.input_shapes(chunk)[tensor.name]  # the whole ring: TensorRT runs no spans
                 profile.set_shape(tensor.name, shape, shape, shape)  # min = opt = max
         index = config.add_optimization_profile(profile)
         if index < 0:

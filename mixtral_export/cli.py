@@ -273,6 +273,9 @@ def _describe(artifact: Path) -> None:
     window = s.attention_window if s.attention_window is not None else f"none (at most {s.cache_slots} positions)"
     out.print(f"  shapes  batch {s.batch}, prefill chunk {', '.join(map(str, s.prefill_chunks))}, decode chunk 1, "
               f"cache slots {s.cache_slots}, attention window {window}", highlight=False)
+    spans = (f"spans {', '.join(map(str, s.span_buckets))} (a step attends over the slots in use)" if s.span_axis
+             else "the whole ring every step (a graph without the span axis)")
+    out.print(f"  cache   {spans}", highlight=False)
     if q := manifest.quantization:
         worst = max(q["tensors"].items(), key=lambda item: item[1]["max_abs"])
         out.print(f"  weights {q['scheme']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, block {q['block_size']}) "
@@ -619,7 +622,7 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
           llama_converter: Optional[Path] = typer.Option(None, help="llama.cpp's convert_hf_to_gguf.py (default: "
                                                                     "$MIXTRAL_EXPORT_LLAMA_CONVERTER)", metavar="PATH")):
     """Measure every runtime against transformers' generate and the machine's memory bandwidth."""
-    from mixtral_export.bench.report import speedups, table
+    from mixtral_export.bench.report import ring_ratios, speedups, table
     from mixtral_export.bench.report import plot as draw
     from mixtral_export.bench.run import BenchOptions, run_bench
 
@@ -649,5 +652,7 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
     out.print(table(result, markdown))
     if result["gather_over_dense"]:
         out.print(speedups(result, markdown))
+    if result["over_smallest_ring"]:
+        out.print(ring_ratios(result, markdown))
     if plot is not None:
         err.print(f"bench: wrote {draw(result, plot)}", highlight=False)

@@ -84,6 +84,11 @@ class Engine:
     def busy_rows(self) -> int:
         return sum(r is not None for r in self.rows)
 
+    @property
+    def cache_span(self) -> int:
+        """The cache slots the backend's last step attended over (a span of the ring, or all S of it)."""
+        return int(getattr(self.backend, "span", self.shapes.cache_slots))
+
     def start(self) -> "Engine":
         """Run `step` on one background thread until `close`."""
         if self.thread is None:

@@ -164,6 +164,10 @@ class EngineClient(Protocol):
     @property
     def queue_depth(self) -> int: ...
 
+    @property
+    def cache_span(self) -> int:
+        """The cache slots the engine's last step attended over (artifact/contract.py: spans)."""
+
 
 class InprocessClient:
     """The engine stepping on one background thread of this process (a Session's, `serve --in-process`).
@@ -204,3 +208,7 @@ class InprocessClient:
     @property
     def queue_depth(self) -> int:
         return self.engine.queue_depth
+
+    @property
+    def cache_span(self) -> int:
+        return self.engine.cache_span

@@ -102,11 +102,12 @@ class StepReport:
     queue_depth: int
     tokens: list[tuple[int, int, str, list | None]]
     ended: list[Ended]
+    cache_span: int = 0  # the cache slots the last step attended over
 
     @classmethod
     def from_json(cls, data: dict) -> "StepReport":
         return cls(data["busy_rows"], data["queue_depth"], [tuple(t) for t in data["tokens"]],
-                   [Ended(**e) for e in data["ended"]])
+                   [Ended(**e) for e in data["ended"]], data.get("cache_span", 0))
 
 
 MESSAGES = {cls.__name__: cls for cls in (Submit, Cancel, Close, Ready, Failed, StepReport)}
@@ -166,6 +167,7 @@ class ProcessClient:
         self.state = "ok"  # "ok" | "restarting" | "failed" (given up); `closed` once close() is called
         self.restarts = 0
         self.busy_rows = self.queue_depth = 0  # as of the child's last step
+        self.cache_span = 0  # the cache slots the child's last step attended over (0: none yet)
         self.handles: dict[int, RequestHandle] = {}  # submitted, not yet ended
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
@@ -224,7 +226,7 @@ class ProcessClient:
         wake_consumers(list(touched.values()))
 
     def _apply(self, report: StepReport, touched: dict[int, RequestHandle]) -> None:
-        self.busy_rows, self.queue_depth = report.busy_rows, report.queue_depth
+        self.busy_rows, self.queue_depth, self.cache_span = report.busy_rows, report.queue_depth, report.cache_span
         for rid, token, text, logprob in report.tokens:
             handle = touched[rid] = self.handles[rid]
             handle.push(TokenEvent(handle.index, token, text, None if logprob is None else TokenLogprob.from_json(logprob)))
@@ -366,9 +368,9 @@ def serve_pipe(conn: Connection, engine: Engine, tokenizer) -> None:
                              Ended(rid, completion.token_ids, completion.text, completion.finish_reason,
                                    logprobs=None if completion.logprobs is None else
                                    [entry.to_json() for entry in completion.logprobs]))
-        state = (engine.busy_rows, engine.queue_depth)
+        state = (engine.busy_rows, engine.queue_depth, engine.cache_span)
         if tokens or ended or state != reported:
-            conn.send_bytes(encode(StepReport(*state, tokens, ended)))
+            conn.send_bytes(encode(StepReport(*state[:2], tokens, ended, state[2])))
             ended, reported = [], state
         if closing_at is not None and not handles and not (engine.waiting or engine.busy_rows):
             return

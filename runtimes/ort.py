@@ -7,6 +7,8 @@ token/position inputs and the three outputs to preallocated numpy arrays, and bo
 each layer's cache_k.i/cache_v.i input to its view of the same (L, ...) cache arrays, and
 cache_positions, zero-copy on CPU. A step copies the
 tokens in, runs, and writes only the chunk's ring slots in place; the cache is never copied whole.
+A graph with the span axis gets only the span of the ring in use (runtimes/span_ring.py): a short
+context costs a short cache, whatever S.
 
 With provider="cuda" the same host buffers are bound, so ORT uploads the cache every step:
 correct, but a device-resident cache needs the ring write inside a graph.
@@ -23,7 +25,8 @@ from mixtral_export.artifact.contract import DTYPES, NO_POSITION, OUTPUT_NAMES, 
 from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
-from mixtral_export.runtimes.step import check_step_inputs, ring_writes
+from mixtral_export.runtimes.span_ring import SpanRing
+from mixtral_export.runtimes.step import check_step_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "trt": "TensorrtExecutionProvider"}  # onnxruntime-gpu built with TensorRT; see runtimes/trt.py
@@ -88,23 +91,30 @@ def usable_cores() -> int:
 class ChunkBinding:
     """The IOBinding for one chunk length T: its own ids/positions/output buffers, the shared cache."""
 
-    def __init__(self, session: ort.InferenceSession, shapes: StepShapes, chunk: int, dtype: np.dtype,
-                 cache: dict[str, np.ndarray]):
+    def __init__(self, session: ort.InferenceSession, shapes: StepShapes, chunk: int, dtype: np.dtype):
         self.input_ids = np.zeros((shapes.batch, chunk), dtype=np.int64)  # (B, T)
         self.positions = np.full((shapes.batch, chunk), NO_POSITION, dtype=np.int64)  # (B, T)
         out = shapes.output_shapes(chunk)
         self.logits = np.zeros(out["logits"], dtype=np.float32)  # (B, T, V)
         self.new_k = np.zeros(out["new_k"], dtype=dtype)  # (L, B, Hkv, T, D)
         self.new_v = np.zeros(out["new_v"], dtype=dtype)  # (L, B, Hkv, T, D)
-        arrays = {"input_ids": self.input_ids, "positions": self.positions, **cache,
+        arrays = {"input_ids": self.input_ids, "positions": self.positions,
                   "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v}
-        self.values = {name: host_value(arrays[name]) for name in (*shapes.input_names, *OUTPUT_NAMES)}  # kept alive
+        self.values = {name: host_value(array) for name, array in arrays.items()}  # kept alive
         self.binding = session.io_binding()
-        for name in shapes.input_names:
+        for name in ("input_ids", "positions"):
             self.binding.bind_ortvalue_input(name, self.values[name])
         for name in OUTPUT_NAMES:
             self.binding.bind_ortvalue_output(name, self.values[name])
+        self.layout = -1  # which of the ring's layouts (SpanRing.relayouts) the cache inputs view; -1: none yet
         self.session = session
+
+    def bind_cache(self, cache: dict[str, np.ndarray], layout: int) -> None:
+        """Bind each layer's cache view and cache_positions (a span of the ring: artifact/contract.py)."""
+        for name, array in cache.items():
+            self.values[name] = host_value(array)
+            self.binding.bind_ortvalue_input(name, self.values[name])
+        self.layout = layout
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray) -> None:
         np.copyto(self.input_ids, input_ids)
@@ -118,7 +128,8 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 verify_files: bool = True, spin: bool = False, preload: bool = True):
+                 verify_files: bool = True, spin: bool = False, preload: bool = True, spans: bool = True):
+        """spans=False passes the whole ring every step even to a span-axis graph (the baseline)."""
         self.manifest: Manifest = load_manifest(artifact_dir, verify_files=verify_files)
         if self.manifest.kind != "onnx":
             raise OrtBackendError(f"{self.manifest.folder / MANIFEST_NAME}: a {self.manifest.kind!r} artifact, "
@@ -136,30 +147,41 @@ class OrtBackend:
         self.huge_page_bytes = (collapse_new_buffers(before, prepacked_sizes(self.manifest))
                                 if preload and provider == "cpu" else 0)
 
-        dtype = numpy_dtype(self.shapes.dtype)
-        self.cache_k = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
-        self.cache_v = np.zeros(self.shapes.cache_shape(), dtype=dtype)  # (L, B, Hkv, S, D)
-        self.cache_positions = np.full((self.shapes.batch, self.shapes.cache_slots), NO_POSITION,
-                                       dtype=np.int64)  # (B, S)
-        cache = {**layer_caches(self.cache_k, self.cache_v), "cache_positions": self.cache_positions}  # views
-        self.bindings = {chunk: ChunkBinding(self.session, self.shapes, chunk, dtype, cache)
+        # see runtimes/span_ring.py: a step passes the span of the ring in use when the graph takes one
+        self.ring = SpanRing(self.shapes, numpy_dtype(self.shapes.dtype), spans=spans and self.shapes.span_axis)
+        self.bindings = {chunk: ChunkBinding(self.session, self.shapes, chunk, self.ring.flat_k.dtype)
                          for chunk in self.manifest.chunks}
 
+    @property
+    def cache_k(self) -> np.ndarray:
+        return self.ring.cache_k  # (L, B, Hkv, s, D)
+
+    @property
+    def cache_v(self) -> np.ndarray:
+        return self.ring.cache_v  # (L, B, Hkv, s, D)
+
+    @property
+    def cache_positions(self) -> np.ndarray:
+        return self.ring.cache_positions  # (B, s)
+
+    @property
+    def span(self) -> int:
+        """The cache slots the last step passed (S without the span axis)."""
+        return self.ring.span
+
     def reset(self, rows=None) -> None:
-        index = slice(None) if rows is None else list(rows)
-        self.cache_k[:, index] = 0  # (L, rows, Hkv, S, D)
-        self.cache_v[:, index] = 0
-        self.cache_positions[index] = NO_POSITION  # (rows, S)
+        self.ring.reset(rows)
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         check_step_inputs(self.shapes, self.shapes.vocab_size, input_ids, positions)
         positions = np.asarray(positions, dtype=np.int64)
+        self.ring.fit(self.ring.span_needed(positions))
         chunk = self.bindings[input_ids.shape[1]]
+        if chunk.layout != self.ring.relayouts:  # views of the ring's buffers, zero-copy
+            chunk.bind_cache({**layer_caches(self.cache_k, self.cache_v), "cache_positions": self.cache_positions},
+                             self.ring.relayouts)
         chunk.run(input_ids, positions)
-        rows, cols, slots = ring_writes(positions, self.shapes.cache_slots)
-        self.cache_k[:, rows, :, slots] = chunk.new_k[:, rows, :, cols]  # (n, L, Hkv, D) on both sides
-        self.cache_v[:, rows, :, slots] = chunk.new_v[:, rows, :, cols]
-        self.cache_positions[rows, slots] = positions[rows, cols]
+        self.ring.write(chunk.new_k, chunk.new_v, positions)
         return chunk.logits.copy()  # the buffer is overwritten by the next step
 
 

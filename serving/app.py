@@ -211,6 +211,7 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
         state = "closing" if client.closed else client.state
         return JSONResponse({"status": state, "restarts": client.restarts, "busy_rows": client.busy_rows,
                              "batch_rows": client.admission.batch, "queue_depth": client.queue_depth,
+                             "cache_span": client.cache_span,
                              "replica": replica},
                             status_code=200 if state == "ok" else 503)
 

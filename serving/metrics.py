@@ -16,6 +16,8 @@ class ServerMetrics:
             .set_function(lambda: client.queue_depth)
         Gauge("mixtral_busy_rows", "Batch rows holding a request", registry=self.registry) \
             .set_function(lambda: client.busy_rows)
+        Gauge("mixtral_cache_span", "Cache slots the last step attended over (a span of the ring, or all of it)",
+              registry=self.registry).set_function(lambda: client.cache_span)
         Gauge("mixtral_batch_rows", "Batch rows (request slots) of the artifact", registry=self.registry) \
             .set(client.admission.batch)
         Gauge("mixtral_engine_restarts", "Engine processes started after the first one died",

@@ -30,9 +30,10 @@ def test_graph_passes_the_checker_with_the_contracts_io(tiny_onnx):
     assert [v.name for v in graph.input] == ["input_ids", "positions", "cache_k.0", "cache_k.1", "cache_v.0",
                                              "cache_v.1", "cache_positions"]  # one cache input per layer
     assert [v.name for v in graph.output] == list(OUTPUT_NAMES)
-    want = {**shapes.input_shapes(-1), **shapes.output_shapes(-1)}  # -1 marks the chunk axis
+    want = {**shapes.input_shapes(-1, span=-2), **shapes.output_shapes(-1)}  # -1 marks the chunk axis, -2 the span
+    assert shapes.span_axis
     for value in (*graph.input, *graph.output):
-        assert dims_of(value) == ["T" if d == -1 else d for d in want[value.name]], value.name
+        assert dims_of(value) == [{-1: "T", -2: "S"}.get(d, d) for d in want[value.name]], value.name
     float32, int64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
     assert types == {"input_ids": int64, "positions": int64, "cache_k.0": float32, "cache_k.1": float32,

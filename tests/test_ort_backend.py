@@ -70,7 +70,8 @@ def test_both_chunk_bindings_use_the_cache_in_place(tiny_onnx):
     backend = OrtBackend(tiny_onnx, verify_files=False)
     assert sorted(backend.bindings) == [1, 8]
     addresses = (backend.cache_k.ctypes.data, backend.cache_v.ctypes.data, backend.cache_positions.ctypes.data)
-    for chunk in backend.bindings.values():
+    for chunk in backend.bindings.values():  # a chunk binds the cache at its first step
+        backend.step(np.zeros((2, chunk.input_ids.shape[1]), np.int64), np.full((2, chunk.input_ids.shape[1]), -1))
         bound = chunk.binding.get_outputs()  # outputs only; inputs are checked through their buffers below
         assert [v.data_ptr() for v in bound] == [chunk.logits.ctypes.data, chunk.new_k.ctypes.data,
                                                  chunk.new_v.ctypes.data]

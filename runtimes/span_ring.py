@@ -1,0 +1,98 @@
+"""The ONNX backend's KV ring in numpy, laid out so the slots in use are one contiguous prefix span.
+
+A ring of S slots is held in flat buffers of L*B*Hkv*S*D elements per side (and B*S positions),
+but viewed as (L, B, Hkv, s, D) for the current span s (artifact/contract.py: span axis): slots
+[0, s) of every (layer, row, kv head) sit next to each other, so each layer's cache input is a
+contiguous view ONNX Runtime binds without a copy, and a step reads s slots, not S. The span is the
+smallest bucket (`StepShapes.span_for`) that holds every row's extent (its highest position + 1)
+after the step; when the bucket changes the buffers are re-laid out in place, block by block (a
+copy of the span, once per bucket: amortised over the steps that filled it). New slots are empty
+(keys/values 0, position -1), which the mask hides exactly, so every span computes what the whole
+ring computes. Buffers come from np.zeros (calloc): pages past the spans in use are never touched.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mixtral_export.artifact.contract import NO_POSITION, StepShapes
+from mixtral_export.runtimes.step import ring_writes
+
+
+class SpanRing:
+    """Keys/values and the position each slot holds, viewed over the span in use."""
+
+    def __init__(self, shapes: StepShapes, dtype: np.dtype, spans: bool = True):
+        """spans=False: always the whole ring (what a graph without the span axis needs; the baseline)."""
+        self.shapes = shapes
+        self.buckets = shapes.span_buckets if spans else (shapes.cache_slots,)
+        size = int(np.prod(shapes.cache_shape()))
+        self.flat_k = np.zeros(size, dtype=dtype)  # L*B*Hkv*S*D, viewed as (L, B, Hkv, s, D)
+        self.flat_v = np.zeros(size, dtype=dtype)
+        self.flat_positions = np.full(shapes.batch * shapes.cache_slots, NO_POSITION, dtype=np.int64)  # B*S
+        self.extent = np.zeros(shapes.batch, dtype=np.int64)  # (B,) each row's highest position + 1
+        self.span = self.buckets[0]
+        self.relayouts = 0  # how many times the span changed (a copy each)
+
+    @property
+    def cache_k(self) -> np.ndarray:
+        return self.flat_k[:self.span_size].reshape(self.shapes.cache_shape(self.span))  # (L, B, Hkv, s, D)
+
+    @property
+    def cache_v(self) -> np.ndarray:
+        return self.flat_v[:self.span_size].reshape(self.shapes.cache_shape(self.span))  # (L, B, Hkv, s, D)
+
+    @property
+    def cache_positions(self) -> np.ndarray:
+        return self.flat_positions[:self.shapes.batch * self.span].reshape(self.shapes.batch, self.span)  # (B, s)
+
+    @property
+    def span_size(self) -> int:
+        return int(np.prod(self.shapes.cache_shape(self.span)))
+
+    def span_needed(self, positions: np.ndarray) -> int:
+        """The bucket a step feeding `positions` (B, T) needs: every row's extent after it fits."""
+        live = positions[positions != NO_POSITION]
+        extent = max(int(self.extent.max()), int(live.max()) + 1 if live.size else 0)
+        return next((s for s in self.buckets if s >= extent), self.shapes.cache_slots)
+
+    def fit(self, span: int) -> bool:
+        """Re-lay the buffers out for `span` slots (every row's extent must fit it); True if it changed."""
+        if span == self.span:
+            return False
+        head = self.shapes.num_layers * self.shapes.batch * self.shapes.num_kv_heads  # blocks of (s, D)
+        relayout(self.flat_k, head, self.span, span, self.shapes.head_dim, 0)
+        relayout(self.flat_v, head, self.span, span, self.shapes.head_dim, 0)
+        relayout(self.flat_positions, self.shapes.batch, self.span, span, 1, NO_POSITION)
+        self.span = span
+        self.relayouts += 1
+        return True
+
+    def write(self, new_k: np.ndarray, new_v: np.ndarray, positions: np.ndarray) -> None:
+        """Put a chunk's keys/values (L, B, Hkv, T, D) into slots position % S (the span holds them)."""
+        rows, cols, slots = ring_writes(positions, self.shapes.cache_slots)
+        cache_k, cache_v = self.cache_k, self.cache_v
+        cache_k[:, rows, :, slots] = new_k[:, rows, :, cols]  # (n, L, Hkv, D) on both sides
+        cache_v[:, rows, :, slots] = new_v[:, rows, :, cols]
+        self.cache_positions[rows, slots] = positions[rows, cols]
+        np.maximum.at(self.extent, rows, positions[rows, cols] + 1)
+
+    def reset(self, rows=None) -> None:
+        index = slice(None) if rows is None else list(rows)
+        self.cache_k[:, index] = 0  # (L, rows, Hkv, s, D)
+        self.cache_v[:, index] = 0
+        self.cache_positions[index] = NO_POSITION  # (rows, s)
+        self.extent[index] = 0
+
+
+def relayout(flat: np.ndarray, blocks: int, old: int, new: int, tail: int, fill) -> None:
+    """Turn `flat`'s first blocks*old*tail elements, (blocks, old, tail), into (blocks, new, tail) in place:
+    growing keeps each block's `old` rows and fills the rest with `fill`; shrinking keeps the first `new`.
+
+    Growing moves blocks last first and shrinking first first, so no block overwrites one not yet moved
+    (numpy copies an overlapping slice within a block correctly)."""
+    keep = min(old, new) * tail
+    order = range(blocks - 1, -1, -1) if new > old else range(blocks)
+    for i in order:
+        flat[i * new * tail:i * new * tail + keep] = flat[i * old * tail:i * old * tail + keep]
+        if new > old:
+            flat[i * new * tail + keep:(i + 1) * new * tail] = fill
