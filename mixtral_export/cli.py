@@ -314,6 +314,9 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
              repetition_penalty: float = typer.Option(1.0, help="1 = off", metavar="X"),
              seed: Optional[int] = typer.Option(None, help="Seed for sampling: the same seed replays the same tokens", metavar="N"),
              stop: list[str] = typer.Option([], help="Stop string (repeatable)", metavar="TEXT"),
+             json_schema: Optional[Path] = typer.Option(None, help="Output JSON valid against this JSON schema "
+                                                         "file (constrained decoding)", metavar="FILE"),
+             json_object: bool = typer.Option(False, help="Output any JSON object (constrained decoding)"),
              checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager "
                                                         "(default: the one recorded at export)", metavar="PATH"),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text")):
@@ -321,6 +324,7 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     from mixtral_export.runtimes.session import Session
 
     _one_prompt_source(prompt, input_ids)
+    grammar, grammar_source = _output_grammar(json_schema, json_object)
     session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)  # refuses a head
     chat = chat or system is not None
     if input_ids:
@@ -338,7 +342,16 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     if repetition_penalty <= 0:
         raise UsageError(f"--repetition-penalty must be > 0 (1 = off), got {repetition_penalty}")
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop))
+                   repetition_penalty=repetition_penalty, seed=seed, stop_strings=tuple(stop), grammar=grammar)
+    if grammar is not None:  # a schema that does not compile or cannot end in time: refused before any step
+        from mixtral_export.runtimes.constraint import GrammarError
+        from mixtral_export.runtimes.requests import generation_config
+
+        try:
+            for ids in prompts:
+                session.client.admission.constrain(ids, generation_config(session.manifest.eos_token_id, **options))
+        except GrammarError as error:
+            raise UsageError(f"{grammar_source}: {error}") from None
     if as_json or len(prompts) > 1:
         result = session.generate_ids(prompts, **options)
         if as_json:
@@ -359,6 +372,27 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
     err.print(f"{runtime}: prefill {stats.prefill_tokens} tokens in {stats.prefill_seconds * 1e3:.1f} ms, "
               f"{len(stats.completions[0].token_ids)} new tokens at {stats.decode_tokens_per_second:.1f} tok/s "
               f"({reason})", highlight=False, soft_wrap=True)
+
+
+def _output_grammar(json_schema: Path | None, json_object: bool) -> tuple[str | None, str | None]:
+    """The grammar of --json-schema FILE or --json-object, and what to name when it is refused."""
+    from mixtral_export.runtimes.json_grammar import json_grammar
+
+    if json_schema is not None and json_object:
+        raise UsageError("give --json-schema FILE or --json-object, not both")
+    if json_object:
+        return json_grammar(None), "--json-object"
+    if json_schema is None:
+        return None, None
+    try:
+        schema = json.loads(json_schema.read_text())
+    except OSError as error:
+        raise UsageError(f"{json_schema}: cannot read the JSON schema ({error.strerror or error})") from None
+    except ValueError as error:
+        raise UsageError(f"{json_schema}: not JSON ({error})") from None
+    if not isinstance(schema, dict):
+        raise UsageError(f"{json_schema}: a JSON schema must be a JSON object, got {type(schema).__name__}")
+    return json_grammar(schema), str(json_schema)
 
 
 def _cache_full(shapes, max_position_embeddings: int) -> str:

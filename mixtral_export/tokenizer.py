@@ -43,7 +43,8 @@ class Tokenizer:
     """A sentencepiece model; build it with Tokenizer.from_file."""
 
     def __init__(self, model_proto: bytes, path: Path):
-        self.path = path
+        self.path, self.model_proto = path, model_proto
+        self._verbatim: spm.SentencePieceProcessor | None = None
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
         except Exception as exc:
@@ -109,6 +110,27 @@ class Tokenizer:
         ids = [self.bos_id] if bos else []
         ids += self.sp.encode(text)
         return ids + [self.eos_id] if eos else ids
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The UTF-8 bytes a token stands for inside text ("▁" as a space, a byte piece as its byte);
+        None for a control or unknown piece, which is no text."""
+        kind, piece = self.kind[token_id], self.piece[token_id]
+        if kind == BYTE:
+            return bytes([piece])
+        return piece.replace(SPACE, " ").encode() if kind == TEXT else None
+
+    def encode_verbatim(self, text: str) -> list[int]:
+        """Ids whose token_bytes concatenate to exactly `text`: sentencepiece's encoding without the
+        dummy-prefix space and without whitespace squeezing (a grammar's forced text, mid-output)."""
+        if self._verbatim is None:
+            from sentencepiece import sentencepiece_model_pb2  # protobuf: only this use needs it
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.model_proto)
+            proto.normalizer_spec.add_dummy_prefix = False
+            proto.normalizer_spec.remove_extra_whitespaces = False
+            self._verbatim = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        return self._verbatim.encode(text)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, exactly as sentencepiece (and mistral-common) decode them: control tokens

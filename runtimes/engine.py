@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Generator, Iterable
 
+from mixtral_export.runtimes.constraint import Grammars, constrained_token
 from mixtral_export.runtimes.engine_client import RequestHandle, result_of, wake_consumers
 from mixtral_export.runtimes.requests import (Admission, Detokenizer, GenerationConfig, GenerationResult, RequestState,
                                               TokenEvent)
@@ -34,10 +35,12 @@ class Engine:
     """Continuous batching over one StepBackend: its B batch rows run one request each."""
 
     def __init__(self, backend: StepBackend, max_queue: int | None = None, max_positions: int | None = None,
-                 ride_along: bool = True, max_rows: int | None = None):
-        """`max_rows` caps the busy rows (1 = one request at a time: the serialized baseline)."""
+                 ride_along: bool = True, max_rows: int | None = None, tokenizer=None):
+        """`max_rows` caps the busy rows (1 = one request at a time: the serialized baseline); `tokenizer`
+        (the artifact's) lets requests carry a grammar (runtimes/constraint.py)."""
         self.backend, self.shapes = backend, backend.shapes
-        self.admission = Admission.of(backend.shapes, max_positions, max_rows, max_queue)
+        grammars = None if tokenizer is None else Grammars(tokenizer, backend.shapes.vocab_size)
+        self.admission = Admission.of(backend.shapes, max_positions, max_rows, max_queue, grammars)
         self.ride_along = ride_along
         self.rows: list[RequestState | None] = [None] * self.shapes.batch  # each batch row's request
         self.waiting: deque[RequestState] = deque()
@@ -60,7 +63,11 @@ class Engine:
         with self.lock:
             ids = self.admission.check(prompt, config, detokenizer is not None, timeout, self.closed,
                                        len(self.waiting))
-            state = RequestState(index, ids, config, detokenizer, sampler, timeout)
+        constraint = self.admission.constrain(ids, config)  # outside the lock: compiling takes milliseconds
+        with self.lock:
+            if constraint is not None:  # closed, or the queue filled, while it compiled
+                self.admission.check(ids, config, detokenizer is not None, timeout, self.closed, len(self.waiting))
+            state = RequestState(index, ids, config, detokenizer, sampler, timeout, constraint=constraint)
             state.handle = RequestHandle(index, ids, lambda: self.cancel(state))
             self.waiting.append(state)
             self.lock.notify_all()
@@ -175,7 +182,7 @@ class Engine:
         try:
             logits = self.backend.step(plan.input_ids, plan.positions)  # (B, T, V)
             ready = logits[[row for row, _ in plan.sample_at], [column for _, column in plan.sample_at]]  # (n, V)
-            tokens = next_tokens([r.sampler for r in sampled], ready, [r.ids for r in sampled])
+            tokens = choose_tokens(sampled, ready)
             logprobs = token_logprobs(ready, tokens, [r.config.logprobs for r in sampled])  # of the raw logits
             events = [(r, TokenEvent(r.index, token, r.add(token, self.limit, logprob), logprob))
                       for r, token, logprob in zip(sampled, tokens, logprobs)]
@@ -216,3 +223,20 @@ class Engine:
         if state.row is not None and self.rows[state.row] is state:
             self.rows[state.row] = None
         state.handle.finish(None if error else state.completion(), error, state.steps)
+
+
+def choose_tokens(rows: list[RequestState], logits) -> list[int]:
+    """Each row's next token from its logits (n, V): the unconstrained rows together as ever, each
+    constrained row through its grammar's mask (runtimes/constraint.py)."""
+    free = [i for i, r in enumerate(rows) if r.constraint is None]
+    if len(free) == len(rows):
+        return next_tokens([r.sampler for r in rows], logits, [r.ids for r in rows])
+    tokens = [0] * len(rows)
+    if free:
+        chosen = next_tokens([rows[i].sampler for i in free], logits[free], [rows[i].ids for i in free])
+        for i, token in zip(free, chosen):
+            tokens[i] = token
+    for i, r in enumerate(rows):
+        if r.constraint is not None:
+            tokens[i] = constrained_token(r.sampler, logits[i:i + 1], r.ids, r.constraint)
+    return tokens

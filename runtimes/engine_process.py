@@ -29,6 +29,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from mixtral_export.errors import UserError
+from mixtral_export.runtimes.constraint import Grammars
 from mixtral_export.runtimes.engine import Engine
 from mixtral_export.runtimes.engine_client import RequestHandle, wake_consumers
 from mixtral_export.runtimes.load import load_step_manifest, open_step_backend, open_tokenizer
@@ -160,8 +161,10 @@ class ProcessClient:
                  supervision: Supervision = Supervision()):
         manifest = load_step_manifest(artifact)
         self.manifest = manifest
-        self.admission = Admission.of(manifest.shapes, manifest.config.max_position_embeddings, max_rows, max_queue)
         self.tokenizer = open_tokenizer(manifest)
+        grammars = None if self.tokenizer is None else Grammars(self.tokenizer, manifest.shapes.vocab_size)
+        self.admission = Admission.of(manifest.shapes, manifest.config.max_position_embeddings, max_rows, max_queue,
+                                      grammars)
         self.supervision = supervision
         self.closed = False
         self.state = "ok"  # "ok" | "restarting" | "failed" (given up); `closed` once close() is called
@@ -183,6 +186,7 @@ class ProcessClient:
         """Check and queue one prompt; consume the handle on this event loop."""
         waiting = max(0, len(self.handles) - self.admission.max_rows)  # in flight beyond the rows: queued
         ids = self.admission.check(prompt_ids, config, self.tokenizer is not None, timeout, self.closed, waiting)
+        self.admission.constrain(ids, config)  # a bad grammar is refused here, before it crosses
         if self.state != "ok":
             raise EngineClosed("the engine process is restarting" if self.state == "restarting" else
                                "the engine process failed and was not restarted")
@@ -385,7 +389,8 @@ def main() -> None:
         backend, manifest = open_step_backend(spec.artifact, spec.runtime, provider=spec.provider,
                                               threads=spec.threads, checkpoint=spec.checkpoint)
         tokenizer = open_tokenizer(manifest)
-        engine = Engine(backend, max_rows=spec.max_rows, max_positions=manifest.config.max_position_embeddings)
+        engine = Engine(backend, max_rows=spec.max_rows, max_positions=manifest.config.max_position_embeddings,
+                        tokenizer=tokenizer)
     except Exception as error:  # UserError and whatever opening a backend raises: one line to the parent
         conn.send_bytes(encode(Failed(str(error) or type(error).__name__)))
         sys.exit(2)

@@ -18,7 +18,8 @@ from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.sampling import Sampler, SamplingParams
 from mixtral_export.runtimes.step import ContextOverflow, RequestError
 
-FinishReason = Literal["eos", "stop_string", "length", "cache_full", "cancelled", "timeout"]
+FinishReason = Literal["eos", "grammar", "stop_string", "length", "cache_full", "cancelled", "timeout"]
+# "grammar": the request's grammar is complete and admits no further token (OpenAI's "stop")
 
 
 class QueueFull(RuntimeError):
@@ -55,6 +56,7 @@ class GenerationConfig:
     eos_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     logprobs: int | None = None  # None = off; k = each token's log-probability and its k best alternatives
+    grammar: str | None = None  # llguidance's Lark dialect (runtimes/constraint.py); None = unconstrained
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
@@ -72,30 +74,33 @@ class GenerationConfig:
                                           or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS):
             raise RequestError(f"logprobs must be None or an integer in 0..{MAX_TOP_LOGPROBS} (alternatives per "
                                f"token), got {self.logprobs!r}")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise RequestError(f"grammar must be None or a non-empty Lark grammar, got {self.grammar!r}")
 
     def to_json(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "sampling": asdict(self.sampling),
                 "eos_token_ids": [int(t) for t in self.eos_token_ids], "stop_strings": list(self.stop_strings),
-                "logprobs": self.logprobs}
+                "logprobs": self.logprobs, "grammar": self.grammar}
 
     @classmethod
     def from_json(cls, data: dict) -> "GenerationConfig":
         return cls(max_new_tokens=data["max_new_tokens"], sampling=SamplingParams(**data["sampling"]),
                    eos_token_ids=tuple(data["eos_token_ids"]), stop_strings=tuple(data["stop_strings"]),
-                   logprobs=data.get("logprobs"))
+                   logprobs=data.get("logprobs"), grammar=data.get("grammar"))
 
 
 def generation_config(eos_token_ids: tuple[int, ...], max_new_tokens: int = 32, temperature: float = 0.0,
                       top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                       stop_strings: tuple[str, ...] = (), logprobs: int | None = None, presence_penalty: float = 0.0,
-                      frequency_penalty: float = 0.0, logit_bias=()) -> GenerationConfig:
+                      frequency_penalty: float = 0.0, logit_bias=(), grammar: str | None = None) -> GenerationConfig:
     """A request's options (Session.submit's keywords) checked into its GenerationConfig (RequestError);
-    `logit_bias` maps token ids to biases (a dict, or (id, bias) pairs)."""
+    `logit_bias` maps token ids to biases (a dict, or (id, bias) pairs); `grammar` constrains the output
+    (llguidance's Lark dialect; runtimes/json_grammar.py makes one from a JSON schema)."""
     sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
                               repetition_penalty=repetition_penalty, seed=seed, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty, logit_bias=logit_bias)
     return GenerationConfig(max_new_tokens=max_new_tokens, sampling=sampling, eos_token_ids=eos_token_ids,
-                            stop_strings=tuple(stop_strings), logprobs=logprobs)
+                            stop_strings=tuple(stop_strings), logprobs=logprobs, grammar=grammar)
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,11 @@ def position_limit(*limits: int | None) -> int | None:
     return min(known) if known else None
 
 
+def token_budget(prompt_length: int, config: GenerationConfig, limit: int | None) -> int:
+    """Tokens a request may generate at most: its max_new_tokens, or fewer when the position limit comes first."""
+    return config.max_new_tokens if limit is None else max(0, min(config.max_new_tokens, limit - prompt_length + 1))
+
+
 def check_prompts(prompts: list[list[int]], vocab_size: int, limit: int | None) -> None:
     if not prompts:
         raise RequestError("no prompts to generate from")
@@ -181,6 +191,7 @@ class Admission:
     limit: int | None  # the position limit (the cache's and the model's; None = unbounded)
     max_rows: int  # busy rows at most (1 = one request at a time: the serialized baseline)
     max_queue: int | None = None  # requests waiting for a row at most (None = unbounded)
+    grammars: object = field(default=None, compare=False)  # runtimes/constraint.py Grammars; None: no tokenizer
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_rows <= self.batch:
@@ -190,10 +201,11 @@ class Admission:
 
     @classmethod
     def of(cls, shapes, max_positions: int | None = None, max_rows: int | None = None,
-           max_queue: int | None = None) -> "Admission":
-        """From a backend's StepShapes; `max_positions` is the model's position embeddings."""
+           max_queue: int | None = None, grammars=None) -> "Admission":
+        """From a backend's StepShapes; `max_positions` is the model's position embeddings; `grammars`
+        (runtimes/constraint.py) compiles requests' grammars with the artifact's tokenizer."""
         return cls(shapes.batch, shapes.vocab_size, position_limit(shapes.max_positions, max_positions),
-                   shapes.batch if max_rows is None else max_rows, max_queue)
+                   shapes.batch if max_rows is None else max_rows, max_queue, grammars)
 
     def check(self, prompt, config: GenerationConfig, decodes: bool, timeout: float | None, closed: bool,
               waiting: int) -> list[int]:
@@ -216,14 +228,25 @@ class Admission:
             raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again later")
         return ids
 
+    def constrain(self, ids: list[int], config: GenerationConfig):
+        """The request's Constraint (runtimes/constraint.py), None without a grammar; RequestError for a
+        grammar that does not compile or cannot end within the request's tokens."""
+        if config.grammar is None:
+            return None
+        if self.grammars is None:
+            raise OptionError("a grammar constrains tokens by their text: it needs the artifact's tokenizer "
+                              "(tokenizer.model)", "grammar")
+        return self.grammars.constraint(config.grammar, token_budget(len(ids), config, self.limit))
+
 
 class RequestState:
     """The engine's state of one request (written by the engine's stepping thread only): its tokens,
     text, where it runs, and how it ends. `handle` is where its events go (a RequestHandle)."""
 
     def __init__(self, index: int, prompt: list[int], config: GenerationConfig, detokenizer: Detokenizer | None = None,
-                 sampler=None, timeout: float | None = None, handle=None):
+                 sampler=None, timeout: float | None = None, handle=None, constraint=None):
         self.index, self.prompt, self.config, self.detokenizer = index, prompt, config, detokenizer
+        self.constraint = constraint  # the grammar's matcher (runtimes/constraint.py), None = unconstrained
         self.sampler = sampler or Sampler(config.sampling, prompt_length=len(prompt))
         self.deadline = time.monotonic() + timeout if timeout is not None else None
         self.handle = handle
@@ -248,6 +271,8 @@ class RequestState:
             self.logprobs.append(logprob)
         if token in self.config.eos_token_ids:
             self.finish_reason = "eos"
+        elif self.constraint is not None and self.constraint.complete:
+            self.finish_reason = "grammar"
         elif len(self.ids) - len(self.prompt) >= self.config.max_new_tokens:
             self.finish_reason = "length"
         elif limit is not None and len(self.ids) - 1 >= limit:

@@ -1,8 +1,9 @@
 """Next-token choice from logits: greedy or seeded sampling, in the order transformers applies it.
 
 Pure numpy (serves ONNX Runtime without torch). Order: repetition penalty, presence and frequency
-penalties (OpenAI's, over the generated ids only), logit bias, then (when sampling) temperature,
-top-k, top-p, and a draw in float64.
+penalties (OpenAI's, over the generated ids only), logit bias, a grammar's mask (only for a
+constrained request: runtimes/constraint.py), then (when sampling) temperature, top-k, top-p, and a
+draw in float64.
 """
 from __future__ import annotations
 
@@ -79,6 +80,11 @@ class Sampler:
 
     def next_tokens(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
         """logits (B, V) for the next position; history[b] = row b's prompt + generated ids."""
+        return self.choose(self.scores(logits, history))
+
+    def scores(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        """A float32 copy (B, V) of the logits after repetition penalty, presence and frequency penalties
+        and logit bias: what a grammar's mask then applies to (runtimes/constraint.py)."""
         if logits.ndim != 2 or len(history) != logits.shape[0]:
             raise ValueError(f"logits {logits.shape} must be (B, V) with one history per row ({len(history)})")
         if np.isnan(logits).any():
@@ -89,6 +95,10 @@ class Sampler:
                                self.params.frequency_penalty)
         if self.bias_ids.size:  # ids within the vocabulary: checked at admission
             scores[:, self.bias_ids] += self.bias
+        return scores
+
+    def choose(self, scores: np.ndarray) -> np.ndarray:
+        """One token per row of scores (B, V): the argmax, or temperature, top-k, top-p and a draw."""
         if self.params.greedy:
             return scores.argmax(axis=-1).astype(np.int64)  # first maximum = lowest id, like torch
         return self.draw(scores.astype(np.float64) / self.params.temperature)

@@ -5,6 +5,10 @@
     print(session.generate("Once upon a time", max_new_tokens=20))
     for piece in session.stream("Hi", chat=True, temperature=0.7, seed=1):
         print(piece, end="")
+    session.generate("A person:", json_schema={"type": "object", "properties": {"name": {"type": "string"}}})
+
+Structured output: `json_schema=` (a JSON schema dict; `{"type": "object"}` for any object) or
+`grammar=` (llguidance's Lark dialect) constrain every prompt's output (runtimes/constraint.py).
 
 A head artifact (graphs/onnx_heads.py: bare model, sequence / token classification, question
 answering) does not generate: `Session.open` refuses it, naming HeadSession
@@ -24,6 +28,7 @@ from typing import Iterator
 
 from mixtral_export.runtimes.engine import Engine
 from mixtral_export.runtimes.engine_client import InprocessClient, RequestHandle, result_of
+from mixtral_export.runtimes.json_grammar import json_grammar
 from mixtral_export.runtimes.requests import GenerationConfig, GenerationResult, check_prompts, generation_config
 from mixtral_export.runtimes.step import RequestError
 
@@ -37,7 +42,7 @@ class Session:
         self.last_result: GenerationResult | None = None
         self._client = InprocessClient(
             Engine(backend, max_queue=max_queue, max_rows=max_rows,
-                   max_positions=manifest.config.max_position_embeddings),
+                   max_positions=manifest.config.max_position_embeddings, tokenizer=tokenizer),
             tokenizer.stream_decoder if tokenizer else None)
         weakref.finalize(self, self._client.stop_and_wait)  # dropped unclosed, or at exit: its thread ends
 
@@ -85,7 +90,11 @@ class Session:
     def decode(self, ids: list[int]) -> str:
         return self._need_tokenizer().decode(ids)
 
-    def _config(self, **options) -> GenerationConfig:
+    def _config(self, json_schema: dict | None = None, **options) -> GenerationConfig:
+        if json_schema is not None:
+            if options.get("grammar") is not None:
+                raise RequestError("give json_schema or grammar, not both")
+            options["grammar"] = json_grammar(json_schema)
         return generation_config(self.manifest.eos_token_id, **options)
 
     def _prompt_ids(self, prompt: str, chat: bool, system: str | None = None) -> list[int]:

@@ -109,6 +109,7 @@ def build_app(client: EngineClient, tokenizer, eos_token_ids: tuple[int, ...], m
         except RequestError as error:  # too long for the context, bad token ids, ...
             cancel(requests)
             param = error.option if isinstance(error, OptionError) else "prompt"
+            param = job.grammar_param or param if param == "grammar" else param
             return refuse(400, str(error), "invalid_request_error", "bad_request", param)
         metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
         if job.stream:

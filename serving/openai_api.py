@@ -7,8 +7,10 @@ cut from the text), `seed`, `stream` (+ `stream_options.include_usage`), `user` 
 chat's `tools`, `tool_choice` and `parallel_tool_calls` (serving/tools_api.py),
 `logprobs` (chat: a bool, with `top_logprobs` 0..20; completions: an int 0..5: the model's
 log-softmax of the raw logits, runtimes/logprobs.py), `logit_bias`, `presence_penalty`,
-`frequency_penalty` (OpenAI's definitions, runtimes/sampling.py) and `n` (each choice its own
-request; with `seed`, choice 0 draws from the seed and choice i from one derived from it). Any other
+`frequency_penalty` (OpenAI's definitions, runtimes/sampling.py), `n` (each choice its own
+request; with `seed`, choice 0 draws from the seed and choice i from one derived from it) and
+`response_format` (`text`; `json_object`, any JSON object; `json_schema`, JSON valid against its
+`schema`: constrained decoding, runtimes/constraint.py and runtimes/json_grammar.py). Any other
 field, or an unimplemented one set to anything but its "off" value, is refused rather than ignored.
 Anything a client can get wrong raises BadRequest (HTTP 400) with the parameter it names.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mixtral_export.runtimes.json_grammar import json_grammar
 from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
@@ -31,14 +34,15 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` bound (OpenAI's)
 MAX_CHOICES = 128  # `n` at most (OpenAI's bound)
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "stream_options",
-                           "user", "n", "logit_bias", "presence_penalty", "frequency_penalty"})
+                           "user", "n", "logit_bias", "presence_penalty", "frequency_penalty", "response_format"})
+RESPONSE_FORMATS = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}  # their members
+JSON_SCHEMA_MEMBERS = frozenset({"name", "description", "schema", "strict"})
 FIELDS = {"completion": COMMON_FIELDS | {"prompt", "logprobs"},
           "chat": COMMON_FIELDS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools",
                                    "tool_choice", "parallel_tool_calls"}}  # the fields each endpoint reads
-OFF = {"best_of": (1,), "echo": (False,), "suffix": ("",),
-       "response_format": ({"type": "text"},)}  # not implemented: the values that
+OFF = {"best_of": (1,), "echo": (False,), "suffix": ("",)}  # not implemented: the values that
 # mean "off" (None always does); any other field not in FIELDS is refused whatever its value
-FINISH_REASONS = {"eos": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
+FINISH_REASONS = {"eos": "stop", "grammar": "stop", "stop_string": "stop", "length": "length", "cache_full": "length",
                   "cancelled": "length", "timeout": "length"}  # OpenAI knows only stop / length here
 
 
@@ -63,6 +67,7 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     delta_frame: tuple[str, str] | None = None  # the SSE text around a delta's JSON string, made once
     tools: ToolRequest | None = None  # chat's tool fields (None: the request has none)
+    grammar_param: str | None = None  # the field a grammar came from (what a refused grammar's 400 names)
 
 
 def delta_event(job: Job, text: str) -> str:
@@ -143,11 +148,53 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
                    logit_bias=logit_bias(body.get("logit_bias")))
     if options["top_p"] == 0:
         raise BadRequest("'top_p' must be > 0", "top_p")
-    grammar = tools.grammar(marker_id(tokenizer)) if tools is not None and tools.calls_allowed else None
+    grammar, grammar_param = response_format(body.get("response_format")), "response_format"
+    forced = tools.grammar(marker_id(tokenizer)) if tools is not None and tools.calls_allowed else None
+    if forced is not None:
+        if grammar is not None:
+            raise BadRequest("'response_format' and a forced tool call ('tool_choice' 'required' or a named "
+                             "function) both constrain the answer: ask for one", "response_format")
+        grammar, grammar_param = forced, "tool_choice"
     if grammar is not None:
         options["grammar"] = grammar
     return Job(kind, model, [p for p in prompts for _ in range(n)], options, stream,
-               bool(stream_options.get("include_usage", False)), n, tools=tools)
+               bool(stream_options.get("include_usage", False)), n, tools=tools,
+               grammar_param=None if grammar is None else grammar_param)
+
+
+def response_format(value) -> str | None:
+    """The grammar `response_format` asks for: None for text; any JSON object for json_object; JSON
+    valid against json_schema.schema (strict or not, the output always validates). Unknown types or
+    members are refused, naming them."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        kind = value.get("type") if isinstance(value, dict) else value
+        raise BadRequest(f"'response_format' type {kind!r} is not supported: use one of "
+                         f"{', '.join(RESPONSE_FORMATS)}", "response_format")
+    kind = value["type"]
+    unknown = sorted(set(value) - RESPONSE_FORMATS[kind])
+    if unknown:
+        raise BadRequest(f"'response_format' of type {kind!r} has no member {unknown[0]!r}", "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return json_grammar(None)
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise BadRequest("'response_format.json_schema' must be an object with a 'name' and a 'schema'",
+                         "response_format")
+    unknown = sorted(set(spec) - JSON_SCHEMA_MEMBERS)
+    if unknown:
+        raise BadRequest(f"'response_format.json_schema' has no member {unknown[0]!r}", "response_format")
+    if not isinstance(spec.get("name"), str) or not spec["name"]:
+        raise BadRequest("'response_format.json_schema.name' must be a non-empty string", "response_format")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise BadRequest("'response_format.json_schema.strict' must be a boolean", "response_format")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise BadRequest("'response_format.json_schema.schema' must be a JSON schema object", "response_format")
+    return json_grammar(schema)
 
 
 def choice_options(job: Job, choice: int) -> dict:

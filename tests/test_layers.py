@@ -29,8 +29,8 @@ LAYERS = [
         "step", "load", "ort", "span_ring", "ort_heads", "eager", "eager_heads", "compiled", "aoti", "trt", "torch_ring",
         "resident_weights", "heads"))),
     Layer(4, "engine", tuple(f"{P}.runtimes.{name}" for name in (
-        "requests", "scheduler", "sampling", "logprobs", "engine", "engine_client", "engine_process", "generate",
-        "session", "head_session"))),
+        "requests", "scheduler", "sampling", "logprobs", "constraint", "json_grammar", "engine", "engine_client",
+        "engine_process", "generate", "session", "head_session"))),
     Layer(5, "tools", (f"{P}.runtimes.verify*", f"{P}.runtimes.step_parity", f"{P}.runtimes.perplexity",
                        f"{P}.runtimes.logit_reference", f"{P}.serving", f"{P}.serving.*",
                        f"{P}.bench", f"{P}.bench.*")),

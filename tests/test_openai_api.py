@@ -18,9 +18,6 @@ COMPLETION = {"model": "tiny", "prompt": "Hi"}
 
 
 @pytest.mark.parametrize("kind, extra, param", [
-    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("completion", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}},
-     "response_format"),
     ("chat", {"functions": [{"name": "f"}]}, "functions"), ("completion", {"tools": []}, "tools"),
     ("completion", {"echo": True}, "echo"), ("completion", {"best_of": 2}, "best_of"),
     ("completion", {"suffix": "x"}, "suffix"), ("chat", {"top_k": 5}, "top_k"), ("chat", {"store": True}, "store"),
@@ -39,6 +36,34 @@ def test_an_unimplemented_field_is_refused_by_name(tokenizer, kind, extra, param
                                    {"messages": [{"role": "user", "content": "Hi", "tool_calls": [], "name": None}]}])
 def test_a_field_at_its_off_value_is_accepted(tokenizer, extra):
     assert parse("chat", {**CHAT, **extra}, tokenizer, "tiny", 16).prompts
+
+
+@pytest.mark.parametrize("value, message", [
+    ({"type": "xml"}, "type 'xml' is not supported"), ("json", "type 'json' is not supported"),
+    ({"type": "json_object", "schema": {}}, "no member 'schema'"),
+    ({"type": "text", "json_schema": {}}, "no member 'json_schema'"),
+    ({"type": "json_schema"}, "must be an object with a 'name'"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strictness": 1}}, "no member 'strictness'"),
+    ({"type": "json_schema", "json_schema": {"schema": {}}}, "name' must be a non-empty string"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": []}}, "must be a JSON schema object"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "strict": "yes"}}, "strict' must be a boolean")])
+def test_a_bad_response_format_is_refused_naming_what_is_wrong(tokenizer, value, message):
+    with pytest.raises(BadRequest, match=message) as caught:
+        parse("chat", {**CHAT, "response_format": value}, tokenizer, "tiny", 16)
+    assert caught.value.param == "response_format"
+
+
+def test_response_format_becomes_the_jobs_grammar(tokenizer):
+    from mixtral_export.runtimes.json_grammar import json_grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    for kind, body in (("chat", CHAT), ("completion", COMPLETION)):
+        job = parse(kind, {**body, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "thing", "description": "d", "schema": schema, "strict": True}}}, tokenizer, "tiny", 16)
+        assert job.options["grammar"] == json_grammar(schema) and job.grammar_param == "response_format"
+        job = parse(kind, {**body, "response_format": {"type": "json_object"}}, tokenizer, "tiny", 16)
+        assert job.options["grammar"] == json_grammar(None)
+        assert "grammar" not in parse(kind, {**body, "response_format": {"type": "text"}}, tokenizer, "tiny", 16).options
 
 
 def test_a_message_field_that_is_not_encoded_is_refused(tokenizer):
