@@ -4,7 +4,7 @@ streamed deltas).
 
 `tool_choice` "auto" (the default with tools) lets the model answer with text or [TOOL_CALLS];
 "none" (the default without) reads any [TOOL_CALLS] it writes as text; "required" and a named
-function constrain it with a grammar (mixtral_export/tool_grammar.py) to call some function, or that
+function constrain it with a grammar (serving/tool_grammar.py) to call some function, or that
 one. What the model writes after [TOOL_CALLS] that is no valid list of calls comes back as plain
 content (mixtral_export/tool_call_parser.py).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from mixtral_export.chat_format import TOOL_VERSIONS
 from mixtral_export.tool_call_parser import ParsedCall, ToolAnswer, read_answer
 from mixtral_export.tool_calls import Function, ToolFormatError, check_tools
-from mixtral_export.tool_grammar import tool_call_grammar
+from mixtral_export.serving.tool_grammar import tool_call_grammar
 
 CHOICES = ("auto", "none", "required")
 MARKER = "[TOOL_CALLS]"

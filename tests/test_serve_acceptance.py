@@ -21,12 +21,7 @@ mistral_common = pytest.importorskip("mistral_common", reason="mistral-common sh
 pytest.importorskip("fastapi")
 pytest.importorskip("llguidance")
 
-from mixtral_export.runtimes.requests import GenerationConfig  # noqa: E402
 from tests.test_serve import REPO, Server  # noqa: E402
-
-# The engine's grammar option (structured output) lands separately; until then these tests wait for it.
-needs_grammar = pytest.mark.skipif("grammar" not in GenerationConfig.__dataclass_fields__,
-                                   reason="the engine has no grammar option yet")
 
 V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 WEATHER = {"type": "function", "function": {
@@ -110,7 +105,6 @@ def streamed_calls(stream) -> tuple[list[dict], str]:
     return [calls[i] for i in sorted(calls)], finish
 
 
-@needs_grammar
 @pytest.mark.parametrize("seed", [1, 2])
 def test_json_schema_replies_validate_plain_and_streamed(server, seed):
     response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
@@ -125,7 +119,6 @@ def test_json_schema_replies_validate_plain_and_streamed(server, seed):
     jsonschema.validate(json.loads(text), PERSON)
 
 
-@needs_grammar
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_tool_choice_required_calls_a_tool_whose_arguments_validate(server, seed):
     args = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=1.0,
@@ -139,7 +132,6 @@ def test_tool_choice_required_calls_a_tool_whose_arguments_validate(server, seed
         (c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls]
 
 
-@needs_grammar
 @pytest.mark.parametrize("parallel", [True, False])
 def test_a_named_tool_choice_calls_that_function(server, parallel):
     reply = server.client.chat.completions.create(
@@ -150,7 +142,6 @@ def test_a_named_tool_choice_calls_that_function(server, parallel):
     assert reply.choices[0].finish_reason == "tool_calls" and (parallel or len(calls) == 1)
 
 
-@needs_grammar
 def test_a_tool_result_in_the_history_is_encoded_as_mistral_common_does(server, mistral):
     call = server.client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, max_tokens=120, seed=9,
                                                  tool_choice={"type": "function", "function": {"name": "get_weather"}},

@@ -14,13 +14,12 @@ llguidance = pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 mistral_common = pytest.importorskip("mistral_common", reason="mistral-common ships the v3 tokenizer")
 
-pytest.importorskip("mixtral_export.runtimes.constraint", reason="the engine has no grammar option yet")
 from mixtral_export.runtimes.constraint import Grammars, constrained_token  # noqa: E402
 from mixtral_export.runtimes.sampling import Sampler, SamplingParams  # noqa: E402
 from mixtral_export.tokenizer import Tokenizer  # noqa: E402
 from mixtral_export.tool_call_parser import parse_tool_calls  # noqa: E402
 from mixtral_export.tool_calls import check_tools  # noqa: E402
-from mixtral_export.tool_grammar import tool_call_grammar  # noqa: E402
+from mixtral_export.serving.tool_grammar import tool_call_grammar  # noqa: E402
 
 V3 = Path(mistral_common.__file__).parent / "data" / "mistral_instruct_tokenizer_240323.model.v3"
 TOOLS = check_tools([
