@@ -10,7 +10,7 @@ from __future__ import annotations
 EXTRAS = {"torch": "export", "onnx": "export", "onnxscript": "export", "onnx_ir": "export",
           "transformers": "reference", "jinja2": "reference", "matplotlib": "plot", "tensorrt": "tensorrt",
           "fastapi": "serve", "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve",
-          "ray": "ray", "mistral_common": "reference", "ml_dtypes": "export"}
+          "ray": "ray", "mistral_common": "reference", "ml_dtypes": "export", "jsonschema": "serve"}
 
 
 class UserError(Exception):

@@ -23,7 +23,7 @@ import numpy as np
 
 from mixtral_export.runtimes.requests import OptionError
 
-MAX_REJECTIONS = 8  # sampled tokens refused for the budget before the closing path's next token is taken
+MAX_REJECTIONS = 4  # sampled tokens refused for the budget before the closing path's next token is taken
 # Single characters tried, in order, to close a grammar (after its forced text): end a string, close
 # an object or array, the shortest values. Anything else falls back to the lowest allowed token id.
 ENCODED_CACHE = 4096  # forced texts whose ids are remembered per engine
@@ -232,6 +232,8 @@ class Constraint:
 def constrained_token(sampler, logits: np.ndarray, history: list[int], constraint: Constraint) -> int:
     """One constrained row's next token from its logits (1, V): the sampler's penalties and bias, then
     the grammar's mask (disallowed = -inf), then its choice (greedy or a draw), under the budget rule."""
+    if constraint.path and len(constraint.path) >= constraint.left:
+        return constraint.close()  # no slack: only the closing path is sure to fit
     scores = sampler.scores(logits, [history])  # (1, V) float32
     scores[0, ~constraint.allowed()] = -np.inf
     for _ in range(MAX_REJECTIONS):

@@ -1,7 +1,8 @@
 """The model's log-probabilities of sampled tokens: log-softmax of the raw logits, in float64.
 
-Raw means before repetition penalty, temperature, penalties and logit bias: what the model says,
-comparable with transformers' and eager's log-softmax, whatever a request's sampling does. Pure numpy.
+Raw means before repetition penalty, temperature, penalties, logit bias and a grammar's mask: what
+the model says, comparable with transformers' and eager's log-softmax, whatever a request's sampling
+does. Pure numpy.
 """
 from __future__ import annotations
 

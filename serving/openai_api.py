@@ -27,7 +27,7 @@ from mixtral_export.runtimes.json_grammar import json_grammar
 from mixtral_export.runtimes.logprobs import MAX_TOP_LOGPROBS, TokenLogprob
 from mixtral_export.runtimes.requests import Completion
 from mixtral_export.runtimes.step import RequestError
-from mixtral_export.serving.tools_api import ToolRequest, marker_id, message, tool_answer, tool_request
+from mixtral_export.serving.tools_api import ToolRequest, marker_id, message, tool_answer, tool_request, writes_tools
 from mixtral_export.tool_calls import Function, ToolFormatError
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI default for /v1/completions
@@ -119,9 +119,9 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
             tools = tool_request(body)
         except ToolFormatError as error:
             raise BadRequest(str(error), error.param) from None
-        if tools is not None and tools.functions and marker_id(tokenizer) is None:
-            raise BadRequest(f"'tools' need a tokenizer with tool tokens (v3, Mixtral-8x22B's); this model's is "
-                             f"{getattr(tokenizer, 'instruct_version', 'missing')}, which has none", "tools")
+        if tools is not None and tools.functions and not writes_tools(tokenizer):
+            raise BadRequest(f"'tools' need a tokenizer with tool tokens in the v3 format (Mixtral-8x22B's); this "
+                             f"model's is {getattr(tokenizer, 'instruct_version', 'missing')}", "tools")
         prompts = [chat_prompt(body.get("messages"), tokenizer, tools.functions if tools else ())]
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         max_tokens = default_max_tokens if max_tokens is None else max_tokens
@@ -148,18 +148,18 @@ def parse(kind: str, body, tokenizer, served_model: str, default_max_tokens: int
                    logit_bias=logit_bias(body.get("logit_bias")))
     if options["top_p"] == 0:
         raise BadRequest("'top_p' must be > 0", "top_p")
-    tool_grammar = tools.grammar(marker_id(tokenizer)) if tools is not None and tools.calls_allowed else None
-    format_grammar = response_format(body.get("response_format"))
-    if tool_grammar is not None and format_grammar is not None:
-        raise BadRequest("'response_format' cannot constrain a reply that 'tool_choice' constrains to tool calls",
-                         "response_format")
-    grammar = tool_grammar if tool_grammar is not None else format_grammar
+    grammar, grammar_param = response_format(body.get("response_format")), "response_format"
+    forced = tools.grammar(marker_id(tokenizer)) if tools is not None and tools.calls_allowed else None
+    if forced is not None:
+        if grammar is not None:
+            raise BadRequest("'response_format' and a forced tool call ('tool_choice' 'required' or a named "
+                             "function) both constrain the answer: ask for one", "response_format")
+        grammar, grammar_param = forced, "tool_choice"
     if grammar is not None:
         options["grammar"] = grammar
     return Job(kind, model, [p for p in prompts for _ in range(n)], options, stream,
                bool(stream_options.get("include_usage", False)), n, tools=tools,
-               grammar_param=None if grammar is None else "tool_choice" if tool_grammar is not None
-               else "response_format")
+               grammar_param=None if grammar is None else grammar_param)
 
 
 def response_format(value) -> str | None:

@@ -4,7 +4,7 @@ streamed deltas).
 
 `tool_choice` "auto" (the default with tools) lets the model answer with text or [TOOL_CALLS];
 "none" (the default without) reads any [TOOL_CALLS] it writes as text; "required" and a named
-function constrain it with a grammar (mixtral_export/tool_grammar.py) to call some function, or that
+function constrain it with a grammar (serving/tool_grammar.py) to call some function, or that
 one. What the model writes after [TOOL_CALLS] that is no valid list of calls comes back as plain
 content (mixtral_export/tool_call_parser.py).
 """
@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mixtral_export.chat_format import TOOL_VERSIONS
 from mixtral_export.tool_call_parser import ParsedCall, ToolAnswer, read_answer
 from mixtral_export.tool_calls import Function, ToolFormatError, check_tools
-from mixtral_export.tool_grammar import tool_call_grammar
+from mixtral_export.serving.tool_grammar import tool_call_grammar
 
 CHOICES = ("auto", "none", "required")
 MARKER = "[TOOL_CALLS]"
@@ -70,6 +71,11 @@ def tool_request(body: Mapping) -> ToolRequest | None:
         raise ToolFormatError(f"'tool_choice' names function {name!r}, which is not in 'tools' "
                               f"({', '.join(f.name for f in functions) or 'none given'})", "tool_choice")
     return ToolRequest(functions, "function", parallel, name)
+
+
+def writes_tools(tokenizer) -> bool:
+    """The tokenizer's chat format carries tools (v3: mixtral_export/chat_format.py)."""
+    return tokenizer is not None and tokenizer.instruct_version in TOOL_VERSIONS and marker_id(tokenizer) is not None
 
 
 def marker_id(tokenizer) -> int | None:

@@ -23,7 +23,7 @@ LAYERS = [
     Layer(1, "artifact contract", (f"{P}.artifact", f"{P}.artifact.*")),
     Layer(2, "model", tuple(f"{P}.{name}" for name in (
         "model", "checkpoint", "safetensors_file", "tokenizer", "chat_format", "tool_calls", "tool_call_parser",
-        "tool_grammar", "head", "head_model", "tiny", "tokenizer_training"))),
+        "head", "head_model", "tiny", "tokenizer_training"))),
     Layer(3, "export", (f"{P}.graphs", f"{P}.graphs.*")),
     Layer(3, "backends", (f"{P}.runtimes",) + tuple(f"{P}.runtimes.{name}" for name in (
         "step", "load", "ort", "span_ring", "pipeline", "ray_stages", "ort_heads", "eager", "eager_heads", "compiled", "aoti", "trt", "torch_ring",

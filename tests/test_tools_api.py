@@ -121,3 +121,12 @@ def test_a_stream_holds_everything_from_the_marker_on(v3):
     deltas = call_deltas(answer)
     assert [d["tool_calls"][0]["index"] for d in deltas] == [0, 1]
     assert deltas[0]["tool_calls"][0]["function"] == {"name": "ping", "arguments": "{}"}
+
+
+def test_a_v2_tokenizer_refuses_tools_naming_the_field():
+    from mixtral_export.tokenizer import Tokenizer
+
+    v2 = Tokenizer.from_file(V3.parent / "mistral_instruct_tokenizer_240216.model.v2")
+    with pytest.raises(BadRequest, match="v3 format.*this model's is v2") as caught:
+        parse("chat", CHAT, v2, "tiny", 16)
+    assert caught.value.param == "tools"
