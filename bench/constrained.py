@@ -2,7 +2,7 @@
 same request unconstrained, interleaved on one ORT backend, for greedy and sampled decoding.
 
 Each round runs every mode once (the order reversed every other round), one request at a time on a
-batch-1 artifact, decode steps only (prefill timed apart, as generate does). A mode's figure is its
+batch-1 artifact (gathered routing by default), decode steps only (prefill timed apart, as generate does). A mode's figure is its
 decode milliseconds per token (median over rounds); the ratio is the median of the per-round ratios
 constrained / unconstrained, so a burst of another job's load spreads over both. The constrained
 step includes everything the grammar costs: the mask, the budget's closing path, and the masked
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--tokenizer", type=Path, default=None)
+    parser.add_argument("--routing", default="gather", help="gather | dense")
     parser.add_argument("--work-dir", type=Path, default=Path("out/bench"))
     args = parser.parse_args()
     if args.libraries:
@@ -175,16 +176,17 @@ def main() -> None:
         return
     model = bench_model(args.model, args.layers, args.work_dir)
     shapes = StepShapes.for_config(model.config, batch=1, prefill_chunk=16, cache_slots=128)
-    build(args.model, args.layers, args.work_dir, [("dense", shapes, "fp32", 32)], print)
-    artifact = export_if_stale(model, "dense", shapes, print)
+    build(args.model, args.layers, args.work_dir, [(args.routing, shapes, "fp32", 32)], print)
+    artifact = export_if_stale(model, args.routing, shapes, print)
     tokenizer = tokenizer_for(args.model, model.checkpoint, args.tokenizer)
     backend, manifest = open_backend(artifact, "ort", threads=args.threads)
     engine = Engine(backend, tokenizer=tokenizer, ride_along=False)
     prompt = tokenizer.encode_chat([{"role": "user", "content": "Describe a person as JSON."}])
     eos = ()  # unconstrained requests run their whole budget; a constrained one ends with its grammar
     load = os.getloadavg()[0]
-    for mode in MODES:  # warm-up: first-call allocations and the grammar tokenizer out of the measurement
-        per_token_ms(engine, prompt, mode, args.tokens, eos, 0)
+    for mode in MODES[::2]:  # warm-up: first-call allocations and the grammar tokenizer out of the measurement
+        per_token_ms(engine, prompt, mode, 2, eos, 0)
+    engine.admission.constrain(prompt, generation_config(eos, max_new_tokens=args.tokens, grammar=json_grammar(SCHEMA)))
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for round_ in range(args.rounds):
         for mode in (MODES if round_ % 2 == 0 else MODES[::-1]):
