@@ -206,6 +206,13 @@ class StepShapes:
     def input_dtype(self, name: str) -> str:
         return self.dtype if name.startswith(("cache_k.", "cache_v.")) else "int64"
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return OUTPUT_NAMES
+
+    def output_dtype(self, name: str) -> str:
+        return "float32" if name == "logits" else self.dtype
+
     def output_shapes(self, chunk: int) -> dict[str, tuple[int, ...]]:
         new = (self.num_layers, self.batch, self.num_kv_heads, chunk, self.head_dim)
         return {"logits": (self.batch, chunk, self.vocab_size), "new_k": new, "new_v": new}
@@ -235,14 +242,16 @@ class StepShapes:
         return cls(**{**raw, "prefill_chunks": tuple(raw.get("prefill_chunks", ()))})
 
 
-def layer_names(side: str, num_layers: int) -> tuple[str, ...]:
-    return tuple(f"{side}.{i}" for i in range(num_layers))
+def layer_names(side: str, num_layers: int, first: int = 0) -> tuple[str, ...]:
+    """`side`.i for the layers [first, first + num_layers): a stage's caches keep the model's layer numbers."""
+    return tuple(f"{side}.{i}" for i in range(first, first + num_layers))
 
 
-def layer_caches(cache_k, cache_v) -> dict:
-    """{"cache_k.i": cache_k[i], "cache_v.i": cache_v[i]}: views of (L, ...) arrays or tensors, never copies."""
-    return {**dict(zip(layer_names("cache_k", len(cache_k)), cache_k)),
-            **dict(zip(layer_names("cache_v", len(cache_v)), cache_v))}
+def layer_caches(cache_k, cache_v, first: int = 0) -> dict:
+    """{"cache_k.i": cache_k[i - first], "cache_v.i": ...}: views of (L, ...) arrays or tensors, never copies;
+    `first`: the model's number of the first layer they hold (a pipeline stage's)."""
+    return {**dict(zip(layer_names("cache_k", len(cache_k), first), cache_k)),
+            **dict(zip(layer_names("cache_v", len(cache_v), first), cache_v))}
 
 
 def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) -> int | None:
@@ -261,6 +270,125 @@ def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) ->
                             f"({sliding_window}); pass slide=True / --slide to attend to the last "
                             f"{cache_slots} positions instead")
     return None
+
+
+# ---- pipeline stages: a contiguous range of layers, each its own graph ----
+#
+# A staged artifact splits the step into N graphs chained in order. Stage i runs layers
+# [first, stop) with its own ring cache; only the hidden state crosses from one stage to the next:
+#
+#   inputs   input_ids (B, T) int64 (stage 0) | hidden (B, T, H) the build's dtype (the others)
+#            positions (B, T), cache_k.first .. cache_k.{stop-1}, cache_v.*, cache_positions (B, S)
+#   outputs  hidden_out (B, T, H) the build's dtype (every stage but the last; the next stage's
+#            hidden: ONNX names a graph's values once) | logits (B, T, V) float32
+#            new_k, new_v (stop - first, B, Hkv, T, D)
+#
+# Stage 0 holds the embedding, the last the final norm and the LM head. Every stage keeps its own
+# copy of cache_positions (B x S int64), written the same way by each, so none waits on another.
+
+HIDDEN = "hidden"
+HIDDEN_OUT = "hidden_out"
+
+
+@dataclass(frozen=True)
+class StageShapes:
+    """One pipeline stage's contract: the whole step's shapes and which layers this stage runs."""
+
+    step: StepShapes
+    index: int
+    count: int
+    first_layer: int
+    stop_layer: int
+    hidden_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("index", "count", "first_layer", "stop_layer", "hidden_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ContractError(f"stage {name} must be a non-negative integer, got {value!r}")
+        if not 0 <= self.index < self.count or not 0 <= self.first_layer < self.stop_layer <= self.step.num_layers:
+            raise ContractError(f"stage {self.index} of {self.count} with layers [{self.first_layer}, "
+                                f"{self.stop_layer}) does not fit a model of {self.step.num_layers} layers")
+        if (self.index == 0) != (self.first_layer == 0) or \
+                (self.index == self.count - 1) != (self.stop_layer == self.step.num_layers):
+            raise ContractError(f"stage {self.index} of {self.count}: only the first stage starts at layer 0 "
+                                f"and only the last ends at layer {self.step.num_layers}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.stop_layer - self.first_layer
+
+    @property
+    def embeds(self) -> bool:
+        return self.index == 0
+
+    @property
+    def ends(self) -> bool:
+        return self.index == self.count - 1
+
+    @property
+    def dtype(self) -> str:
+        return self.step.dtype
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.step.chunks
+
+    @property
+    def first_input(self) -> str:
+        return "input_ids" if self.embeds else HIDDEN
+
+    @property
+    def last_output(self) -> str:
+        return "logits" if self.ends else HIDDEN_OUT
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (self.last_output, "new_k", "new_v")
+
+    def cache_shape(self, span: int | None = None) -> tuple[int, int, int, int, int]:
+        """This stage's cache per side: (L_stage, B, Hkv, S, D), or a span of it (as the step's)."""
+        return (self.num_layers, *self.step.cache_shape(span)[1:])
+
+    @property
+    def span_axis(self) -> bool:
+        return self.step.span_axis
+
+    def span_dims(self, name: str) -> tuple[int, ...]:
+        return self.step.span_dims(name)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return (self.first_input, "positions", *layer_names("cache_k", self.num_layers, self.first_layer),
+                *layer_names("cache_v", self.num_layers, self.first_layer), "cache_positions")
+
+    def input_shapes(self, chunk: int, span: int | None = None) -> dict[str, tuple[int, ...]]:
+        whole = self.step.input_shapes(chunk, span)
+        first = whole["input_ids"] if self.embeds else (self.step.batch, chunk, self.hidden_size)
+        return {name: first if name == self.first_input else whole.get(name, self.cache_shape(span)[1:])
+                for name in self.input_names}
+
+    def input_dtype(self, name: str) -> str:
+        return self.dtype if name == HIDDEN else self.step.input_dtype(name)
+
+    def output_shapes(self, chunk: int) -> dict[str, tuple[int, ...]]:
+        new = (self.num_layers, *self.step.output_shapes(chunk)["new_k"][1:])
+        last = (self.step.batch, chunk, self.step.vocab_size if self.ends else self.hidden_size)
+        return {self.last_output: last, "new_k": new, "new_v": new}
+
+    def output_dtype(self, name: str) -> str:
+        return "float32" if name == "logits" else self.dtype
+
+    def to_dict(self) -> dict:
+        """What a stage manifest records beside the whole step's shapes."""
+        return {"index": self.index, "count": self.count, "layers": [self.first_layer, self.stop_layer],
+                "hidden_size": self.hidden_size}
+
+    @classmethod
+    def from_dict(cls, step: StepShapes, raw: dict) -> "StageShapes":
+        first, stop = raw["layers"]
+        return cls(step=step, index=raw["index"], count=raw["count"], first_layer=first, stop_layer=stop,
+                   hidden_size=raw["hidden_size"])
 
 
 # ---- head graphs: the non-generative heads, prefill only ----

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from mixtral_export.artifact.block_hash import BLOCK_BYTES, hash_file
-from mixtral_export.artifact.contract import CLASSIFIER_KINDS, OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS, ContractError, HeadShapes, StageShapes, StepShapes
 from mixtral_export.artifact.config import ConfigError, MixtralConfig
 from mixtral_export.errors import UserError
 
@@ -131,6 +131,21 @@ class Manifest(ArtifactManifest):
     # Weight-only quantization (graphs/onnx_quant.py): scheme, bits, symmetric, block_size,
     # activations and per tensor {kind, max_abs, mean_abs}; None = float weights.
     quantization: dict | None = None
+    # A staged artifact (graphs/onnx_stages.py) lists its stages, in order, as
+    # {"folder", "layers": [first, stop], "bytes"}; each stage folder holds a manifest of its own
+    # whose `stage` says which one it is. Both carry the export's id, so stages of different exports
+    # are never chained.
+    stages: tuple[dict, ...] = ()
+    stage: StageShapes | None = None
+    export_id: str | None = None
+
+    @property
+    def contract(self) -> StepShapes | StageShapes:
+        """What this manifest's graph takes and gives: the whole step's, or one stage's."""
+        return self.stage or self.shapes
+
+    def stage_folder(self, index: int) -> Path:
+        return self.folder / self.stages[index]["folder"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,15 +160,14 @@ class HeadManifest(ArtifactManifest):
         return self.shapes.head
 
 
-def io_contract(shapes: StepShapes, chunks: tuple[int, ...]) -> dict:
-    """The step contract's names, dtypes and shapes for every served chunk length."""
+def io_contract(shapes: StepShapes | StageShapes, chunks: tuple[int, ...]) -> dict:
+    """The step contract's (or one stage's) names, dtypes and shapes for every served chunk length."""
     def entries(names, shapes_of, dtype_of) -> list[dict]:
         return [{"name": name, "dtype": dtype_of(name),
                  "shapes": {str(t): list(shapes_of(t)[name]) for t in chunks}} for name in names]
 
     return {"inputs": entries(shapes.input_names, shapes.input_shapes, shapes.input_dtype),
-            "outputs": entries(OUTPUT_NAMES, shapes.output_shapes,
-                               lambda name: "float32" if name == "logits" else shapes.dtype)}
+            "outputs": entries(shapes.output_names, shapes.output_shapes, shapes.output_dtype)}
 
 
 def artifact_io(shapes: StepShapes | HeadShapes, chunks: tuple[int, ...]) -> dict:
@@ -184,7 +198,8 @@ def sha256_file(path: Path) -> str:
 
 
 def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shapes: StepShapes | HeadShapes,
-                   graphs: dict[str, str], opset: int | None = None,
+                   graphs: dict[str, str], opset: int | None = None, stage: StageShapes | None = None,
+                   stages: list[dict] | None = None, export_id: str | None = None,
                    tokenizer: str | None = None, bos_token_id: int | None = None,
                    eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
                    source: str | Path | None = None, routing: str = "dense", labels: tuple[str, ...] = (),
@@ -194,12 +209,15 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
     bos/eos default to the config's; the chunk lengths are shapes.chunks (a head graph's: its T).
     `hashed` gives the entries of files the builder hashed as it wrote them (tens of GB need not be
     read twice); their sizes are still checked against the disk.
+    `stage`: this folder is one stage of a staged export; `stages`: this folder is a staged
+    artifact's top, its stage folders (each with its own manifest) beside its files.
     """
     folder = Path(folder)
+    stage_folders = {entry["folder"] for entry in stages or ()}
     if kind not in KINDS:
         raise ManifestError(f"{folder / MANIFEST_NAME}: unknown artifact kind {kind!r} (one of {', '.join(KINDS)})")
     chunks = shapes.chunks
-    names = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST_NAME)
+    names = sorted(p.name for p in folder.iterdir() if p.name not in (MANIFEST_NAME, *stage_folders))
     for name in names:
         if not (folder / name).is_file():
             raise ManifestError(f"{folder / name}: an artifact holds plain files only")
@@ -219,7 +237,7 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
         "shapes": shapes.to_dict(),
         "chunks": list(chunks),
         "graphs": dict(graphs),
-        "io": artifact_io(shapes, chunks),
+        "io": artifact_io(stage or shapes, chunks),
         "tokenizer": tokenizer,
         "bos_token_id": config.bos_token_id if bos_token_id is None else bos_token_id,
         "eos_token_id": list(config.eos_token_id if eos_token_id is None else eos_token_id),
@@ -228,6 +246,9 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
         "routing": routing,
         **({"head": shapes.head, "labels": list(labels)} if isinstance(shapes, HeadShapes) else {}),
         **({"quantization": quantization} if quantization else {}),
+        **({"export_id": export_id} if export_id else {}),
+        **({"stage": stage.to_dict()} if stage else {}),
+        **({"stages": list(stages)} if stages else {}),
         "files": {name: file_entry(folder / name, (hashed or {}).get(name)) for name in names},
     }
     path = folder / MANIFEST_NAME
@@ -280,6 +301,39 @@ def load_manifest(folder: str | Path, verify_files: bool = True) -> Manifest | H
     return manifest
 
 
+def load_stage(top: Manifest, index: int, verify_files: bool = True, folder: str | Path | None = None) -> Manifest:
+    """Stage `index` of the staged artifact `top`, checked to be that stage of that very export.
+
+    `folder`: where the stage folder is on this machine (default: beside the top manifest), so a
+    machine that holds only its own stage can load it. A missing folder, a stage of another export
+    (export ids differ) or another place in the pipeline is refused in one line.
+    """
+    folder = Path(folder) if folder is not None else top.stage_folder(index)
+    if not (folder / MANIFEST_NAME).is_file():
+        raise ManifestError(f"{folder}: stage {index} of {top.folder} is missing (no {MANIFEST_NAME}); "
+                            f"copy the artifact's {top.stages[index]['folder']} folder there")
+    stage = load_manifest(folder, verify_files=verify_files)
+    check_stage(top, index, stage)
+    return stage
+
+
+def check_stage(top: Manifest, index: int, stage: Manifest) -> None:
+    """`stage` (a stage folder's manifest, loaded where it lives) is stage `index` of the export `top`."""
+    where = stage.folder / MANIFEST_NAME
+    if not isinstance(stage, Manifest) or stage.stage is None:
+        raise ManifestError(f"{where}: not a pipeline stage")
+    if stage.export_id != top.export_id:
+        raise ManifestError(f"{where}: a stage of another export (export id {stage.export_id}, "
+                            f"{top.folder / MANIFEST_NAME} says {top.export_id}); stages of different exports "
+                            f"are never chained")
+    s, entry = stage.stage, top.stages[index]
+    if (s.index, s.count, [s.first_layer, s.stop_layer]) != (index, len(top.stages), entry["layers"]) or \
+            stage.shapes != top.shapes or stage.config != top.config:
+        raise ManifestError(f"{where}: stage {s.index} of {s.count} with layers [{s.first_layer}, {s.stop_layer}), "
+                            f"{top.folder / MANIFEST_NAME} expects stage {index} of {len(top.stages)} with layers "
+                            f"{entry['layers']}")
+
+
 def check_compatible(manifest: ArtifactManifest, config: MixtralConfig) -> None:
     """Refuse an artifact built for another model: name every field that differs (dtype aside)."""
     differing = [f.name for f in fields(MixtralConfig)
@@ -309,8 +363,11 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest | HeadManifest:
             manifest = HeadManifest(**common, shapes=HeadShapes.from_dict(raw["shapes"]),
                                     labels=tuple(str(x) for x in raw.get("labels", ())))
         else:
-            manifest = Manifest(**common, shapes=StepShapes.from_dict(raw["shapes"]),
-                                quantization=raw.get("quantization"))
+            shapes = StepShapes.from_dict(raw["shapes"])
+            stage = StageShapes.from_dict(shapes, raw["stage"]) if "stage" in raw else None
+            manifest = Manifest(**common, shapes=shapes, quantization=raw.get("quantization"), stage=stage,
+                                stages=tuple(_stage_entry(e, path) for e in raw.get("stages", ())),
+                                export_id=raw.get("export_id"))
     except ManifestError:
         raise
     except ConfigError as err:
@@ -320,6 +377,8 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest | HeadManifest:
     except (ContractError, TypeError, ValueError, AttributeError) as err:
         raise ManifestError(f"{path}: malformed ({err})") from None
     shapes = manifest.shapes
+    if isinstance(manifest, Manifest) and (manifest.stage or manifest.stages) and not manifest.export_id:
+        raise ManifestError(f"{path}: a staged artifact's manifest needs its export_id")
     if manifest.kind not in KINDS:
         raise ManifestError(f"{path}: unknown artifact kind {manifest.kind!r} (one of {', '.join(KINDS)})")
     if manifest.dtype != shapes.dtype:
@@ -335,8 +394,9 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest | HeadManifest:
         if manifest.chunks != shapes.chunks:
             raise ManifestError(f"{path}: chunks {list(manifest.chunks)} must be {list(shapes.chunks)} "
                                 f"(the prefill chunk, then 1)")
-        if manifest.io != io_contract(shapes, manifest.chunks):
+        if manifest.io != io_contract(manifest.contract, manifest.chunks):
             raise ManifestError(f"{path}: io does not match the step contract for these shapes")
+        _check_stages(manifest, path)
     for name in files:
         pure = PurePosixPath(name)
         if pure.is_absolute() or len(pure.parts) != 1 or name in ("", ".", ".."):
@@ -353,6 +413,36 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest | HeadManifest:
         if missing:
             raise ManifestError(f"{path}: the engine record of {name!r} lacks {', '.join(missing)}")
     return manifest
+
+
+def _stage_entry(raw, path: Path) -> dict:
+    """One entry of a staged artifact's `stages`: a plain folder name, its layer range, its bytes."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("folder"), str) or not isinstance(raw.get("bytes"), int):
+        raise ManifestError(f"{path}: a stage entry needs a folder and its bytes")
+    layers = raw.get("layers")
+    if not (isinstance(layers, list) and len(layers) == 2 and all(isinstance(x, int) for x in layers)):
+        raise ManifestError(f"{path}: stage {raw['folder']!r} needs its layers as [first, stop]")
+    pure = PurePosixPath(raw["folder"])
+    if pure.is_absolute() or len(pure.parts) != 1 or raw["folder"] in ("", ".", ".."):
+        raise ManifestError(f"{path}: stage folder {raw['folder']!r} is not a plain name inside the artifact")
+    return {"folder": raw["folder"], "layers": list(layers), "bytes": raw["bytes"]}
+
+
+def _check_stages(manifest: Manifest, path: Path) -> None:
+    """A staged top's stages cover the layers in order, one after another; no graph of its own."""
+    if not manifest.stages:
+        return
+    if manifest.stage is not None or manifest.graphs:
+        raise ManifestError(f"{path}: a staged artifact's top holds stages, not a graph or a stage of its own")
+    stop = 0
+    for entry in manifest.stages:
+        if entry["layers"][0] != stop or entry["layers"][1] <= stop:
+            raise ManifestError(f"{path}: stage {entry['folder']!r} has layers {entry['layers']}, "
+                                f"expected [{stop}, ...): stages run the layers in order")
+        stop = entry["layers"][1]
+    if stop != manifest.config.num_hidden_layers:
+        raise ManifestError(f"{path}: the stages end at layer {stop}, the model has "
+                            f"{manifest.config.num_hidden_layers}")
 
 
 def _check_head(manifest: HeadManifest, head: str, path: Path) -> None:

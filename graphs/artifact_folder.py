@@ -66,7 +66,8 @@ def check_destination(out: Path) -> None:
     if not entries:
         return
     try:
-        listed = set(json.loads((out / MANIFEST_NAME).read_text())["files"])
+        raw = json.loads((out / MANIFEST_NAME).read_text())
+        listed = set(raw["files"]) | {entry["folder"] for entry in raw.get("stages", ())}  # a staged artifact's
     except (OSError, ValueError, KeyError, TypeError):
         raise ExportError(f"{out}: exists and is not an artifact (no readable {MANIFEST_NAME}); "
                           f"refusing to overwrite it") from None

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable
 
 from mixtral_export.artifact.contract import (CHUNK_AXIS, DEFAULT_QUANT_BLOCK, DTYPES, FLOAT_DTYPES, FLOAT_WEIGHTS, NO_POSITION,
-                             OUTPUT_NAMES, SPAN_AXIS, StepShapes, default_block_size)
+                             SPAN_AXIS, StageShapes, StepShapes, default_block_size)
 from mixtral_export.graphs.artifact_folder import ExportError, building, finish
 from mixtral_export.artifact.manifest import FileEntry, io_contract
 from mixtral_export.graphs.onnx_moe import OnnxMoeError, check_gather_supported, lay_out_experts, route_through_moe_nodes
@@ -60,14 +60,16 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
                 prefill_chunk: int | tuple[int, ...] = 16, cache_slots: int | None = None, slide: bool = False,
                 opset: int = 18,
                 progress: Callable[[str], None] | None = None, routing: str | None = None,
-                weights: str = FLOAT_WEIGHTS, block_size: int | None = None) -> Path:
+                weights: str = FLOAT_WEIGHTS, block_size: int | None = None, stages: int | None = None,
+                stage_layers: tuple[int, ...] | None = None) -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
 
     dtype None means the checkpoint's own; the graph's logits are float32 whatever the dtype.
     routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring; None: gather
     for int8/int4 weights, which are always gathered, else dense);
     weights "float" | "int8" | "int4" with block_size 32 | 64 | 128 (None: the scheme's default) how its
-    weights are stored.
+    weights are stored; stages N (or stage_layers, the layer count of each) splits the step into
+    pipeline stages, one folder each (graphs/onnx_stages.py).
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
@@ -78,25 +80,54 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     scheme = check_weights(weights, block_size, routing, config, out)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
                                    dtype=dtype, slide=slide, span_axis=True)
+    split = None
+    if stages is not None or stage_layers is not None:
+        from mixtral_export.graphs.onnx_stages import split_layers
+
+        split = split_layers(config, out, stages, stage_layers, scheme, block_size)
     with building(out) as tmp:
         from mixtral_export.checkpoint import ParameterReader
 
         reader = ParameterReader(checkpoint, config)  # headers only: every tensor checked, none read
-        model = placeholder_model(config, shapes, routing)
-        say(f"exporting {GRAPH_NAME} (opset {opset}, B={shapes.batch}, T={'|'.join(map(str, shapes.chunks))}, "
-            f"S={shapes.cache_slots}, {routing} MoE, {dtype}) with placeholder weights")
-        try:
-            data, quantization = export_graph(model, shapes, tmp / GRAPH_NAME, opset, weights=reader.read,
-                                              progress=say, scheme=scheme, block_size=block_size)
-        except ExportError as error:  # name the artifact's files where the user will look for them
-            raise ExportError(str(error).replace(str(tmp), str(out))) from None
-        say("checking the graph")
-        check_graph(tmp / GRAPH_NAME, shapes)
-        say("writing the manifest")
-        finish(tmp, checkpoint, config, kind="onnx", shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
-               routing=routing, hashed={DATA_NAME: data} if data is not None else None, quantization=quantization)
+        if split is not None:
+            from mixtral_export.graphs.onnx_stages import write_stages
+
+            def write(folder: Path, stage: StageShapes):
+                data, record = write_step(folder, out, reader, config, stage, routing, opset, scheme, block_size, say)
+                return ({DATA_NAME: data} if data is not None else None), record
+
+            write_stages(tmp, checkpoint, config, shapes, split, routing, opset, GRAPH_NAME, write, say)
+        else:
+            data, quantization = write_step(tmp, out, reader, config, shapes, routing, opset, scheme, block_size, say)
+            say("writing the manifest")
+            finish(tmp, checkpoint, config, kind="onnx", shapes=shapes, graphs={"step": GRAPH_NAME}, opset=opset,
+                   routing=routing, hashed={DATA_NAME: data} if data is not None else None,
+                   quantization=quantization)
     say(f"wrote {out}")
     return out
+
+
+def write_step(folder: Path, out: Path, reader, config: MixtralConfig, contract: StepShapes | StageShapes,
+               routing: str, opset: int, scheme, block_size: int,
+               say: Callable[[str], None]) -> tuple[FileEntry | None, dict | None]:
+    """Trace the step (or one stage of it) on placeholder weights, write GRAPH_NAME and DATA_NAME into
+    `folder` from the checkpoint `reader`, and check the graph; returns the data file's entry and
+    the quantization record. Errors name `out`, where the user will look, not the temp folder."""
+    step = getattr(contract, "step", contract)
+    layers = (contract.first_layer, contract.stop_layer) if isinstance(contract, StageShapes) else None
+    model = placeholder_model(config, step, routing, layers)
+    what = f"stage {contract.index} (layers {layers[0]}..{layers[1] - 1})" if layers else GRAPH_NAME
+    say(f"exporting {what} (opset {opset}, B={step.batch}, T={'|'.join(map(str, step.chunks))}, "
+        f"S={step.cache_slots}, {routing} MoE, {step.dtype}) with placeholder weights")
+    temp = folder.parent if layers else folder
+    try:
+        data, quantization = export_graph(model, contract, folder / GRAPH_NAME, opset, weights=reader.read,
+                                          progress=say, scheme=scheme, block_size=block_size)
+        say("checking the graph")
+        check_graph(folder / GRAPH_NAME, contract)
+    except ExportError as error:  # name the artifact's files where the user will look for them
+        raise ExportError(str(error).replace(str(temp), str(out))) from None
+    return data, quantization
 
 
 def export_config(checkpoint: Path, out: Path, dtype: str | None, routing: str) -> MixtralConfig:
@@ -118,7 +149,7 @@ def export_config(checkpoint: Path, out: Path, dtype: str | None, routing: str) 
     return config.replace(dtype=dtype)
 
 
-def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str):
+def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str, layers: tuple[int, int] | None = None):
     """The step model with fake parameters (torch's FakeTensorMode): shapes and dtypes, no storage.
 
     Fake rather than meta: they claim the CPU as their device, so the real example inputs and
@@ -129,7 +160,8 @@ def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str):
     from mixtral_export.model import TORCH_DTYPES, MixtralStatic
 
     with torch.device("meta"):
-        model = MixtralStatic(config, shapes.attention_window, routing).to(TORCH_DTYPES[shapes.dtype]).eval()
+        model = MixtralStatic(config, shapes.attention_window, routing, layers=layers).to(
+            TORCH_DTYPES[shapes.dtype]).eval()
     return fake_parameters(model)
 
 
@@ -149,7 +181,7 @@ def fake_parameters(model):
     return model
 
 
-def export_graph(model, shapes: StepShapes, path: Path, opset: int,
+def export_graph(model, shapes: StepShapes | StageShapes, path: Path, opset: int,
                  weights: Callable[..., "torch.Tensor"] | None = None,
                  progress: Callable[[str], None] | None = None, scheme=None,
                  block_size: int = DEFAULT_QUANT_BLOCK) -> tuple[FileEntry | None, dict | None]:
@@ -166,33 +198,38 @@ def export_graph(model, shapes: StepShapes, path: Path, opset: int,
     return save_graph(graph, path, progress), quantization  # quantizes one weight at a time, filling the errors
 
 
-def step_graph(model, shapes: StepShapes, opset: int,
+def step_graph(model, contract: StepShapes | StageShapes, opset: int,
                weights: Callable[..., "torch.Tensor"] | None = None, block: int = 1):
-    """The step traced with T symbolic, as an onnx_ir model ready to save (see `export_graph`);
-    `block`: the quantization block each gathered expert slice must hold whole (1: float weights)."""
+    """The step (or one pipeline stage of it) traced with T symbolic, as an onnx_ir model ready to
+    save (see `export_graph`); `block`: the quantization block each gathered expert slice must hold
+    whole (1: float weights)."""
     import torch
 
     from mixtral_export.model import TORCH_DTYPES
 
+    shapes = getattr(contract, "step", contract)
     example = max(shapes.prefill_chunk, 2)  # torch.export specialises a size-1 example to 1
     # A span-axis graph traces at a span unlike T's example, so the exporter never ties the two symbols.
     span = shapes.cache_slots if not shapes.span_axis or shapes.cache_slots != example else shapes.cache_slots + 1
     dtype = TORCH_DTYPES[shapes.dtype]
-    args = (torch.zeros(shapes.batch, example, dtype=torch.int64),  # input_ids (B, T)
+    first = (torch.zeros(shapes.batch, example, dtype=torch.int64) if contract.input_names[0] == "input_ids"
+             else torch.zeros(shapes.batch, example, contract.hidden_size, dtype=dtype))  # ids (B, T) | hidden (B, T, H)
+    args = (first,
             torch.arange(example, dtype=torch.int64).repeat(shapes.batch, 1),  # positions (B, T)
-            list(torch.zeros(shapes.cache_shape(span), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
-            list(torch.zeros(shapes.cache_shape(span), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
+            list(torch.zeros(contract.cache_shape(span), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
+            list(torch.zeros(contract.cache_shape(span), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
             torch.full((shapes.batch, span), NO_POSITION, dtype=torch.int64))  # (B, S)
     route_through_moe_nodes(model, block)  # gather: one com.microsoft.MoE node per block
     chunk = torch.export.Dim(CHUNK_AXIS, min=1)
+    graph_layers = contract.cache_shape()[0]  # the whole model's layers, or this stage's
     if shapes.span_axis:
         slots = torch.export.Dim(SPAN_AXIS, min=2, max=max(shapes.cache_slots, span))
-        layers, cache_positions = [{2: slots}] * shapes.num_layers, {1: slots}
+        layers, cache_positions = [{2: slots}] * graph_layers, {1: slots}
     else:
-        layers, cache_positions = [None] * shapes.num_layers, None
+        layers, cache_positions = [None] * graph_layers, None
     dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
                "cache_positions": cache_positions}
-    graph = trace(model, args, dynamic, list(shapes.input_names), list(OUTPUT_NAMES), opset, weights)
+    graph = trace(model, args, dynamic, list(contract.input_names), list(contract.output_names), opset, weights)
     name_free_axes(graph, shapes.span_axis)
     lay_out_experts(graph)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
     return graph
@@ -276,7 +313,7 @@ def name_free_axes(model, span_axis: bool) -> None:
             value.shape = ir.Shape([renamed(dim) for dim in value.shape])
 
 
-def check_graph(path: Path, shapes: StepShapes) -> None:
+def check_graph(path: Path, shapes: StepShapes | StageShapes) -> None:
     """ONNX checker, shape inference (both by path, for > 2 GB) and the contract's I/O on the result."""
     import onnx
 

@@ -83,13 +83,13 @@ def expert_parts(intermediate: int, block: int = 1) -> int:
 
 
 def route_through_moe_nodes(model, block: int = 1) -> int:
-    """Make every gathered MoE block of a MixtralStatic trace as `moe_node`; returns how many.
+    """Make every gathered MoE block of a MixtralStatic (or a stage of one) trace as `moe_node`; returns how many.
 
     For exporting only: the model's own forward stays as it is for every other use. `block`:
     the quantization block the expert slices must hold whole (1: float weights).
     """
     count = 0
-    for layer in model.layers:
+    for _, layer in model.blocks():
         if layer.moe.routing == "gather":
             layer.moe.forward = functools.partial(moe_node, layer.moe, block=block)
             count += 1

@@ -162,10 +162,11 @@ def is_transposed(weight, name: str, values: Callable[[], object]) -> bool:
 def linear_weights(torch_model) -> list[tuple[str, object]]:
     """(parameter name, weight (N, K)) of every Linear a scheme quantizes, in graph order."""
     out = []
-    for i, layer in enumerate(torch_model.layers):
+    for i, layer in torch_model.blocks():
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             out.append((f"layers.{i}.self_attn.{proj}.weight", getattr(layer.self_attn, proj).weight))
-    return out + [("lm_head.weight", torch_model.lm_head.weight)]
+    head = getattr(torch_model, "lm_head", None)  # a pipeline stage before the last has none
+    return out + ([("lm_head.weight", head.weight)] if head is not None else [])
 
 
 class OneWeightCache:

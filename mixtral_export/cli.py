@@ -130,7 +130,11 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
            device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT"),
            head: Optional[str] = typer.Option(None, help="causal-lm | model | sequence-classification | "
                                               "token-classification | question-answering (default: config.json's)", metavar="TEXT"),
-           seq_len: int = typer.Option(128, min=1, help="Head graphs: tokens per row (the static T)", metavar="N")):
+           seq_len: int = typer.Option(128, min=1, help="Head graphs: tokens per row (the static T)", metavar="N"),
+           stages: Optional[int] = typer.Option(None, min=1, help="Split the step into N pipeline stages, one folder "
+                                                "each (default split: balanced weight bytes)", metavar="N"),
+           stage_layers: Optional[str] = typer.Option(None, help="Each stage's layer count, e.g. 10,12,10 "
+                                                      "(adds up to the model's layers)", metavar="N[,N...]")):
     """Export the prefill/decode step graph (ONNX, or an AOTInductor package) with a manifest; a checkpoint
     with another head (or --head) exports a static (batch, seq-len) head graph instead."""
     if routing not in (None, "dense", "gather"):
@@ -146,9 +150,13 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
                                         progress=lambda stage: status.update(f"exporting onnx: {stage}..."))
         _describe(artifact)
         return
+    staged = stages is not None or stage_layers is not None
+    if staged and format != "onnx":
+        raise UsageError(f"--stages / --stage-layers: pipeline stages export to onnx only, not {format}")
     if format == "onnx":
         from mixtral_export.graphs.onnx_export import export_onnx as build
-        options = dict(opset=opset, weights=weights, block_size=block_size)
+        options = dict(opset=opset, weights=weights, block_size=block_size, stages=stages,
+                       stage_layers=_int_list(stage_layers, "--stage-layers"))
     elif format == "aoti":
         if weights != "float":
             raise UsageError(f"--weights {weights}: quantized weights are exported for ONNX Runtime only (--format onnx)")
@@ -283,6 +291,24 @@ def _describe(artifact: Path) -> None:
                   f"GEMM inputs {q['activations']}", highlight=False)
     for name, info in sorted(manifest.files.items()):
         out.print(f"  file    {name}  {info.size:,} bytes  {info.label()}", highlight=False)
+    if manifest.stages:
+        _describe_stages(manifest)
+
+
+def _describe_stages(manifest) -> None:
+    """Each stage of a staged artifact: its layers, what else it holds, its bytes and share; its files checked."""
+    from mixtral_export.artifact.manifest import load_stage
+
+    stages = [load_stage(manifest, index) for index in range(len(manifest.stages))]
+    sizes = [sum(info.size for info in stage.files.values()) for stage in stages]
+    out.print(f"  stages  {len(stages)}, {sum(sizes):,} bytes in all, export id {manifest.export_id}", highlight=False)
+    for stage, size in zip(stages, sizes):
+        s = stage.stage
+        extra = ", ".join(part for part, has in (("embedding", s.embeds), ("final norm and lm_head", s.ends)) if has)
+        out.print(f"  stage   {s.index}  {manifest.stages[s.index]['folder']}/  layers {s.first_layer}..{s.stop_layer - 1}"
+                  f"{' + ' + extra if extra else ''}  {size:,} bytes ({size / sum(sizes):.0%})", highlight=False)
+        for name, info in sorted(stage.files.items()):
+            out.print(f"            {name}  {info.size:,} bytes  {info.label()}", highlight=False)
 
 
 def _one_prompt_source(prompt: list[str], input_ids) -> None:
@@ -319,13 +345,26 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
              json_object: bool = typer.Option(False, help="Output any JSON object (constrained decoding)"),
              checkpoint: Optional[Path] = typer.Option(None, help="Source checkpoint for --runtime eager "
                                                         "(default: the one recorded at export)", metavar="PATH"),
-             as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text")):
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text"),
+             ray: bool = typer.Option(False, "--ray", help="A staged artifact: each stage in a Ray actor (joins "
+                                      "RAY_ADDRESS, else starts a local cluster)")):
     """Generate text from an artifact on a runtime, streaming tokens as they come."""
     from mixtral_export.runtimes.session import Session
 
     _one_prompt_source(prompt, input_ids)
     grammar, grammar_source = _output_grammar(json_schema, json_object)
-    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint)  # refuses a head
+    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint, ray=ray)  # refuses a head
+    try:
+        _generate(session, runtime, prompt, input_ids, chat, system, max_new_tokens, temperature, top_k, top_p,
+                  repetition_penalty, seed, stop, as_json, grammar, grammar_source)
+    finally:
+        session.close()
+
+
+def _generate(session, runtime: str, prompt: list[str], input_ids: Optional[str], chat: bool, system: Optional[str],
+              max_new_tokens: int, temperature: float, top_k: int, top_p: float, repetition_penalty: float,
+              seed: Optional[int], stop: list[str], as_json: bool, grammar: str | None,
+              grammar_source: str | None) -> None:
     chat = chat or system is not None
     if input_ids:
         if chat:

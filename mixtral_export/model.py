@@ -200,37 +200,61 @@ def padding_routed_as_live(h: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
 
 
 class MixtralStatic(nn.Module):
-    """The step function of `mixtral_export.artifact.contract` as a module: (ids, positions, cache) -> (logits, new k/v)."""
+    """The step function of `mixtral_export.artifact.contract` as a module: (ids, positions, cache) -> (logits, new k/v).
+
+    With `layers=(first, stop)` it is one pipeline stage: only layers [first, stop) (still named
+    layers.{i} by their place in the whole model, so a checkpoint's tensors land by name), the
+    embedding only when first is 0, the final norm and LM head only when stop is the last layer. A
+    stage that does not embed takes the previous stage's hidden state (B, T, H) in place of the ids;
+    one that does not end returns its hidden state (B, T, H) in place of the logits. The step body
+    is the same code either way.
+    """
 
     def __init__(self, config: MixtralConfig, attention_window: int | None, routing: str = "dense",
-                 lm_head: bool = True):
+                 lm_head: bool = True, layers: tuple[int, int] | None = None):
         """lm_head=False: the trunk alone, for the other heads (mixtral_export/head_model.py)."""
         super().__init__()
+        first, stop = layers or (0, config.num_hidden_layers)
+        if not 0 <= first < stop <= config.num_hidden_layers:
+            raise ValueError(f"layers [{first}, {stop}) are not a range of the model's {config.num_hidden_layers}")
         self.config = config
         self.attention_window = attention_window
         self.routing = routing
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, routing) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if lm_head:
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-            if config.tie_word_embeddings:
-                self.lm_head.weight = self.embed_tokens.weight
+        self.first_layer, self.stop_layer = first, stop
+        self.embeds, self.ends = first == 0, stop == config.num_hidden_layers
+        if self.embeds:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # layers before `first` are empty places, so every block keeps its global name
+        self.layers = nn.ModuleList(Block(config, routing) if i >= first else nn.Module() for i in range(stop))
+        if self.ends:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            if lm_head:
+                self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                if config.tie_word_embeddings and self.embeds:
+                    self.lm_head.weight = self.embed_tokens.weight
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        return next(self.parameters()).dtype
+
+    def blocks(self) -> list[tuple[int, Block]]:
+        """(global layer index, block) of the layers this module runs, in order."""
+        return [(i, self.layers[i]) for i in range(self.first_layer, self.stop_layer)]
 
     def forward(self, input_ids, positions, cache_k, cache_v, cache_positions):
-        """input_ids/positions (B, T) int64, cache_k/v (L, B, Hkv, S, D) or L tensors (B, Hkv, S, D)
-        (the exported graphs take one input per layer), cache_positions (B, S)."""
+        """input_ids/positions (B, T) int64 (input_ids: the hidden state (B, T, H) for a stage that does not
+        embed), cache_k/v (L, B, Hkv, S, D) or L tensors (B, Hkv, S, D) (the exported graphs take one
+        input per layer; L: this module's layers), cache_positions (B, S)."""
         x, new_k, new_v = self.hidden_states(input_ids, positions, cache_k, cache_v, cache_positions)
+        if not self.ends:
+            return x, new_k, new_v  # (B, T, H): the next stage's input
         logits = self.lm_head(x).float()  # (B, T, V)
         return logits, new_k, new_v  # new_k/v: (L, B, Hkv, T, D)
 
     def hidden_states(self, input_ids, positions, cache_k, cache_v, cache_positions):
-        """The step without its LM head: the final norm's output (B, T, H) and the chunk's keys/values."""
-        x = self.embed_tokens(input_ids)  # (B, T, H)
+        """The step without its LM head: the final norm's output (B, T, H) (a stage that does not end:
+        its last layer's) and the chunk's keys/values."""
+        x = self.embed_tokens(input_ids) if self.embeds else input_ids  # (B, T, H)
         d = self.config.head_dim  # inv_freq is made here, in fp32, so no .to(dtype) can round it
         inv_freq = 1.0 / (self.config.rope_theta ** (
             torch.arange(0, d, 2, dtype=torch.int64, device=x.device).float() / d))  # (D/2,)
@@ -238,8 +262,9 @@ class MixtralStatic(nn.Module):
         mask = attention_mask(positions, cache_positions, self.attention_window)
         live = positions >= 0  # (B, T)
         new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cos, sin, cache_k[i], cache_v[i], mask, live)
+        for n, (_, layer) in enumerate(self.blocks()):
+            x, k, v = layer(x, cos, sin, cache_k[n], cache_v[n], mask, live)
             new_k.append(k)
             new_v.append(v)
-        return self.norm(x), torch.stack(new_k), torch.stack(new_v)  # (B, T, H), new_k/v: (L, B, Hkv, T, D)
+        x = self.norm(x) if self.ends else x
+        return x, torch.stack(new_k), torch.stack(new_v)  # (B, T, H), new_k/v: (L, B, Hkv, T, D)

@@ -25,11 +25,15 @@ class ArtifactKindError(RuntimeLoadError):
 
 
 def load_step_manifest(artifact: str | Path, verify_files: bool = False) -> Manifest:
-    """The manifest of a step artifact (generation); a head artifact is refused."""
+    """The manifest of a step artifact (generation); a head artifact, or one stage of a staged
+    artifact on its own, is refused."""
     manifest = load_manifest(artifact, verify_files=verify_files)
     if isinstance(manifest, HeadManifest):
         raise ArtifactKindError(f"{manifest.folder}: a {manifest.head} artifact does not generate; score it "
                                 f"(HeadSession, mixtral-export score)")
+    if manifest.stage is not None:
+        raise ArtifactKindError(f"{manifest.folder}: stage {manifest.stage.index} of a staged artifact; run the "
+                                f"artifact's top folder (its parent), which chains every stage")
     return manifest
 
 
@@ -54,11 +58,15 @@ def open_backend(artifact: str | Path, runtime: str, provider: str = "cpu", thre
 
 
 def open_step_backend(artifact: str | Path, runtime: str, provider: str = "cpu", threads: int | None = None,
-                      checkpoint: str | Path | None = None):
-    """(step backend, Manifest) for `runtime` over a step artifact."""
+                      checkpoint: str | Path | None = None, ray: bool = False, stage_options=None):
+    """(step backend, Manifest) for `runtime` over a step artifact; a staged artifact's stages run in
+    this process, or with `ray` one Ray actor each (runtimes/pipeline.py; `stage_options`: their Ray options)."""
     check_runtime(runtime)
     manifest = load_step_manifest(artifact)
-    return _step_backend(manifest, runtime, provider, threads, checkpoint), manifest
+    if ray and not (manifest.stages and runtime == "ort"):
+        raise RuntimeLoadError(f"{manifest.folder}: --ray runs the stages of a staged artifact on ort "
+                               f"(export with --stages N)")
+    return _step_backend(manifest, runtime, provider, threads, checkpoint, ray, stage_options), manifest
 
 
 def open_head_backend(artifact: str | Path, runtime: str, provider: str = "cpu", threads: int | None = None,
@@ -85,8 +93,15 @@ def open_tokenizer(manifest: Manifest | HeadManifest):
 
 
 def _step_backend(manifest: Manifest, runtime: str, provider: str, threads: int | None,
-                  checkpoint: str | Path | None):
+                  checkpoint: str | Path | None, ray: bool = False, stage_options=None):
     artifact = manifest.folder
+    if manifest.stages and runtime not in ("ort", "eager"):
+        raise RuntimeLoadError(f"{manifest.folder}: a staged artifact runs on ort (its stages chained) or eager "
+                               f"(the whole model on its source checkpoint), not {runtime}")
+    if manifest.stages and runtime == "ort":
+        from mixtral_export.runtimes.pipeline import open_pipeline
+
+        return open_pipeline(manifest, provider=provider, threads=threads, ray=ray, stage_options=stage_options)
     kind = ARTIFACT_KIND.get(runtime)
     if kind is not None and manifest.kind != kind:
         raise RuntimeLoadError(f"{manifest.folder}: the {runtime} runtime needs an {kind} artifact, this one is "

@@ -10,6 +10,10 @@ tokens in, runs, and writes only the chunk's ring slots in place; the cache is n
 A graph with the span axis gets only the span of the ring in use (runtimes/span_ring.py): a short
 context costs a short cache, whatever S.
 
+Over a pipeline stage's folder (graphs/onnx_stages.py) the same class runs that stage: its first
+input is the token ids (stage 0) or the previous stage's hidden state, its output the logits (the
+last stage) or its own hidden state, its ring only its layers' (`run`; runtimes/pipeline.py chains them).
+
 With provider="cuda" the same host buffers are bound, so ORT uploads the cache every step:
 correct, but a device-resident cache needs the ring write inside a graph.
 """
@@ -21,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mixtral_export.artifact.contract import DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
+from mixtral_export.artifact.contract import DTYPES, NO_POSITION, StageShapes, StepShapes, layer_caches
 from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
@@ -89,22 +93,25 @@ def usable_cores() -> int:
 
 
 class ChunkBinding:
-    """The IOBinding for one chunk length T: its own ids/positions/output buffers, the shared cache."""
+    """The IOBinding for one chunk length T: its own first-input/positions/output buffers, the shared cache."""
 
-    def __init__(self, session: ort.InferenceSession, shapes: StepShapes, chunk: int, dtype: np.dtype):
-        self.input_ids = np.zeros((shapes.batch, chunk), dtype=np.int64)  # (B, T)
-        self.positions = np.full((shapes.batch, chunk), NO_POSITION, dtype=np.int64)  # (B, T)
-        out = shapes.output_shapes(chunk)
-        self.logits = np.zeros(out["logits"], dtype=np.float32)  # (B, T, V)
+    def __init__(self, session: ort.InferenceSession, shapes: StepShapes | StageShapes, chunk: int,
+                 dtype: np.dtype):
+        first = shapes.input_names[0]  # input_ids (B, T), or a later stage's hidden (B, T, H)
+        ins, out = shapes.input_shapes(chunk), shapes.output_shapes(chunk)
+        self.first = np.zeros(ins[first], dtype=np.int64 if first == "input_ids" else dtype)
+        self.positions = np.full(ins["positions"], NO_POSITION, dtype=np.int64)  # (B, T)
+        last = shapes.output_names[0]
+        self.output = np.zeros(out[last], dtype=np.float32 if last == "logits" else dtype)  # (B, T, V) | (B, T, H)
         self.new_k = np.zeros(out["new_k"], dtype=dtype)  # (L, B, Hkv, T, D)
         self.new_v = np.zeros(out["new_v"], dtype=dtype)  # (L, B, Hkv, T, D)
-        arrays = {"input_ids": self.input_ids, "positions": self.positions,
-                  "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v}
+        arrays = {first: self.first, "positions": self.positions,
+                  last: self.output, "new_k": self.new_k, "new_v": self.new_v}
         self.values = {name: host_value(array) for name, array in arrays.items()}  # kept alive
         self.binding = session.io_binding()
-        for name in ("input_ids", "positions"):
+        for name in (first, "positions"):
             self.binding.bind_ortvalue_input(name, self.values[name])
-        for name in OUTPUT_NAMES:
+        for name in shapes.output_names:
             self.binding.bind_ortvalue_output(name, self.values[name])
         self.layout = -1  # which of the ring's layouts (SpanRing.relayouts) the cache inputs view; -1: none yet
         self.session = session
@@ -116,8 +123,8 @@ class ChunkBinding:
             self.binding.bind_ortvalue_input(name, self.values[name])
         self.layout = layout
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray) -> None:
-        np.copyto(self.input_ids, input_ids)
+    def run(self, first: np.ndarray, positions: np.ndarray) -> None:
+        np.copyto(self.first, first)
         np.copyto(self.positions, positions)
         self.session.run_with_iobinding(self.binding)
 
@@ -134,6 +141,10 @@ class OrtBackend:
         if self.manifest.kind != "onnx":
             raise OrtBackendError(f"{self.manifest.folder / MANIFEST_NAME}: a {self.manifest.kind!r} artifact, "
                                   f"not an ONNX one")
+        if self.manifest.stages:
+            raise OrtBackendError(f"{self.manifest.folder / MANIFEST_NAME}: a staged artifact; open it as a "
+                                  f"pipeline (runtimes/pipeline.py), which runs one OrtBackend per stage")
+        self.contract = self.manifest.contract  # the whole step, or one stage of it
         provider_name = check_provider(self.manifest, provider)
         self.provider = provider
         self.shapes: StepShapes = self.manifest.shapes
@@ -148,8 +159,10 @@ class OrtBackend:
                                 if preload and provider == "cpu" else 0)
 
         # see runtimes/span_ring.py: a step passes the span of the ring in use when the graph takes one
-        self.ring = SpanRing(self.shapes, numpy_dtype(self.shapes.dtype), spans=spans and self.shapes.span_axis)
-        self.bindings = {chunk: ChunkBinding(self.session, self.shapes, chunk, self.ring.flat_k.dtype)
+        self.first_layer = self.manifest.stage.first_layer if self.manifest.stage else 0  # a stage's: its first
+        self.ring = SpanRing(self.shapes, numpy_dtype(self.shapes.dtype), spans=spans and self.shapes.span_axis,
+                             num_layers=self.contract.cache_shape()[0])
+        self.bindings = {chunk: ChunkBinding(self.session, self.contract, chunk, self.ring.flat_k.dtype)
                          for chunk in self.manifest.chunks}
 
     @property
@@ -174,15 +187,21 @@ class OrtBackend:
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         check_step_inputs(self.shapes, self.shapes.vocab_size, input_ids, positions)
+        return self.run(input_ids, positions)
+
+    def run(self, first: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One chunk through the graph, inputs unchecked (`step` checks; a pipeline checks once for
+        all its stages): first is the ids (B, T) or a stage's hidden state (B, T, H); returns the
+        logits (B, T, V) or this stage's hidden state (B, T, H), and writes this graph's ring."""
         positions = np.asarray(positions, dtype=np.int64)
         self.ring.fit(self.ring.span_needed(positions))
-        chunk = self.bindings[input_ids.shape[1]]
+        chunk = self.bindings[first.shape[1]]
         if chunk.layout != self.ring.relayouts:  # views of the ring's buffers, zero-copy
-            chunk.bind_cache({**layer_caches(self.cache_k, self.cache_v), "cache_positions": self.cache_positions},
-                             self.ring.relayouts)
-        chunk.run(input_ids, positions)
+            chunk.bind_cache({**layer_caches(self.cache_k, self.cache_v, self.first_layer),
+                              "cache_positions": self.cache_positions}, self.ring.relayouts)
+        chunk.run(first, positions)
         self.ring.write(chunk.new_k, chunk.new_v, positions)
-        return chunk.logits.copy()  # the buffer is overwritten by the next step
+        return chunk.output.copy()  # the buffer is overwritten by the next step
 
 
 def prepacked_sizes(manifest: Manifest) -> set[int]:
@@ -202,7 +221,7 @@ def prepacked_sizes(manifest: Manifest) -> set[int]:
 def check_session_io(session: ort.InferenceSession, manifest: Manifest) -> None:
     """The loaded graph has the manifest's I/O: names in order, element types, static dims."""
     path = manifest.graph_path("step")
-    contract = io_contract(manifest.shapes, manifest.chunks)
+    contract = io_contract(manifest.contract, manifest.chunks)
     for side, values in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
         names = [v.name for v in values]
         want_names = [e["name"] for e in contract[side]]

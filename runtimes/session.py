@@ -53,8 +53,11 @@ class Session:
 
     def close(self, grace: float = 0.0) -> None:
         """Stop admitting; running requests get `grace` seconds to finish, then are cancelled; the
-        engine's thread ends (it holds the backend until then)."""
+        engine's thread ends (it holds the backend until then); a pipeline's stage actors go."""
         self._client.close(grace)
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
 
     def __enter__(self) -> "Session":
         return self
@@ -65,11 +68,14 @@ class Session:
     @classmethod
     def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",
              threads: int | None = None, checkpoint: str | Path | None = None,
-             max_queue: int | None = None, max_rows: int | None = None) -> "Session":
+             max_queue: int | None = None, max_rows: int | None = None, ray: bool = False,
+             stage_options=None) -> "Session":
+        """`ray`: a staged artifact's stages as Ray actors (runtimes/ray_stages.py), `stage_options`
+        their Ray options; without it they run in this process."""
         from mixtral_export.runtimes.load import open_step_backend, open_tokenizer
 
         backend, manifest = open_step_backend(artifact, runtime, provider=provider, threads=threads,
-                                              checkpoint=checkpoint)
+                                              checkpoint=checkpoint, ray=ray, stage_options=stage_options)
         return cls(backend, manifest, open_tokenizer(manifest), max_queue=max_queue, max_rows=max_rows)
 
     # ---- text <-> ids ----

@@ -21,11 +21,13 @@ from mixtral_export.runtimes.step import ring_writes
 class SpanRing:
     """Keys/values and the position each slot holds, viewed over the span in use."""
 
-    def __init__(self, shapes: StepShapes, dtype: np.dtype, spans: bool = True):
-        """spans=False: always the whole ring (what a graph without the span axis needs; the baseline)."""
+    def __init__(self, shapes: StepShapes, dtype: np.dtype, spans: bool = True, num_layers: int | None = None):
+        """spans=False: always the whole ring (what a graph without the span axis needs; the baseline);
+        num_layers: the layers this ring holds (a pipeline stage's), by default the model's."""
         self.shapes = shapes
+        self.num_layers = num_layers or shapes.num_layers
         self.buckets = shapes.span_buckets if spans else (shapes.cache_slots,)
-        size = int(np.prod(shapes.cache_shape()))
+        size = int(np.prod(self.cache_shape()))
         self.flat_k = np.zeros(size, dtype=dtype)  # L*B*Hkv*S*D, viewed as (L, B, Hkv, s, D)
         self.flat_v = np.zeros(size, dtype=dtype)
         self.flat_positions = np.full(shapes.batch * shapes.cache_slots, NO_POSITION, dtype=np.int64)  # B*S
@@ -35,11 +37,11 @@ class SpanRing:
 
     @property
     def cache_k(self) -> np.ndarray:
-        return self.flat_k[:self.span_size].reshape(self.shapes.cache_shape(self.span))  # (L, B, Hkv, s, D)
+        return self.flat_k[:self.span_size].reshape(self.cache_shape(self.span))  # (L, B, Hkv, s, D)
 
     @property
     def cache_v(self) -> np.ndarray:
-        return self.flat_v[:self.span_size].reshape(self.shapes.cache_shape(self.span))  # (L, B, Hkv, s, D)
+        return self.flat_v[:self.span_size].reshape(self.cache_shape(self.span))  # (L, B, Hkv, s, D)
 
     @property
     def cache_positions(self) -> np.ndarray:
@@ -47,7 +49,10 @@ class SpanRing:
 
     @property
     def span_size(self) -> int:
-        return int(np.prod(self.shapes.cache_shape(self.span)))
+        return int(np.prod(self.cache_shape(self.span)))
+
+    def cache_shape(self, span: int | None = None) -> tuple[int, int, int, int, int]:
+        return (self.num_layers, *self.shapes.cache_shape(span)[1:])  # (L, B, Hkv, s, D)
 
     def span_needed(self, positions: np.ndarray) -> int:
         """The bucket a step feeding `positions` (B, T) needs: every row's extent after it fits."""
@@ -59,7 +64,7 @@ class SpanRing:
         """Re-lay the buffers out for `span` slots (every row's extent must fit it); True if it changed."""
         if span == self.span:
             return False
-        head = self.shapes.num_layers * self.shapes.batch * self.shapes.num_kv_heads  # blocks of (s, D)
+        head = self.num_layers * self.shapes.batch * self.shapes.num_kv_heads  # blocks of (s, D)
         relayout(self.flat_k, head, self.span, span, self.shapes.head_dim, 0)
         relayout(self.flat_v, head, self.span, span, self.shapes.head_dim, 0)
         relayout(self.flat_positions, self.shapes.batch, self.span, span, 1, NO_POSITION)

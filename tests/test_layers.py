@@ -26,7 +26,7 @@ LAYERS = [
         "head", "head_model", "tiny", "tokenizer_training"))),
     Layer(3, "export", (f"{P}.graphs", f"{P}.graphs.*")),
     Layer(3, "backends", (f"{P}.runtimes",) + tuple(f"{P}.runtimes.{name}" for name in (
-        "step", "load", "ort", "span_ring", "ort_heads", "eager", "eager_heads", "compiled", "aoti", "trt", "torch_ring",
+        "step", "load", "ort", "span_ring", "pipeline", "ray_stages", "ort_heads", "eager", "eager_heads", "compiled", "aoti", "trt", "torch_ring",
         "resident_weights", "heads"))),
     Layer(4, "engine", tuple(f"{P}.runtimes.{name}" for name in (
         "requests", "scheduler", "sampling", "logprobs", "constraint", "json_grammar", "engine", "engine_client",

@@ -71,9 +71,9 @@ def test_both_chunk_bindings_use_the_cache_in_place(tiny_onnx):
     assert sorted(backend.bindings) == [1, 8]
     addresses = (backend.cache_k.ctypes.data, backend.cache_v.ctypes.data, backend.cache_positions.ctypes.data)
     for chunk in backend.bindings.values():  # a chunk binds the cache at its first step
-        backend.step(np.zeros((2, chunk.input_ids.shape[1]), np.int64), np.full((2, chunk.input_ids.shape[1]), -1))
+        backend.step(np.zeros((2, chunk.first.shape[1]), np.int64), np.full((2, chunk.first.shape[1]), -1))
         bound = chunk.binding.get_outputs()  # outputs only; inputs are checked through their buffers below
-        assert [v.data_ptr() for v in bound] == [chunk.logits.ctypes.data, chunk.new_k.ctypes.data,
+        assert [v.data_ptr() for v in bound] == [chunk.output.ctypes.data, chunk.new_k.ctypes.data,
                                                  chunk.new_v.ctypes.data]
         assert tuple(chunk.values[name].data_ptr() for name in ("cache_k.0", "cache_v.0", "cache_positions")) == addresses
         assert chunk.values["cache_k.1"].data_ptr() == addresses[0] + backend.cache_k[0].nbytes  # layer 1's view

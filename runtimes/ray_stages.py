@@ -1,0 +1,148 @@
+"""A staged artifact's stages as Ray actors: one actor per stage, hidden states passed actor to actor.
+
+Each actor holds one stage's OrtBackend (its graph, weights and ring; torch-free). A step submits
+stage 0's call with the ids, hands the ObjectRef of its hidden state straight to stage 1's call,
+and so on; the driver waits only for the last stage's logits, so a step costs one round trip per
+stage hop and no hidden state passes through the driver between stages. The object store was
+chosen over compiled graphs (Ray's accelerated DAGs): a (B, T, H) hidden state is a few KB to a
+few MB, passed inline, and an actor that dies must be restartable without rebuilding a compiled
+graph (docs/pipeline.md).
+
+Ray starts a private local cluster when RAY_ADDRESS is unset (its servers on loopback) and joins
+that cluster otherwise. `stage_options` are each actor's Ray options (num_cpus, num_gpus,
+resources, scheduling_strategy: one stage per machine or GPU); `stage_folders` say where each
+stage's folder is on its machine (default: the artifact's path, the same on every machine).
+
+Faults: an actor that dies fails the step it was in with `StageFailed` (the engine ends that step's
+requests with it); Ray restarts the actor (max_restarts), which loads its stage again with an empty
+ring, and the next step is admitted as usual.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mixtral_export.artifact.manifest import Manifest, ManifestError, check_stage
+from mixtral_export.errors import UserError
+
+LOCAL_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local cluster's servers bind loopback
+DEFAULT_OPTIONS = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": 0}
+
+
+class StageFailed(RuntimeError):
+    """A stage actor died during a step: the step's requests end with it; the actor restarts."""
+
+
+class StageActor:
+    """One pipeline stage in a Ray actor: loads its folder once, runs a chunk, resets rows."""
+
+    def __init__(self, folder: str, provider: str, threads: int | None, verify_files: bool):
+        from mixtral_export.runtimes.ort import OrtBackend
+
+        self.backend, self.error = None, None
+        try:
+            self.backend = OrtBackend(folder, provider=provider, threads=threads, verify_files=verify_files)
+        except UserError as error:  # reported by `describe` as one line, not as a dead actor's traceback
+            self.error = str(error)
+        except FileNotFoundError as error:
+            self.error = f"{error.filename or folder}: {error.strerror}"
+
+    def describe(self) -> tuple[str | None, Manifest | None, dict]:
+        """(the load error, or None; the stage's manifest; this process: its pid, whether torch got imported)."""
+        process = {"pid": os.getpid(), "torch": "torch" in sys.modules}
+        return self.error, None if self.backend is None else self.backend.manifest, process
+
+    def run(self, first: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.backend.run(first, positions)
+
+    def reset(self, rows) -> None:
+        self.backend.reset(rows)
+
+
+def start_ray() -> bool:
+    """Join the cluster at RAY_ADDRESS, or start a private local one; True when one was started here."""
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
+        os.environ.setdefault(LOCAL_ONLY_VARIABLE, "0")  # read when ray is imported
+    import ray
+
+    if ray.is_initialized():
+        return False
+    options = {"_node_ip_address": "127.0.0.1"} if local else {}
+    ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False, **options)
+    return local
+
+
+class RayStages:
+    """The stages of `top`, one Ray actor each, chained through the object store."""
+
+    def __init__(self, top: Manifest, provider: str = "cpu", threads: int | None = None,
+                 stage_options: Sequence[dict] | dict | None = None,
+                 stage_folders: Sequence[str | Path] | None = None, verify_files: bool = True):
+        count = len(top.stages)
+        options = stage_options if isinstance(stage_options, (list, tuple)) else [stage_options or {}] * count
+        folders = list(stage_folders) if stage_folders is not None else [top.stage_folder(i) for i in range(count)]
+        if len(options) != count or len(folders) != count:
+            raise ManifestError(f"{top.folder}: {count} stages, but {len(options)} stage options and "
+                                f"{len(folders)} stage folders were given")
+        for index, folder in enumerate(folders):  # a folder that is here too must be there: fail before Ray starts
+            if stage_folders is None and not Path(folder).is_dir():
+                raise ManifestError(f"{folder}: stage {index} of {top.folder} is missing; copy the artifact's "
+                                    f"{top.stages[index]['folder']} folder there")
+        self.started = start_ray()
+        import ray
+
+        self.ray = ray
+        remote = ray.remote(StageActor)
+        self.actors = [remote.options(**{**DEFAULT_OPTIONS, **option}).remote(str(folder), provider, threads,
+                                                                             verify_files)
+                       for option, folder in zip(options, folders)]
+        try:
+            described = ray.get([actor.describe.remote() for actor in self.actors])
+            for index, (error, manifest, _) in enumerate(described):
+                if error is not None:
+                    raise ManifestError(error)
+                check_stage(top, index, manifest)
+        except BaseException:
+            self.close()
+            raise
+        self.bytes = [sum(entry.size for entry in m.files.values()) for _, m, _ in described]
+        self.processes = [process for _, _, process in described]  # each actor's pid, torch-free or not
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        ref = input_ids
+        positions_ref = self.ray.put(positions)
+        for actor in self.actors:
+            ref = actor.run.remote(ref, positions_ref)  # the hidden state's ref goes to the next actor as is
+        return self.wait(ref)
+
+    def reset(self, rows=None) -> None:
+        self.wait([actor.reset.remote(None if rows is None else list(rows)) for actor in self.actors])
+
+    def wait(self, refs):
+        """ray.get, with a dead or unreachable stage turned into one StageFailed naming it."""
+        from ray.exceptions import ActorUnavailableError, RayActorError
+
+        try:
+            return self.ray.get(refs)
+        except (RayActorError, ActorUnavailableError) as error:
+            dead = getattr(error, "actor_id", None)
+            index = next((i for i, a in enumerate(self.actors) if a._actor_id.hex() == dead), None)
+            which = f"stage {index}" if index is not None else "a stage"
+            raise StageFailed(f"pipeline {which}'s actor died during the step ({type(error).__name__}); "
+                              f"the requests in this step are ended and the stage is restarting") from None
+
+    def stage_bytes(self) -> list[int]:
+        return list(self.bytes)
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self.started:
+            self.ray.shutdown()
+            self.started = False

@@ -1,0 +1,175 @@
+"""Pipeline stages in one process: the split, parity with transformers and the whole artifact, bad input.
+
+One 4-layer reference model (transformers' save_pretrained, decisive weights) is exported whole and
+in stages: 2 stages by the default byte-balanced split, 3 stages of 1, 2, 1 layers with gathered
+routing, and 2 stages with int8 weights. A staged artifact must give transformers' greedy tokens
+and the whole artifact's logits within 1e-5 (fp32).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixtral_export.artifact.manifest import ManifestError, load_manifest
+from mixtral_export.graphs.artifact_folder import ExportError
+from mixtral_export.graphs.onnx_export import export_onnx
+from mixtral_export.runtimes.generate import generate
+from mixtral_export.runtimes.load import open_step_backend
+from mixtral_export.runtimes.requests import GenerationConfig
+from mixtral_export.runtimes.sampling import SamplingParams
+from mixtral_export.runtimes.verify import teacher_forced, verify_artifact
+from tests.reference_models import hf_reference, random_prompts, reference_greedy
+
+LAYERS = 4
+SHAPES = dict(dtype="float32", batch=2, prefill_chunk=(4, 8), cache_slots=8)
+STEPS = 20  # past the 8-slot window: every stage's ring wraps
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline") / "checkpoint"
+    return folder, hf_reference(folder, seed=3, num_hidden_layers=LAYERS)
+
+
+@pytest.fixture(scope="module")
+def whole(reference, tmp_path_factory) -> Path:
+    return export_onnx(reference[0], tmp_path_factory.mktemp("whole") / "art", **SHAPES)
+
+
+@pytest.fixture(scope="module")
+def staged(reference, tmp_path_factory) -> Path:
+    return export_onnx(reference[0], tmp_path_factory.mktemp("staged") / "art", stages=2, **SHAPES)
+
+
+def greedy(backend, prompts):
+    config = GenerationConfig(max_new_tokens=STEPS, sampling=SamplingParams(), eos_token_ids=())
+    return [c.token_ids for c in generate(backend, prompts, config).completions]
+
+
+def stage_bytes(artifact: Path) -> list[int]:
+    top = load_manifest(artifact, verify_files=False)
+    return [sum(f.stat().st_size for f in top.stage_folder(i).iterdir() if f.name != "manifest.json")
+            for i in range(len(top.stages))]
+
+
+def graph_bytes(artifact: Path) -> int:
+    return sum(f.stat().st_size for f in artifact.iterdir() if f.suffix in (".onnx", ".data"))
+
+
+def test_default_split_balances_bytes_and_stores_each_weight_once(staged, whole):
+    top = load_manifest(staged)
+    assert [e["layers"] for e in top.stages] == [[0, 2], [2, 4]]
+    sizes, total = stage_bytes(staged), graph_bytes(whole)
+    assert max(sizes) <= 0.7 * total
+    assert sum(sizes) <= 1.05 * total
+    for index in range(2):  # each folder: its own graph, weights and manifest with the export's id
+        stage = load_manifest(top.stage_folder(index))
+        assert stage.export_id == top.export_id and stage.stage.index == index
+        assert sorted(stage.files) == ["model.onnx", "model.onnx.data"]
+    names = [e["name"] for e in load_manifest(top.stage_folder(1)).io["inputs"]]
+    assert names[:2] == ["hidden", "positions"] and "cache_k.2" in names and "cache_k.1" not in names
+
+
+def test_staged_tokens_equal_transformers_and_whole_logits_within_1e5(reference, staged, whole):
+    prompts = random_prompts([5, 19, 11], vocab_size=128, seed=4)  # 3 prompts on 2 rows: a row is reused
+    backend, _ = open_step_backend(staged, "ort")
+    whole_backend, _ = open_step_backend(whole, "ort")
+    ours = greedy(backend, prompts)
+    assert ours == reference_greedy(reference[1], prompts, STEPS)
+    assert ours == greedy(whole_backend, prompts)
+    staged_logits = teacher_forced(backend, prompts, ours)
+    whole_logits = teacher_forced(whole_backend, prompts, ours)
+    for a, b in zip(staged_logits, whole_logits):
+        assert np.abs(a - b).max() <= 1e-5
+
+
+def test_explicit_split_with_gathered_routing(reference, whole, tmp_path):
+    art = export_onnx(reference[0], tmp_path / "art", stage_layers=(1, 2, 1), routing="gather", **SHAPES)
+    assert [e["layers"] for e in load_manifest(art).stages] == [[0, 1], [1, 3], [3, 4]]
+    prompts = random_prompts([7, 13], vocab_size=128, seed=5)
+    backend, _ = open_step_backend(art, "ort")
+    assert greedy(backend, prompts) == reference_greedy(reference[1], prompts, STEPS)
+
+
+def test_quantized_stages_equal_the_whole_quantized_artifact(reference, tmp_path):
+    options = dict(SHAPES, weights="int8", block_size=32)
+    art = export_onnx(reference[0], tmp_path / "art", stages=2, **options)
+    whole = export_onnx(reference[0], tmp_path / "whole", **options)
+    top = load_manifest(art)
+    assert {name.split(".")[1] for name in top.quantization["tensors"] if name.startswith("layers.")} == \
+        {"0", "1", "2", "3"}  # every stage's tensors, under the model's layer numbers
+    assert top.quantization["tensors"] == load_manifest(whole).quantization["tensors"]
+    prompts = random_prompts([6, 12], vocab_size=128, seed=6)
+    staged_backend, whole_backend = open_step_backend(art, "ort")[0], open_step_backend(whole, "ort")[0]
+    tokens = greedy(staged_backend, prompts)
+    assert tokens == greedy(whole_backend, prompts)
+    for a, b in zip(teacher_forced(staged_backend, prompts, tokens), teacher_forced(whole_backend, prompts, tokens)):
+        assert np.abs(a - b).max() <= 1e-5
+
+
+def test_verify_passes_on_a_staged_artifact(staged):
+    report = verify_artifact(staged, ["eager", "ort"], steps=STEPS)
+    assert report.passed
+    assert report.comparisons[0].max_abs <= 1e-5
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixtral_export", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_more_stages_than_layers_is_one_line_exit_2(reference, tmp_path):
+    with pytest.raises(ExportError, match="more than the model's 4 layers"):
+        export_onnx(reference[0], tmp_path / "art", stages=5, **SHAPES)
+    with pytest.raises(ExportError, match="adding up to the model's 4 layers"):
+        export_onnx(reference[0], tmp_path / "art", stage_layers=(2, 1), **SHAPES)
+    done = cli("export", reference[0], "-o", tmp_path / "art", "--stages", "5", "--dtype", "float32")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "more than the model's 4 layers" in done.stderr and not (tmp_path / "art").exists()
+
+
+def test_missing_stage_folder_is_one_line_exit_2(staged, tmp_path):
+    copy = shutil.copytree(staged, tmp_path / "copy")
+    assert open_step_backend(copy, "ort")[0].step is not None  # control: the whole copy opens
+    shutil.rmtree(copy / "stage-1")
+    with pytest.raises(ManifestError, match="stage 1 .* is missing"):
+        open_step_backend(copy, "ort")
+    done = cli("generate", copy, "--input-ids", "1,2,3", "--json")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "stage-1" in done.stderr and "missing" in done.stderr
+
+
+def test_stages_of_different_exports_are_refused(reference, staged, tmp_path):
+    other = export_onnx(reference[0], tmp_path / "other", stages=2, **SHAPES)  # the same split, another export
+    copy = shutil.copytree(staged, tmp_path / "copy")
+    shutil.rmtree(copy / "stage-1")
+    shutil.copytree(other / "stage-1", copy / "stage-1")
+    with pytest.raises(ManifestError, match="another export"):
+        open_step_backend(copy, "ort")
+    done = cli("generate", copy, "--input-ids", "1,2,3", "--json")
+    assert done.returncode == 2 and "another export" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    done = cli("inspect", copy)
+    assert done.returncode == 2 and "another export" in done.stderr
+
+
+def test_a_stage_folder_alone_is_refused_naming_the_top(staged):
+    done = cli("generate", staged / "stage-0", "--input-ids", "1,2,3")
+    assert done.returncode == 2 and "stage 0 of a staged artifact" in done.stderr
+
+
+def test_cli_generate_and_inspect_on_stages(staged, whole):
+    ids = "1,9,17,33,65,7"
+    runs = [cli("generate", art, "--input-ids", ids, "--json", "--max-new-tokens", STEPS) for art in (staged, whole)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    tokens = [json.loads(r.stdout)["completions"][0]["token_ids"] for r in runs]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == STEPS
+    shown = cli("inspect", staged)
+    assert shown.returncode == 0, shown.stderr
+    assert "stage   0  stage-0/  layers 0..1 + embedding" in shown.stdout
+    assert "stage   1  stage-1/  layers 2..3 + final norm and lm_head" in shown.stdout

@@ -1,0 +1,90 @@
+"""Pipeline stages as Ray actors: the same tokens and logits as in one process, torch-free actors, a
+stage actor that dies, and `generate --ray` starting its own local cluster.
+
+The module shares one local Ray cluster (started by runtimes/ray_stages.py as the CLI starts it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray")
+
+from mixtral_export.graphs.onnx_export import export_onnx  # noqa: E402
+from mixtral_export.runtimes.load import open_step_backend  # noqa: E402
+from mixtral_export.runtimes.ray_stages import StageFailed, start_ray  # noqa: E402
+from mixtral_export.runtimes.session import Session  # noqa: E402
+from mixtral_export.runtimes.verify import teacher_forced  # noqa: E402
+from tests.reference_models import hf_reference, random_prompts, reference_greedy  # noqa: E402
+
+SHAPES = dict(dtype="float32", batch=2, prefill_chunk=8, cache_slots=8)
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    started = start_ray()
+    import ray
+
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pipeline-ray") / "checkpoint"
+    return folder, hf_reference(folder, seed=7, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def staged(reference, tmp_path_factory):
+    return export_onnx(reference[0], tmp_path_factory.mktemp("staged") / "art", stages=3, **SHAPES)
+
+
+def test_ray_stages_give_the_in_process_tokens_and_logits(cluster, reference, staged):
+    prompts = random_prompts([5, 14, 9], vocab_size=128, seed=8)  # 3 prompts on 2 rows
+    local, _ = open_step_backend(staged, "ort")
+    with Session.open(staged, ray=True) as session:
+        stages = session.backend.stages
+        assert len(stages.actors) == 3 and not any(p["torch"] for p in stages.processes)  # ORT only in the actors
+        assert len({p["pid"] for p in stages.processes} | {os.getpid()}) == 4  # each stage its own process
+        tokens = [c.token_ids for c in session.generate_ids(prompts, max_new_tokens=STEPS).completions]
+        assert tokens == reference_greedy(reference[1], prompts, STEPS)
+        ours = teacher_forced(session.backend, prompts, tokens)
+    for a, b in zip(ours, teacher_forced(local, prompts, tokens)):
+        np.testing.assert_array_equal(a, b)  # the same graphs on the same inputs, only hosted elsewhere
+
+
+def test_a_dead_stage_ends_its_requests_and_the_pipeline_comes_back(cluster, staged):
+    prompt = random_prompts([6], vocab_size=128, seed=9)[0]
+    with Session.open(staged, ray=True) as session:
+        expected = session.generate_ids([prompt], max_new_tokens=STEPS).completions[0].token_ids
+        handle = session.submit(prompt, max_new_tokens=100_000)  # runs until the stage dies
+        next(iter(handle))  # it is decoding
+        os.kill(session.backend.stages.processes[1]["pid"], signal.SIGKILL)
+        with pytest.raises(StageFailed, match="stage 1's actor died"):
+            deadline = time.monotonic() + 120
+            for _ in handle:
+                assert time.monotonic() < deadline
+            handle.result()
+        again = session.generate_ids([prompt, prompt], max_new_tokens=STEPS)  # the actor restarted
+        assert [c.token_ids for c in again.completions] == [expected, expected]
+
+
+def test_cli_generate_ray_starts_its_own_cluster(staged):
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [sys.executable, "-m", "mixtral_export", "generate", str(staged), "--input-ids", "3,9,27,81",
+            "--json", "--max-new-tokens", str(STEPS)]
+    runs = [subprocess.run(args + extra, capture_output=True, text=True, timeout=300, env=environ)
+            for extra in ([], ["--ray"])]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    tokens = [json.loads(r.stdout)["completions"][0]["token_ids"] for r in runs]
+    assert tokens[0] == tokens[1] and tokens[0]  # may end early, at the checkpoint's EOS
