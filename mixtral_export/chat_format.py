@@ -87,9 +87,9 @@ def conversation_of(messages: Sequence[Mapping], for_generation: bool, tools: Se
             if any(m.get("content") for m in group):
                 raise ChatFormatError("consecutive assistant messages mix content and tool calls: "
                                       "an answer is either text or tool calls")
-            last = group[-1] is messages[-1]
-            calls = [call for m in group for call in check_tool_calls(
-                m["tool_calls"], f"message {index_of(messages, m)} tool_calls", not for_generation and last)]
+            calls = [call for m in group if m.get("tool_calls") for call in check_tool_calls(
+                m["tool_calls"], f"message {index_of(messages, m)} tool_calls",
+                allow_null_id=not for_generation and m is messages[-1])]  # an id-less call: scoring's last message
             turns.append(("calls", calls_text(calls)))
         elif role != "system":
             turns.append((role, JOIN.join(m["content"] for m in group if m["content"])))

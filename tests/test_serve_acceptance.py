@@ -90,19 +90,20 @@ def check_calls(calls, names=None) -> None:
         jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
 
 
-def streamed_calls(stream) -> tuple[list[dict], str]:
-    """The calls a stream's tool-call deltas add up to, and its finish reason."""
+def streamed_calls(stream) -> tuple[list[dict], str, list]:
+    """The calls a stream's tool-call deltas add up to, its finish reason and its logprobs entries."""
     calls: dict[int, dict] = {}
-    finish = None
+    finish, logprobs = None, []
     for part in stream:
         choice = part.choices[0]
+        logprobs += choice.logprobs.content if choice.logprobs else []
         for delta in choice.delta.tool_calls or []:
             call = calls.setdefault(delta.index, {"id": "", "name": "", "arguments": ""})
             call["id"] += delta.id or ""
             call["name"] += delta.function.name or ""
             call["arguments"] += delta.function.arguments or ""
         finish = choice.finish_reason or finish
-    return [calls[i] for i in sorted(calls)], finish
+    return [calls[i] for i in sorted(calls)], finish, logprobs
 
 
 @pytest.mark.parametrize("seed", [1, 2])
@@ -122,14 +123,17 @@ def test_json_schema_replies_validate_plain_and_streamed(server, seed):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_tool_choice_required_calls_a_tool_whose_arguments_validate(server, seed):
     args = dict(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=120, temperature=1.0,
-                seed=seed)
+                seed=seed, logprobs=True)
     reply = server.client.chat.completions.create(**args)
     assert reply.choices[0].finish_reason == "tool_calls"
     check_calls(reply.choices[0].message.tool_calls)
-    calls, finish = streamed_calls(server.client.chat.completions.create(stream=True, **args))
+    calls, finish, logprobs = streamed_calls(server.client.chat.completions.create(stream=True, **args))
     assert finish == "tool_calls"
     assert [(c["name"], c["arguments"]) for c in calls] == [
         (c.function.name, c.function.arguments) for c in reply.choices[0].message.tool_calls]
+    every = reply.choices[0].logprobs.content  # one entry per token, [TOOL_CALLS] first, in both
+    assert len(every) == reply.usage.completion_tokens and every[0].token == "[TOOL_CALLS]"
+    assert [(e.token, e.logprob) for e in logprobs] == [(e.token, e.logprob) for e in every]
 
 
 @pytest.mark.parametrize("parallel", [True, False])
