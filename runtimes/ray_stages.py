@@ -72,7 +72,7 @@ def start_ray() -> bool:
 
     if ray.is_initialized():
         return False
-    options = {"_node_ip_address": "127.0.0.1"} if local else {}
+    options = {"address": "local", "_node_ip_address": "127.0.0.1"} if local else {}
     ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False, **options)
     return local
 
