@@ -3,10 +3,11 @@
     python3 -m mixtral_export.bench.pipeline_hops --work-dir /tmp/hops --rounds 3 --steps 24
 
 For each model and batch it exports the whole artifact and 2- and 4-stage artifacts, then times
-decode steps (T = 1) interleaved round by round: the whole artifact in this process (the
-baseline), its stages chained in this process, and on a local Ray cluster the whole artifact in
-one actor (1 stage) and the stages one actor each. Each row prints the median step and its ratio
-to the baseline of the same round set. Then, on the widest model at batch 1, the resident memory
+decode steps (T = 1): the whole artifact in this process (the baseline), its stages chained in
+this process, and on a local Ray cluster the whole artifact in one actor (1 stage) and the stages
+one actor each. Each configuration runs round by round interleaved with the baseline (one beside
+it at a time, so the widest model's copies fit in memory); a row prints the median step and its
+ratio to the baseline's median over the same rounds. Then, on the widest model at batch 1, the resident memory
 (VmRSS) of each stage actor's process after a step, against an actor holding the whole artifact.
 
 Models: `tiny-4l` (the tiny model with 4 layers) and `mixtral-width-4l` (Mixtral 8x7B's hidden
@@ -111,37 +112,42 @@ def main() -> None:
         config = models()[name]
         for batch in map(int, args.batches.split(",")):
             artifacts = build(args.work_dir, name, config, batch)
-            runs = {(1, "process"): open_step_backend(artifacts[1], "ort")[0],
-                    (1, "ray"): WholeActor(ray, artifacts[1])}
-            for stages in SPLITS[1:]:
-                runs[(stages, "process")] = open_step_backend(artifacts[stages], "ort")[0]
-                runs[(stages, "ray")] = open_step_backend(artifacts[stages], "ort", ray=True)[0]
-            for backend in runs.values():
-                decode_seconds(backend, batch, 4, 0)  # warm
-            samples = {key: [] for key in runs}
-            for r in range(args.rounds):  # interleaved: every configuration once per round
-                for key, backend in runs.items():
-                    samples[key] += decode_seconds(backend, batch, args.steps, 4 + r * args.steps)
-            base = statistics.median(samples[(1, "process")])
-            for (stages, where), times in sorted(samples.items()):
-                median = statistics.median(times)
-                print(f"| {name} | {batch} | {stages} | {where} | {median * 1e3:.2f} | {median / base:.2f}x |",
-                      flush=True)
+            baseline = open_step_backend(artifacts[1], "ort")[0]
+            decode_seconds(baseline, batch, 4, 0)  # warm
+            rss = {}
+            for stages in SPLITS:
+                for where in ("process", "ray"):
+                    if (stages, where) == (1, "process"):
+                        continue
+                    # one configuration beside the baseline at a time: the widest model's copies fit
+                    backend = (WholeActor(ray, artifacts[1]) if stages == 1 else
+                               open_step_backend(artifacts[stages], "ort", ray=where == "ray")[0])
+                    decode_seconds(backend, batch, 4, 0)  # warm
+                    ours, base = [], []
+                    for r in range(args.rounds):  # interleaved with the baseline, round by round
+                        start = 4 + r * args.steps
+                        base += decode_seconds(baseline, batch, args.steps, start)
+                        ours += decode_seconds(backend, batch, args.steps, start)
+                    if stages == 1:
+                        print(f"| {name} | {batch} | 1 | process | {statistics.median(base) * 1e3:.2f} | 1.00x |")
+                    median = statistics.median(ours)
+                    print(f"| {name} | {batch} | {stages} | {where} | {median * 1e3:.2f} | "
+                          f"{median / statistics.median(base):.2f}x |", flush=True)
+                    if where == "ray":
+                        pids = [backend.pid] if stages == 1 else [p["pid"] for p in backend.stages.processes]
+                        rss[stages] = [rss_bytes(pid) for pid in pids]
+                    close = getattr(backend, "close", None)
+                    if close:
+                        close()
+                    del backend
             if name == "mixtral-width-4l" and batch == min(map(int, args.batches.split(","))):
-                rss = {"whole (1 actor)": [rss_bytes(runs[(1, "ray")].pid)]}
-                for stages in SPLITS[1:]:
-                    rss[f"{stages} stages"] = [p["pid"] for p in runs[(stages, "ray")].stages.processes]
-                    rss[f"{stages} stages"] = [rss_bytes(pid) for pid in rss[f"{stages} stages"]]
-                sizes = {s: sum(f.stat().st_size for f in artifacts[s].rglob("*.data")) for s in SPLITS}
-                print(f"\nRSS per stage process ({name}, B={batch}; weights on disk: "
-                      f"{sizes[1] / 2**20:.0f} MiB whole):")
-                for label, values in rss.items():
+                data = sum(f.stat().st_size for f in artifacts[1].rglob("*.data"))
+                print(f"\nRSS of each stage actor's process after its steps ({name}, B={batch}; the whole "
+                      f"artifact's weights: {data / 2**20:.0f} MiB):")
+                for stages, values in rss.items():
+                    label = "whole artifact, 1 actor" if stages == 1 else f"{stages} stages"
                     print(f"  {label}: " + ", ".join(f"{v / 2**20:.0f} MiB" for v in values), flush=True)
-            for backend in runs.values():
-                close = getattr(backend, "close", None)
-                if close:
-                    close()
-            del runs
+            del baseline
     ray.shutdown()
 
 
