@@ -587,7 +587,9 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           ray: bool = typer.Option(False, "--ray", help="Serve on Ray Serve (starts or joins a cluster: RAY_ADDRESS)"),
           replicas: int = typer.Option(1, min=1, help="With --ray: replicas, each with its own engine", metavar="N"),
           ray_dashboard: bool = typer.Option(False, "--ray-dashboard", help="With --ray: start Ray's dashboard "
-                                             "(on --host)")):
+                                             "(on --host)"),
+          stage_actors: bool = typer.Option(False, "--stage-actors", help="A staged artifact: each stage in a Ray "
+                                            "actor (joins RAY_ADDRESS, else starts a local cluster)")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
     if request_timeout is not None and request_timeout <= 0:
         raise UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
@@ -599,8 +601,9 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
     if ray_dashboard and not ray:
         raise UsageError("--ray-dashboard needs --ray")
     if ray:
-        if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
-            raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
+        if rows is not None or checkpoint is not None or stream_interval != 1 or in_process or stage_actors:
+            raise UsageError("--rows, --checkpoint, --stream-interval, --in-process and --stage-actors are not "
+                             "available with --ray (a replica runs a staged artifact's stages in its own process)")
         from mixtral_export.serving.ray_cluster import serve_on_ray  # a missing extra is one line (run())
 
         serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
@@ -611,7 +614,7 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
                model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
                max_rows=rows, stream_interval=stream_interval, in_process=in_process, api_key=api_key,
-               max_body=int(max_body_mb * 2**20), stall_seconds=stall_timeout)
+               max_body=int(max_body_mb * 2**20), stall_seconds=stall_timeout, stage_actors=stage_actors)
 
 
 @app.command()

@@ -135,6 +135,7 @@ class ChildSpec:
     threads: int | None
     checkpoint: str | None
     max_rows: int | None
+    stage_actors: bool = False  # a staged artifact's stages as Ray actors (runtimes/ray_stages.py)
 
 
 # ---- the parent ----
@@ -158,7 +159,7 @@ class ProcessClient:
 
     def __init__(self, artifact: str | Path, runtime: str = "ort", provider: str = "cpu", threads: int | None = None,
                  checkpoint: str | Path | None = None, max_queue: int | None = None, max_rows: int | None = None,
-                 supervision: Supervision = Supervision()):
+                 supervision: Supervision = Supervision(), stage_actors: bool = False):
         manifest = load_step_manifest(artifact)
         self.manifest = manifest
         self.tokenizer = open_tokenizer(manifest)
@@ -176,7 +177,7 @@ class ProcessClient:
         self._send_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._spec = ChildSpec(str(artifact), runtime, provider, threads,
-                               None if checkpoint is None else str(checkpoint), max_rows)
+                               None if checkpoint is None else str(checkpoint), max_rows, stage_actors)
         self._crashes = 0  # engine processes in a row that died before `stable_seconds`
         self.process, self.conn, self.engine_pid = start_child(self._spec)
         self._started_at = time.monotonic()
@@ -387,7 +388,7 @@ def main() -> None:
     conn = Connection(fd)
     try:
         backend, manifest = open_step_backend(spec.artifact, spec.runtime, provider=spec.provider,
-                                              threads=spec.threads, checkpoint=spec.checkpoint)
+                                              threads=spec.threads, checkpoint=spec.checkpoint, ray=spec.stage_actors)
         tokenizer = open_tokenizer(manifest)
         engine = Engine(backend, max_rows=spec.max_rows, max_positions=manifest.config.max_position_embeddings,
                         tokenizer=tokenizer)

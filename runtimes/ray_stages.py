@@ -72,7 +72,7 @@ def start_ray() -> bool:
 
     if ray.is_initialized():
         return False
-    options = {"_node_ip_address": "127.0.0.1"} if local else {}
+    options = {"address": "local", "_node_ip_address": "127.0.0.1"} if local else {}
     ray.init(include_dashboard=False, logging_level="warning", log_to_driver=False, **options)
     return local
 
@@ -133,8 +133,9 @@ class RayStages:
             dead = getattr(error, "actor_id", None)
             index = next((i for i, a in enumerate(self.actors) if a._actor_id.hex() == dead), None)
             which = f"stage {index}" if index is not None else "a stage"
-            raise StageFailed(f"pipeline {which}'s actor died during the step ({type(error).__name__}); "
-                              f"the requests in this step are ended and the stage is restarting") from None
+            raise StageFailed(f"pipeline {which}'s actor died or became unreachable during the step "
+                              f"({type(error).__name__}); the requests in this step are ended and the stage is "
+                              f"restarting") from None
 
     def stage_bytes(self) -> list[int]:
         return list(self.bytes)

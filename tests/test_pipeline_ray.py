@@ -70,7 +70,7 @@ def test_a_dead_stage_ends_its_requests_and_the_pipeline_comes_back(cluster, sta
         handle = session.submit(prompt, max_new_tokens=100_000)  # runs until the stage dies
         next(iter(handle))  # it is decoding
         os.kill(session.backend.stages.processes[1]["pid"], signal.SIGKILL)
-        with pytest.raises(StageFailed, match="stage 1's actor died"):
+        with pytest.raises(StageFailed, match="stage 1.s actor died"):
             deadline = time.monotonic() + 120
             for _ in handle:
                 assert time.monotonic() < deadline
@@ -88,3 +88,22 @@ def test_cli_generate_ray_starts_its_own_cluster(staged):
     assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
     tokens = [json.loads(r.stdout)["completions"][0]["token_ids"] for r in runs]
     assert tokens[0] == tokens[1] and tokens[0]  # may end early, at the checkpoint's EOS
+
+
+def test_serve_with_stage_actors(tiny_checkpoint, tiny_onnx, tmp_path):
+    pytest.importorskip("openai")
+    pytest.importorskip("fastapi")
+    from tests.test_serve import Server
+
+    art = export_onnx(tiny_checkpoint, tmp_path / "art", dtype="float32", batch=2, prefill_chunk=8, cache_slots=32,
+                      stages=2)
+    server = Server(art, "--stage-actors", env={"RAY_ADDRESS": ""})  # its own local cluster
+    try:
+        with Session.open(tiny_onnx) as whole:
+            prompt = "Simple is better"
+            reply = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+            expected = whole.generate_ids([whole.encode(prompt)], max_new_tokens=12).completions[0]
+            assert reply.choices[0].text == expected.text
+    finally:
+        code, output = server.stop()
+    assert code == 0, output
