@@ -119,7 +119,7 @@ class Tokenizer:
             return bytes([piece])
         return piece.replace(SPACE, " ").encode() if kind == TEXT else None
 
-    def encode_verbatim(self, text: str) -> list[int]:
+    def encode_verbatim(self, text: str | bytes) -> list[int]:
         """Ids whose token_bytes concatenate to exactly `text`: sentencepiece's encoding without the
         dummy-prefix space and without whitespace squeezing (a grammar's forced text, mid-output)."""
         if self._verbatim is None:

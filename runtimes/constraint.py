@@ -24,10 +24,10 @@ import numpy as np
 from mixtral_export.runtimes.requests import OptionError
 
 MAX_REJECTIONS = 4  # sampled tokens refused for the budget before the closing path's next token is taken
-# Single characters tried, in order, to close a grammar (after its forced text): end a string, close
-# an object or array, the shortest values. Anything else falls back to the lowest allowed token id.
 ENCODED_CACHE = 4096  # forced texts whose ids are remembered per engine
 SEARCH_CAP = 4096  # tokens a closing path is looked for at most, to name what a refused grammar needs
+# Single characters tried, in order, to close a grammar (after its forced text): end a string, close
+# an object or array, the shortest values. Anything else falls back to the lowest allowed token id.
 CLOSERS = ('"', "}", "]", "0", "[", "{", "n", "t", "f")
 
 
@@ -110,7 +110,7 @@ def ll_tokenizer(llguidance, tokenizer, vocab_size: int):
             self.tokens = tokens
             self.encoded: dict[str, list[int]] = {}  # forced texts (keys, literals) recur every step
 
-        def __call__(self, text: str) -> list[int]:
+        def __call__(self, text: str | bytes) -> list[int]:  # llguidance passes UTF-8 bytes
             ids = self.encoded.get(text)
             if ids is None:
                 if len(self.encoded) >= ENCODED_CACHE:
@@ -124,8 +124,7 @@ def ll_tokenizer(llguidance, tokenizer, vocab_size: int):
 def closing_path(matcher, cap: int, closers: list[int], eos: int, mask: np.ndarray) -> list[int] | None:
     """Token ids that complete the grammar from the matcher's state (the state is left as it was):
     its forced tokens, else the first of `closers` after which it may end, else the first it allows,
-    else its lowest allowed id, until it
-    stops (or, where it may end, EOS). None when no path of at most `cap` tokens was found. `mask`:
+    else its lowest allowed id, until it stops (or, where it may end, EOS). None when no path of at most `cap` tokens was found. `mask`:
     a (1, W) int32 bitmask buffer of the vocabulary."""
     from llguidance.numpy import fill_next_token_bitmask
 

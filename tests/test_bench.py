@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -99,3 +100,13 @@ def test_our_ring_matches_llama_cpps_capacity_only_when_llama_cpp_runs_and_no_ri
     assert equal_capacity(options) == (256,)
     assert equal_capacity(replace(options, cache_slots=(4096,))) == (4096,)
     assert equal_capacity(replace(options, runtimes=("ort-gather",))) == (None,)
+
+
+def test_constrained_bench_runs_on_tiny_and_prints_each_mode_against_its_baseline(tmp_path):
+    pytest.importorskip("llguidance")
+    run = subprocess.run([sys.executable, "-m", "mixtral_export.bench.constrained", "tiny", "--rounds", "1",
+                          "--tokens", "56", "--work-dir", str(tmp_path / "work")],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    for mode, base in (("greedy + schema", "greedy"), ("sampled + schema", "sampled")):
+        assert re.search(rf"^{re.escape(mode)} *: +[\d.]+ ms/token .*[\d.]+x {base}$", run.stdout, re.M), run.stdout
