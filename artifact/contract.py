@@ -300,6 +300,9 @@ class StageShapes:
     first_layer: int
     stop_layer: int
     hidden_size: int
+    # False: stage 0 takes the embedded ids (hidden) too; the lookup reads the tied LM head's table,
+    # which the last stage holds (a tied table split over two stages would be stored twice)
+    embeds_ids: bool = True
 
     def __post_init__(self) -> None:
         for name in ("index", "count", "first_layer", "stop_layer", "hidden_size"):
@@ -320,7 +323,7 @@ class StageShapes:
 
     @property
     def embeds(self) -> bool:
-        return self.index == 0
+        return self.index == 0 and self.embeds_ids
 
     @property
     def ends(self) -> bool:
@@ -382,13 +385,13 @@ class StageShapes:
     def to_dict(self) -> dict:
         """What a stage manifest records beside the whole step's shapes."""
         return {"index": self.index, "count": self.count, "layers": [self.first_layer, self.stop_layer],
-                "hidden_size": self.hidden_size}
+                "hidden_size": self.hidden_size, **({} if self.embeds_ids else {"embeds_ids": False})}
 
     @classmethod
     def from_dict(cls, step: StepShapes, raw: dict) -> "StageShapes":
         first, stop = raw["layers"]
         return cls(step=step, index=raw["index"], count=raw["count"], first_layer=first, stop_layer=stop,
-                   hidden_size=raw["hidden_size"])
+                   hidden_size=raw["hidden_size"], embeds_ids=raw.get("embeds_ids", True))
 
 
 # ---- head graphs: the non-generative heads, prefill only ----

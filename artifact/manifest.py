@@ -138,6 +138,9 @@ class Manifest(ArtifactManifest):
     stages: tuple[dict, ...] = ()
     stage: StageShapes | None = None
     export_id: str | None = None
+    # The last stage of a tied model: where its LM head's (H, V) table lies in a data file
+    # ({"file", "offset", "shape"}), read for the ids' lookup that stage 0 does not hold.
+    table: dict | None = None
 
     @property
     def contract(self) -> StepShapes | StageShapes:
@@ -199,7 +202,7 @@ def sha256_file(path: Path) -> str:
 
 def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shapes: StepShapes | HeadShapes,
                    graphs: dict[str, str], opset: int | None = None, stage: StageShapes | None = None,
-                   stages: list[dict] | None = None, export_id: str | None = None,
+                   stages: list[dict] | None = None, export_id: str | None = None, table: dict | None = None,
                    tokenizer: str | None = None, bos_token_id: int | None = None,
                    eos_token_id: tuple[int, ...] | None = None, device: str | None = None,
                    source: str | Path | None = None, routing: str = "dense", labels: tuple[str, ...] = (),
@@ -249,6 +252,7 @@ def write_manifest(folder: str | Path, *, kind: str, config: MixtralConfig, shap
         **({"export_id": export_id} if export_id else {}),
         **({"stage": stage.to_dict()} if stage else {}),
         **({"stages": list(stages)} if stages else {}),
+        **({"table": table} if table else {}),
         "files": {name: file_entry(folder / name, (hashed or {}).get(name)) for name in names},
     }
     path = folder / MANIFEST_NAME
@@ -367,7 +371,7 @@ def _parse(raw: dict, folder: Path, path: Path) -> Manifest | HeadManifest:
             stage = StageShapes.from_dict(shapes, raw["stage"]) if "stage" in raw else None
             manifest = Manifest(**common, shapes=shapes, quantization=raw.get("quantization"), stage=stage,
                                 stages=tuple(_stage_entry(e, path) for e in raw.get("stages", ())),
-                                export_id=raw.get("export_id"))
+                                export_id=raw.get("export_id"), table=raw.get("table"))
     except ManifestError:
         raise
     except ConfigError as err:

@@ -96,7 +96,8 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
                 data, record = write_step(folder, out, reader, config, stage, routing, opset, scheme, block_size, say)
                 return ({DATA_NAME: data} if data is not None else None), record
 
-            write_stages(tmp, checkpoint, config, shapes, split, routing, opset, GRAPH_NAME, write, say)
+            write_stages(tmp, checkpoint, config, shapes, split, routing, opset, GRAPH_NAME, write, say,
+                         quantized=scheme is not None)
         else:
             data, quantization = write_step(tmp, out, reader, config, shapes, routing, opset, scheme, block_size, say)
             say("writing the manifest")
@@ -115,7 +116,7 @@ def write_step(folder: Path, out: Path, reader, config: MixtralConfig, contract:
     the quantization record. Errors name `out`, where the user will look, not the temp folder."""
     step = getattr(contract, "step", contract)
     layers = (contract.first_layer, contract.stop_layer) if isinstance(contract, StageShapes) else None
-    model = placeholder_model(config, step, routing, layers)
+    model = placeholder_model(config, step, routing, layers, embed=getattr(contract, "embeds_ids", True))
     what = f"stage {contract.index} (layers {layers[0]}..{layers[1] - 1})" if layers else GRAPH_NAME
     say(f"exporting {what} (opset {opset}, B={step.batch}, T={'|'.join(map(str, step.chunks))}, "
         f"S={step.cache_slots}, {routing} MoE, {step.dtype}) with placeholder weights")
@@ -149,7 +150,8 @@ def export_config(checkpoint: Path, out: Path, dtype: str | None, routing: str) 
     return config.replace(dtype=dtype)
 
 
-def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str, layers: tuple[int, int] | None = None):
+def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str, layers: tuple[int, int] | None = None,
+                      embed: bool = True):
     """The step model with fake parameters (torch's FakeTensorMode): shapes and dtypes, no storage.
 
     Fake rather than meta: they claim the CPU as their device, so the real example inputs and
@@ -160,7 +162,7 @@ def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str, l
     from mixtral_export.model import TORCH_DTYPES, MixtralStatic
 
     with torch.device("meta"):
-        model = MixtralStatic(config, shapes.attention_window, routing, layers=layers).to(
+        model = MixtralStatic(config, shapes.attention_window, routing, layers=layers, embed=embed).to(
             TORCH_DTYPES[shapes.dtype]).eval()
     return fake_parameters(model)
 

@@ -57,6 +57,8 @@ def split_layers(config: MixtralConfig, out: Path, stages: int | None, stage_lay
         raise ExportError(f"{out}: --stages {stages} is more than the model's {total} layers (a stage runs at "
                           f"least one layer)")
     layer, embed, head = weight_bytes(config, scheme, block_size)
+    if config.tie_word_embeddings and scheme is None and stages > 1:
+        embed = 0  # the last stage's LM head is the table (write_stages)
 
     def cost(first: int, stop: int) -> int:
         return (stop - first) * layer + (embed if first == 0 else 0) + (head if stop == total else 0)
@@ -75,24 +77,44 @@ def split_layers(config: MixtralConfig, out: Path, stages: int | None, stage_lay
     return cuts[::-1]
 
 
+def lm_head_table(graph: Path, config: MixtralConfig) -> dict:
+    """Where the last stage's graph keeps its LM head, (H, V) as its MatMul reads it: {"file", "offset",
+    "shape"} in its external data, so the ids' lookup reads the same bytes."""
+    import onnx
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    found = [init for init in proto.graph.initializer
+             if list(init.dims) == [config.hidden_size, config.vocab_size] and init.external_data]
+    if len(found) != 1:
+        raise ExportError(f"{graph}: {len(found)} (H, V) weights in the last stage, expected its LM head alone")
+    where = {entry.key: entry.value for entry in found[0].external_data}
+    return {"file": where["location"], "offset": int(where.get("offset", 0)),
+            "shape": [config.hidden_size, config.vocab_size]}
+
+
 def write_stages(tmp: Path, checkpoint: Path, config: MixtralConfig, shapes: StepShapes,
                  split: list[tuple[int, int]], routing: str, opset: int, graph_name: str,
                  write: Callable[[Path, StageShapes], tuple[dict | None, dict | None]],
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], quantized: bool = False) -> None:
     """Write every stage folder into `tmp` (each with its manifest), then the top manifest.
     write(folder, stage) writes one stage's graph and weights (graphs/onnx_export.py's `write_step`)
-    and returns the files it hashed while writing and its quantization record."""
+    and returns the files it hashed while writing and its quantization record. A tied table stays in
+    the last stage alone when the weights are float (quantized, the LM head is not the embedding's
+    bytes: a whole export holds both too)."""
     export_id = secrets.token_hex(16)  # 128 random bits: two exports never share one
     entries, quantization = [], None
+    # a tied table (the embedding is the LM head) stays in the last stage only, which does the lookup too
+    shared = config.tie_word_embeddings and not quantized and len(split) > 1
     for index, (first, stop) in enumerate(split):
         stage = StageShapes(step=shapes, index=index, count=len(split), first_layer=first, stop_layer=stop,
-                            hidden_size=config.hidden_size)
+                            hidden_size=config.hidden_size, embeds_ids=not (shared and index == 0))
         folder = tmp / STAGE_FOLDER.format(index)
         folder.mkdir()
         hashed, record = write(folder, stage)
+        table = lm_head_table(folder / graph_name, config) if shared and stage.ends else None
         write_manifest(folder, kind="onnx", config=config, shapes=shapes, graphs={"step": graph_name}, opset=opset,
                        stage=stage, export_id=export_id, source=checkpoint.resolve(), routing=routing,
-                       hashed=hashed, quantization=record)
+                       hashed=hashed, quantization=record, table=table)
         if record is not None:  # one record over every stage's tensors, for eager's dequantized weights
             quantization = record if quantization is None else {**quantization,
                                                                 "tensors": {**quantization["tensors"],

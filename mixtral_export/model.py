@@ -211,8 +211,9 @@ class MixtralStatic(nn.Module):
     """
 
     def __init__(self, config: MixtralConfig, attention_window: int | None, routing: str = "dense",
-                 lm_head: bool = True, layers: tuple[int, int] | None = None):
-        """lm_head=False: the trunk alone, for the other heads (mixtral_export/head_model.py)."""
+                 lm_head: bool = True, layers: tuple[int, int] | None = None, embed: bool = True):
+        """lm_head=False: the trunk alone, for the other heads (mixtral_export/head_model.py); embed=False:
+        the first stage takes embedded ids (a tied table held by the last stage)."""
         super().__init__()
         first, stop = layers or (0, config.num_hidden_layers)
         if not 0 <= first < stop <= config.num_hidden_layers:
@@ -221,7 +222,7 @@ class MixtralStatic(nn.Module):
         self.attention_window = attention_window
         self.routing = routing
         self.first_layer, self.stop_layer = first, stop
-        self.embeds, self.ends = first == 0, stop == config.num_hidden_layers
+        self.embeds, self.ends = first == 0 and embed, stop == config.num_hidden_layers
         if self.embeds:
             self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         # layers before `first` are empty places, so every block keeps its global name

@@ -189,6 +189,17 @@ class OrtBackend:
         check_step_inputs(self.shapes, self.shapes.vocab_size, input_ids, positions)
         return self.run(input_ids, positions)
 
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        """(B, T) ids -> (B, T, H) embeddings, read from the tied LM head's table this stage's graph holds
+        (manifest.table: its (H, V) bytes in the data file), for a first stage without the table."""
+        table = self.manifest.table
+        if table is None:
+            raise OrtBackendError(f"{self.manifest.folder / MANIFEST_NAME}: this stage holds no embedding table")
+        if getattr(self, "_table", None) is None:
+            self._table = np.memmap(self.manifest.path(table["file"]), dtype=numpy_dtype(self.shapes.dtype),
+                                    mode="r", offset=table["offset"], shape=tuple(table["shape"]))  # (H, V)
+        return np.ascontiguousarray(self._table[:, input_ids].transpose(1, 2, 0))  # (H, B, T) -> (B, T, H)
+
     def run(self, first: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """One chunk through the graph, inputs unchecked (`step` checks; a pipeline checks once for
         all its stages): first is the ids (B, T) or a stage's hidden state (B, T, H); returns the

@@ -46,7 +46,8 @@ class LocalStages:
                          for stage in manifests]  # every folder found and checked before any loads
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        x = input_ids
+        last = self.backends[-1]
+        x = input_ids if last.manifest.table is None else last.embed(input_ids)  # a tied table: the last stage's
         for backend in self.backends:
             x = backend.run(x, positions)  # (B, T, H) between stages, (B, T, V) out of the last
         return x

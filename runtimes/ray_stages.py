@@ -59,6 +59,9 @@ class StageActor:
     def run(self, first: np.ndarray, positions: np.ndarray) -> np.ndarray:
         return self.backend.run(first, positions)
 
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.backend.embed(input_ids)
+
     def reset(self, rows) -> None:
         self.backend.reset(rows)
 
@@ -112,9 +115,10 @@ class RayStages:
             raise
         self.bytes = [sum(entry.size for entry in m.files.values()) for _, m, _ in described]
         self.processes = [process for _, _, process in described]  # each actor's pid, torch-free or not
+        self.tied = described[-1][1].table is not None  # the last stage looks the ids up
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        ref = input_ids
+        ref = self.actors[-1].embed.remote(input_ids) if self.tied else input_ids
         positions_ref = self.ray.put(positions)
         for actor in self.actors:
             ref = actor.run.remote(ref, positions_ref)  # the hidden state's ref goes to the next actor as is

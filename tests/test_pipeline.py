@@ -193,3 +193,23 @@ def test_serve_on_a_staged_artifact_answers_as_the_whole_one(tiny_checkpoint, ti
     finally:
         code, output = server.stop()
     assert code == 0, output
+
+
+def test_a_tied_table_is_stored_once_and_looked_up_by_the_last_stage(tmp_path):
+    """tie_word_embeddings: stage 0 takes embedded ids, read from the LM head the last stage holds;
+    control: the table is the whole export's largest tensor, so holding it twice would break 5%."""
+    model = hf_reference(tmp_path / "checkpoint", seed=5, num_hidden_layers=2, tie_word_embeddings=True,
+                         vocab_size=1000)
+    options = dict(dtype="float32", batch=2, prefill_chunk=8, cache_slots=8)
+    whole = export_onnx(tmp_path / "checkpoint", tmp_path / "whole", **options)
+    staged = export_onnx(tmp_path / "checkpoint", tmp_path / "staged", stages=2, **options)
+    table = 1000 * 64 * 4
+    assert table > 0.05 * graph_bytes(whole)
+    assert sum(stage_bytes(staged)) <= 1.05 * graph_bytes(whole) and max(stage_bytes(staged)) <= 0.7 * graph_bytes(whole)
+    first = load_manifest(staged / "stage-0").io["inputs"][0]["name"]
+    assert first == "hidden"
+    prompts = random_prompts([5, 12], vocab_size=1000, seed=6)
+    backend, _ = open_step_backend(staged, "ort")
+    tokens = greedy(backend, prompts)
+    assert tokens == reference_greedy(model, prompts, STEPS)
+    assert tokens == greedy(open_step_backend(whole, "ort")[0], prompts)

@@ -107,3 +107,14 @@ def test_serve_with_stage_actors(tiny_checkpoint, tiny_onnx, tmp_path):
     finally:
         code, output = server.stop()
     assert code == 0, output
+
+
+def test_ray_stages_of_a_tied_model(cluster, tmp_path):
+    """The last stage's actor looks the ids up in its tied table, then stage 0 runs."""
+    model = hf_reference(tmp_path / "checkpoint", seed=5, num_hidden_layers=2, tie_word_embeddings=True)
+    art = export_onnx(tmp_path / "checkpoint", tmp_path / "art", stages=2, **SHAPES)
+    prompts = random_prompts([5, 11], vocab_size=128, seed=10)
+    with Session.open(art, ray=True) as session:
+        assert session.backend.stages.tied
+        tokens = [c.token_ids for c in session.generate_ids(prompts, max_new_tokens=STEPS).completions]
+    assert tokens == reference_greedy(model, prompts, STEPS)
