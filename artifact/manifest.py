@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 
 from mixtral_export.artifact.block_hash import BLOCK_BYTES, hash_file
-from mixtral_export.artifact.contract import CLASSIFIER_KINDS, OUTPUT_NAMES, ContractError, HeadShapes, StepShapes
+from mixtral_export.artifact.contract import CLASSIFIER_KINDS, ContractError, HeadShapes, StepShapes
 from mixtral_export.artifact.config import ConfigError, MixtralConfig
 from mixtral_export.errors import UserError
 
@@ -152,8 +152,7 @@ def io_contract(shapes: StepShapes, chunks: tuple[int, ...]) -> dict:
                  "shapes": {str(t): list(shapes_of(t)[name]) for t in chunks}} for name in names]
 
     return {"inputs": entries(shapes.input_names, shapes.input_shapes, shapes.input_dtype),
-            "outputs": entries(OUTPUT_NAMES, shapes.output_shapes,
-                               lambda name: "float32" if name == "logits" else shapes.dtype)}
+            "outputs": entries(shapes.output_names, shapes.output_shapes, shapes.output_dtype)}
 
 
 def artifact_io(shapes: StepShapes | HeadShapes, chunks: tuple[int, ...]) -> dict:

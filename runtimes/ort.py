@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mixtral_export.artifact.contract import DTYPES, NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
+from mixtral_export.artifact.contract import DTYPES, NO_POSITION, SCALE_OUTPUT_NAMES, StepShapes
 from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
@@ -98,13 +98,16 @@ class ChunkBinding:
         self.logits = np.zeros(out["logits"], dtype=np.float32)  # (B, T, V)
         self.new_k = np.zeros(out["new_k"], dtype=dtype)  # (L, B, Hkv, T, D)
         self.new_v = np.zeros(out["new_v"], dtype=dtype)  # (L, B, Hkv, T, D)
+        # an int8 cache's scales of the chunk: (L, B, Hkv, T) each
+        self.new_scales = tuple(np.zeros(out[name], np.float32) for name in SCALE_OUTPUT_NAMES if name in out)
         arrays = {"input_ids": self.input_ids, "positions": self.positions,
-                  "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v}
+                  "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v,
+                  **dict(zip(SCALE_OUTPUT_NAMES, self.new_scales))}
         self.values = {name: host_value(array) for name, array in arrays.items()}  # kept alive
         self.binding = session.io_binding()
         for name in ("input_ids", "positions"):
             self.binding.bind_ortvalue_input(name, self.values[name])
-        for name in OUTPUT_NAMES:
+        for name in shapes.output_names:
             self.binding.bind_ortvalue_output(name, self.values[name])
         self.layout = -1  # which of the ring's layouts (SpanRing.relayouts) the cache inputs view; -1: none yet
         self.session = session
@@ -148,7 +151,7 @@ class OrtBackend:
                                 if preload and provider == "cpu" else 0)
 
         # see runtimes/span_ring.py: a step passes the span of the ring in use when the graph takes one
-        self.ring = SpanRing(self.shapes, numpy_dtype(self.shapes.dtype), spans=spans and self.shapes.span_axis)
+        self.ring = SpanRing(self.shapes, numpy_dtype(self.shapes.cache_dtype), spans=spans and self.shapes.span_axis)
         self.bindings = {chunk: ChunkBinding(self.session, self.shapes, chunk, self.ring.flat_k.dtype)
                          for chunk in self.manifest.chunks}
 
@@ -178,10 +181,9 @@ class OrtBackend:
         self.ring.fit(self.ring.span_needed(positions))
         chunk = self.bindings[input_ids.shape[1]]
         if chunk.layout != self.ring.relayouts:  # views of the ring's buffers, zero-copy
-            chunk.bind_cache({**layer_caches(self.cache_k, self.cache_v), "cache_positions": self.cache_positions},
-                             self.ring.relayouts)
+            chunk.bind_cache(self.ring.inputs(), self.ring.relayouts)
         chunk.run(input_ids, positions)
-        self.ring.write(chunk.new_k, chunk.new_v, positions)
+        self.ring.write(chunk.new_k, chunk.new_v, positions, chunk.new_scales or None)
         return chunk.logits.copy()  # the buffer is overwritten by the next step
 
 
