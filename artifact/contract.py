@@ -13,10 +13,21 @@ One step consumes a chunk of T new tokens (T = one of prefill_chunks, or 1) for 
     cache_v.0 .. cache_v.{L-1}
                      (B, Hkv, S, D)   dtype   each layer's values of earlier tokens
     cache_positions  (B, S)           int64   absolute position held by each slot, -1 = empty
+    cache_k_scale.0 .. , cache_v_scale.0 ..
+                     (B, Hkv, S)      float32 int8 caches only: each slot's scale per kv head
   outputs
     logits           (B, T, V)        float32 next-token logits at every chunk position
-    new_k            (L, B, Hkv, T, D) dtype  keys of this chunk (after RoPE)
-    new_v            (L, B, Hkv, T, D) dtype  values of this chunk
+    new_k            (L, B, Hkv, T, D) kv     keys of this chunk (after RoPE)
+    new_v            (L, B, Hkv, T, D) kv     values of this chunk
+    new_k_scale, new_v_scale
+                     (L, B, Hkv, T)   float32 int8 caches only: the chunk's scales
+
+"kv" is the cache's element type (`StepShapes.cache_dtype`, `export --kv-dtype`): the build's dtype
+by default, float16 (half the ring's bytes) or int8 (a quarter, plus 4 bytes per slot and kv head):
+symmetric codes, scale = max|x| / 127 over each token's head_dim, so x ~ code * scale. The graph
+writes the chunk's keys/values in that type and reads the cache back as the build's dtype
+(scores times the key scale per slot, probabilities times the value scale per slot); the chunk
+attends to its own keys unrounded.
 
 A query at position p attends to a key at position q (from the cache or the chunk) iff
 q >= 0, q <= p and p - q < attention_window. The runtime then writes the chunk's keys/values
@@ -45,6 +56,7 @@ from dataclasses import asdict, dataclass
 from mixtral_export.errors import UserError
 
 OUTPUT_NAMES = ("logits", "new_k", "new_v")
+SCALE_OUTPUT_NAMES = ("new_k_scale", "new_v_scale")  # an int8 cache's outputs besides OUTPUT_NAMES
 NO_POSITION = -1
 CHUNK_AXIS = "T"  # the name of the chunk-length axis in an exported graph
 SPAN_AXIS = "S"  # the name of the cache-span axis (slots passed to a step) in a span-axis graph
@@ -62,8 +74,11 @@ class DType:
 
 
 DTYPES = {d.name: d for d in (DType("float32", 1, "tensor(float)", 4), DType("float16", 10, "tensor(float16)", 2),
-                              DType("bfloat16", 16, "tensor(bfloat16)", 2), DType("int64", 7, "tensor(int64)", 8))}
+                              DType("bfloat16", 16, "tensor(bfloat16)", 2), DType("int64", 7, "tensor(int64)", 8),
+                              DType("int8", 3, "tensor(int8)", 1))}
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")  # what weights, caches and a build's dtype may be
+KV_DTYPES = (*FLOAT_DTYPES, "int8")  # what the KV cache may be stored as (int8: codes and a scale per slot)
+QUANTIZED_KV = "int8"
 
 
 @dataclass(frozen=True)
@@ -127,6 +142,8 @@ class StepShapes:
     # True: the graph's cache slot axis is symbolic (SPAN_AXIS), so a step may pass a prefix span of
     # the ring (see the module docstring); False (older manifests): every step passes all S slots.
     span_axis: bool = False
+    # The KV cache's element type; None = the build's dtype (every manifest before --kv-dtype).
+    kv_dtype: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch", "prefill_chunk", "cache_slots"):
@@ -146,6 +163,10 @@ class StepShapes:
                                 f"cache_slots ({self.cache_slots}): a chunk's keys must fit the ring")
         if self.dtype not in FLOAT_DTYPES:
             raise ContractError(f"dtype {self.dtype!r} is not supported (one of {', '.join(FLOAT_DTYPES)})")
+        if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+            raise ContractError(f"kv dtype {self.kv_dtype!r} is not supported (one of {', '.join(KV_DTYPES)})")
+        if self.kv_dtype == self.dtype:
+            object.__setattr__(self, "kv_dtype", None)  # one spelling for the default
         if self.attention_window is not None and self.attention_window > self.cache_slots:
             raise ContractError(f"attention_window ({self.attention_window}) must not exceed "
                                 f"cache_slots ({self.cache_slots})")
@@ -186,36 +207,57 @@ class StepShapes:
         return next((s for s in self.span_buckets if s >= extent), self.cache_slots)
 
     @property
+    def cache_dtype(self) -> str:
+        """The KV cache's element type (int8: codes, with a float32 scale per slot and kv head)."""
+        return self.kv_dtype or self.dtype
+
+    @property
+    def scaled_cache(self) -> bool:
+        return self.cache_dtype == QUANTIZED_KV
+
+    def cache_bytes_per_row(self) -> int:
+        """Bytes of one batch row's keys and values (and scales), every layer, all S slots."""
+        slots = self.num_layers * 2 * self.num_kv_heads * self.cache_slots
+        return slots * self.head_dim * DTYPES[self.cache_dtype].itemsize + (slots * 4 if self.scaled_cache else 0)
+
+    @property
     def input_names(self) -> tuple[str, ...]:
+        scales = (*layer_names("cache_k_scale", self.num_layers), *layer_names("cache_v_scale", self.num_layers))
         return ("input_ids", "positions", *layer_names("cache_k", self.num_layers),
-                *layer_names("cache_v", self.num_layers), "cache_positions")
+                *layer_names("cache_v", self.num_layers), "cache_positions", *(scales if self.scaled_cache else ()))
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return (*OUTPUT_NAMES, *(SCALE_OUTPUT_NAMES if self.scaled_cache else ()))
 
     def input_shapes(self, chunk: int, span: int | None = None) -> dict[str, tuple[int, ...]]:
         """Every input's shape for chunk length T = `chunk` and `span` cache slots (None: all S)."""
         layer = self.cache_shape(span)[1:]  # (B, Hkv, S, D)
-        return {"input_ids": (self.batch, chunk), "positions": (self.batch, chunk),
-                **{name: layer for name in self.input_names[2:-1]},
-                "cache_positions": (self.batch, span or self.cache_slots)}
+        shapes = {"input_ids": (self.batch, chunk), "positions": (self.batch, chunk),
+                  "cache_positions": (self.batch, span or self.cache_slots)}
+        return {name: shapes.get(name, layer if name.startswith(("cache_k.", "cache_v.")) else layer[:-1])
+                for name in self.input_names}  # scales: (B, Hkv, S)
 
     def span_dims(self, name: str) -> tuple[int, ...]:
         """The axes of input `name` that are SPAN_AXIS in a span-axis graph (none otherwise)."""
         if not self.span_axis:
             return ()
-        return (2,) if name.startswith(("cache_k.", "cache_v.")) else (1,) if name == "cache_positions" else ()
+        if name.startswith(("cache_k.", "cache_v.", "cache_k_scale.", "cache_v_scale.")):
+            return (2,)
+        return (1,) if name == "cache_positions" else ()
 
     def input_dtype(self, name: str) -> str:
-        return self.dtype if name.startswith(("cache_k.", "cache_v.")) else "int64"
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return OUTPUT_NAMES
+        if name.startswith(("cache_k_scale.", "cache_v_scale.")):
+            return "float32"
+        return self.cache_dtype if name.startswith(("cache_k.", "cache_v.")) else "int64"
 
     def output_dtype(self, name: str) -> str:
-        return "float32" if name == "logits" else self.dtype
+        return self.cache_dtype if name in ("new_k", "new_v") else "float32"
 
     def output_shapes(self, chunk: int) -> dict[str, tuple[int, ...]]:
         new = (self.num_layers, self.batch, self.num_kv_heads, chunk, self.head_dim)
-        return {"logits": (self.batch, chunk, self.vocab_size), "new_k": new, "new_v": new}
+        scales = {name: new[:-1] for name in SCALE_OUTPUT_NAMES} if self.scaled_cache else {}
+        return {"logits": (self.batch, chunk, self.vocab_size), "new_k": new, "new_v": new, **scales}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -223,7 +265,7 @@ class StepShapes:
     @classmethod
     def for_config(cls, config, batch: int = 1, prefill_chunk: int | tuple[int, ...] = 16,
                    cache_slots: int | None = None, dtype: str | None = None, slide: bool = False,
-                   span_axis: bool = False) -> "StepShapes":
+                   span_axis: bool = False, kv_dtype: str | None = None) -> "StepShapes":
         """Shapes for a MixtralConfig; cache_slots defaults to the sliding window (or 4096 without);
         prefill_chunk is one length or several (each capped at cache_slots); span_axis as the graph has it."""
         if cache_slots is None:
@@ -235,7 +277,7 @@ class StepShapes:
         return cls(batch=batch, prefill_chunk=max(lengths), prefill_chunks=lengths, cache_slots=cache_slots,
                    num_layers=config.num_hidden_layers, num_kv_heads=config.num_key_value_heads,
                    head_dim=config.head_dim, vocab_size=config.vocab_size, dtype=dtype or config.dtype,
-                   attention_window=resolve_window(config.sliding_window, cache_slots, slide), span_axis=span_axis)
+                   attention_window=resolve_window(config.sliding_window, cache_slots, slide), span_axis=span_axis, kv_dtype=kv_dtype)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "StepShapes":
@@ -247,11 +289,14 @@ def layer_names(side: str, num_layers: int, first: int = 0) -> tuple[str, ...]:
     return tuple(f"{side}.{i}" for i in range(first, first + num_layers))
 
 
-def layer_caches(cache_k, cache_v, first: int = 0) -> dict:
-    """{"cache_k.i": cache_k[i - first], "cache_v.i": ...}: views of (L, ...) arrays or tensors, never copies;
-    `first`: the model's number of the first layer they hold (a pipeline stage's)."""
+def layer_caches(cache_k, cache_v, scale_k=None, scale_v=None, first: int = 0) -> dict:
+    """{"cache_k.i": cache_k[i - first], "cache_v.i": ...} (and an int8 cache's "cache_k_scale.i"...):
+    views of (L, ...) arrays or tensors, never copies; `first`: the model's number of the first layer
+    they hold (a pipeline stage's)."""
+    scales = {} if scale_k is None else {**dict(zip(layer_names("cache_k_scale", len(scale_k), first), scale_k)),
+                                         **dict(zip(layer_names("cache_v_scale", len(scale_v), first), scale_v))}
     return {**dict(zip(layer_names("cache_k", len(cache_k), first), cache_k)),
-            **dict(zip(layer_names("cache_v", len(cache_v), first), cache_v))}
+            **dict(zip(layer_names("cache_v", len(cache_v), first), cache_v)), **scales}
 
 
 def resolve_window(sliding_window: int | None, cache_slots: int, slide: bool) -> int | None:
@@ -312,6 +357,9 @@ class StageShapes:
         if not 0 <= self.index < self.count or not 0 <= self.first_layer < self.stop_layer <= self.step.num_layers:
             raise ContractError(f"stage {self.index} of {self.count} with layers [{self.first_layer}, "
                                 f"{self.stop_layer}) does not fit a model of {self.step.num_layers} layers")
+        if self.step.kv_dtype is not None:
+            raise ContractError(f"pipeline stages keep the cache in the build's dtype ({self.step.dtype}), "
+                                f"not {self.step.kv_dtype}")
         if (self.index == 0) != (self.first_layer == 0) or \
                 (self.index == self.count - 1) != (self.stop_layer == self.step.num_layers):
             raise ContractError(f"stage {self.index} of {self.count}: only the first stage starts at layer 0 "

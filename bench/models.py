@@ -64,7 +64,8 @@ def artifact_path(model: BenchModel, routing: str, shapes: StepShapes, weights: 
                   block_size: int = 32) -> Path:
     quantized = "" if weights == "fp32" else f"-{weights}-b{block_size}"
     chunks = "+".join(map(str, shapes.prefill_chunks))
-    return model.folder / f"onnx-{routing}-s{shapes.cache_slots}-p{chunks}{quantized}"
+    kv = f"-kv{shapes.kv_dtype}" if shapes.kv_dtype else ""
+    return model.folder / f"onnx-{routing}-s{shapes.cache_slots}-p{chunks}{quantized}{kv}"
 
 
 def build(model: str, layers: int, work_dir: Path, artifacts: list[tuple[str, StepShapes, str, int]],
@@ -133,7 +134,8 @@ def export_if_stale(model: BenchModel, routing: str, shapes: StepShapes, say: Ca
     say(f"exporting {out.name}")
     return export_onnx(model.checkpoint, out, dtype=shapes.dtype, batch=shapes.batch,
                        prefill_chunk=shapes.prefill_chunks, cache_slots=shapes.cache_slots, routing=routing,
-                       weights="float" if weights == "fp32" else weights, block_size=block_size)
+                       weights="float" if weights == "fp32" else weights, block_size=block_size,
+                       kv_dtype=shapes.kv_dtype)
 
 
 def folder_bytes(folder: Path, suffixes: tuple[str, ...]) -> int:

@@ -81,10 +81,11 @@ def ring_ratios(report: dict, markdown: bool = False):
 
     grid = Table(title="larger rings over the smallest (same runtime, precision and context)",
                  box=box.MARKDOWN if markdown else box.SIMPLE_HEAD)
-    for column in ("runtime", "weights", "S", "over S", "context", "decode", "TTFT"):
+    for column in ("runtime", "weights", "KV", "S", "over S", "context", "decode", "TTFT"):
         grid.add_column(column, no_wrap=True)
     for row in report["over_smallest_ring"]:
-        grid.add_row(row["runtime"], row["weights"], str(row["cache_slots"]), str(row["baseline_slots"]),
+        grid.add_row(row["runtime"], row["weights"], row.get("kv_dtype") or "build", str(row["cache_slots"]),
+                     str(row["baseline_slots"]),
                      str(row["context"]), ratio(row["decode_ratio"]), ratio(row["ttft_ratio"]))
     return grid
 

@@ -9,8 +9,10 @@ from memory for one token, so tokens/s <= bandwidth / bytes read per token. Thos
 
 With int8/int4 weights (--weights) the quantized tensors (attention, experts, lm_head) count their
 codes plus a float32 scale per block (and a zero point per block at 4 bits); the rest stays fp32.
-The KV part is the cache slots S for the static graphs (they attend over the whole ring, masked)
-and the context length for transformers (its cache grows with the sequence).
+The KV part is the cache slots S for the static graphs (they attend over the whole ring, masked;
+over the span bucket in use on ONNX Runtime with a span-axis graph) and the context length for
+transformers (its cache grows with the sequence), at the cache's type (`kv_dtype`; int8 counts its
+codes plus a float32 scale per slot and kv head).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def weight_bytes(weights: str, dtype: str, block_size: int) -> float:
 
 
 def decode_bytes(config: MixtralConfig, routing: str, kv_positions: int, weights: str = "fp32",
-                 block_size: int = 32) -> int:
+                 block_size: int = 32, kv_dtype: str | None = None) -> int:
     """Bytes of weights and cache one batch-1 decode step reads under `routing` ("dense" | "gather")."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -40,9 +42,17 @@ def decode_bytes(config: MixtralConfig, routing: str, kv_positions: int, weights
     layer = ((h * q + 2 * h * kv + q * h) * quantized  # q, k, v, o projections
              + (config.num_local_experts * h + 2 * h) * full  # router, two RMSNorms
              + experts * 3 * h * i * quantized  # w1, w3, w2 of each expert run
-             + 2 * kv * kv_positions * full)  # keys and values attended to
+             + 2 * kv * kv_positions * kv_bytes_per_element(config, kv_dtype))  # keys and values attended to
     once = (h + h) * full + v * h * quantized  # the token's embedding row, the final norm, lm_head
     return int(config.num_hidden_layers * layer + once)
+
+
+def kv_bytes_per_element(config: MixtralConfig, kv_dtype: str | None) -> float:
+    """Bytes per cached key/value element: the build's dtype's, or an int8 code plus its share of the
+    float32 scale every head_dim elements carry."""
+    if kv_dtype == "int8":
+        return 1 + 4 / config.head_dim
+    return DTYPE_BYTES[kv_dtype or config.dtype]
 
 
 def bound_tokens_per_second(bandwidth_gbps: float, config: MixtralConfig, routing: str, kv_positions: int,

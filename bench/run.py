@@ -47,7 +47,7 @@ from mixtral_export.bench.models import BenchError, BenchModel, artifact_path, b
 from mixtral_export.bench.roofline import WEIGHTS
 from mixtral_export.bench.summary import merge, pooled_bandwidth, summarise
 from mixtral_export.bench.worker import OURS, RUNTIMES
-from mixtral_export.artifact.contract import DEFAULT_QUANT_BLOCK, default_block_size
+from mixtral_export.artifact.contract import DEFAULT_QUANT_BLOCK, KV_DTYPES, default_block_size
 
 DEFAULT_RUNTIMES = ("eager", "ort-dense", "ort-gather", "compiled", "transformers")
 # contexts, decode steps, repeats: a few minutes per named model on 2 cores.
@@ -66,6 +66,7 @@ class BenchOptions:
     warmup: int = 1
     prefill_chunk: tuple[int | tuple[int, ...], ...] = (16,)  # one artifact per value; a tuple: one serving each
     cache_slots: tuple[int, ...] | None = None  # one artifact per value; None = llama.cpp's capacity or the config's
+    kv_dtype: tuple[str, ...] = ("float32",)  # the ONNX runtimes' KV cache types, one artifact each (export --kv-dtype)
     threads: int | None = None  # None = the usable cores
     work_dir: Path = Path("out/bench")  # resolved against the caller's folder
     seed: int = 0
@@ -132,8 +133,11 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
         raise BenchError("--gguf types apply to llama.cpp; add it to --runtimes")
     options.work_dir.mkdir(parents=True, exist_ok=True)
     model = bench_model(options.model, options.layers, options.work_dir)
-    shapes = [StepShapes.for_config(model.config, batch=1, prefill_chunk=p, cache_slots=s, span_axis=True)
-              for s in equal_capacity(options) for p in options.prefill_chunk]
+    bad = [k for k in options.kv_dtype if k not in KV_DTYPES]
+    if bad or not options.kv_dtype:
+        raise BenchError(f"unknown KV cache type {', '.join(bad) or '(none)'} (one of {', '.join(KV_DTYPES)})")
+    shapes = [StepShapes.for_config(model.config, batch=1, prefill_chunk=p, cache_slots=s, span_axis=True, kv_dtype=k)
+              for s in equal_capacity(options) for p in options.prefill_chunk for k in options.kv_dtype]
     check_contexts(options, model, shapes)
     runtimes = list(options.runtimes)
     precisions = {r: {"ort-gather": options.weights, "llama.cpp": options.gguf}.get(r, ("fp32",)) for r in runtimes}
@@ -152,8 +156,11 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
             return artifact_path(model, OURS[runtime], s, w, b)
         return gguf_path(model.folder, w) if runtime == "llama.cpp" else None
 
+    def runs_on(runtime: str) -> list:  # only ONNX Runtime keeps a cache of another type than the weights'
+        return [s for s in shapes if runtime.startswith("ort") or s.kv_dtype is None] if runtime in OURS else [None]
+
     jobs = [job(options, model, runtime, s, artifact(runtime, s, w, b), w, b)
-            for runtime in runtimes for s in (shapes if runtime in OURS else (None,)) for w, b in variants[runtime]]
+            for runtime in runtimes for s in runs_on(runtime) for w, b in variants[runtime]]
     probes: list[dict] = []
     results: list[list[dict]] = [[] for _ in jobs]
     for n in range(options.rounds):
@@ -200,6 +207,8 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
     label = runtime
     if shapes is not None and len(options.cache_slots or ()) > 1:
         label += f" S={shapes.cache_slots}"
+    if shapes is not None and len(options.kv_dtype) > 1:
+        label += f" kv {shapes.cache_dtype}"
     if shapes is not None and len(options.prefill_chunk) > 1:
         label += f" p{'+'.join(map(str, shapes.prefill_chunks))}"
     if runtime == "llama.cpp" or len(options.weights) > 1 or weights != "fp32":

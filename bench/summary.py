@@ -31,8 +31,8 @@ def merge(spec: dict, found: list[dict]) -> dict:
     head["prefill_chunk"] = spec.get("prefill_chunk")
     head["prefill_chunks"] = spec.get("prefill_chunks")
     head["span_axis"] = spec["runtime"].startswith("ort") and bool((spec.get("shapes") or {}).get("span_axis"))
-    if head["span_axis"]:
-        head["shapes"] = spec["shapes"]
+    head["shapes"] = spec.get("shapes")
+    head["kv_dtype"] = (spec.get("shapes") or {}).get("kv_dtype") or "build"
     if "decode_weight_bytes" in spec:  # llama.cpp: counted from its GGUF file
         head["decode_weight_bytes"] = spec["decode_weight_bytes"]
     failed = [r["error"] for r in found if "error" in r]
@@ -71,7 +71,8 @@ def summarise(settings: dict, model: BenchModel, bandwidth: dict, runs: list[dic
             if "decode_weight_bytes" in run:
                 point["bytes_per_token"] = run["decode_weight_bytes"] + kv_bytes(model.config, kv)
             else:
-                point["bytes_per_token"] = decode_bytes(model.config, run["routing"], kv, *weights)
+                kv_dtype = (run.get("shapes") or {}).get("kv_dtype")
+                point["bytes_per_token"] = decode_bytes(model.config, run["routing"], kv, *weights, kv_dtype=kv_dtype)
             decode = point["decode_tokens_per_s"]["median"]
             bound = limit * 1e9 / point["bytes_per_token"] if limit else None
             point["bound_tokens_per_s"], point["fraction_of_bound"] = bound, decode / bound if bound else None
@@ -95,7 +96,8 @@ def gather_over_dense(runs: list[dict]) -> list[dict]:
         for g in (r for r in runs if r["runtime"] == gather_name and "contexts" in r
                   and r.get("weights", "fp32") == "fp32"):
             d = next((r for r in runs if r["runtime"] == dense_name and r["cache_slots"] == g["cache_slots"]
-                      and r.get("prefill_chunks") == g.get("prefill_chunks") and "contexts" in r), None)
+                      and r.get("prefill_chunks") == g.get("prefill_chunks") and r.get("kv_dtype") == g.get("kv_dtype")
+                      and "contexts" in r), None)
             for gp, dp in zip(g["contexts"], d["contexts"] if d else []):
                 out.append({"gather": gather_name, "dense": dense_name, "cache_slots": g["cache_slots"],
                             "context": gp["context"],
@@ -110,12 +112,12 @@ def over_smallest_ring(runs: list[dict]) -> list[dict]:
     for run in (r for r in runs if r["cache_slots"] is not None and "contexts" in r):
         same = [r for r in runs if r["cache_slots"] is not None and "contexts" in r and r["runtime"] == run["runtime"]
                 and r.get("weights") == run.get("weights") and r.get("block_size") == run.get("block_size")
-                and r.get("prefill_chunks") == run.get("prefill_chunks")]
+                and r.get("prefill_chunks") == run.get("prefill_chunks") and r.get("kv_dtype") == run.get("kv_dtype")]
         base = min(same, key=lambda r: r["cache_slots"])
         if base is run:
             continue
         for point, ref in zip(run["contexts"], base["contexts"]):
-            out.append({"runtime": run["runtime"], "weights": run.get("weights", "fp32"),
+            out.append({"runtime": run["runtime"], "weights": run.get("weights", "fp32"), "kv_dtype": run.get("kv_dtype"),
                         "cache_slots": run["cache_slots"], "baseline_slots": base["cache_slots"],
                         "context": point["context"],
                         "decode_ratio": point["decode_tokens_per_s"]["median"] / ref["decode_tokens_per_s"]["median"],

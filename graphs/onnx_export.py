@@ -60,16 +60,17 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
                 prefill_chunk: int | tuple[int, ...] = 16, cache_slots: int | None = None, slide: bool = False,
                 opset: int = 18,
                 progress: Callable[[str], None] | None = None, routing: str | None = None,
-                weights: str = FLOAT_WEIGHTS, block_size: int | None = None, stages: int | None = None,
-                stage_layers: tuple[int, ...] | None = None) -> Path:
+                weights: str = FLOAT_WEIGHTS, block_size: int | None = None, kv_dtype: str | None = None,
+                stages: int | None = None, stage_layers: tuple[int, ...] | None = None) -> Path:
     """Export the checkpoint's step graph for these static shapes into `out_dir`; returns out_dir.
 
     dtype None means the checkpoint's own; the graph's logits are float32 whatever the dtype.
     routing "dense" | "gather" picks how the MoE blocks compute (see the module docstring; None: gather
     for int8/int4 weights, which are always gathered, else dense);
     weights "float" | "int8" | "int4" with block_size 32 | 64 | 128 (None: the scheme's default) how its
-    weights are stored; stages N (or stage_layers, the layer count of each) splits the step into
-    pipeline stages, one folder each (graphs/onnx_stages.py).
+    weights are stored; kv_dtype (None: the build's dtype) | "float16" | "int8" how its KV cache is
+    (artifact/contract.py); stages N (or stage_layers, the layer count of each) splits the step into
+    pipeline stages, one folder each (graphs/onnx_stages.py), whose caches keep the build's dtype.
     """
     checkpoint, out = Path(checkpoint_folder), Path(out_dir)
     say = progress or (lambda stage: None)
@@ -79,11 +80,14 @@ def export_onnx(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
     block_size = block_size or default_block_size(weights)
     scheme = check_weights(weights, block_size, routing, config, out)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
-                                   dtype=dtype, slide=slide, span_axis=True)
+                                   dtype=dtype, slide=slide, span_axis=True, kv_dtype=kv_dtype)
     split = None
     if stages is not None or stage_layers is not None:
         from mixtral_export.graphs.onnx_stages import split_layers
 
+        if shapes.kv_dtype is not None:
+            raise ExportError(f"{out}: pipeline stages keep the cache in the build's dtype ({shapes.dtype}), "
+                              f"not kv_dtype {shapes.kv_dtype}")
         split = split_layers(config, out, stages, stage_layers, scheme, block_size)
     with building(out) as tmp:
         from mixtral_export.checkpoint import ParameterReader
@@ -162,8 +166,8 @@ def placeholder_model(config: MixtralConfig, shapes: StepShapes, routing: str, l
     from mixtral_export.model import TORCH_DTYPES, MixtralStatic
 
     with torch.device("meta"):
-        model = MixtralStatic(config, shapes.attention_window, routing, layers=layers, embed=embed).to(
-            TORCH_DTYPES[shapes.dtype]).eval()
+        model = MixtralStatic(config, shapes.attention_window, routing, layers=layers, embed=embed,
+                              kv_dtype=shapes.kv_dtype).to(TORCH_DTYPES[shapes.dtype]).eval()
     return fake_parameters(model)
 
 
@@ -213,14 +217,17 @@ def step_graph(model, contract: StepShapes | StageShapes, opset: int,
     example = max(shapes.prefill_chunk, 2)  # torch.export specialises a size-1 example to 1
     # A span-axis graph traces at a span unlike T's example, so the exporter never ties the two symbols.
     span = shapes.cache_slots if not shapes.span_axis or shapes.cache_slots != example else shapes.cache_slots + 1
-    dtype = TORCH_DTYPES[shapes.dtype]
+    dtype = getattr(torch, shapes.cache_dtype)  # the cache's element type
     first = (torch.zeros(shapes.batch, example, dtype=torch.int64) if contract.input_names[0] == "input_ids"
-             else torch.zeros(shapes.batch, example, contract.hidden_size, dtype=dtype))  # ids (B, T) | hidden (B, T, H)
+             else torch.zeros(shapes.batch, example, contract.hidden_size,
+                              dtype=TORCH_DTYPES[shapes.dtype]))  # ids (B, T) | hidden (B, T, H)
     args = (first,
             torch.arange(example, dtype=torch.int64).repeat(shapes.batch, 1),  # positions (B, T)
             list(torch.zeros(contract.cache_shape(span), dtype=dtype)),  # cache_k: L x (B, Hkv, S, D), one input each
             list(torch.zeros(contract.cache_shape(span), dtype=dtype)),  # cache_v: L x (B, Hkv, S, D)
             torch.full((shapes.batch, span), NO_POSITION, dtype=torch.int64))  # (B, S)
+    if shapes.scaled_cache:  # an int8 cache's scales: L x (B, Hkv, S) per side
+        args += (list(torch.ones(shapes.cache_shape(span)[:-1])), list(torch.ones(shapes.cache_shape(span)[:-1])))
     route_through_moe_nodes(model, block)  # gather: one com.microsoft.MoE node per block
     chunk = torch.export.Dim(CHUNK_AXIS, min=1)
     graph_layers = contract.cache_shape()[0]  # the whole model's layers, or this stage's
@@ -231,6 +238,8 @@ def step_graph(model, contract: StepShapes | StageShapes, opset: int,
         layers, cache_positions = [None] * graph_layers, None
     dynamic = {"input_ids": {1: chunk}, "positions": {1: chunk}, "cache_k": layers, "cache_v": layers,
                "cache_positions": cache_positions}
+    if shapes.scaled_cache:
+        dynamic.update(cache_k_scale=layers, cache_v_scale=layers)
     graph = trace(model, args, dynamic, list(contract.input_names), list(contract.output_names), opset, weights)
     name_free_axes(graph, shapes.span_axis)
     lay_out_experts(graph)  # gather: w13/w2 in com.microsoft.MoE's sliced layout; dense: none
@@ -300,7 +309,7 @@ def name_free_axes(model, span_axis: bool) -> None:
     inputs = model.graph.inputs
     names = {str(inputs[0].shape[1].value): CHUNK_AXIS}  # input_ids (B, T)
     if span_axis:
-        names[str(inputs[-1].shape[1].value)] = SPAN_AXIS  # cache_positions (B, S)
+        names[str(inputs[2].shape[2].value)] = SPAN_AXIS  # cache_k.0 (B, Hkv, S, D)
     symbol = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
 
     def renamed(dim):

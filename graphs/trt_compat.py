@@ -10,8 +10,9 @@ refuse, so a graph is known to need export fixes before anyone books a GPU to bu
     reduction axes constant, no ScatterND reduction, ...);
   - data types: every tensor is a type TensorRT has (no string, complex, float64, uint16...),
     and each operator's data input is one of the types its importer takes;
-  - shapes: the graph's inputs and outputs are static but for the declared chunk axis, and
-    every symbolic dimension inside is an expression of that axis (one profile dimension).
+  - shapes: the graph's inputs and outputs are static but for the declared chunk axis (and the
+    cache span axis S, which the profiles pin to the whole ring), and every symbolic dimension
+    inside is an expression of those axes.
 
 The operator table is transcribed from onnx-tensorrt's docs/operators.md for TensorRT 10.15
 (the newest 10.x list); the few operators added during 10.x are also flagged with the version
@@ -32,7 +33,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto as TP
 
-from mixtral_export.artifact.contract import CHUNK_AXIS
+from mixtral_export.artifact.contract import CHUNK_AXIS, SPAN_AXIS
 from mixtral_export.errors import UserError
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -277,7 +278,7 @@ def check_io_shapes(graph: onnx.GraphProto, chunk_axis: str) -> list[Finding]:
                 out.append(Finding(value.name, side, "has no shape; TensorRT needs its rank and static dims"))
                 continue
             for axis, dim in enumerate(value.type.tensor_type.shape.dim):
-                if dim.HasField("dim_value") or dim.dim_param == chunk_axis:
+                if dim.HasField("dim_value") or dim.dim_param in (chunk_axis, SPAN_AXIS):
                     continue
                 what = f"symbol {dim.dim_param!r}" if dim.dim_param else "unknown"
                 out.append(Finding(value.name, side, f"dim {axis} is {what}: only the chunk axis {chunk_axis!r} may be "
@@ -290,7 +291,8 @@ def check_inner_shapes(graph: onnx.GraphProto, chunk_axis: str, producers: dict)
     out = []
     for value in graph.value_info:
         stray = sorted({symbol for dim in value.type.tensor_type.shape.dim
-                        for symbol in re.findall(r"[A-Za-z_][A-Za-z_0-9]*", dim.dim_param) if symbol != chunk_axis})
+                        for symbol in re.findall(r"[A-Za-z_][A-Za-z_0-9]*", dim.dim_param)
+                        if symbol not in (chunk_axis, SPAN_AXIS)})
         if stray:
             out.append(Finding(*located(value.name, producers, "value"),
                                f"tensor {value.name!r} has dims in {', '.join(stray)}, not derived from the chunk "

@@ -107,7 +107,11 @@ def build_engine(artifact_dir: str | Path, precision: str = "fp32", workspace_gi
 
 
 def fixed_by_graph(manifest: Manifest, precision: str) -> bool:
-    """True when the graph's own types fix the precision (a float16/bfloat16 artifact)."""
+    """True when the graph's own types fix the precision (a float16/bfloat16 artifact); refuses a graph
+    whose KV cache has a type of its own (--kv-dtype: the TensorRT runtime keeps the build's)."""
+    if manifest.shapes.kv_dtype is not None:
+        raise TrtBuildError(f"{manifest.graph_path('step')}: its KV cache is {manifest.shapes.kv_dtype} (--kv-dtype); "
+                            f"TensorRT engines keep a {manifest.dtype} cache: export without --kv-dtype")
     fixed = FIXED_PRECISION.get(manifest.dtype)
     if fixed is not None and precision != fixed:
         raise TrtBuildError(f"{manifest.graph_path('step')}: a {manifest.dtype} graph builds only as {fixed} "

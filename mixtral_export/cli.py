@@ -126,6 +126,9 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
                                                      "(experts, attention, lm_head; always gathered)", metavar="TEXT"),
            block_size: Optional[int] = typer.Option(None, min=1, help="int8/int4: weights per quantization block (32 | 64 | "
                                                                "128; default: the scheme's, docs/quantization.md)", metavar="N"),
+           kv_dtype: Optional[str] = typer.Option(None, help="The KV cache's type: float32 | float16 | int8 (codes "
+                                                  "and a float32 scale per slot and kv head); default: --dtype's. "
+                                                  "ONNX Runtime only", metavar="TEXT"),
            format: str = typer.Option("onnx", "--format", help="onnx | aoti (an AOTInductor .pt2 package)", metavar="TEXT"),
            device: str = typer.Option("cpu", help="aoti: the device to compile for (cpu | cuda)", metavar="TEXT"),
            head: Optional[str] = typer.Option(None, help="causal-lm | model | sequence-classification | "
@@ -150,14 +153,24 @@ def export(checkpoint: Path = typer.Argument(..., help="Hugging Face Mixtral fol
                                         progress=lambda stage: status.update(f"exporting onnx: {stage}..."))
         _describe(artifact)
         return
+    from mixtral_export.artifact.contract import KV_DTYPES
+
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        raise UsageError(f"--kv-dtype {kv_dtype!r} is not supported (one of {', '.join(KV_DTYPES)})")
     staged = stages is not None or stage_layers is not None
     if staged and format != "onnx":
         raise UsageError(f"--stages / --stage-layers: pipeline stages export to onnx only, not {format}")
+    if staged and kv_dtype is not None:
+        raise UsageError(f"--kv-dtype {kv_dtype}: pipeline stages keep the cache in the build's dtype; "
+                         f"leave out --kv-dtype or --stages")
     if format == "onnx":
         from mixtral_export.graphs.onnx_export import export_onnx as build
-        options = dict(opset=opset, weights=weights, block_size=block_size, stages=stages,
+        options = dict(opset=opset, weights=weights, block_size=block_size, kv_dtype=kv_dtype, stages=stages,
                        stage_layers=_int_list(stage_layers, "--stage-layers"))
     elif format == "aoti":
+        if kv_dtype is not None:
+            raise UsageError(f"--kv-dtype {kv_dtype}: a cache type of its own is exported for ONNX Runtime only "
+                             f"(--format onnx)")
         if weights != "float":
             raise UsageError(f"--weights {weights}: quantized weights are exported for ONNX Runtime only (--format onnx)")
         from mixtral_export.graphs.aoti_export import export_aoti as build
@@ -283,7 +296,9 @@ def _describe(artifact: Path) -> None:
               f"cache slots {s.cache_slots}, attention window {window}", highlight=False)
     spans = (f"spans {', '.join(map(str, s.span_buckets))} (a step attends over the slots in use)" if s.span_axis
              else "the whole ring every step (a graph without the span axis)")
-    out.print(f"  cache   {spans}", highlight=False)
+    scales = " + a float32 scale per slot and kv head" if s.scaled_cache else ""
+    out.print(f"  cache   {s.cache_dtype}{scales}, {s.cache_bytes_per_row() / 2**20:,.2f} MiB per batch row "
+              f"({s.cache_bytes_per_row() * s.batch / 2**20:,.2f} MiB for {s.batch}); {spans}", highlight=False)
     if q := manifest.quantization:
         worst = max(q["tensors"].items(), key=lambda item: item[1]["max_abs"])
         out.print(f"  weights {q['scheme']} ({'symmetric' if q['symmetric'] else 'asymmetric'}, block {q['block_size']}) "
@@ -679,6 +694,8 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
                                             metavar="TEXT"),
           cache_slots: Optional[str] = typer.Option(None, help="Ring sizes, comma-separated: one artifact each "
                                                                "(default: the sliding window, or 4096)", metavar="TEXT"),
+          kv_dtype: str = typer.Option("float32", help="KV cache types of the ONNX runtimes, comma-separated: float32, "
+                                                       "float16, int8 (one artifact each, export --kv-dtype)", metavar="TEXT"),
           threads: Optional[int] = typer.Option(None, min=1, help="Threads per runtime (default: usable cores)", metavar="N"),
           work_dir: Path = typer.Option(Path("out/bench"), help="Checkpoints and artifacts are built here, reused", metavar="PATH"),
           timeout: Optional[float] = typer.Option(None, help="Seconds allowed per runtime process", metavar="X"),
@@ -718,6 +735,7 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
                                                (_int_list(item.replace("+", ","), "--prefill-chunk")
                                                 for item in prefill_chunk.split(",") if item.strip())),
                            cache_slots=_int_list(cache_slots, "--cache-slots"), threads=threads, work_dir=work_dir,
+                           kv_dtype=tuple(k.strip() for k in kv_dtype.split(",") if k.strip()),
                            timeout=timeout, ort_spin=ort_spin, rounds=rounds,
                            weights=tuple(w.strip() for w in weights.split(",") if w.strip()),
                            block_size=_int_list(block_size, "--block-size"),

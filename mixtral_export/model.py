@@ -76,7 +76,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, hidden, bias=False)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, mask):
+    def forward(self, x, cos, sin, cache_k, cache_v, mask, scale_k=None, scale_v=None):
+        """cache_k/v (B, Hkv, S, D) in the cache's type; scale_k/v (B, Hkv, S) for an int8 cache's codes."""
         b, t, _ = x.shape
         hkv, g, d = self.n_kv_heads, self.n_heads // self.n_kv_heads, self.head_dim
         q = self.q_proj(x).view(b, t, self.n_heads, d).transpose(1, 2)  # (B, H, T, D)
@@ -88,12 +89,15 @@ class Attention(nn.Module):
         # copy of K and V per layer and step would cost more traffic than the attention itself.
         s = cache_k.shape[2]
         q = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D): query head h uses kv head h // G
-        scores = torch.cat((torch.matmul(q, cache_k.transpose(-1, -2)),  # (B, Hkv, G*T, S)
-                            torch.matmul(q, k.transpose(-1, -2))), dim=-1)  # (B, Hkv, G*T, T)
+        cached = torch.matmul(q, cache_k.to(q.dtype).transpose(-1, -2))  # (B, Hkv, G*T, S); .to: no-op at the build's dtype
+        if scale_k is not None:  # int8 codes: q . (code * scale) = (q . code) * scale, one scale per slot
+            cached = cached * scale_k[:, :, None, :].to(q.dtype)  # (B, Hkv, 1, S)
+        scores = torch.cat((cached, torch.matmul(q, k.transpose(-1, -2))), dim=-1)  # (B, Hkv, G*T, S+T)
         scores = scores.view(b, hkv, g, t, s + t).float() * self.scale  # (B, Hkv, G, T, S+T)
         scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * t, s + t)  # (B, Hkv, G*T, S+T)
-        out = torch.matmul(probs[..., :s], cache_v) + torch.matmul(probs[..., s:], v)  # (B, Hkv, G*T, D)
+        weights = probs[..., :s] if scale_v is None else probs[..., :s] * scale_v[:, :, None, :].to(q.dtype)
+        out = torch.matmul(weights, cache_v.to(q.dtype)) + torch.matmul(probs[..., s:], v)  # (B, Hkv, G*T, D)
         out = out.view(b, self.n_heads, t, d).transpose(1, 2).reshape(b, t, self.n_heads * d)  # (B, T, H*D)
         return self.o_proj(out), k, v
 
@@ -183,8 +187,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe = MoE(config, routing)
 
-    def forward(self, x, cos, sin, cache_k, cache_v, mask, live=None):
-        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, mask)
+    def forward(self, x, cos, sin, cache_k, cache_v, mask, live=None, scale_k=None, scale_v=None):
+        attn, k, v = self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, mask, scale_k, scale_v)
         x = x + attn
         h = self.post_attention_layernorm(x)  # (B, T, H)
         x = x + self.moe(h if live is None else padding_routed_as_live(h, live))
@@ -211,15 +215,18 @@ class MixtralStatic(nn.Module):
     """
 
     def __init__(self, config: MixtralConfig, attention_window: int | None, routing: str = "dense",
-                 lm_head: bool = True, layers: tuple[int, int] | None = None, embed: bool = True):
+                 lm_head: bool = True, layers: tuple[int, int] | None = None, embed: bool = True,
+                 kv_dtype: str | None = None):
         """lm_head=False: the trunk alone, for the other heads (mixtral_export/head_model.py); embed=False:
-        the first stage takes embedded ids (a tied table held by the last stage)."""
+        the first stage takes embedded ids (a tied table held by the last stage); kv_dtype: the cache's
+        element type (None: the model's; "int8": codes and scales, `kv_codes`)."""
         super().__init__()
         first, stop = layers or (0, config.num_hidden_layers)
         if not 0 <= first < stop <= config.num_hidden_layers:
             raise ValueError(f"layers [{first}, {stop}) are not a range of the model's {config.num_hidden_layers}")
         self.config = config
         self.attention_window = attention_window
+        self.kv_dtype = kv_dtype
         self.routing = routing
         self.first_layer, self.stop_layer = first, stop
         self.embeds, self.ends = first == 0 and embed, stop == config.num_hidden_layers
@@ -242,17 +249,25 @@ class MixtralStatic(nn.Module):
         """(global layer index, block) of the layers this module runs, in order."""
         return [(i, self.layers[i]) for i in range(self.first_layer, self.stop_layer)]
 
-    def forward(self, input_ids, positions, cache_k, cache_v, cache_positions):
+    def forward(self, input_ids, positions, cache_k, cache_v, cache_positions, cache_k_scale=None, cache_v_scale=None):
         """input_ids/positions (B, T) int64 (input_ids: the hidden state (B, T, H) for a stage that does not
         embed), cache_k/v (L, B, Hkv, S, D) or L tensors (B, Hkv, S, D) (the exported graphs take one
-        input per layer; L: this module's layers), cache_positions (B, S)."""
-        x, new_k, new_v = self.hidden_states(input_ids, positions, cache_k, cache_v, cache_positions)
+        input per layer; L: this module's layers), cache_positions (B, S); an int8 cache's scales
+        cache_k/v_scale (L, B, Hkv, S) or L tensors (B, Hkv, S)."""
+        x, new_k, new_v = self.hidden_states(input_ids, positions, cache_k, cache_v, cache_positions,
+                                             cache_k_scale, cache_v_scale)
         if not self.ends:
-            return x, new_k, new_v  # (B, T, H): the next stage's input
+            return x, new_k, new_v  # (B, T, H): the next stage's input (stages keep the build's cache dtype)
         logits = self.lm_head(x).float()  # (B, T, V)
+        if self.kv_dtype == "int8":
+            (codes_k, scale_k), (codes_v, scale_v) = kv_codes(new_k), kv_codes(new_v)
+            return logits, codes_k, codes_v, scale_k, scale_v  # codes (L, B, Hkv, T, D), scales (L, B, Hkv, T)
+        if self.kv_dtype is not None:
+            new_k, new_v = new_k.to(TORCH_DTYPES[self.kv_dtype]), new_v.to(TORCH_DTYPES[self.kv_dtype])
         return logits, new_k, new_v  # new_k/v: (L, B, Hkv, T, D)
 
-    def hidden_states(self, input_ids, positions, cache_k, cache_v, cache_positions):
+    def hidden_states(self, input_ids, positions, cache_k, cache_v, cache_positions, cache_k_scale=None,
+                      cache_v_scale=None):
         """The step without its LM head: the final norm's output (B, T, H) (a stage that does not end:
         its last layer's) and the chunk's keys/values."""
         x = self.embed_tokens(input_ids) if self.embeds else input_ids  # (B, T, H)
@@ -264,8 +279,17 @@ class MixtralStatic(nn.Module):
         live = positions >= 0  # (B, T)
         new_k, new_v = [], []
         for n, (_, layer) in enumerate(self.blocks()):
-            x, k, v = layer(x, cos, sin, cache_k[n], cache_v[n], mask, live)
+            scales = (None, None) if cache_k_scale is None else (cache_k_scale[n], cache_v_scale[n])
+            x, k, v = layer(x, cos, sin, cache_k[n], cache_v[n], mask, live, *scales)
             new_k.append(k)
             new_v.append(v)
         x = self.norm(x) if self.ends else x
         return x, torch.stack(new_k), torch.stack(new_v)  # (B, T, H), new_k/v: (L, B, Hkv, T, D)
+
+def kv_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys or values (..., D) as an int8 cache stores them: symmetric codes and a float32 scale per
+    vector, max|x| / 127 over D (1 for an all-zero vector), so x ~ codes * scale."""
+    scale = x.float().abs().amax(-1) / 127  # (...)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    codes = torch.clamp(torch.round(x.float() / scale[..., None]), -127, 127).to(torch.int8)  # (..., D)
+    return codes, scale

@@ -1,5 +1,12 @@
-"""The eager PyTorch backend: MixtralStatic with its ring cache held in torch tensors."""
+"""The eager PyTorch backend: MixtralStatic with its ring cache held in torch tensors.
+
+Like ONNX Runtime it attends over the span of the ring in use (artifact/contract.py: spans): the
+smallest span bucket holding every slot written, passed as views of the ring's first slots (torch
+reads them in place), the whole ring once a row has wrapped. `spans=False` keeps the whole ring.
+"""
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -13,7 +20,8 @@ from mixtral_export.runtimes.torch_ring import TorchRing
 class EagerBackend:
     name = "eager"
 
-    def __init__(self, model: MixtralStatic, shapes: StepShapes, device: str | torch.device = "cpu"):
+    def __init__(self, model: MixtralStatic, shapes: StepShapes, device: str | torch.device = "cpu",
+                 spans: bool = True):
         if model.attention_window != shapes.attention_window:
             raise ValueError(f"model attends to {model.attention_window} positions, "
                              f"shapes say {shapes.attention_window}")
@@ -21,6 +29,9 @@ class EagerBackend:
         self.shapes = shapes
         self.device = torch.device(device)
         self.ring = TorchRing(shapes, self.device)
+        # the eager model takes any span, whatever the artifact's graph does
+        self.buckets = replace(shapes, span_axis=spans)
+        self.span = shapes.cache_slots  # the slots the last step attended over
 
     @classmethod
     def from_checkpoint(cls, folder, shapes_kwargs: dict | None = None, device="cpu") -> "EagerBackend":
@@ -41,6 +52,9 @@ class EagerBackend:
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
         pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(self.device)
         ring = self.ring
-        logits, new_k, new_v = self.model(ids, pos, ring.cache_k, ring.cache_v, ring.cache_positions)
+        written = int(ring.cache_positions.max()) + 1  # past the highest position in the ring (0: empty)
+        self.span = s = self.buckets.span_for(max(written, int(positions.max()) + 1))
+        logits, new_k, new_v = self.model(ids, pos, ring.cache_k[:, :, :, :s], ring.cache_v[:, :, :, :s],
+                                          ring.cache_positions[:, :s])  # views: (L, B, Hkv, s, D), (B, s)
         ring.write(new_k, new_v, positions)
         return logits.cpu().numpy()

@@ -110,6 +110,9 @@ def _step_backend(manifest: Manifest, runtime: str, provider: str, threads: int 
         from mixtral_export.runtimes.ort import OrtBackend
 
         return OrtBackend(artifact, provider=provider, threads=threads)
+    if manifest.shapes.kv_dtype is not None:
+        raise RuntimeLoadError(f"{manifest.folder}: the {runtime} runtime keeps a {manifest.shapes.dtype} KV cache, this "
+                               f"artifact's is {manifest.shapes.kv_dtype} (--kv-dtype); run it on ort")
     if runtime == "trt":
         from mixtral_export.runtimes.trt import TrtBackend
 

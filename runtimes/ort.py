@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from mixtral_export.artifact.contract import DTYPES, NO_POSITION, StageShapes, StepShapes, layer_caches
+from mixtral_export.artifact.contract import DTYPES, NO_POSITION, SCALE_OUTPUT_NAMES, StageShapes, StepShapes
 from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.resident_weights import anonymous_mappings, collapse_new_buffers, make_resident
@@ -105,8 +105,11 @@ class ChunkBinding:
         self.output = np.zeros(out[last], dtype=np.float32 if last == "logits" else dtype)  # (B, T, V) | (B, T, H)
         self.new_k = np.zeros(out["new_k"], dtype=dtype)  # (L, B, Hkv, T, D)
         self.new_v = np.zeros(out["new_v"], dtype=dtype)  # (L, B, Hkv, T, D)
+        # an int8 cache's scales of the chunk: (L, B, Hkv, T) each
+        self.new_scales = tuple(np.zeros(out[name], np.float32) for name in SCALE_OUTPUT_NAMES if name in out)
         arrays = {first: self.first, "positions": self.positions,
-                  last: self.output, "new_k": self.new_k, "new_v": self.new_v}
+                  last: self.output, "new_k": self.new_k, "new_v": self.new_v,
+                  **dict(zip(SCALE_OUTPUT_NAMES, self.new_scales))}
         self.values = {name: host_value(array) for name, array in arrays.items()}  # kept alive
         self.binding = session.io_binding()
         for name in (first, "positions"):
@@ -159,9 +162,9 @@ class OrtBackend:
                                 if preload and provider == "cpu" else 0)
 
         # see runtimes/span_ring.py: a step passes the span of the ring in use when the graph takes one
-        self.first_layer = self.manifest.stage.first_layer if self.manifest.stage else 0  # a stage's: its first
-        self.ring = SpanRing(self.shapes, numpy_dtype(self.shapes.dtype), spans=spans and self.shapes.span_axis,
-                             num_layers=self.contract.cache_shape()[0])
+        first_layer = self.manifest.stage.first_layer if self.manifest.stage else 0  # a stage's: its first
+        self.ring = SpanRing(self.shapes, numpy_dtype(self.shapes.cache_dtype), spans=spans and self.shapes.span_axis,
+                             num_layers=self.contract.cache_shape()[0], first_layer=first_layer)
         self.bindings = {chunk: ChunkBinding(self.session, self.contract, chunk, self.ring.flat_k.dtype)
                          for chunk in self.manifest.chunks}
 
@@ -208,10 +211,9 @@ class OrtBackend:
         self.ring.fit(self.ring.span_needed(positions))
         chunk = self.bindings[first.shape[1]]
         if chunk.layout != self.ring.relayouts:  # views of the ring's buffers, zero-copy
-            chunk.bind_cache({**layer_caches(self.cache_k, self.cache_v, self.first_layer),
-                              "cache_positions": self.cache_positions}, self.ring.relayouts)
+            chunk.bind_cache(self.ring.inputs(), self.ring.relayouts)
         chunk.run(first, positions)
-        self.ring.write(chunk.new_k, chunk.new_v, positions)
+        self.ring.write(chunk.new_k, chunk.new_v, positions, chunk.new_scales or None)
         return chunk.output.copy()  # the buffer is overwritten by the next step
 
 

@@ -9,28 +9,34 @@ after the step; when the bucket changes the buffers are re-laid out in place, bl
 copy of the span, once per bucket: amortised over the steps that filled it). New slots are empty
 (keys/values 0, position -1), which the mask hides exactly, so every span computes what the whole
 ring computes. Buffers come from np.zeros (calloc): pages past the spans in use are never touched.
+An int8 cache (StepShapes.scaled_cache) keeps its codes so and a float32 scale per slot and kv head
+beside them, (L, B, Hkv, s), laid out the same way.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from mixtral_export.artifact.contract import NO_POSITION, StepShapes
+from mixtral_export.artifact.contract import NO_POSITION, StepShapes, layer_caches
 from mixtral_export.runtimes.step import ring_writes
 
 
 class SpanRing:
     """Keys/values and the position each slot holds, viewed over the span in use."""
 
-    def __init__(self, shapes: StepShapes, dtype: np.dtype, spans: bool = True, num_layers: int | None = None):
+    def __init__(self, shapes: StepShapes, dtype: np.dtype, spans: bool = True, num_layers: int | None = None,
+                 first_layer: int = 0):
         """spans=False: always the whole ring (what a graph without the span axis needs; the baseline);
-        num_layers: the layers this ring holds (a pipeline stage's), by default the model's."""
+        num_layers, first_layer: the layers this ring holds (a pipeline stage's), by default the model's."""
         self.shapes = shapes
         self.num_layers = num_layers or shapes.num_layers
+        self.first_layer = first_layer
         self.buckets = shapes.span_buckets if spans else (shapes.cache_slots,)
         size = int(np.prod(self.cache_shape()))
         self.flat_k = np.zeros(size, dtype=dtype)  # L*B*Hkv*S*D, viewed as (L, B, Hkv, s, D)
         self.flat_v = np.zeros(size, dtype=dtype)
         self.flat_positions = np.full(shapes.batch * shapes.cache_slots, NO_POSITION, dtype=np.int64)  # B*S
+        scales = size // shapes.head_dim if shapes.scaled_cache else 0
+        self.flat_scales = (np.zeros(scales, np.float32), np.zeros(scales, np.float32))  # L*B*Hkv*S each, k and v
         self.extent = np.zeros(shapes.batch, dtype=np.int64)  # (B,) each row's highest position + 1
         self.span = self.buckets[0]
         self.relayouts = 0  # how many times the span changed (a copy each)
@@ -46,6 +52,19 @@ class SpanRing:
     @property
     def cache_positions(self) -> np.ndarray:
         return self.flat_positions[:self.shapes.batch * self.span].reshape(self.shapes.batch, self.span)  # (B, s)
+
+    @property
+    def scales(self) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+        """An int8 cache's key and value scales (L, B, Hkv, s); (None, None) for a float cache."""
+        if not self.shapes.scaled_cache:
+            return None, None
+        shape = self.cache_shape(self.span)[:-1]  # (L, B, Hkv, s)
+        return tuple(flat[:self.span_size // self.shapes.head_dim].reshape(shape) for flat in self.flat_scales)
+
+    def inputs(self) -> dict[str, np.ndarray]:
+        """The graph's cache inputs as views of the current span: each layer's keys, values (scales), positions."""
+        return {**layer_caches(self.cache_k, self.cache_v, *self.scales, first=self.first_layer),
+                "cache_positions": self.cache_positions}
 
     @property
     def span_size(self) -> int:
@@ -68,16 +87,21 @@ class SpanRing:
         relayout(self.flat_k, head, self.span, span, self.shapes.head_dim, 0)
         relayout(self.flat_v, head, self.span, span, self.shapes.head_dim, 0)
         relayout(self.flat_positions, self.shapes.batch, self.span, span, 1, NO_POSITION)
+        for flat in self.flat_scales if self.shapes.scaled_cache else ():
+            relayout(flat, head, self.span, span, 1, 0)
         self.span = span
         self.relayouts += 1
         return True
 
-    def write(self, new_k: np.ndarray, new_v: np.ndarray, positions: np.ndarray) -> None:
-        """Put a chunk's keys/values (L, B, Hkv, T, D) into slots position % S (the span holds them)."""
+    def write(self, new_k: np.ndarray, new_v: np.ndarray, positions: np.ndarray, new_scales=None) -> None:
+        """Put a chunk's keys/values (L, B, Hkv, T, D) into slots position % S (the span holds them);
+        an int8 cache's scales (L, B, Hkv, T) each too."""
         rows, cols, slots = ring_writes(positions, self.shapes.cache_slots)
         cache_k, cache_v = self.cache_k, self.cache_v
         cache_k[:, rows, :, slots] = new_k[:, rows, :, cols]  # (n, L, Hkv, D) on both sides
         cache_v[:, rows, :, slots] = new_v[:, rows, :, cols]
+        for scale, new in zip(self.scales, new_scales) if new_scales is not None else ():
+            scale[:, rows, :, slots] = new[:, rows, :, cols]  # (n, L, Hkv)
         self.cache_positions[rows, slots] = positions[rows, cols]
         np.maximum.at(self.extent, rows, positions[rows, cols] + 1)
 
@@ -86,6 +110,8 @@ class SpanRing:
         self.cache_k[:, index] = 0  # (L, rows, Hkv, s, D)
         self.cache_v[:, index] = 0
         self.cache_positions[index] = NO_POSITION  # (rows, s)
+        for scale in self.scales if self.shapes.scaled_cache else ():
+            scale[:, index] = 0  # (L, rows, Hkv, s)
         self.extent[index] = 0
 
 

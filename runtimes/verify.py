@@ -49,6 +49,7 @@ TOLERANCES = {
     "float32": Tolerance(max_abs=1e-4, min_top1=1.0, same_greedy=True),
     "float16": Tolerance(max_abs=None, min_top1=0.9, same_greedy=False),
     "bfloat16": Tolerance(max_abs=None, min_top1=0.85, same_greedy=False),
+    "int8": Tolerance(max_abs=None, min_top1=0.9, same_greedy=False),  # an int8 KV cache (--kv-dtype int8)
 }
 QUANTIZED_TOLERANCE = Tolerance(max_abs=None, min_top1=1.0, same_greedy=True, median_step_abs=1e-4)
 
@@ -294,7 +295,9 @@ def verify_artifact(artifact: str | Path, runtimes: list[str], reference: str | 
         if not (source / "config.json").exists():
             raise RuntimeLoadError(f"{manifest.folder}: --reference hf needs the source checkpoint ({source})")
         ref = lambda: HFReference(source)  # noqa: E731  opened once every runtime is done and dropped
-    return verify_backends(backends, prompts, steps, shapes.dtype, artifact=str(artifact), reference=ref,
+    # a cache stored narrower than the weights is judged at the cache's precision
+    precision = shapes.dtype if shapes.kv_dtype is None or shapes.kv_dtype == "float32" else shapes.kv_dtype
+    return verify_backends(backends, prompts, steps, precision, artifact=str(artifact), reference=ref,
                            float_backend=float_backend, quantization=manifest.quantization)
 
 

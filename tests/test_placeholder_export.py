@@ -20,7 +20,7 @@ SHAPES = dict(batch=2, prefill_chunk=8, cache_slots=32)
 def reference_artifact(checkpoint, out, dtype, routing):
     """Today's path: load the model, trace it with its weights (optimize=True), let onnx_ir save them."""
     config = MixtralConfig.from_json(checkpoint / "config.json").replace(dtype=dtype)
-    shapes = StepShapes.for_config(config, dtype=dtype, slide=False, **SHAPES)
+    shapes = StepShapes.for_config(config, dtype=dtype, slide=False, span_axis=True, **SHAPES)
     model = load_model(checkpoint, dtype=dtype, attention_window=shapes.attention_window, routing=routing)
     out.mkdir()
     ir.save(step_graph(model, shapes, 18), str(out / GRAPH_NAME), external_data=DATA_NAME)

@@ -247,7 +247,7 @@ def test_streamed_quantized_export_is_byte_for_byte_the_real_weights_path(tmp_pa
     monkeypatch.setattr(pw, "PIECE_BYTES", 1)  # the float parameters too, a row at a time
     ours = export_onnx(checkpoint, tmp_path / "ours", routing="gather", weights=scheme, block_size=32, **shapes_args)
     config = MixtralConfig.from_json(checkpoint / "config.json").replace(dtype="float32")
-    shapes = StepShapes.for_config(config, dtype="float32", slide=False, **shapes_args)
+    shapes = StepShapes.for_config(config, dtype="float32", slide=False, span_axis=True, **shapes_args)
     model = load_model(checkpoint, dtype="float32", attention_window=shapes.attention_window, routing="gather")
     graph = step_graph(model, shapes, 18, block=32)
     record = quantize_weights(graph, model, WEIGHT_SCHEMES[scheme], 32)

@@ -178,3 +178,17 @@ def test_health_and_metrics_show_the_span_in_use(no_window, spans, expected):
         http = TestClient(build_app(session.client, None, (), "m"))
         assert http.get("/health").json()["cache_span"] == expected
         assert f"mixtral_cache_span {float(expected)}" in http.get("/metrics").text
+
+
+def test_eager_attends_over_spans_too_and_equals_its_whole_ring(no_window):
+    """The eager backend (the parity reference of the other runtimes) takes the same spans, as views."""
+    from mixtral_export.runtimes.eager import EagerBackend
+
+    model, artifact = no_window
+    prompts = random_prompts([50, 9], model.config.vocab_size, seed=4)
+    eager = EagerBackend.from_checkpoint(artifact.parent / "ck", dict(batch=2, prefill_chunk=(4, 16), cache_slots=SLOTS))
+    ours, spans = drive(eager, prompts, 90)
+    full, full_spans = drive(EagerBackend(eager.model, eager.shapes, spans=False), prompts, 90)
+    assert sorted(set(spans)) == [64, 128, 256] and set(full_spans) == {SLOTS}
+    for step, (a, b) in enumerate(zip(ours, full)):
+        np.testing.assert_array_equal(a, b, err_msg=f"step {step} (span {spans[step]})")
