@@ -5,17 +5,15 @@ embedded as `%json {...}`, a control token by id as `<[ID]>`).
 
 `tool_choice` "required" allows every function, a named choice only that one; without parallel
 calls the list holds exactly one call, with them 1 to MAX_CALLS. A call may carry the 9-character
-"id" the model saw in its history (the parser ignores it and gives each call a fresh id). Strings
-and arrays a schema leaves open get response_format's default bounds (runtimes/json_grammar.py),
-and the engine's budget rule ends a constrained request complete within its max_tokens
-(runtimes/constraint.py).
+"id" the model saw in its history (the parser ignores it and gives each call a fresh id). Strings,
+numbers and arrays a schema leaves open are bounded as response_format's are: by the engine's budget
+rule, which ends a constrained request complete within its max_tokens (runtimes/constraint.py).
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 
-from mixtral_export.runtimes.json_grammar import with_default_bounds
 from mixtral_export.tool_calls import Function
 
 MAX_CALLS = 8  # calls in one answer at most, with parallel calls
@@ -24,11 +22,10 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 
 def arguments_schema(function: Function) -> dict:
     """The function's parameters schema as an object schema (no parameters: the empty object, as
-    mistral-common's grammar has it) with default bounds, written as json.dumps writes JSON
+    mistral-common's grammar has it), written as json.dumps writes JSON
     (llguidance's "x-guidance")."""
     schema = dict(function.parameters) or {"type": "object", "properties": {}, "additionalProperties": False}
     schema.setdefault("type", "object")
-    schema = with_default_bounds(schema)
     return {"x-guidance": JSON_STYLE, **schema}
 
 
