@@ -81,7 +81,7 @@ def test_sigterm_drains_running_and_queued_streams_and_refuses_new_requests_with
     first.wait()
     wait_until_accepted(server, len(bodies))  # the queued two too: else a late thread's request meets the drain
     server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
+    wait_until_closing(server)  # at once, not after a fixed sleep: on a quiet machine the streams can end first
     late = post(server, "/v1/completions", json.dumps({"model": "tiny", "prompt": "late", "max_tokens": 2}).encode())
     for thread in threads:
         thread.join(60)
@@ -91,6 +91,17 @@ def test_sigterm_drains_running_and_queued_streams_and_refuses_new_requests_with
     for n in range(4):
         assert results[n].get("status") == 200 and results[n]["done"] and results[n]["error"] is None, results
         assert results[n]["finish"] in ("length", "stop"), results  # the cut ones end as "length"
+
+
+def wait_until_closing(server: Server, timeout: float = 10) -> None:
+    """Until /health says the server is draining (the signal has been handled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = get(server.url + "/health")[1]
+        if json.loads(body or "{}").get("status") == "closing":
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"/health did not say closing within {timeout} s of SIGTERM")
 
 
 def wait_until_accepted(server: Server, count: int, timeout: float = 30) -> None:
