@@ -178,15 +178,22 @@ def test_cli_generate_and_inspect_on_stages(staged, whole):
 def test_serve_on_a_staged_artifact_answers_as_the_whole_one(tiny_checkpoint, tiny_onnx, tmp_path):
     pytest.importorskip("openai")
     pytest.importorskip("fastapi")
-    from mixtral_export.runtimes.session import Session
     from tests.test_serve import Server
 
     art = export_onnx(tiny_checkpoint, tmp_path / "art", dtype="float32", batch=2, prefill_chunk=8, cache_slots=32,
                       stages=2)
     server = Server(art)  # the engine in a process of its own, both stages in it
+    assert_serves_as_the_whole(server, tiny_onnx, ("Simple is better", "Flat is better than nested"))
+
+
+def assert_serves_as_the_whole(server, whole_artifact, prompts) -> None:
+    """Each prompt's greedy completion from the staged server equals the whole artifact's; stops the
+    server, which must exit 0."""
+    from mixtral_export.runtimes.session import Session
+
     try:
-        with Session.open(tiny_onnx) as whole:
-            for prompt in ("Simple is better", "Flat is better than nested"):
+        with Session.open(whole_artifact) as whole:
+            for prompt in prompts:
                 reply = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
                 expected = whole.generate_ids([whole.encode(prompt)], max_new_tokens=12).completions[0]
                 assert reply.choices[0].text == expected.text

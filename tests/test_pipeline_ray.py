@@ -23,6 +23,7 @@ from mixtral_export.runtimes.ray_stages import StageFailed, start_ray  # noqa: E
 from mixtral_export.runtimes.session import Session  # noqa: E402
 from mixtral_export.runtimes.verify import teacher_forced  # noqa: E402
 from tests.reference_models import hf_reference, random_prompts, reference_greedy  # noqa: E402
+from tests.test_pipeline import assert_serves_as_the_whole  # noqa: E402
 
 SHAPES = dict(dtype="float32", batch=2, prefill_chunk=8, cache_slots=8)
 STEPS = 16
@@ -98,15 +99,7 @@ def test_serve_with_stage_actors(tiny_checkpoint, tiny_onnx, tmp_path):
     art = export_onnx(tiny_checkpoint, tmp_path / "art", dtype="float32", batch=2, prefill_chunk=8, cache_slots=32,
                       stages=2)
     server = Server(art, "--stage-actors", env={"RAY_ADDRESS": ""})  # its own local cluster
-    try:
-        with Session.open(tiny_onnx) as whole:
-            prompt = "Simple is better"
-            reply = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
-            expected = whole.generate_ids([whole.encode(prompt)], max_new_tokens=12).completions[0]
-            assert reply.choices[0].text == expected.text
-    finally:
-        code, output = server.stop()
-    assert code == 0, output
+    assert_serves_as_the_whole(server, tiny_onnx, ("Simple is better",))
 
 
 def test_ray_stages_of_a_tied_model(cluster, tmp_path):
