@@ -10,6 +10,10 @@ it would not compare (on a 1-layer model it skips nearly all of prefill). Then o
 decode. The KV cache is float32, as ours is, and flash attention is off (on the CPU it rounds the
 query to f16: the tiny model's f32 logits came 5e-3 from ours with it, 5e-6 without); prompt and
 decode use the same threads.
+
+The KV cache type follows ours (`kv`: float32, float16, int8 as llama.cpp's q8_0, its
+`--cache-type-k/v`). llama.cpp stores a quantized V cache only with flash attention, so a q8_0
+cache runs with it on (as llama.cpp's users must), the float ones with it off.
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ import numpy as np
 from mixtral_export.bench.gguf import GgufError, import_llama_cpp
 
 _QUIET = None  # the log callback; kept alive as long as llama.cpp may call it
+KV_TYPES = {"float32": "GGML_TYPE_F32", "float16": "GGML_TYPE_F16", "int8": "GGML_TYPE_Q8_0"}  # ours -> ggml's
 
 
 class LlamaCpp:
-    def __init__(self, path: Path, threads: int, n_ctx: int):
+    def __init__(self, path: Path, threads: int, n_ctx: int, kv: str = "float32"):
         global _QUIET
         lc = self.lc = import_llama_cpp()
         lc.llama_backend_init()
@@ -42,8 +47,11 @@ class LlamaCpp:
         params.n_ctx = params.n_batch = n_ctx  # the whole prompt is one batch
         params.n_ubatch = min(n_ctx, 512)
         params.n_threads = params.n_threads_batch = threads
-        params.type_k = params.type_v = lc.GGML_TYPE_F32
-        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if kv not in KV_TYPES:
+            raise GgufError(f"llama.cpp has no KV cache type for {kv!r} (one of {', '.join(KV_TYPES)})")
+        params.type_k = params.type_v = getattr(lc, KV_TYPES[kv])
+        quantized = kv == "int8"  # a quantized V cache needs flash attention in llama.cpp
+        params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if quantized else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.no_perf = True
         self.n_ctx = n_ctx
         self.batch = lc.llama_batch_init(n_ctx, 0, 1)

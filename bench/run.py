@@ -49,6 +49,7 @@ from mixtral_export.bench.summary import merge, pooled_bandwidth, summarise
 from mixtral_export.bench.worker import OURS, RUNTIMES
 from mixtral_export.artifact.contract import DEFAULT_QUANT_BLOCK, KV_DTYPES, default_block_size
 
+LLAMA_KV_NAMES = {"float32": "f32", "float16": "f16", "int8": "q8_0"}  # our KV types as llama.cpp's --cache-type-k/v
 DEFAULT_RUNTIMES = ("eager", "ort-dense", "ort-gather", "compiled", "transformers")
 # contexts, decode steps, repeats: a few minutes per named model on 2 cores.
 DEFAULTS = {"tiny": ((16, 128, 512), 64, 5), "mixtral-shaped": ((16, 128), 8, 3)}
@@ -156,11 +157,8 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
             return artifact_path(model, OURS[runtime], s, w, b)
         return gguf_path(model.folder, w) if runtime == "llama.cpp" else None
 
-    def runs_on(runtime: str) -> list:  # only ONNX Runtime keeps a cache of another type than the weights'
-        return [s for s in shapes if runtime.startswith("ort") or s.kv_dtype is None] if runtime in OURS else [None]
-
     jobs = [job(options, model, runtime, s, artifact(runtime, s, w, b), w, b)
-            for runtime in runtimes for s in runs_on(runtime) for w, b in variants[runtime]]
+            for runtime in runtimes for s in runs_on(runtime, shapes) for w, b in variants[runtime]]
     probes: list[dict] = []
     results: list[list[dict]] = [[] for _ in jobs]
     for n in range(options.rounds):
@@ -173,6 +171,18 @@ def run_bench(options: BenchOptions, say: Callable[[str], None] = lambda line: N
     settings = {**asdict(options), "work_dir": str(options.work_dir), "batch": 1}
     runs = [merge(spec, found) for spec, found in zip(jobs, results)]
     return summarise(settings, model, pooled_bandwidth(probes), runs)
+
+
+def runs_on(runtime: str, shapes: list) -> list:
+    """The shapes a runtime runs once each: ONNX Runtime every one (ring size, chunk, KV type), the
+    other of ours only those with the weights' cache type, llama.cpp one per KV type (at its own
+    capacity, llama_context), transformers once (None)."""
+    if runtime == "llama.cpp":
+        first: dict = {}
+        for s in shapes:
+            first.setdefault(s.cache_dtype, s)
+        return list(first.values())
+    return [s for s in shapes if runtime.startswith("ort") or s.kv_dtype is None] if runtime in OURS else [None]
 
 
 def check_contexts(options: BenchOptions, model: BenchModel, shapes: list) -> None:
@@ -205,6 +215,11 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
     """A worker spec: what to load and how to time it; its label names what varies within the run."""
     routing = OURS.get(runtime, "gather")  # transformers runs only the routed experts
     label = runtime
+    llama_kv = "float32"
+    if runtime == "llama.cpp":  # its cache type follows the shapes' (q8_0 for int8); its capacity is its own
+        llama_kv = shapes.cache_dtype if shapes is not None else "float32"
+        label += f" kv {LLAMA_KV_NAMES[llama_kv]}" if len(options.kv_dtype) > 1 else ""
+        shapes = None
     if shapes is not None and len(options.cache_slots or ()) > 1:
         label += f" S={shapes.cache_slots}"
     if shapes is not None and len(options.kv_dtype) > 1:
@@ -233,7 +248,7 @@ def job(options: BenchOptions, model: BenchModel, runtime: str, shapes, artifact
             "ort_spin": options.ort_spin, "seed": options.seed, "vocab_size": model.config.vocab_size,
             "prefill_chunk": shapes.prefill_chunk if shapes is not None else options.longest_chunk,
             "prefill_chunks": list(shapes.prefill_chunks) if shapes is not None else None,
-            "llama_context": options.llama_context, **extra}
+            "llama_context": options.llama_context, "llama_kv": llama_kv, **extra}
 
 
 def run_worker(spec: dict, options: BenchOptions, say: Callable[[str], None]) -> dict:

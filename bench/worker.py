@@ -137,7 +137,8 @@ def llama_cpp(spec: dict) -> tuple[Generate, dict]:
     """llama.cpp on the spec's GGUF file, a fresh context (empty KV cache) for every generation."""
     from mixtral_export.bench.llama_runner import LlamaCpp
 
-    llama = LlamaCpp(Path(spec["artifact"]), spec["threads"], n_ctx=spec["llama_context"])  # run.py's llama_context
+    kv = spec.get("llama_kv", "float32")
+    llama = LlamaCpp(Path(spec["artifact"]), spec["threads"], n_ctx=spec["llama_context"], kv=kv)  # run.py's llama_context
 
     def run(prompt: list[int], new_tokens: int) -> tuple[float, list[float]]:
         stamps: list[float] = []
@@ -146,7 +147,7 @@ def llama_cpp(spec: dict) -> tuple[Generate, dict]:
             llama.generate(ctx, prompt, new_tokens, on_token=lambda token: stamps.append(time.perf_counter()))
         return start, stamps
 
-    return run, {"gguf_type": spec["weights"]}
+    return run, {"gguf_type": spec["weights"], "kv_type": {"int8": "q8_0", "float16": "f16"}.get(kv, "f32")}
 
 
 def time_generation(run: Generate, spec: dict) -> list[dict]:

@@ -694,8 +694,9 @@ def bench(model: str = typer.Argument(..., help="tiny | mixtral-shaped | a check
                                             metavar="TEXT"),
           cache_slots: Optional[str] = typer.Option(None, help="Ring sizes, comma-separated: one artifact each "
                                                                "(default: the sliding window, or 4096)", metavar="TEXT"),
-          kv_dtype: str = typer.Option("float32", help="KV cache types of the ONNX runtimes, comma-separated: float32, "
-                                                       "float16, int8 (one artifact each, export --kv-dtype)", metavar="TEXT"),
+          kv_dtype: str = typer.Option("float32", help="KV cache types of the ONNX runtimes and llama.cpp, comma-"
+                                                       "separated: float32, float16, int8 (one artifact each, export "
+                                                       "--kv-dtype; llama.cpp's f32, f16, q8_0)", metavar="TEXT"),
           threads: Optional[int] = typer.Option(None, min=1, help="Threads per runtime (default: usable cores)", metavar="N"),
           work_dir: Path = typer.Option(Path("out/bench"), help="Checkpoints and artifacts are built here, reused", metavar="PATH"),
           timeout: Optional[float] = typer.Option(None, help="Seconds allowed per runtime process", metavar="X"),

@@ -102,6 +102,29 @@ def test_our_ring_matches_llama_cpps_capacity_only_when_llama_cpp_runs_and_no_ri
     assert equal_capacity(replace(options, runtimes=("ort-gather",))) == (None,)
 
 
+def test_llama_cpp_runs_once_per_kv_type_with_the_matching_cache_type(tmp_path, monkeypatch):
+    """runs_on/job: llama.cpp gets one job per --kv-dtype (int8 as its q8_0 cache), not one per ring size,
+    and no ring of ours; ort-gather one per ring size and KV type."""
+    from mixtral_export.artifact.contract import StepShapes
+    from mixtral_export.bench.models import bench_model
+    from mixtral_export.bench.run import BenchOptions, job, runs_on
+
+    model = bench_model("tiny", 1, tmp_path)
+    config = model.config
+    options = BenchOptions(model="tiny", runtimes=("ort-gather", "llama.cpp"), contexts=(16,), decode_steps=4,
+                           cache_slots=(256, 4096), kv_dtype=("float32", "int8")).resolved()
+    shapes = [StepShapes.for_config(config, batch=1, prefill_chunk=16, cache_slots=s, span_axis=True, kv_dtype=k)
+              for s in options.cache_slots for k in options.kv_dtype]
+    assert [(s.cache_slots, s.cache_dtype) for s in runs_on("ort-gather", shapes)] == [
+        (256, "float32"), (256, "int8"), (4096, "float32"), (4096, "int8")]
+    gguf = tmp_path / "model.q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr("mixtral_export.bench.run.decode_weight_bytes", lambda *args: 1)  # not a real GGUF file
+    specs = [job(options, model, "llama.cpp", s, gguf, "q8_0") for s in runs_on("llama.cpp", shapes)]
+    assert [(s["llama_kv"], s["label"], s["cache_slots"]) for s in specs] == [
+        ("float32", "llama.cpp kv f32 q8_0", None), ("int8", "llama.cpp kv q8_0 q8_0", None)]
+
+
 def test_constrained_bench_runs_on_tiny_and_prints_each_mode_against_its_baseline(tmp_path):
     pytest.importorskip("llguidance")
     run = subprocess.run([sys.executable, "-m", "mixtral_export.bench.constrained", "tiny", "--rounds", "1",
