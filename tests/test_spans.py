@@ -192,3 +192,63 @@ def test_eager_attends_over_spans_too_and_equals_its_whole_ring(no_window):
     assert sorted(set(spans)) == [64, 128, 256] and set(full_spans) == {SLOTS}
     for step, (a, b) in enumerate(zip(ours, full)):
         np.testing.assert_array_equal(a, b, err_msg=f"step {step} (span {spans[step]})")
+
+
+COMPILED_TOL = 1e-4  # fp32 logits, compiled against eager (tests/test_compiled.py's bound)
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(no_window):
+    """The compiled backend driven over spans and over the whole ring (the same symbolic graph: the second
+    compiles from Inductor's cache), and eager over the whole ring; prefill chunk 16, so two compiles each."""
+    from mixtral_export.checkpoint import load_model
+    from mixtral_export.runtimes.compiled import CompiledBackend
+    from mixtral_export.runtimes.eager import EagerBackend
+
+    model, artifact = no_window
+    folder = artifact.parent / "ck"
+    eager = EagerBackend.from_checkpoint(folder, dict(batch=2, prefill_chunk=16, cache_slots=SLOTS))
+    prompts = random_prompts([50, 9], model.config.vocab_size, seed=4)
+    runs = {}
+    for spans in (True, False):
+        backend = CompiledBackend(load_model(folder), eager.shapes, spans=spans)
+        runs[spans] = (backend, *drive(backend, prompts, 90))
+    runs["eager"] = (eager, *drive(EagerBackend(eager.model, eager.shapes, spans=False), prompts, 90))
+    return prompts, runs
+
+
+def test_compiled_attends_over_spans_with_one_compile_per_chunk_length(compiled_runs):
+    _, runs = compiled_runs
+    backend, ours, spans = runs[True]
+    whole, full, full_spans = runs[False]
+    _, reference, _ = runs["eager"]
+    extents = [16, 32, 48, 50, 50] + [51 + n for n in range(90)]  # as the ONNX test: grows at 64 and 128
+    assert spans == [64 if e <= 64 else 128 if e <= 128 else 256 for e in extents]
+    assert set(full_spans) == {SLOTS}  # the control: told to keep the whole ring, it does
+    assert backend.compile_count == whole.compile_count == 2  # T = 16 and 1, whatever the span
+    for step, (a, b, want) in enumerate(zip(ours, full, reference)):
+        assert np.abs(a - b).max() <= COMPILED_TOL, f"step {step} (span {spans[step]})"
+        assert np.abs(a - want).max() <= COMPILED_TOL, f"step {step} (span {spans[step]})"
+        assert (a.argmax(-1) == want.argmax(-1)).all(), f"step {step}"
+
+
+def test_control_a_compiled_span_too_short_changes_the_logits(compiled_runs):
+    """The span reaches the graph: pinned to 64 slots, the steps past position 64 lose keys and differ."""
+    prompts, runs = compiled_runs
+    backend, ours, _ = runs[True]
+
+    class Short:
+        def span_for(self, extent: int) -> int:
+            return MIN_SPAN
+
+    buckets = backend.buckets
+    backend.reset()
+    backend.buckets = Short()
+    try:
+        short, spans = drive(backend, prompts, 20)
+    finally:
+        backend.buckets = buckets
+    assert set(spans) == {MIN_SPAN} and backend.compile_count == 2
+    past = 5 + 15  # row 0's decode step at position 65: the first whose keys include slot 64
+    assert all(np.array_equal(a, b) for a, b in zip(short[:past - 1], ours[:past - 1]))  # both ran over 64
+    assert max(np.abs(a - b).max() for a, b in zip(short[past:], ours[past:])) > 10 * COMPILED_TOL
