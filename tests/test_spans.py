@@ -252,3 +252,60 @@ def test_control_a_compiled_span_too_short_changes_the_logits(compiled_runs):
     past = 5 + 15  # row 0's decode step at position 65: the first whose keys include slot 64
     assert all(np.array_equal(a, b) for a, b in zip(short[:past - 1], ours[:past - 1]))  # both ran over 64
     assert max(np.abs(a - b).max() for a, b in zip(short[past:], ours[past:])) > 10 * COMPILED_TOL
+
+
+@pytest.mark.parametrize("old,new", [(64, 128), (128, 64), (64, 256)])
+def test_the_torch_ring_relayout_keeps_every_blocks_slots_and_empties_the_new_ones(old, new):
+    import torch
+
+    from mixtral_export.runtimes import torch_ring
+
+    blocks, tail = 6, 3
+    flat = torch.arange(blocks * max(old, new) * tail, dtype=torch.float32)
+    before = flat[:blocks * old * tail].view(blocks, old, tail).clone()  # (blocks, old, tail)
+    torch_ring.relayout(flat, blocks, old, new, tail, -7)
+    after = flat[:blocks * new * tail].view(blocks, new, tail)  # (blocks, new, tail)
+    keep = min(old, new)
+    assert torch.equal(after[:, :keep], before[:, :keep]) and bool((after[:, keep:] == -7).all())
+
+
+@pytest.fixture(scope="module")
+def aoti_spans(no_window):
+    """The no-window checkpoint as an AOTI package with the span axis (batch 2, prefill chunk 16, 256 slots)."""
+    from mixtral_export.graphs.aoti_export import export_aoti
+
+    model, artifact = no_window
+    return model, export_aoti(artifact.parent / "ck", artifact.parent / "aoti", batch=2, prefill_chunk=16,
+                              cache_slots=SLOTS)
+
+
+def test_aoti_attends_over_spans_and_equals_its_whole_ring_and_eager(aoti_spans, monkeypatch):
+    """One package serves every span (a symbolic slot axis); the control re-lays the ring out without
+    keeping its slots, and the comparison catches it."""
+    from mixtral_export.runtimes import torch_ring
+    from mixtral_export.runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.eager import EagerBackend
+
+    model, artifact = aoti_spans
+    backend = AotiBackend(artifact)
+    assert backend.shapes.span_axis and backend.shapes.span_buckets == (64, 128, 256)
+    prompts = random_prompts([50, 9], model.config.vocab_size, seed=4)
+    ours, spans = drive(backend, prompts, 90)
+    full, full_spans = drive(AotiBackend(artifact, spans=False), prompts, 90)
+    eager = EagerBackend.from_checkpoint(artifact.parent / "ck", dict(batch=2, prefill_chunk=16, cache_slots=SLOTS))
+    reference, _ = drive(EagerBackend(eager.model, eager.shapes, spans=False), prompts, 90)
+    extents = [16, 32, 48, 50, 50] + [51 + n for n in range(90)]
+    assert spans == [64 if e <= 64 else 128 if e <= 128 else 256 for e in extents] and set(full_spans) == {SLOTS}
+    assert backend.ring.relayouts == 2
+    for step, (a, b, want) in enumerate(zip(ours, full, reference)):
+        assert np.abs(a - b).max() <= COMPILED_TOL, f"step {step} (span {spans[step]})"
+        assert np.abs(a - want).max() <= COMPILED_TOL, f"step {step} (span {spans[step]})"
+        assert (a.argmax(-1) == want.argmax(-1)).all(), f"step {step}"
+
+    def losing(flat, blocks, old, new, tail, fill):
+        flat[:blocks * new * tail] = fill
+
+    monkeypatch.setattr(torch_ring, "relayout", losing)
+    broken, spans = drive(AotiBackend(artifact), prompts, 20)
+    grown = spans.index(128)
+    assert max(np.abs(a - b).max() for a, b in zip(broken[grown:], full[grown:])) > 10 * COMPILED_TOL
