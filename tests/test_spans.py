@@ -309,3 +309,24 @@ def test_aoti_attends_over_spans_and_equals_its_whole_ring_and_eager(aoti_spans,
     broken, spans = drive(AotiBackend(artifact), prompts, 20)
     grown = spans.index(128)
     assert max(np.abs(a - b).max() for a, b in zip(broken[grown:], full[grown:])) > 10 * COMPILED_TOL
+
+
+@pytest.mark.parametrize("runtime", ["compiled", "aoti"])
+def test_health_shows_the_compiled_and_aoti_backends_span(no_window, aoti_spans, compiled_runs, runtime):
+    """/health's cache_span is the span these backends' last step ran over (128 for 70 + 5 tokens), not S."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mixtral_export.runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.session import Session
+    from mixtral_export.serving.app import build_app
+
+    model, artifact = aoti_spans
+    aoti = AotiBackend(artifact)  # its manifest fits the compiled backend too: batch 2, chunk 16, 256 slots
+    backend = aoti if runtime == "aoti" else compiled_runs[1][True][0]
+    backend.reset()
+    with Session(backend, aoti.manifest) as session:
+        session.generate_ids(random_prompts([70], model.config.vocab_size), max_new_tokens=5)
+        http = TestClient(build_app(session.client, None, (), "m"))
+        assert http.get("/health").json()["cache_span"] == backend.span == 128
+        assert "mixtral_cache_span 128.0" in http.get("/metrics").text
