@@ -13,6 +13,11 @@ same tensors to both models (`load_constants(user_managed=True)`, no copy). Embe
 store, and load, every weight twice. Tied parameters are saved once; the file's metadata maps
 each alias (e.g. lm_head.weight) to the stored name.
 
+Spans (artifact/contract.py): each model's cache slot axis is symbolic (`torch.export.Dim.DYNAMIC`
+from the smallest span bucket to S, as the ONNX graph's SPAN_AXIS), so the runtime passes the span
+of the ring in use and one library per chunk length serves every span; a ring with one bucket
+(S <= MIN_SPAN) is exported static. The manifest says `span_axis`.
+
 A package is tied to where it was built: the device (cpu or cuda; CUDA kernels for this GPU
 arch), the CPU ISA Inductor targeted (AVX512 vs AVX2) and the libtorch ABI, so the manifest
 records the device and torch version and the runtime refuses others. The build is atomic like
@@ -66,7 +71,7 @@ def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
         raise ExportError(f"{out}: device 'cuda' asked for, but this torch sees no CUDA GPU")
     config = MixtralConfig.from_json(checkpoint / "config.json").replace(dtype=dtype)
     shapes = StepShapes.for_config(config, batch=batch, prefill_chunk=prefill_chunk, cache_slots=cache_slots,
-                                   dtype=dtype, slide=slide)
+                                   dtype=dtype, slide=slide, span_axis=True)
     with building(out) as tmp:
         say(f"loading {checkpoint} as {dtype}")
         from mixtral_export.checkpoint import load_model
@@ -93,6 +98,7 @@ def export_aoti(checkpoint_folder: str | Path, out_dir: str | Path, dtype: str |
 
 
 def example_inputs(shapes: StepShapes, chunk: int, device: str) -> tuple:
+    """The step's inputs at chunk length `chunk`, over all S slots."""
     import torch
 
     from mixtral_export.model import TORCH_DTYPES
@@ -105,8 +111,24 @@ def example_inputs(shapes: StepShapes, chunk: int, device: str) -> tuple:
             torch.full((shapes.batch, shapes.cache_slots), NO_POSITION, dtype=torch.int64, device=device))
 
 
+def span_shapes(shapes: StepShapes) -> tuple | None:
+    """torch.export's dynamic_shapes for the step's arguments: the cache slot axis dynamic from the smallest
+    span bucket to S (None, all static, for a ring of one bucket or a graph without the span axis)."""
+    import torch
+
+    buckets = shapes.span_buckets
+    if len(buckets) < 2:
+        return None
+    # DYNAMIC, not a named Dim: the trace guards min(T + S, ...) == T + S, true for every S >= 0 but
+    # beyond what a named Dim's range check proves, so it refuses; DYNAMIC still fails if S specialises
+    span = torch.export.Dim.DYNAMIC(min=buckets[0], max=buckets[-1])
+    layers = [{2: span}] * shapes.num_layers  # each layer's (B, Hkv, S, D)
+    return None, None, layers, layers, {1: span}  # ids, positions, cache_k, cache_v, cache_positions (B, S)
+
+
 def compile_chunk(model, shapes: StepShapes, chunk: int, device: str) -> list:
-    """torch.export the T = chunk step and AOT-compile it without its weights; returns AOTI's files."""
+    """torch.export the T = chunk step (its span symbolic) and AOT-compile it without its weights;
+    returns AOTI's files."""
     import torch
 
     args = example_inputs(shapes, chunk, device)
@@ -115,7 +137,7 @@ def compile_chunk(model, shapes: StepShapes, chunk: int, device: str) -> list:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # pytree deprecation chatter from inside torch
-            program = torch.export.export(model, args, strict=False)
+            program = torch.export.export(model, args, dynamic_shapes=span_shapes(shapes), strict=False)
             return torch._inductor.aot_compile(program.module(), args, options=options)
     except Exception as err:  # torch's messages run to pages; the cause stays chained
         first = str(err).strip().splitlines()[0] if str(err).strip() else ""

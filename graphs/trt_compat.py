@@ -11,7 +11,7 @@ refuse, so a graph is known to need export fixes before anyone books a GPU to bu
   - data types: every tensor is a type TensorRT has (no string, complex, float64, uint16...),
     and each operator's data input is one of the types its importer takes;
   - shapes: the graph's inputs and outputs are static but for the declared chunk axis (and the
-    cache span axis S, which the profiles pin to the whole ring), and every symbolic dimension
+    cache span axis S, which the engine's profiles fix per span bucket), and every symbolic dimension
     inside is an expression of those axes.
 
 The operator table is transcribed from onnx-tensorrt's docs/operators.md for TensorRT 10.15

@@ -1,12 +1,14 @@
 """An ONNX artifact -> a TensorRT 10 engine beside its graph: engine.plan, recorded in the manifest.
 
-One engine serves every chunk length through one optimization profile each, of exact shapes, in
-the manifest's order: the prefill chunks largest first, then T = 1 (every other dim static). One profile
-min=1/opt=max=P would do too, but TensorRT tunes a profile's kernels for its `opt` shape, so
-decode (T = 1, a matrix-vector product and the latency that matters) would run prefill's
-matrix-matrix tactics, and no T between 1 and P is ever run. Profiles share the weights: the
-second costs build time and some engine bytes, not weight memory. The runtime keeps one
-execution context per profile.
+One engine serves every chunk length and, for a span-axis graph, every span bucket through one
+optimization profile each, of exact shapes (artifact/engine_record.py: `profile_plan`), in the
+manifest's order: the prefill chunks largest first, then T = 1, each over the span buckets
+ascending (every other dim static). One profile min=1/opt=max=P would do too, but TensorRT tunes a
+profile's kernels for its `opt` shape, so decode (T = 1, a matrix-vector product and the latency
+that matters) would run prefill's matrix-matrix tactics, and no T between 1 and P is ever run; the
+same holds for spans, which only ever take the buckets' sizes. Profiles share the weights: each
+costs build time and some engine bytes, not weight memory. The runtime keeps one execution
+context per chunk length and switches it to the profile of the step's span.
 
 Precision. A float32 artifact builds as "fp32" (strict: TF32 off, so it matches eager to 1e-3) or
 as "fp16"/"bf16", which let TensorRT run layers in half precision (the weakly typed builder
@@ -34,7 +36,9 @@ from pathlib import Path
 from typing import Callable
 
 from mixtral_export.artifact.contract import StepShapes
-from mixtral_export.artifact.engine_record import ENGINE_NAME, gpu_identity, import_tensorrt
+from mixtral_export.artifact.engine_record import (
+    ENGINE_NAME, gpu_identity, import_tensorrt, profile_plan, recorded_profiles,
+)
 from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, load_manifest, set_engine
 from mixtral_export.destinations import refuse, write_file
 from mixtral_export.errors import UserError
@@ -129,8 +133,10 @@ def parse(trt, network, logger, graph: Path):
     return parser
 
 
-def add_profiles(builder, network, config, shapes: StepShapes, chunks: tuple[int, ...], graph: Path) -> dict[str, int]:
-    """One optimization profile per chunk length, in the manifest's order: {str(T): profile index}."""
+def add_profiles(builder, network, config, shapes: StepShapes, chunks: tuple[int, ...],
+                 graph: Path) -> dict[str, dict[str, int]]:
+    """One exact optimization profile per (chunk length, span bucket), in `profile_plan`'s order;
+    returns the record {"T": {"span": profile index}}."""
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     # the contract with -1 where T (and a span-axis graph's S) is free, as TensorRT reports it
     symbolic = shapes.input_shapes(-1, span=-1 if shapes.span_axis else None)
@@ -138,18 +144,16 @@ def add_profiles(builder, network, config, shapes: StepShapes, chunks: tuple[int
         if tensor.name not in symbolic or tuple(tensor.shape) != symbolic[tensor.name]:
             raise TrtBuildError(f"{graph}: input {tensor.name} {tuple(tensor.shape)} is not the contract's "
                                 f"{symbolic.get(tensor.name)} (inputs must be {', '.join(shapes.input_names)})")
-    profiles = {}
-    for chunk in chunks:
+    plan = profile_plan(shapes, chunks)
+    for n, (chunk, span, exact) in enumerate(plan):
         profile = builder.create_optimization_profile()
         for tensor in inputs:
             if -1 in tuple(tensor.shape):
-                shape = shapes.input_shapes(chunk)[tensor.name]  # the whole ring: TensorRT runs no spans
+                shape = exact[tensor.name]
                 profile.set_shape(tensor.name, shape, shape, shape)  # min = opt = max
-        index = config.add_optimization_profile(profile)
-        if index < 0:
-            raise TrtBuildError(f"{graph}: TensorRT refused the optimization profile for T={chunk}")
-        profiles[str(chunk)] = index
-    return profiles
+        if config.add_optimization_profile(profile) != n:  # -1: refused; the record assumes plan order
+            raise TrtBuildError(f"{graph}: TensorRT refused the optimization profile for T={chunk} over {span} slots")
+    return recorded_profiles(plan)
 
 
 def attach_timing_cache(config, path: Path) -> None:

@@ -4,6 +4,11 @@ Serving needs torch but no model code: the manifest says what the package is, th
 model. The weights file is loaded once onto the device and handed to both chunk models without a
 copy (`load_constants(user_managed=True)`); the cache lives in torch tensors that every call
 reads, and a step writes only the chunk's ring slots, like the eager backend.
+
+Spans (artifact/contract.py): a package exported with the span axis takes any span of slots, so a
+step passes the smallest span bucket holding every row's positions; the ring is laid out so each
+layer's span is contiguous (runtimes/torch_ring.py), since a compiled model reads its inputs with
+the strides it was traced with. Older packages (no span axis) get the whole ring.
 """
 from __future__ import annotations
 
@@ -25,7 +30,9 @@ class AotiBackend:
 
     name = "aoti"
 
-    def __init__(self, artifact_dir: str | Path, device: str | torch.device = "cpu", verify_files: bool = True):
+    def __init__(self, artifact_dir: str | Path, device: str | torch.device = "cpu", verify_files: bool = True,
+                 spans: bool = True):
+        """spans=False passes the whole ring every step even to a span-axis package (the baseline)."""
         self.manifest: Manifest = load_manifest(artifact_dir, verify_files=verify_files)
         self.device = torch.device(device)
         check_runnable_here(self.manifest, self.device)
@@ -35,7 +42,12 @@ class AotiBackend:
         self.runners = {chunk: load_runner(self.manifest, chunk, self.device, weights)
                         for chunk in self.manifest.chunks}
         self.weights = weights  # user-managed constants: the runners hold raw pointers into these
-        self.ring = TorchRing(self.shapes, self.device)
+        self.ring = TorchRing(self.shapes, self.device, spans=spans and self.shapes.span_axis)
+
+    @property
+    def span(self) -> int:
+        """The cache slots the last step passed (S without the span axis)."""
+        return self.ring.span
 
     def reset(self, rows=None) -> None:
         self.ring.reset(rows)
@@ -48,7 +60,8 @@ class AotiBackend:
         pos = torch.from_numpy(positions).to(self.device)
         runner = self.runners[input_ids.shape[1]]
         ring = self.ring
-        caches = layer_caches(ring.cache_k, ring.cache_v)  # per-layer views, in the graph's input order
+        ring.fit(ring.span_needed(positions))
+        caches = layer_caches(ring.cache_k, ring.cache_v)  # per-layer contiguous views of the span, in input order
         logits, new_k, new_v = runner.run([ids, pos, *caches.values(), ring.cache_positions])
         ring.write(new_k, new_v, positions)
         return logits.cpu().numpy()

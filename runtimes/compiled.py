@@ -9,9 +9,20 @@ With static shapes and in-place buffer writes, `mode="reduce-overhead"` on CUDA 
 whole decode step as a CUDA graph (the buffers are static addresses; cudagraph trees allow their
 mutation).
 
-Compilation: `torch.compile(fullgraph=True, dynamic=False)`, so each chunk length (prefill chunks
-and T = 1) compiles exactly once (`compile_count` counts backend invocations; it must stay len(chunks) for a whole
-generation). `isolate_recompiles=True` gives each backend instance its own Dynamo cache entries
+Spans (artifact/contract.py): the step attends over the smallest span bucket holding every row's
+positions, as the eager and ONNX backends do: the buffers keep all S + 1 slots and the compiled
+step reads the view of their first s; slots past a row's extent are empty and masked, so the logits
+are the whole ring's. The span reaches the graph as the length of a marker tensor marked dynamic
+(`torch._dynamo.mark_dynamic`, min the smallest bucket, max S): ONE graph per chunk length serves
+every span. Compiling per (chunk, span bucket) instead measured 15-40 s per bucket on the tiny model
+(2 loaded cores): 2 x 9 compiles for a 16384-slot ring, each a stall the first time a sequence grows
+into a bucket. On CUDA, cudagraph trees record one graph per span bucket met (shapes, not compiles).
+`spans=False` runs the same graph over all S slots every step (the baseline).
+
+Compilation: `torch.compile(fullgraph=True, dynamic=False)`, static but for the span, so each chunk
+length (prefill chunks and T = 1) compiles exactly once (`compile_count` counts backend invocations;
+it must stay len(chunks) for a whole generation, whatever spans it runs over).
+`isolate_recompiles=True` gives each backend instance its own Dynamo cache entries
 (instances would otherwise share RingStep.forward's, and their limit), and `recompile_limit=len(chunks)`
 turns any further compile into an error (FailOnRecompileLimitHit) instead of a silent slowdown.
 `compile_seconds[T]` is the wall time of the first call of each chunk length (tracing, Inductor
@@ -26,6 +37,7 @@ model (2 CPU cores) both chunk lengths take ~30 s cold and ~3 s from a warm cach
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -63,9 +75,10 @@ class RingStep(nn.Module):
         self.register_buffer("cache_v", torch.zeros(layers, batch, heads, slots + 1, dim, dtype=dtype))
         self.register_buffer("cache_positions", torch.full((batch, slots + 1), NO_POSITION, dtype=torch.int64))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+        """tokens (3, B, T): ids, positions, ring slots; span (s,): its length is the slots attended over."""
         ids, positions, slots = tokens.unbind(0)  # each (B, T)
-        s = self.slots
+        s = span.shape[0]
         logits, new_k, new_v = self.model(ids, positions, self.cache_k[:, :, :, :s], self.cache_v[:, :, :, :s],
                                           self.cache_positions[:, :s])  # new_k/v: (L, B, Hkv, T, D)
         index = slots[None, :, None, :, None].expand_as(new_k)  # (L, B, Hkv, T, D)
@@ -81,7 +94,7 @@ class CompiledBackend:
     name = "compiled"
 
     def __init__(self, model: MixtralStatic, shapes: StepShapes, device: str | torch.device = "cpu",
-                 mode: str | None = None):
+                 mode: str | None = None, spans: bool = True):
         if model.attention_window != shapes.attention_window:
             raise ValueError(f"model attends to {model.attention_window} positions, "
                              f"shapes say {shapes.attention_window}")
@@ -94,10 +107,24 @@ class CompiledBackend:
         self.backend = CountingInductor(self.mode)
         self.compiled = torch.compile(self.ring, backend=self.backend, fullgraph=True, dynamic=False,
                                       isolate_recompiles=True, recompile_limit=len(self.shapes.chunks))
+        # the compiled model takes any span, whatever an artifact's graph does (as the eager backend)
+        self.buckets = replace(shapes, span_axis=spans)
+        self.markers = {s: self.span_marker(s) for s in self.buckets.span_buckets}
+        self.extent = np.zeros(shapes.batch, dtype=np.int64)  # (B,) each row's highest position + 1
+        self.span = self.buckets.span_buckets[0]  # the slots the last step attended over
         self.cudagraphs = bool(self.backend.config.get("triton.cudagraphs", False))
         self.compile_seconds: dict[int, float] = {}  # chunk length -> first call's wall time
         self.run_seconds = 0.0
         self.run_steps = 0
+
+    def span_marker(self, span: int) -> torch.Tensor:
+        """A (span,) tensor whose length tells the step how many slots to attend over: a symbolic size
+        (min the smallest bucket, max S) where a ring has several buckets, so one graph serves them all."""
+        marker = torch.empty(span, dtype=torch.int8, device=self.device)  # (s,), values unused
+        every = replace(self.shapes, span_axis=True).span_buckets  # spans=False runs the same graph at S
+        if len(every) > 1:
+            torch._dynamo.mark_dynamic(marker, 0, min=every[0], max=every[-1])
+        return marker
 
     @property
     def compile_count(self) -> int:
@@ -105,9 +132,11 @@ class CompiledBackend:
 
     def reset(self, rows=None) -> None:
         clear(self.ring.cache_k, self.ring.cache_v, self.ring.cache_positions, rows)
+        self.extent[slice(None) if rows is None else list(rows)] = 0
 
     def warmup(self) -> None:
-        """Compile (and on CUDA record) both chunk lengths with all-padding steps; the cache is untouched."""
+        """Compile (and on CUDA record) every chunk length with all-padding steps over the current span;
+        the cache is untouched."""
         for chunk in self.shapes.chunks:
             empty = np.full((self.shapes.batch, chunk), NO_POSITION, dtype=np.int64)
             for _ in range(3):  # cudagraph trees warm up, then record, then replay
@@ -122,11 +151,13 @@ class CompiledBackend:
         rows, cols, ring = ring_writes(positions, self.shapes.cache_slots)
         slots[rows, cols] = ring
         tokens = torch.from_numpy(np.stack((input_ids.astype(np.int64), positions, slots)))  # (3, B, T)
+        np.maximum.at(self.extent, rows, positions[rows, cols] + 1)
+        self.span = self.buckets.span_for(int(self.extent.max()))  # every row's slots after the step
         chunk = input_ids.shape[1]
         start = time.perf_counter()
         if self.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are already on the host
-        logits = self.compiled(tokens.to(self.device)).cpu().numpy()
+        logits = self.compiled(tokens.to(self.device), self.markers[self.span]).cpu().numpy()
         elapsed = time.perf_counter() - start
         if chunk not in self.compile_seconds:
             self.compile_seconds[chunk] = elapsed

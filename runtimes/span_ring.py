@@ -75,9 +75,7 @@ class SpanRing:
 
     def span_needed(self, positions: np.ndarray) -> int:
         """The bucket a step feeding `positions` (B, T) needs: every row's extent after it fits."""
-        live = positions[positions != NO_POSITION]
-        extent = max(int(self.extent.max()), int(live.max()) + 1 if live.size else 0)
-        return next((s for s in self.buckets if s >= extent), self.shapes.cache_slots)
+        return bucket_needed(self.buckets, self.extent, positions, self.shapes.cache_slots)
 
     def fit(self, span: int) -> bool:
         """Re-lay the buffers out for `span` slots (every row's extent must fit it); True if it changed."""
@@ -113,6 +111,14 @@ class SpanRing:
         for scale in self.scales if self.shapes.scaled_cache else ():
             scale[:, index] = 0  # (L, rows, Hkv, s)
         self.extent[index] = 0
+
+
+def bucket_needed(buckets: tuple[int, ...], extent: np.ndarray, positions: np.ndarray, slots: int) -> int:
+    """The smallest of `buckets` holding every row's extent (B,) after a step feeding `positions` (B, T):
+    `slots` (the whole ring) once a row has wrapped."""
+    live = positions[positions != NO_POSITION]
+    longest = max(int(extent.max()), int(live.max()) + 1 if live.size else 0)
+    return next((s for s in buckets if s >= longest), slots)
 
 
 def relayout(flat: np.ndarray, blocks: int, old: int, new: int, tail: int, fill) -> None:

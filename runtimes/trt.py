@@ -3,10 +3,15 @@
 torch is the device allocator: the cache and every I/O buffer are CUDA tensors, allocated once
 (cache k/v/positions shared; per chunk length T its own ids/positions/logits/new-k/new-v), and
 torch's indexing does the ring writes on the device. Each chunk length has its own execution
-context on its own optimization profile (graphs/trt_engine.py builds profile per T), with input
-shapes and tensor addresses bound once. A step copies the tokens up, runs the context on the
-backend's one CUDA stream (`execute_async_v3`), writes the chunk's keys/values into their ring
-slots on that stream (the cache never visits the host) and copies the logits down.
+context; graphs/trt_engine.py builds one exact profile per (T, span bucket), and the context is
+switched to the profile of the step's span (artifact/engine_record.py: `profile_for`) with the
+input shapes and tensor addresses bound again only when the span changes. The ring is laid out so
+each layer's span is contiguous (runtimes/torch_ring.py), the span the smallest bucket holding every
+row's positions, as on every backend (artifact/contract.py: spans); an engine recorded before spans
+has one whole-ring profile per T and gets the whole ring. A step copies the tokens up, re-lays the
+ring out if its span changes, runs the context on the backend's one CUDA stream
+(`execute_async_v3`), writes the chunk's keys/values into their ring slots on that stream (the
+cache never visits the host) and copies the logits down.
 
 Before TensorRT loads anything, the manifest's record of the engine must name this machine's
 TensorRT version and GPU (check_engine_record): a stale engine is refused with one line, not a
@@ -20,7 +25,9 @@ import numpy as np
 import torch
 
 from mixtral_export.artifact.contract import NO_POSITION, OUTPUT_NAMES, StepShapes, layer_caches
-from mixtral_export.artifact.engine_record import ENGINE_NAME, check_engine_record, gpu_identity, import_tensorrt
+from mixtral_export.artifact.engine_record import (
+    ENGINE_NAME, check_engine_record, engine_spans, gpu_identity, import_tensorrt, profile_count, profile_for,
+)
 from mixtral_export.artifact.manifest import MANIFEST_NAME, Manifest, ManifestError, io_contract, load_manifest
 from mixtral_export.errors import UserError
 from mixtral_export.runtimes.step import check_step_inputs
@@ -32,35 +39,44 @@ class TrtBackendError(UserError, RuntimeError):
 
 
 class ChunkContext:
-    """One chunk length T: an execution context on its profile, its buffers allocated and bound once."""
+    """One chunk length T: an execution context, its buffers allocated once, bound to a span's profile."""
 
-    def __init__(self, engine, profile: int, shapes: StepShapes, chunk: int, cache: dict[str, torch.Tensor],
-                 stream: torch.cuda.Stream, where: Path):
-        device = cache["cache_positions"].device
+    def __init__(self, engine, profiles: dict, shapes: StepShapes, chunk: int, device: torch.device, where: Path):
         out = shapes.output_shapes(chunk)
+        dtype = getattr(torch, shapes.dtype)
         self.input_ids = torch.zeros((shapes.batch, chunk), dtype=torch.int64, device=device)  # (B, T)
         self.positions = torch.full((shapes.batch, chunk), NO_POSITION, dtype=torch.int64, device=device)  # (B, T)
         self.logits = torch.zeros(out["logits"], dtype=torch.float32, device=device)  # (B, T, V)
-        self.new_k = torch.zeros(out["new_k"], dtype=cache["cache_k.0"].dtype, device=device)  # (L, B, Hkv, T, D)
+        self.new_k = torch.zeros(out["new_k"], dtype=dtype, device=device)  # (L, B, Hkv, T, D)
         self.new_v = torch.zeros_like(self.new_k)  # (L, B, Hkv, T, D)
         self.host_logits = torch.zeros(out["logits"], dtype=torch.float32, pin_memory=True)  # (B, T, V)
-        self.tensors = {"input_ids": self.input_ids, "positions": self.positions, **cache,
-                        "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v}
         self.context = engine.create_execution_context()
-        if self.context is None or not self.context.set_optimization_profile_async(profile, stream.cuda_stream):
-            raise TrtBackendError(f"{where}: cannot open an execution context on profile {profile} (T={chunk})")
-        for name in shapes.input_names:
-            if not self.context.set_input_shape(name, tuple(self.tensors[name].shape)):
-                raise TrtBackendError(f"{where}: profile {profile} does not take {name} "
-                                      f"{tuple(self.tensors[name].shape)} (T={chunk})")
+        if self.context is None:
+            raise TrtBackendError(f"{where}: cannot open an execution context (T={chunk})")
+        self.profiles, self.shapes, self.chunk, self.where = profiles, shapes, chunk, where
+        self.span = None  # the span whose profile, shapes and addresses are bound
+
+    def bind(self, span: int, cache: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> None:
+        """Switch to the profile of `span` slots and bind the ring's views of that span (no-op if bound)."""
+        if span == self.span:
+            return
+        profile = profile_for(self.profiles, self.chunk, span, self.shapes.cache_slots)
+        tensors = {"input_ids": self.input_ids, "positions": self.positions, **cache,
+                   "logits": self.logits, "new_k": self.new_k, "new_v": self.new_v}
+        if not self.context.set_optimization_profile_async(profile, stream.cuda_stream):
+            raise TrtBackendError(f"{self.where}: cannot switch to profile {profile} (T={self.chunk}, {span} slots)")
+        for name in self.shapes.input_names:
+            if not self.context.set_input_shape(name, tuple(tensors[name].shape)):
+                raise TrtBackendError(f"{self.where}: profile {profile} does not take {name} "
+                                      f"{tuple(tensors[name].shape)} (T={self.chunk}, {span} slots)")
         for name in OUTPUT_NAMES:
             got = tuple(self.context.get_tensor_shape(name))
-            if got != tuple(self.tensors[name].shape):
-                raise TrtBackendError(f"{where}: {name} comes out {got} for T={chunk}, the contract says "
-                                      f"{tuple(self.tensors[name].shape)}")
-        for name, tensor in self.tensors.items():
+            if got != tuple(tensors[name].shape):
+                raise TrtBackendError(f"{self.where}: {name} comes out {got} for T={self.chunk}, the contract says "
+                                      f"{tuple(tensors[name].shape)}")
+        for name, tensor in tensors.items():
             self.context.set_tensor_address(name, tensor.data_ptr())
-        self.where = where
+        self.span = span
 
     def run(self, stream: torch.cuda.Stream) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
@@ -91,12 +107,23 @@ class TrtBackend:
             raise TrtBackendError(f"{path}: TensorRT could not load the engine (its log above says why)")
         check_engine_io(trt, self.engine, self.manifest, record, path)
 
-        self.ring = TorchRing(self.shapes, self.device)
-        cache = {**layer_caches(self.ring.cache_k, self.ring.cache_v),  # per-layer views of the ring
-                 "cache_positions": self.ring.cache_positions}
-        self.chunks = {int(chunk): ChunkContext(self.engine, profile, self.shapes, int(chunk), cache, self.stream, path)
-                       for chunk, profile in record["profiles"].items()}
+        spans = engine_spans(record["profiles"], self.shapes.chunks[0], self.shapes.cache_slots)
+        self.ring = TorchRing(self.shapes, self.device, spans=len(spans) > 1)
+        self.chunks = {chunk: ChunkContext(self.engine, record["profiles"], self.shapes, chunk, self.device, path)
+                       for chunk in self.shapes.chunks}
+        with torch.cuda.stream(self.stream):
+            for context in self.chunks.values():
+                context.bind(self.ring.span, self.cache_views(), self.stream)  # fails here, not mid-step
         torch.cuda.synchronize(self.device)  # profile switches and zero fills are done before the first step
+
+    @property
+    def span(self) -> int:
+        """The cache slots the last step passed (S for an engine recorded before spans)."""
+        return self.ring.span
+
+    def cache_views(self) -> dict[str, torch.Tensor]:
+        """Each layer's keys and values and the positions over the ring's current span, contiguous views."""
+        return {**layer_caches(self.ring.cache_k, self.ring.cache_v), "cache_positions": self.ring.cache_positions}
 
     def reset(self, rows=None) -> None:
         with torch.cuda.stream(self.stream):
@@ -109,6 +136,8 @@ class TrtBackend:
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         chunk = self.chunks[input_ids.shape[1]]
         with torch.cuda.stream(self.stream):
+            self.ring.fit(self.ring.span_needed(positions))  # a re-layout on the stream, before the step reads it
+            chunk.bind(self.ring.span, self.cache_views(), self.stream)
             chunk.input_ids.copy_(torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)))
             chunk.positions.copy_(torch.from_numpy(positions))
             chunk.run(self.stream)
@@ -134,7 +163,18 @@ def check_engine_io(trt, engine, manifest: Manifest, record: dict, path: Path) -
         if got != want[name]:
             raise ManifestError(f"{path}: {name} is {got[0]} {got[1]} in the engine, the manifest says "
                                 f"{want[name][0]} {want[name][1]}")
-    if sorted(int(t) for t in record["profiles"]) != sorted(manifest.chunks) or \
-            engine.num_optimization_profiles != len(record["profiles"]):
-        raise ManifestError(f"{path}: the engine has {engine.num_optimization_profiles} profiles for "
-                            f"{sorted(record['profiles'])}, the artifact serves T in {sorted(manifest.chunks)}")
+    check_profile_record(record["profiles"], engine.num_optimization_profiles, manifest.shapes, path)
+
+
+def check_profile_record(profiles: dict, engine_profiles: int, shapes: StepShapes, path: Path) -> None:
+    """The record lists a profile for every chunk length the artifact serves, the same spans for each (the
+    contract's span buckets, or just S for an engine from before spans), and as many as the engine has."""
+    slots = shapes.cache_slots
+    spans = {int(t): engine_spans(profiles, int(t), slots) for t in profiles}
+    if sorted(spans) != sorted(shapes.chunks) or profile_count(profiles) != engine_profiles:
+        raise ManifestError(f"{path}: the engine has {engine_profiles} profiles for T in {sorted(spans)}, the "
+                            f"artifact serves T in {sorted(shapes.chunks)}")
+    for chunk, found in spans.items():
+        if found not in (shapes.span_buckets, (slots,)) or found != spans[shapes.chunks[0]]:
+            raise ManifestError(f"{path}: the engine's profiles for T={chunk} take spans {list(found)}, the "
+                                f"artifact's are {list(shapes.span_buckets)}")

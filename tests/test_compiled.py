@@ -96,7 +96,7 @@ def test_a_third_compile_is_an_error_not_a_silent_slowdown(compiled_run):
     padding = torch.stack((torch.zeros(b, 4, dtype=torch.int64), torch.full((b, 4), NO_POSITION),
                            torch.full((b, 4), s)))  # (3, B, T=4): ids, positions, dummy slots
     with torch.no_grad(), pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
-        backend.compiled(padding)
+        backend.compiled(padding, backend.markers[backend.span])
     assert backend.compile_count == 2
 
 

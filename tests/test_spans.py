@@ -192,3 +192,141 @@ def test_eager_attends_over_spans_too_and_equals_its_whole_ring(no_window):
     assert sorted(set(spans)) == [64, 128, 256] and set(full_spans) == {SLOTS}
     for step, (a, b) in enumerate(zip(ours, full)):
         np.testing.assert_array_equal(a, b, err_msg=f"step {step} (span {spans[step]})")
+
+
+COMPILED_TOL = 1e-4  # fp32 logits, compiled against eager (tests/test_compiled.py's bound)
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(no_window):
+    """The compiled backend driven over spans and over the whole ring (the same symbolic graph: the second
+    compiles from Inductor's cache), and eager over the whole ring; prefill chunk 16, so two compiles each."""
+    from mixtral_export.checkpoint import load_model
+    from mixtral_export.runtimes.compiled import CompiledBackend
+    from mixtral_export.runtimes.eager import EagerBackend
+
+    model, artifact = no_window
+    folder = artifact.parent / "ck"
+    eager = EagerBackend.from_checkpoint(folder, dict(batch=2, prefill_chunk=16, cache_slots=SLOTS))
+    prompts = random_prompts([50, 9], model.config.vocab_size, seed=4)
+    runs = {}
+    for spans in (True, False):
+        backend = CompiledBackend(load_model(folder), eager.shapes, spans=spans)
+        runs[spans] = (backend, *drive(backend, prompts, 90))
+    runs["eager"] = (eager, *drive(EagerBackend(eager.model, eager.shapes, spans=False), prompts, 90))
+    return prompts, runs
+
+
+def test_compiled_attends_over_spans_with_one_compile_per_chunk_length(compiled_runs):
+    _, runs = compiled_runs
+    backend, ours, spans = runs[True]
+    whole, full, full_spans = runs[False]
+    _, reference, _ = runs["eager"]
+    extents = [16, 32, 48, 50, 50] + [51 + n for n in range(90)]  # as the ONNX test: grows at 64 and 128
+    assert spans == [64 if e <= 64 else 128 if e <= 128 else 256 for e in extents]
+    assert set(full_spans) == {SLOTS}  # the control: told to keep the whole ring, it does
+    assert backend.compile_count == whole.compile_count == 2  # T = 16 and 1, whatever the span
+    for step, (a, b, want) in enumerate(zip(ours, full, reference)):
+        assert np.abs(a - b).max() <= COMPILED_TOL, f"step {step} (span {spans[step]})"
+        assert np.abs(a - want).max() <= COMPILED_TOL, f"step {step} (span {spans[step]})"
+        assert (a.argmax(-1) == want.argmax(-1)).all(), f"step {step}"
+
+
+def test_control_a_compiled_span_too_short_changes_the_logits(compiled_runs):
+    """The span reaches the graph: pinned to 64 slots, the steps past position 64 lose keys and differ."""
+    prompts, runs = compiled_runs
+    backend, ours, _ = runs[True]
+
+    class Short:
+        def span_for(self, extent: int) -> int:
+            return MIN_SPAN
+
+    buckets = backend.buckets
+    backend.reset()
+    backend.buckets = Short()
+    try:
+        short, spans = drive(backend, prompts, 20)
+    finally:
+        backend.buckets = buckets
+    assert set(spans) == {MIN_SPAN} and backend.compile_count == 2
+    past = 5 + 15  # row 0's decode step at position 65: the first whose keys include slot 64
+    assert all(np.array_equal(a, b) for a, b in zip(short[:past - 1], ours[:past - 1]))  # both ran over 64
+    assert max(np.abs(a - b).max() for a, b in zip(short[past:], ours[past:])) > 10 * COMPILED_TOL
+
+
+@pytest.mark.parametrize("old,new", [(64, 128), (128, 64), (64, 256)])
+def test_the_torch_ring_relayout_keeps_every_blocks_slots_and_empties_the_new_ones(old, new):
+    import torch
+
+    from mixtral_export.runtimes import torch_ring
+
+    blocks, tail = 6, 3
+    flat = torch.arange(blocks * max(old, new) * tail, dtype=torch.float32)
+    before = flat[:blocks * old * tail].view(blocks, old, tail).clone()  # (blocks, old, tail)
+    torch_ring.relayout(flat, blocks, old, new, tail, -7)
+    after = flat[:blocks * new * tail].view(blocks, new, tail)  # (blocks, new, tail)
+    keep = min(old, new)
+    assert torch.equal(after[:, :keep], before[:, :keep]) and bool((after[:, keep:] == -7).all())
+
+
+@pytest.fixture(scope="module")
+def aoti_spans(no_window):
+    """The no-window checkpoint as an AOTI package with the span axis (batch 2, prefill chunk 16, 256 slots)."""
+    from mixtral_export.graphs.aoti_export import export_aoti
+
+    model, artifact = no_window
+    return model, export_aoti(artifact.parent / "ck", artifact.parent / "aoti", batch=2, prefill_chunk=16,
+                              cache_slots=SLOTS)
+
+
+def test_aoti_attends_over_spans_and_equals_its_whole_ring_and_eager(aoti_spans, monkeypatch):
+    """One package serves every span (a symbolic slot axis); the control re-lays the ring out without
+    keeping its slots, and the comparison catches it."""
+    from mixtral_export.runtimes import torch_ring
+    from mixtral_export.runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.eager import EagerBackend
+
+    model, artifact = aoti_spans
+    backend = AotiBackend(artifact)
+    assert backend.shapes.span_axis and backend.shapes.span_buckets == (64, 128, 256)
+    prompts = random_prompts([50, 9], model.config.vocab_size, seed=4)
+    ours, spans = drive(backend, prompts, 90)
+    full, full_spans = drive(AotiBackend(artifact, spans=False), prompts, 90)
+    eager = EagerBackend.from_checkpoint(artifact.parent / "ck", dict(batch=2, prefill_chunk=16, cache_slots=SLOTS))
+    reference, _ = drive(EagerBackend(eager.model, eager.shapes, spans=False), prompts, 90)
+    extents = [16, 32, 48, 50, 50] + [51 + n for n in range(90)]
+    assert spans == [64 if e <= 64 else 128 if e <= 128 else 256 for e in extents] and set(full_spans) == {SLOTS}
+    assert backend.ring.relayouts == 2
+    for step, (a, b, want) in enumerate(zip(ours, full, reference)):
+        assert np.abs(a - b).max() <= COMPILED_TOL, f"step {step} (span {spans[step]})"
+        assert np.abs(a - want).max() <= COMPILED_TOL, f"step {step} (span {spans[step]})"
+        assert (a.argmax(-1) == want.argmax(-1)).all(), f"step {step}"
+
+    def losing(flat, blocks, old, new, tail, fill):
+        flat[:blocks * new * tail] = fill
+
+    monkeypatch.setattr(torch_ring, "relayout", losing)
+    broken, spans = drive(AotiBackend(artifact), prompts, 20)
+    grown = spans.index(128)
+    assert max(np.abs(a - b).max() for a, b in zip(broken[grown:], full[grown:])) > 10 * COMPILED_TOL
+
+
+@pytest.mark.parametrize("runtime", ["compiled", "aoti"])
+def test_health_shows_the_compiled_and_aoti_backends_span(no_window, aoti_spans, compiled_runs, runtime):
+    """/health's cache_span is the span these backends' last step ran over (128 for 70 + 5 tokens), not S."""
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from mixtral_export.runtimes.aoti import AotiBackend
+    from mixtral_export.runtimes.session import Session
+    from mixtral_export.serving.app import build_app
+
+    model, artifact = aoti_spans
+    aoti = AotiBackend(artifact)  # its manifest fits the compiled backend too: batch 2, chunk 16, 256 slots
+    backend = aoti if runtime == "aoti" else compiled_runs[1][True][0]
+    backend.reset()
+    with Session(backend, aoti.manifest) as session:
+        session.generate_ids(random_prompts([70], model.config.vocab_size), max_new_tokens=5)
+        http = TestClient(build_app(session.client, None, (), "m"))
+        assert http.get("/health").json()["cache_span"] == backend.span == 128
+        assert "mixtral_cache_span 128.0" in http.get("/metrics").text

@@ -129,3 +129,27 @@ def test_onnx_runtime_tensorrt_provider_is_named_when_missing(tiny_onnx):
         pytest.skip("this onnxruntime has the TensorRT execution provider")
     with pytest.raises(OrtBackendError, match="TensorrtExecutionProvider is not available .*CPUExecutionProvider"):
         OrtBackend(tiny_onnx, provider="trt", verify_files=False)
+
+
+@pytest.mark.gpu
+def test_an_engine_runs_each_span_on_its_profile_and_matches_eager(trt, tiny_checkpoint, tmp_path):
+    """A 128-slot span-axis artifact (buckets 64, 128): one exact profile per (T, span); the steps switch
+    profile as the span grows, and the logits stay eager's over the whole ring."""
+    from mixtral_export.graphs.onnx_export import export_onnx
+    from mixtral_export.runtimes.eager import EagerBackend
+    from mixtral_export.runtimes.trt import TrtBackend
+    from tests.reference_models import random_prompts
+    from tests.test_spans import drive
+
+    artifact = export_onnx(tiny_checkpoint, tmp_path / "onnx", batch=2, prefill_chunk=8, cache_slots=128)
+    build_engine(artifact, precision="fp32", workspace_gib=1.0)
+    ours = TrtBackend(artifact)
+    assert {t: sorted(p) for t, p in ours.manifest.engines[ENGINE_NAME]["profiles"].items()} == \
+        {"8": ["128", "64"], "1": ["128", "64"]}
+    eager = eager_for(tiny_checkpoint, artifact)
+    prompts = random_prompts([50, 9], ours.shapes.vocab_size, seed=4)
+    got, spans = drive(ours, prompts, 40)  # row 0 reaches position 89
+    want, _ = drive(EagerBackend(eager.model, eager.shapes, spans=False), prompts, 40)
+    assert spans[0] == 64 and spans[-1] == 128 and ours.ring.relayouts == 1
+    for step, (a, b) in enumerate(zip(got, want)):
+        assert np.abs(a - b).max() <= FP32_TOL, f"step {step} (span {spans[step]})"

@@ -11,7 +11,10 @@ import pytest
 
 from mixtral_export.artifact.contract import StepShapes
 from mixtral_export.artifact.manifest import MANIFEST_NAME, ManifestError, load_manifest, set_engine, write_manifest
-from mixtral_export.artifact.engine_record import ENGINE_NAME, EngineMismatch, check_engine_record
+from mixtral_export.artifact.engine_record import (
+    ENGINE_NAME, EngineMismatch, check_engine_record, engine_spans, profile_count, profile_for, profile_plan,
+    recorded_profiles,
+)
 from mixtral_export.graphs.trt_engine import TrtBuildError, build_engine
 from mixtral_export.artifact.config import MixtralConfig
 
@@ -124,3 +127,74 @@ def test_build_refuses_before_needing_tensorrt(tmp_path, dtype, routing, precisi
     with pytest.raises(TrtBuildError, match=message) as info:
         build_engine(artifact(tmp_path, dtype, routing), precision=precision)
     one_line(info)
+
+
+def span_shapes(slots: int, span_axis: bool = True) -> StepShapes:
+    return StepShapes.for_config(CONFIG.replace(sliding_window=None), batch=2, prefill_chunk=(4, 8),
+                                 cache_slots=slots, span_axis=span_axis)
+
+
+def test_the_profile_plan_is_one_exact_profile_per_chunk_length_and_span_bucket():
+    shapes = span_shapes(256)
+    plan = profile_plan(shapes, shapes.chunks)
+    assert [(chunk, span) for chunk, span, _ in plan] == [(8, 64), (8, 128), (8, 256), (4, 64), (4, 128), (4, 256),
+                                                          (1, 64), (1, 128), (1, 256)]
+    for chunk, span, exact in plan:
+        assert exact["input_ids"] == (2, chunk) and exact["cache_positions"] == (2, span)
+        assert exact["cache_k.1"] == exact["cache_v.0"] == (2, CONFIG.num_key_value_heads, span, CONFIG.head_dim)
+    record = recorded_profiles(plan)
+    assert record == {"8": {"64": 0, "128": 1, "256": 2}, "4": {"64": 3, "128": 4, "256": 5},
+                      "1": {"64": 6, "128": 7, "256": 8}}
+    old = span_shapes(256, span_axis=False)  # a graph without the span axis: the whole ring per T
+    assert recorded_profiles(profile_plan(old, old.chunks)) == {"8": {"256": 0}, "4": {"256": 1}, "1": {"256": 2}}
+
+
+def test_the_runtime_picks_the_profile_of_the_steps_span():
+    """The span each step needs (the torch ring's rule, the ONNX ring's) selects the profile; a record from
+    before spans has one whole-ring profile per T and takes no other span."""
+    import numpy as np
+    import torch
+
+    from mixtral_export.runtimes.torch_ring import TorchRing
+
+    shapes = span_shapes(256)
+    record = recorded_profiles(profile_plan(shapes, shapes.chunks))
+    ring = TorchRing(shapes, torch.device("cpu"), spans=True)
+    chosen = []
+    for position in (0, 63, 64, 127, 128, 255, 300):  # row 0 decodes; row 1 sits out
+        positions = np.array([[position], [-1]])
+        ring.fit(ring.span_needed(positions))
+        ring.write(torch.zeros(shapes.cache_shape(1)[:3] + (1, shapes.head_dim)),
+                   torch.zeros(shapes.cache_shape(1)[:3] + (1, shapes.head_dim)), positions)
+        chosen.append((ring.span, profile_for(record, 1, ring.span, 256)))
+    assert chosen == [(64, 6), (64, 6), (128, 7), (128, 7), (256, 8), (256, 8), (256, 8)]  # 300 wrapped: S
+    assert profile_for(record, 8, 128, 256) == 1 and profile_count(record) == 9
+    assert engine_spans(record, 4, 256) == (64, 128, 256)
+    with pytest.raises(ValueError, match="no profile for T=1 over 32 slots"):
+        profile_for(record, 1, 32, 256)
+    before_spans = {"8": 0, "4": 1, "1": 2}
+    assert profile_for(before_spans, 4, 256, 256) == 1 and engine_spans(before_spans, 4, 256) == (256,)
+    with pytest.raises(ValueError, match="whole ring"):
+        profile_for(before_spans, 1, 64, 256)
+    assert profile_count(before_spans) == 3
+
+
+@pytest.mark.parametrize("profiles, count, message", [
+    ({"8": {"64": 0, "128": 1, "256": 2}, "4": {"64": 3, "128": 4, "256": 5}, "1": {"64": 6, "128": 7, "256": 8}},
+     9, None),
+    ({"8": 0, "4": 1, "1": 2}, 3, None),  # an engine built before spans: the whole ring
+    ({"8": {"64": 0, "128": 1, "256": 2}, "4": {"64": 3, "128": 4, "256": 5}, "1": {"64": 6, "128": 7, "256": 8}},
+     8, "the engine has 8 profiles"),
+    ({"8": 0, "1": 1}, 2, "T in \\[1, 8\\], the artifact serves T in \\[1, 4, 8\\]"),
+    ({"8": {"64": 0, "256": 1}, "4": {"64": 2, "256": 3}, "1": {"64": 4, "256": 5}}, 6, "take spans \\[64, 256\\]"),
+])
+def test_an_engines_profile_record_must_fit_the_artifact(profiles, count, message, tmp_path):
+    pytest.importorskip("torch")
+    from mixtral_export.runtimes.trt import check_profile_record
+
+    if message is None:
+        check_profile_record(profiles, count, span_shapes(256), tmp_path / ENGINE_NAME)
+        return
+    with pytest.raises(ManifestError, match=message) as error:
+        check_profile_record(profiles, count, span_shapes(256), tmp_path / ENGINE_NAME)
+    one_line(error)
