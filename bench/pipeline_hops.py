@@ -1,6 +1,7 @@
-"""What pipeline stages cost per decode step, and what each stage process holds.
+"""What pipeline stages cost per decode step, what each stage process holds, and what row groups buy.
 
     python3 -m mixtral_export.bench.pipeline_hops --work-dir /tmp/hops --rounds 3 --steps 24
+    python3 -m mixtral_export.bench.pipeline_hops --work-dir /tmp/hops --row-groups 1,2,4 --rounds 3 --steps 12
 
 For each model and batch it exports the whole artifact and 2- and 4-stage artifacts, then times
 decode steps (T = 1): the whole artifact in this process (the baseline), its stages chained in
@@ -9,6 +10,12 @@ one actor each. Each configuration runs round by round interleaved with the base
 it at a time, so the widest model's copies fit in memory); a row prints the median step and its
 ratio to the baseline's median over the same rounds. Then, on the widest model at batch 1, the resident memory
 (VmRSS) of each stage actor's process after a step, against an actor holding the whole artifact.
+
+With `--row-groups`, instead: decode steps of B rows (every row live) through 2 and 4 stages, in
+this process and on Ray, with the rows in G groups of B / G (each G its own export at batch
+B / G, the same weights), all G interleaved round by round; a row prints the median step, its
+ratio to G = 1's over the same rounds, and on Ray how busy the stages were (the actors' own
+clocks: the mean stage's run time over the steps' wall time).
 
 Models: `tiny-4l` (the tiny model with 4 layers) and `mixtral-width-4l` (Mixtral 8x7B's hidden
 size 4096, 32/8 heads x 128, vocab 32000, but experts of 256 instead of 14336: the hidden state
@@ -38,7 +45,7 @@ def models() -> dict[str, MixtralConfig]:
     return {"tiny-4l": replace(TINY_CONFIG, num_hidden_layers=4), "mixtral-width-4l": wide}
 
 
-def build(work: Path, name: str, config: MixtralConfig, batch: int) -> dict[int, Path]:
+def build(work: Path, name: str, config: MixtralConfig, batch: int, splits=SPLITS) -> dict[int, Path]:
     """{stages: artifact} for 1 (whole), 2 and 4 stages at this batch; reused when already built."""
     from mixtral_export.graphs.onnx_export import export_onnx
     from mixtral_export.tiny import random_weights, write_checkpoint
@@ -47,7 +54,7 @@ def build(work: Path, name: str, config: MixtralConfig, batch: int) -> dict[int,
     if not (checkpoint / "config.json").is_file():
         write_checkpoint(checkpoint, config, random_weights(config), max_shard_bytes=1 << 30)
     out = {}
-    for stages in SPLITS:
+    for stages in splits:
         art = work / name / f"b{batch}-s{stages}"
         if not (art / "manifest.json").is_file():
             export_onnx(checkpoint, art, dtype="float32", batch=batch, prefill_chunk=16, cache_slots=64, slide=True,
@@ -92,6 +99,48 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def stage_busy(backend, seconds: float) -> float:
+    """On Ray: the mean stage's run time (its actor's clock) over `seconds` of steps; clears the record."""
+    runs = backend.stages.runs()
+    return sum(end - start for stage in runs for _, start, end in stage) / len(runs) / seconds
+
+
+def row_groups(args, ray) -> None:
+    """G = 1 against G = 2, 4 for B rows, per model, stage count and host; interleaved round by round."""
+    from mixtral_export.runtimes.load import open_step_backend
+    from mixtral_export.runtimes.pipeline import wave_threads
+
+    counts = [int(g) for g in args.row_groups.split(",")]
+    batch = args.rows
+    if counts[0] != 1 or any(batch % g for g in counts):
+        raise SystemExit(f"--row-groups must start with 1 and divide --rows {batch}")
+    print("| model | B | stages | where | G | ms/step (median) | vs G = 1 | stages busy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models.split(","):
+        config = models()[name]
+        built = {g: build(args.work_dir, name, config, batch // g, splits=(2, 4)) for g in counts}
+        for stages in (2, 4):
+            for where in ("process", "ray"):
+                backends = {g: open_step_backend(built[g][stages], "ort", ray=where == "ray", row_groups=g,
+                                                 threads=wave_threads(g, stages))[0] for g in counts}
+                for backend in backends.values():
+                    decode_seconds(backend, batch, 4, 0)  # warm
+                    if where == "ray":
+                        backend.stages.runs()
+                times = {g: [] for g in counts}
+                for r in range(args.rounds):  # interleaved, round by round
+                    for g, backend in backends.items():
+                        times[g] += decode_seconds(backend, batch, args.steps, 4 + r * args.steps)
+                base = statistics.median(times[1])
+                for g, backend in backends.items():
+                    median = statistics.median(times[g])
+                    busy = f"{stage_busy(backend, sum(times[g])):.0%}" if where == "ray" else "-"
+                    print(f"| {name} | {batch} | {stages} | {where} | {g} | {median * 1e3:.2f} | "
+                          f"{median / base:.2f}x | {busy} |", flush=True)
+                    backend.close()
+                del backends
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/pipeline-hops"))
@@ -99,12 +148,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--models", default="tiny-4l,mixtral-width-4l")
     parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--row-groups", default=None, help="e.g. 1,2,4: compare row groups instead")
+    parser.add_argument("--rows", type=int, default=4, help="with --row-groups: the rows B, every one live")
     args = parser.parse_args()
     from mixtral_export.runtimes.load import open_step_backend
     from mixtral_export.runtimes.ray_stages import start_ray
 
     start_ray()
     import ray
+
+    if args.row_groups:
+        row_groups(args, ray)
+        ray.shutdown()
+        return
 
     print("| model | B | stages | where | ms/step (median) | vs whole in process |")
     print("| --- | --- | --- | --- | --- | --- |")

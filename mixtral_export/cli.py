@@ -362,13 +362,16 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
                                                         "(default: the one recorded at export)", metavar="PATH"),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text"),
              ray: bool = typer.Option(False, "--ray", help="A staged artifact: each stage in a Ray actor (joins "
-                                      "RAY_ADDRESS, else starts a local cluster)")):
+                                      "RAY_ADDRESS, else starts a local cluster)"),
+             row_groups: int = typer.Option(1, min=1, help="A staged artifact: G x its batch rows, in G groups in "
+                                            "flight through the stages together", metavar="G")):
     """Generate text from an artifact on a runtime, streaming tokens as they come."""
     from mixtral_export.runtimes.session import Session
 
     _one_prompt_source(prompt, input_ids)
     grammar, grammar_source = _output_grammar(json_schema, json_object)
-    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint, ray=ray)  # refuses a head
+    session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint, ray=ray,
+                           row_groups=row_groups)  # refuses a head
     try:
         _generate(session, runtime, prompt, input_ids, chat, system, max_new_tokens, temperature, top_k, top_p,
                   repetition_penalty, seed, stop, as_json, grammar, grammar_source)

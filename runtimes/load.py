@@ -58,15 +58,20 @@ def open_backend(artifact: str | Path, runtime: str, provider: str = "cpu", thre
 
 
 def open_step_backend(artifact: str | Path, runtime: str, provider: str = "cpu", threads: int | None = None,
-                      checkpoint: str | Path | None = None, ray: bool = False, stage_options=None):
+                      checkpoint: str | Path | None = None, ray: bool = False, stage_options=None,
+                      row_groups: int = 1):
     """(step backend, Manifest) for `runtime` over a step artifact; a staged artifact's stages run in
-    this process, or with `ray` one Ray actor each (runtimes/pipeline.py; `stage_options`: their Ray options)."""
+    this process, or with `ray` one Ray actor each (runtimes/pipeline.py; `stage_options`: their Ray
+    options; `row_groups`: groups of the artifact's batch rows in flight through the stages together)."""
     check_runtime(runtime)
     manifest = load_step_manifest(artifact)
     if ray and not (manifest.stages and runtime == "ort"):
         raise RuntimeLoadError(f"{manifest.folder}: --ray runs the stages of a staged artifact on ort "
                                f"(export with --stages N)")
-    return _step_backend(manifest, runtime, provider, threads, checkpoint, ray, stage_options), manifest
+    if row_groups != 1 and not (manifest.stages and runtime == "ort"):
+        raise RuntimeLoadError(f"{manifest.folder}: --row-groups keeps groups of rows in flight through the "
+                               f"stages of a staged artifact on ort (export with --stages N)")
+    return _step_backend(manifest, runtime, provider, threads, checkpoint, ray, stage_options, row_groups), manifest
 
 
 def open_head_backend(artifact: str | Path, runtime: str, provider: str = "cpu", threads: int | None = None,
@@ -93,7 +98,7 @@ def open_tokenizer(manifest: Manifest | HeadManifest):
 
 
 def _step_backend(manifest: Manifest, runtime: str, provider: str, threads: int | None,
-                  checkpoint: str | Path | None, ray: bool = False, stage_options=None):
+                  checkpoint: str | Path | None, ray: bool = False, stage_options=None, row_groups: int = 1):
     artifact = manifest.folder
     if manifest.stages and runtime not in ("ort", "eager"):
         raise RuntimeLoadError(f"{manifest.folder}: a staged artifact runs on ort (its stages chained) or eager "
@@ -101,7 +106,8 @@ def _step_backend(manifest: Manifest, runtime: str, provider: str, threads: int 
     if manifest.stages and runtime == "ort":
         from mixtral_export.runtimes.pipeline import open_pipeline
 
-        return open_pipeline(manifest, provider=provider, threads=threads, ray=ray, stage_options=stage_options)
+        return open_pipeline(manifest, provider=provider, threads=threads, ray=ray, stage_options=stage_options,
+                             row_groups=row_groups)
     kind = ARTIFACT_KIND.get(runtime)
     if kind is not None and manifest.kind != kind:
         raise RuntimeLoadError(f"{manifest.folder}: the {runtime} runtime needs an {kind} artifact, this one is "

@@ -13,6 +13,8 @@ context costs a short cache, whatever S.
 Over a pipeline stage's folder (graphs/onnx_stages.py) the same class runs that stage: its first
 input is the token ids (stage 0) or the previous stage's hidden state, its output the logits (the
 last stage) or its own hidden state, its ring only its layers' (`run`; runtimes/pipeline.py chains them).
+A stage may hold several rings (`groups`: docs/pipeline.md's row groups), one per group of the graph's
+B rows, all served by the one session: the weights are loaded once, a run names its group.
 
 With provider="cuda" the same host buffers are bound, so ORT uploads the cache every step:
 correct, but a device-resident cache needs the ring write inside a graph.
@@ -138,8 +140,10 @@ class OrtBackend:
     name = "ort"
 
     def __init__(self, artifact_dir: str | Path, provider: str = "cpu", threads: int | None = None,
-                 verify_files: bool = True, spin: bool = False, preload: bool = True, spans: bool = True):
-        """spans=False passes the whole ring every step even to a span-axis graph (the baseline)."""
+                 verify_files: bool = True, spin: bool = False, preload: bool = True, spans: bool = True,
+                 groups: int = 1):
+        """spans=False passes the whole ring every step even to a span-axis graph (the baseline);
+        groups: rings of the graph's B rows each, row r of `reset` in ring r // B (a pipeline stage's)."""
         self.manifest: Manifest = load_manifest(artifact_dir, verify_files=verify_files)
         if self.manifest.kind != "onnx":
             raise OrtBackendError(f"{self.manifest.folder / MANIFEST_NAME}: a {self.manifest.kind!r} artifact, "
@@ -163,10 +167,14 @@ class OrtBackend:
 
         # see runtimes/span_ring.py: a step passes the span of the ring in use when the graph takes one
         first_layer = self.manifest.stage.first_layer if self.manifest.stage else 0  # a stage's: its first
-        self.ring = SpanRing(self.shapes, numpy_dtype(self.shapes.cache_dtype), spans=spans and self.shapes.span_axis,
-                             num_layers=self.contract.cache_shape()[0], first_layer=first_layer)
-        self.bindings = {chunk: ChunkBinding(self.session, self.contract, chunk, self.ring.flat_k.dtype)
-                         for chunk in self.manifest.chunks}
+        self.rings = [SpanRing(self.shapes, numpy_dtype(self.shapes.cache_dtype), spans=spans and self.shapes.span_axis,
+                               num_layers=self.contract.cache_shape()[0], first_layer=first_layer)
+                      for _ in range(groups)]
+        self.ring = self.rings[0]
+        # per group and chunk length: its own buffers bound to its ring's views
+        self.group_bindings = [{chunk: ChunkBinding(self.session, self.contract, chunk, ring.flat_k.dtype)
+                                for chunk in self.manifest.chunks} for ring in self.rings]
+        self.bindings = self.group_bindings[0]
 
     @property
     def cache_k(self) -> np.ndarray:
@@ -186,7 +194,16 @@ class OrtBackend:
         return self.ring.span
 
     def reset(self, rows=None) -> None:
-        self.ring.reset(rows)
+        """Empty `rows` (every row when None); with several groups row r is row r % B of ring r // B."""
+        if rows is None:
+            for ring in self.rings:
+                ring.reset()
+            return
+        batch = self.shapes.batch
+        for group, ring in enumerate(self.rings):
+            mine = [row % batch for row in rows if row // batch == group]
+            if mine:
+                ring.reset(mine)
 
     def step(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
         check_step_inputs(self.shapes, self.shapes.vocab_size, input_ids, positions)
@@ -203,17 +220,18 @@ class OrtBackend:
                                     mode="r", offset=table["offset"], shape=tuple(table["shape"]))  # (H, V)
         return np.ascontiguousarray(self._table[:, input_ids].transpose(1, 2, 0))  # (H, B, T) -> (B, T, H)
 
-    def run(self, first: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def run(self, first: np.ndarray, positions: np.ndarray, group: int = 0) -> np.ndarray:
         """One chunk through the graph, inputs unchecked (`step` checks; a pipeline checks once for
         all its stages): first is the ids (B, T) or a stage's hidden state (B, T, H); returns the
-        logits (B, T, V) or this stage's hidden state (B, T, H), and writes this graph's ring."""
+        logits (B, T, V) or this stage's hidden state (B, T, H), and writes ring `group`."""
         positions = np.asarray(positions, dtype=np.int64)
-        self.ring.fit(self.ring.span_needed(positions))
-        chunk = self.bindings[first.shape[1]]
-        if chunk.layout != self.ring.relayouts:  # views of the ring's buffers, zero-copy
-            chunk.bind_cache(self.ring.inputs(), self.ring.relayouts)
+        ring = self.rings[group]
+        ring.fit(ring.span_needed(positions))
+        chunk = self.group_bindings[group][first.shape[1]]
+        if chunk.layout != ring.relayouts:  # views of the ring's buffers, zero-copy
+            chunk.bind_cache(ring.inputs(), ring.relayouts)
         chunk.run(first, positions)
-        self.ring.write(chunk.new_k, chunk.new_v, positions, chunk.new_scales or None)
+        ring.write(chunk.new_k, chunk.new_v, positions, chunk.new_scales or None)
         return chunk.output.copy()  # the buffer is overwritten by the next step
 
 

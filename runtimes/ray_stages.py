@@ -8,6 +8,11 @@ chosen over compiled graphs (Ray's accelerated DAGs): a (B, T, H) hidden state i
 few MB, passed inline, and an actor that dies must be restartable without rebuilding a compiled
 graph (docs/pipeline.md).
 
+With row groups (runtimes/pipeline.py) each actor holds one ring per group and a step submits
+every group's calls before it waits: an actor runs its calls in the order submitted, so stage k
+starts group g + 1 as soon as it hands group g on, while stage k + 1 runs group g. Each actor
+keeps its runs' (group, start, end) times (`RayStages.runs`: what overlapped, where the bubble is).
+
 Ray starts a private local cluster when RAY_ADDRESS is unset (its servers on loopback) and joins
 that cluster otherwise. `stage_options` are each actor's Ray options (num_cpus, num_gpus,
 resources, scheduling_strategy: one stage per machine or GPU); `stage_folders` say where each
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +38,7 @@ from mixtral_export.errors import UserError
 
 LOCAL_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local cluster's servers bind loopback
 DEFAULT_OPTIONS = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": 0}
+RECENT_RUNS = 256  # the (group, start, end) a stage actor keeps for `runs`
 
 
 class StageFailed(RuntimeError):
@@ -40,12 +48,14 @@ class StageFailed(RuntimeError):
 class StageActor:
     """One pipeline stage in a Ray actor: loads its folder once, runs a chunk, resets rows."""
 
-    def __init__(self, folder: str, provider: str, threads: int | None, verify_files: bool):
+    def __init__(self, folder: str, provider: str, threads: int | None, verify_files: bool, groups: int = 1):
         from mixtral_export.runtimes.ort import OrtBackend
 
         self.backend, self.error = None, None
+        self.recent: deque[tuple[int, float, float]] = deque(maxlen=RECENT_RUNS)
         try:
-            self.backend = OrtBackend(folder, provider=provider, threads=threads, verify_files=verify_files)
+            self.backend = OrtBackend(folder, provider=provider, threads=threads, verify_files=verify_files,
+                                      groups=groups)
         except UserError as error:  # reported by `describe` as one line, not as a dead actor's traceback
             self.error = str(error)
         except FileNotFoundError as error:
@@ -56,8 +66,17 @@ class StageActor:
         process = {"pid": os.getpid(), "torch": "torch" in sys.modules}
         return self.error, None if self.backend is None else self.backend.manifest, process
 
-    def run(self, first: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self.backend.run(first, positions)
+    def run(self, first: np.ndarray, positions: np.ndarray, group: int = 0) -> np.ndarray:
+        start = time.monotonic()
+        out = self.backend.run(first, positions, group)
+        self.recent.append((group, start, time.monotonic()))
+        return out
+
+    def runs(self) -> list[tuple[int, float, float]]:
+        """(group, start, end) of the runs since the last call, at most the last RECENT_RUNS."""
+        out = list(self.recent)
+        self.recent.clear()
+        return out
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         return self.backend.embed(input_ids)
@@ -85,7 +104,7 @@ class RayStages:
 
     def __init__(self, top: Manifest, provider: str = "cpu", threads: int | None = None,
                  stage_options: Sequence[dict] | dict | None = None,
-                 stage_folders: Sequence[str | Path] | None = None, verify_files: bool = True):
+                 stage_folders: Sequence[str | Path] | None = None, verify_files: bool = True, groups: int = 1):
         count = len(top.stages)
         options = stage_options if isinstance(stage_options, (list, tuple)) else [stage_options or {}] * count
         folders = list(stage_folders) if stage_folders is not None else [top.stage_folder(i) for i in range(count)]
@@ -102,7 +121,7 @@ class RayStages:
         self.ray = ray
         remote = ray.remote(StageActor)
         self.actors = [remote.options(**{**DEFAULT_OPTIONS, **option}).remote(str(folder), provider, threads,
-                                                                             verify_files)
+                                                                             verify_files, groups)
                        for option, folder in zip(options, folders)]
         try:
             described = ray.get([actor.describe.remote() for actor in self.actors])
@@ -117,12 +136,19 @@ class RayStages:
         self.processes = [process for _, _, process in described]  # each actor's pid, torch-free or not
         self.tied = described[-1][1].table is not None  # the last stage looks the ids up
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        ref = self.actors[-1].embed.remote(input_ids) if self.tied else input_ids
-        positions_ref = self.ray.put(positions)
-        for actor in self.actors:
-            ref = actor.run.remote(ref, positions_ref)  # the hidden state's ref goes to the next actor as is
-        return self.wait(ref)
+    def run(self, groups) -> list[np.ndarray]:
+        """Every group's calls submitted before waiting for any, stage by stage (a tied model's lookups
+        first): each actor's queue holds group 0, 1, ... in order before its predecessor hands any on."""
+        refs = [self.actors[-1].embed.remote(ids) if self.tied else ids for _, ids, _ in groups]
+        positions = [self.ray.put(p) for _, _, p in groups]
+        for actor in self.actors:  # the hidden state's ref goes to the next actor as is
+            refs = [actor.run.remote(ref, where, group) for ref, where, (group, _, _) in zip(refs, positions, groups)]
+        return self.wait(refs)
+
+    def runs(self) -> list[list[tuple[int, float, float]]]:
+        """Each stage's (group, start, end) monotonic seconds of the runs since the last call (a
+        machine's clock: comparable across the actors of one machine)."""
+        return self.wait([actor.runs.remote() for actor in self.actors])
 
     def reset(self, rows=None) -> None:
         self.wait([actor.reset.remote(None if rows is None else list(rows)) for actor in self.actors])

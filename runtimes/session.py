@@ -69,13 +69,15 @@ class Session:
     def open(cls, artifact: str | Path, runtime: str = "ort", provider: str = "cpu",
              threads: int | None = None, checkpoint: str | Path | None = None,
              max_queue: int | None = None, max_rows: int | None = None, ray: bool = False,
-             stage_options=None) -> "Session":
+             stage_options=None, row_groups: int = 1) -> "Session":
         """`ray`: a staged artifact's stages as Ray actors (runtimes/ray_stages.py), `stage_options`
-        their Ray options; without it they run in this process."""
+        their Ray options; without it they run in this process. `row_groups`: a staged artifact's
+        batch rows G times over, in G groups in flight through the stages (docs/pipeline.md)."""
         from mixtral_export.runtimes.load import open_step_backend, open_tokenizer
 
         backend, manifest = open_step_backend(artifact, runtime, provider=provider, threads=threads,
-                                              checkpoint=checkpoint, ray=ray, stage_options=stage_options)
+                                              checkpoint=checkpoint, ray=ray, stage_options=stage_options,
+                                              row_groups=row_groups)
         return cls(backend, manifest, open_tokenizer(manifest), max_queue=max_queue, max_rows=max_rows)
 
     # ---- text <-> ids ----

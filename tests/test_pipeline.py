@@ -3,7 +3,8 @@
 One 4-layer reference model (transformers' save_pretrained, decisive weights) is exported whole and
 in stages: 2 stages by the default byte-balanced split, 3 stages of 1, 2, 1 layers with gathered
 routing, and 2 stages with int8 weights. A staged artifact must give transformers' greedy tokens
-and the whole artifact's logits within 1e-5 (fp32).
+and the whole artifact's logits within 1e-5 (fp32), with its rows in one group or in several
+groups in flight through the stages together (row groups).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,10 @@ import pytest
 from mixtral_export.artifact.manifest import ManifestError, load_manifest
 from mixtral_export.graphs.artifact_folder import ExportError
 from mixtral_export.graphs.onnx_export import export_onnx
+from mixtral_export.errors import UsageError
+from mixtral_export.runtimes.engine import Engine
 from mixtral_export.runtimes.generate import generate
-from mixtral_export.runtimes.load import open_step_backend
+from mixtral_export.runtimes.load import RuntimeLoadError, open_step_backend
 from mixtral_export.runtimes.requests import GenerationConfig
 from mixtral_export.runtimes.sampling import SamplingParams
 from mixtral_export.runtimes.verify import teacher_forced, verify_artifact
@@ -220,3 +224,125 @@ def test_a_tied_table_is_stored_once_and_looked_up_by_the_last_stage(tmp_path):
     tokens = greedy(backend, prompts)
     assert tokens == reference_greedy(model, prompts, STEPS)
     assert tokens == greedy(open_step_backend(whole, "ort")[0], prompts)
+
+
+class Recorder:
+    """A request's sampler: greedy, keeping the logits (V,) of each step."""
+
+    def __init__(self):
+        self.logits = []
+
+    def next_tokens(self, logits: np.ndarray, history: list[list[int]]) -> np.ndarray:
+        self.logits.append(np.array(logits[0]))
+        return logits.argmax(axis=-1).astype(np.int64)
+
+
+ARRIVALS = {0: 2, 1: 1, 4: 2, 9: 2}  # engine step -> requests arriving then: 7 requests, rows reused
+
+
+def staggered(backend, prompts: list[list[int]]) -> tuple[list[list[int]], list[np.ndarray]]:
+    """Continuous batching with requests arriving at different steps and of different lengths:
+    each request's greedy tokens and its logits (steps, V)."""
+    engine = Engine(backend)
+    recorders = [Recorder() for _ in prompts]
+    handles, step = [], 0
+    while len(handles) < len(prompts) or not all(h.ended.is_set() for h in handles):
+        for _ in range(ARRIVALS.get(step, 0)):
+            n = len(handles)
+            config = GenerationConfig(max_new_tokens=6 + 3 * n, eos_token_ids=())
+            handles.append(engine.submit(prompts[n], config, index=n, sampler=recorders[n]))
+        engine.step()
+        step += 1
+    return [h.result().token_ids for h in handles], [np.stack(r.logits) for r in recorders]
+
+
+def test_row_groups_give_every_request_the_tokens_and_logits_of_one_group(staged, whole):
+    """G = 2 groups of the artifact's 2 rows (4 rows) against G = 1 and the whole artifact, with
+    requests arriving while others run; control: a prompt the groups did not run differs."""
+    prompts = random_prompts([5, 19, 11, 3, 9, 14, 6], vocab_size=128, seed=11)
+    grouped, _ = open_step_backend(staged, "ort", row_groups=2)
+    assert grouped.shapes.batch == 4 and grouped.stages.workers is not None
+    try:
+        tokens, logits = staggered(grouped, prompts)
+    finally:
+        grouped.close()
+    for other in (open_step_backend(staged, "ort")[0], open_step_backend(whole, "ort")[0]):
+        assert other.shapes.batch == 2
+        their_tokens, their_logits = staggered(other, prompts)
+        assert tokens == their_tokens
+        for a, b in zip(logits, their_logits):
+            assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+    moved = staggered(open_step_backend(whole, "ort")[0], prompts[1:] + prompts[:1])[1]
+    assert any(a.shape != b.shape or np.abs(a - b).max() > 1e-3 for a, b in zip(logits, moved))
+
+
+def gate_stage_1(backend, wait: float) -> list[bool]:
+    """Stage 1 holds group 0 until stage 0 has started group 1 (or `wait` s pass): only stages
+    working on two groups at once get past it. Returns, per hold, whether stage 0 started group 1."""
+    first, second = backend.stages.backends
+    started, held = threading.Event(), []
+    run_first, run_second = first.run, second.run
+
+    def stage_0(x, positions, group=0):
+        if group == 1:
+            started.set()
+        return run_first(x, positions, group)
+
+    def stage_1(x, positions, group=0):
+        if group == 0:
+            held.append(started.wait(wait))
+        return run_second(x, positions, group)
+
+    first.run, second.run = stage_0, stage_1
+    return held
+
+
+def test_row_groups_are_in_flight_together(staged):
+    """With 2 groups stage 0 runs group 1 while stage 1 still holds group 0; control: with one
+    group (the same rows run one after the other) stage 0 never gets there."""
+    for groups, wait, expected in ((2, 60.0, [True]), (1, 1.0, [False])):
+        backend, _ = open_step_backend(staged, "ort", row_groups=groups)
+        held = gate_stage_1(backend, wait)
+        rows = backend.shapes.batch
+        for _ in range(3 - groups):  # one group: the same 4 rows as two steps of 2, one after the other
+            backend.step(np.full((rows, 1), 7, np.int64), np.zeros((rows, 1), np.int64))
+        backend.close()
+        assert held[:1] == expected, (groups, held)
+
+
+def test_an_idle_group_is_not_run_and_a_failed_group_fails_only_its_step(staged):
+    backend, _ = open_step_backend(staged, "ort", row_groups=2)
+    first, second = backend.stages.backends
+    calls, run_second = [], second.run
+
+    def failing(x, positions, group=0):
+        calls.append(group)
+        if len(calls) == 1:
+            raise RuntimeError("stage 1 failed")
+        return run_second(x, positions, group)
+
+    second.run = failing
+    ids, positions = np.full((4, 1), 7, np.int64), np.zeros((4, 1), np.int64)
+    with pytest.raises(RuntimeError, match="stage 1 failed"):
+        backend.step(ids, positions)
+    positions[2:] = -1  # group 1 has no token: only group 0 runs
+    backend.reset()
+    assert backend.step(ids, positions).shape == (4, 1, 128)
+    assert calls == [0, 1, 0]  # the workers outlived the failure; group 1 idle in the second step
+    backend.close()
+
+
+def test_row_groups_bad_input_is_one_line_exit_2(staged, whole):
+    with pytest.raises(UsageError, match="row_groups must be a positive integer"):
+        open_step_backend(staged, "ort", row_groups=0)
+    with pytest.raises(RuntimeLoadError, match="--row-groups keeps groups of rows in flight"):
+        open_step_backend(whole, "ort", row_groups=2)
+    for art, extra, message in ((whole, ["--row-groups", "2"], "staged artifact"),
+                                (staged, ["--row-groups", "0"], "--row-groups"),
+                                (staged, ["--row-groups", "2", "--runtime", "eager"], "staged artifact on ort")):
+        done = cli("generate", art, "--input-ids", "1,2,3", "--json", *extra)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert message in done.stderr, done.stderr
+    done = cli("generate", staged, "--input-ids", "1,9,17,33,65,7", "--json", "--max-new-tokens", STEPS,
+               "--row-groups", "2")  # control: the same flag on a staged artifact
+    assert done.returncode == 0, done.stderr

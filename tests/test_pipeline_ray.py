@@ -1,5 +1,6 @@
-"""Pipeline stages as Ray actors: the same tokens and logits as in one process, torch-free actors, a
-stage actor that dies, and `generate --ray` starting its own local cluster.
+"""Pipeline stages as Ray actors: the same tokens and logits as in one process (one group of rows or
+two in flight), torch-free actors, a stage actor that dies, and `generate --ray` starting its own
+local cluster.
 
 The module shares one local Ray cluster (started by runtimes/ray_stages.py as the CLI starts it).
 """
@@ -23,7 +24,7 @@ from mixtral_export.runtimes.ray_stages import StageFailed, start_ray  # noqa: E
 from mixtral_export.runtimes.session import Session  # noqa: E402
 from mixtral_export.runtimes.verify import teacher_forced  # noqa: E402
 from tests.reference_models import hf_reference, random_prompts, reference_greedy  # noqa: E402
-from tests.test_pipeline import assert_serves_as_the_whole  # noqa: E402
+from tests.test_pipeline import assert_serves_as_the_whole, staggered  # noqa: E402
 
 SHAPES = dict(dtype="float32", batch=2, prefill_chunk=8, cache_slots=8)
 STEPS = 16
@@ -111,3 +112,44 @@ def test_ray_stages_of_a_tied_model(cluster, tmp_path):
         assert session.backend.stages.tied
         tokens = [c.token_ids for c in session.generate_ids(prompts, max_new_tokens=STEPS).completions]
     assert tokens == reference_greedy(model, prompts, STEPS)
+
+
+def test_ray_row_groups_give_the_tokens_and_logits_of_one_group_in_process(cluster, reference, staged):
+    """Two groups of the artifact's 2 rows on the stage actors, requests arriving while others run,
+    against one group in this process."""
+    prompts = random_prompts([5, 19, 11, 3, 9, 14, 6], vocab_size=128, seed=12)
+    with Session.open(staged, ray=True, row_groups=2) as session:
+        assert session.backend.shapes.batch == 4
+        tokens, logits = staggered(session.backend, prompts)
+    local_tokens, local_logits = staggered(open_step_backend(staged, "ort")[0], prompts)
+    assert tokens == local_tokens
+    longest = max(map(len, tokens))
+    assert tokens == [r[:len(t)] for r, t in zip(reference_greedy(reference[1], prompts, longest), tokens)]
+    for a, b in zip(logits, local_logits):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1e-5
+
+
+def overlapped_steps(session, steps: int) -> int:
+    """Decode steps (every row live) in which stage 0 started group 1 before stage 1 ended group 0,
+    by the actors' own clocks."""
+    backend = session.backend
+    rows = backend.shapes.batch
+    backend.reset()
+    backend.stages.runs()  # forget the earlier runs
+    count = 0
+    for step in range(steps):
+        backend.step(np.full((rows, 1), 7, np.int64), np.full((rows, 1), step, np.int64))
+        first, second = backend.stages.runs()[:2]
+        starts = {group: start for group, start, _ in first}
+        ends = {group: end for group, _, end in second}
+        count += 1 in starts and starts[1] < ends[0]
+    return count
+
+
+def test_ray_row_groups_are_in_flight_together(cluster, staged):
+    """Every group's calls are submitted before the step waits, so stage 0 runs group 1 while stage 1
+    runs group 0; control: one group at a time (G = 1, two steps for the same rows) never does."""
+    with Session.open(staged, ray=True, row_groups=2) as session:
+        assert overlapped_steps(session, 5) >= 1
+    with Session.open(staged, ray=True) as session:
+        assert overlapped_steps(session, 5) == 0
