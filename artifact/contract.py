@@ -62,6 +62,7 @@ NO_POSITION = -1
 CHUNK_AXIS = "T"  # the name of the chunk-length axis in an exported graph
 SPAN_AXIS = "S"  # the name of the cache-span axis (slots passed to a step) in a span-axis graph
 MIN_SPAN = 64  # the smallest span bucket: below it a step's cost is not the cache's
+MAX_INT8_CACHE_SLOTS = 65536  # an int8 cache's value products (255 * 127 per slot) stay within int32
 SPAN_STRIDE = 256  # past 4 strides, a runtime that takes any span grows it this many slots at a time
 
 
@@ -169,6 +170,9 @@ class StepShapes:
             raise ContractError(f"kv dtype {self.kv_dtype!r} is not supported (one of {', '.join(KV_DTYPES)})")
         if self.kv_dtype == self.dtype:
             object.__setattr__(self, "kv_dtype", None)  # one spelling for the default
+        if self.kv_dtype == "int8" and self.cache_slots > MAX_INT8_CACHE_SLOTS:
+            raise ContractError(f"an int8 KV cache holds at most {MAX_INT8_CACHE_SLOTS} slots (its integer "
+                                f"attention sums in int32); cache_slots is {self.cache_slots}")
         if self.attention_window is not None and self.attention_window > self.cache_slots:
             raise ContractError(f"attention_window ({self.attention_window}) must not exceed "
                                 f"cache_slots ({self.cache_slots})")
