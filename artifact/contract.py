@@ -42,8 +42,9 @@ Spans (StepShapes.span_axis, graphs exported since the span axis exists): the sl
 cache inputs and cache_positions is symbolic (SPAN_AXIS), so a step may pass any span s <= S of
 slots instead of the whole ring. While no row has wrapped (every position < S) slot = position,
 so the slots in use are the prefix [0, extent) and a step needs only s >= the longest row's extent
-after the step; the runtime picks s from `span_buckets` (powers of two from MIN_SPAN, then S) with
-`span_for` and keeps the ring laid out as (L, B, Hkv, s, D) so that prefix is one contiguous view
+after the step; a runtime that compiles per shape picks s from `span_buckets` (powers of two from
+MIN_SPAN, then S) with `span_for`, one that takes any span the tighter `tight_span` (the same up to
+1024 slots, then multiples of SPAN_STRIDE), and each keeps the ring laid out as (L, B, Hkv, s, D) so that prefix is one contiguous view
 (re-laid out when the bucket changes). Slots past a row's extent are empty (position -1, keys and
 values 0) and masked: they add exp(min - max) = 0 to the softmax and 0 * 0 to the output, so a
 span gives the full ring's result. Once any row wraps, s = S. Graphs without the axis (older
@@ -61,6 +62,8 @@ NO_POSITION = -1
 CHUNK_AXIS = "T"  # the name of the chunk-length axis in an exported graph
 SPAN_AXIS = "S"  # the name of the cache-span axis (slots passed to a step) in a span-axis graph
 MIN_SPAN = 64  # the smallest span bucket: below it a step's cost is not the cache's
+MAX_INT8_CACHE_SLOTS = 65536  # an int8 cache's value products (255 * 127 per slot) stay within int32
+SPAN_STRIDE = 256  # past 4 strides, a runtime that takes any span grows it this many slots at a time
 
 
 @dataclass(frozen=True)
@@ -167,6 +170,9 @@ class StepShapes:
             raise ContractError(f"kv dtype {self.kv_dtype!r} is not supported (one of {', '.join(KV_DTYPES)})")
         if self.kv_dtype == self.dtype:
             object.__setattr__(self, "kv_dtype", None)  # one spelling for the default
+        if self.kv_dtype == "int8" and self.cache_slots > MAX_INT8_CACHE_SLOTS:
+            raise ContractError(f"an int8 KV cache holds at most {MAX_INT8_CACHE_SLOTS} slots (its integer "
+                                f"attention sums in int32); cache_slots is {self.cache_slots}")
         if self.attention_window is not None and self.attention_window > self.cache_slots:
             raise ContractError(f"attention_window ({self.attention_window}) must not exceed "
                                 f"cache_slots ({self.cache_slots})")
@@ -205,6 +211,15 @@ class StepShapes:
         """The smallest span bucket holding slots [0, extent): what a step needs when the longest row,
         after the step, holds positions below `extent` (extent > S, a wrapped ring: S)."""
         return next((s for s in self.span_buckets if s >= extent), self.cache_slots)
+
+    def tight_span(self, extent: int) -> int:
+        """The span a runtime whose graph takes any span passes (ONNX Runtime, eager): the bucket up to
+        4 * SPAN_STRIDE slots, then the next multiple of SPAN_STRIDE (at most S). Past a few thousand
+        filled slots a power of two would read up to twice the slots in use; runtimes that compile
+        per shape (compiled, TensorRT) keep to `span_buckets`."""
+        if not self.span_axis or extent <= 4 * SPAN_STRIDE:
+            return self.span_for(extent)
+        return min(-(-extent // SPAN_STRIDE) * SPAN_STRIDE, self.cache_slots)
 
     @property
     def cache_dtype(self) -> str:

@@ -60,7 +60,11 @@ def bound_tokens_per_second(bandwidth_gbps: float, config: MixtralConfig, routin
     return bandwidth_gbps * 1e9 / decode_bytes(config, routing, kv_positions, weights, block_size)
 
 
-def kv_bytes(config: MixtralConfig, kv_positions: int) -> int:
-    """Bytes of a float32 KV cache's keys and values at `kv_positions`, every layer (llama.cpp's, as
-    bench runs it; its weights' bytes come from the GGUF file, bench/gguf.py)."""
-    return config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * kv_positions * 4
+LLAMA_KV_ELEMENT_BYTES = {"float32": 4, "float16": 2, "int8": 34 / 32}  # llama.cpp's f32, f16, q8_0 (32 codes + an f16 scale)
+
+
+def kv_bytes(config: MixtralConfig, kv_positions: int, kv: str = "float32") -> int:
+    """Bytes of llama.cpp's KV cache's keys and values at `kv_positions`, every layer, its cache type
+    as bench runs it (`kv`: ours, int8 as q8_0); its weights' bytes come from the GGUF file, bench/gguf.py."""
+    elements = config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * kv_positions
+    return int(elements * LLAMA_KV_ELEMENT_BYTES[kv])

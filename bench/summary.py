@@ -33,8 +33,9 @@ def merge(spec: dict, found: list[dict]) -> dict:
     head["span_axis"] = spec["runtime"].startswith("ort") and bool((spec.get("shapes") or {}).get("span_axis"))
     head["shapes"] = spec.get("shapes")
     head["kv_dtype"] = (spec.get("shapes") or {}).get("kv_dtype") or "build"
-    if "decode_weight_bytes" in spec:  # llama.cpp: counted from its GGUF file
+    if "decode_weight_bytes" in spec:  # llama.cpp: counted from its GGUF file; its KV cache type
         head["decode_weight_bytes"] = spec["decode_weight_bytes"]
+        head["llama_kv"] = spec.get("llama_kv", "float32")
     failed = [r["error"] for r in found if "error" in r]
     if failed:
         return {**head, "error": failed[0]}
@@ -66,10 +67,11 @@ def summarise(settings: dict, model: BenchModel, bandwidth: dict, runs: list[dic
         for point in run.get("contexts", []):
             kv = run["cache_slots"] if run["cache_slots"] is not None else point["context"]
             if run.get("span_axis"):  # the ONNX runtime reads the span its last decode step needs
-                kv = StepShapes.from_dict(run["shapes"]).span_for(point["context"] + settings["decode_steps"] + 1)
+                kv = StepShapes.from_dict(run["shapes"]).tight_span(point["context"] + settings["decode_steps"] + 1)
             weights = (run.get("weights", "fp32"), run.get("block_size", 32))
             if "decode_weight_bytes" in run:
-                point["bytes_per_token"] = run["decode_weight_bytes"] + kv_bytes(model.config, kv)
+                kv_read = kv_bytes(model.config, kv, run.get("llama_kv", "float32"))
+                point["bytes_per_token"] = run["decode_weight_bytes"] + kv_read
             else:
                 kv_dtype = (run.get("shapes") or {}).get("kv_dtype")
                 point["bytes_per_token"] = decode_bytes(model.config, run["routing"], kv, *weights, kv_dtype=kv_dtype)

@@ -229,6 +229,9 @@ def step_graph(model, contract: StepShapes | StageShapes, opset: int,
     if shapes.scaled_cache:  # an int8 cache's scales: L x (B, Hkv, S) per side
         args += (list(torch.ones(shapes.cache_shape(span)[:-1])), list(torch.ones(shapes.cache_shape(span)[:-1])))
     route_through_moe_nodes(model, block)  # gather: one com.microsoft.MoE node per block
+    if shapes.scaled_cache:  # an int8 cache's products as ONNX MatMulInteger nodes (model.py: code_scores, code_mix)
+        for _, layer in model.blocks():
+            layer.self_attn.integer_matmul = matmul_integer_node
     chunk = torch.export.Dim(CHUNK_AXIS, min=1)
     graph_layers = contract.cache_shape()[0]  # the whole model's layers, or this stage's
     if shapes.span_axis:
@@ -299,6 +302,15 @@ def save_graph(graph, path: Path, progress: Callable[[str], None] | None = None)
     from mixtral_export.graphs.weights_file import save_with_weights
 
     return save_with_weights(graph, path, DATA_NAME, progress)
+
+
+def matmul_integer_node(a, b):
+    """a @ b of int8 / uint8 codes as one ONNX MatMulInteger node (int32 sums; ONNX Runtime's CPU
+    kernel reads the codes as bytes): what model.integer_matmul computes in torch."""
+    import torch
+
+    shape = (*a.shape[:-1], b.shape[-1])  # (..., M, N)
+    return torch.onnx.ops.symbolic("::MatMulInteger", (a, b), {}, dtype=torch.int32, shape=shape, version=10)
 
 
 def name_free_axes(model, span_axis: bool) -> None:

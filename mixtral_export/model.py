@@ -75,6 +75,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.n_kv_heads * d, bias=False)
         self.v_proj = nn.Linear(hidden, self.n_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, hidden, bias=False)
+        self.integer_matmul = integer_matmul  # an int8 cache's products; the ONNX export swaps in MatMulInteger
 
     def forward(self, x, cos, sin, cache_k, cache_v, mask, scale_k=None, scale_v=None):
         """cache_k/v (B, Hkv, S, D) in the cache's type; scale_k/v (B, Hkv, S) for an int8 cache's codes."""
@@ -89,15 +90,19 @@ class Attention(nn.Module):
         # copy of K and V per layer and step would cost more traffic than the attention itself.
         s = cache_k.shape[2]
         q = q.reshape(b, hkv, g * t, d)  # (B, Hkv, G*T, D): query head h uses kv head h // G
-        cached = torch.matmul(q, cache_k.to(q.dtype).transpose(-1, -2))  # (B, Hkv, G*T, S); .to: no-op at the build's dtype
-        if scale_k is not None:  # int8 codes: q . (code * scale) = (q . code) * scale, one scale per slot
-            cached = cached * scale_k[:, :, None, :].to(q.dtype)  # (B, Hkv, 1, S)
+        if scale_k is None:
+            cached = torch.matmul(q, cache_k.to(q.dtype).transpose(-1, -2))  # (B, Hkv, G*T, S); .to: no-op at the build's dtype
+        else:
+            cached = code_scores(self.integer_matmul, q, cache_k, scale_k)  # (B, Hkv, G*T, S)
         scores = torch.cat((cached, torch.matmul(q, k.transpose(-1, -2))), dim=-1)  # (B, Hkv, G*T, S+T)
         scores = scores.view(b, hkv, g, t, s + t).float() * self.scale  # (B, Hkv, G, T, S+T)
         scores = torch.where(mask, scores, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * t, s + t)  # (B, Hkv, G*T, S+T)
-        weights = probs[..., :s] if scale_v is None else probs[..., :s] * scale_v[:, :, None, :].to(q.dtype)
-        out = torch.matmul(weights, cache_v.to(q.dtype)) + torch.matmul(probs[..., s:], v)  # (B, Hkv, G*T, D)
+        if scale_v is None:
+            cached = torch.matmul(probs[..., :s], cache_v.to(q.dtype))  # (B, Hkv, G*T, D)
+        else:
+            cached = code_mix(self.integer_matmul, probs[..., :s], cache_v, scale_v).to(q.dtype)  # (B, Hkv, G*T, D)
+        out = cached + torch.matmul(probs[..., s:], v)  # (B, Hkv, G*T, D)
         out = out.view(b, self.n_heads, t, d).transpose(1, 2).reshape(b, t, self.n_heads * d)  # (B, T, H*D)
         return self.o_proj(out), k, v
 
@@ -285,6 +290,39 @@ class MixtralStatic(nn.Module):
             new_v.append(v)
         x = self.norm(x) if self.ends else x
         return x, torch.stack(new_k), torch.stack(new_v)  # (B, T, H), new_k/v: (L, B, Hkv, T, D)
+
+def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of integer codes (int8 / uint8), exactly, as int32: what ONNX's MatMulInteger returns
+    (float64 holds every such sum exactly; the int8 cache keeps its sums within int32)."""
+    return torch.matmul(a.double(), b.double()).to(torch.int32)
+
+
+def code_scores(matmul, q: torch.Tensor, codes_k: torch.Tensor, scale_k: torch.Tensor) -> torch.Tensor:
+    """q (B, Hkv, M, D) against an int8 cache's keys, codes (B, Hkv, S, D) and scales (B, Hkv, S):
+    q is rounded to int8 codes per row as the cache's keys are (llama.cpp's q8_0 dot product does
+    the same), the codes are multiplied as integers, reading 1 byte per cached element instead of
+    widening the cache to float first, and both scales applied to the sums. (B, Hkv, M, S)."""
+    q_codes, q_scale = kv_codes(q)  # (B, Hkv, M, D) int8, (B, Hkv, M)
+    dots = matmul(codes_k, q_codes.transpose(-1, -2))  # (B, Hkv, S, M) int32: the cache is the long side
+    return (dots.float() * scale_k[..., None] * q_scale[:, :, None, :]).transpose(-1, -2).to(q.dtype)
+
+
+def code_mix(matmul, probs: torch.Tensor, codes_v: torch.Tensor, scale_v: torch.Tensor) -> torch.Tensor:
+    """probs (B, Hkv, M, S) over an int8 cache's values, codes (B, Hkv, S, D) and scales (B, Hkv, S):
+    each row's weights probs * scale_v in 16-bit fixed point (its max / 65535 a step), split into
+    high and low bytes, both multiplied with the codes as integers in one product (the rows
+    stacked), so the values are read once as 1-byte codes. Sums stay within int32 up to 65536
+    slots. (B, Hkv, M, D) float32."""
+    weights = probs.float() * scale_v[:, :, None, :]  # (B, Hkv, M, S), >= 0
+    step = weights.amax(-1, keepdim=True) / 65535  # (B, Hkv, M, 1)
+    step = torch.where(step == 0, torch.ones_like(step), step)
+    fixed = torch.round(weights / step)  # (B, Hkv, M, S) in [0, 65535]
+    high = torch.floor(fixed / 256)
+    halves = torch.cat((high, fixed - high * 256), dim=2).to(torch.uint8)  # (B, Hkv, 2M, S)
+    sums = matmul(halves, codes_v).float()  # (B, Hkv, 2M, D)
+    m = probs.shape[2]
+    return (sums[:, :, :m] * 256 + sums[:, :, m:]) * step  # (B, Hkv, M, D)
+
 
 def kv_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys or values (..., D) as an int8 cache stores them: symmetric codes and a float32 scale per

@@ -53,7 +53,7 @@ class EagerBackend:
         pos = torch.from_numpy(np.ascontiguousarray(positions, dtype=np.int64)).to(self.device)
         ring = self.ring
         written = int(ring.cache_positions.max()) + 1  # past the highest position in the ring (0: empty)
-        self.span = s = self.buckets.span_for(max(written, int(positions.max()) + 1))
+        self.span = s = self.buckets.tight_span(max(written, int(positions.max()) + 1))
         logits, new_k, new_v = self.model(ids, pos, ring.cache_k[:, :, :, :s], ring.cache_v[:, :, :, :s],
                                           ring.cache_positions[:, :s])  # views: (L, B, Hkv, s, D), (B, s)
         ring.write(new_k, new_v, positions)

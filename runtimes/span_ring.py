@@ -4,9 +4,10 @@ A ring of S slots is held in flat buffers of L*B*Hkv*S*D elements per side (and 
 but viewed as (L, B, Hkv, s, D) for the current span s (artifact/contract.py: span axis): slots
 [0, s) of every (layer, row, kv head) sit next to each other, so each layer's cache input is a
 contiguous view ONNX Runtime binds without a copy, and a step reads s slots, not S. The span is the
-smallest bucket (`StepShapes.span_for`) that holds every row's extent (its highest position + 1)
-after the step; when the bucket changes the buffers are re-laid out in place, block by block (a
-copy of the span, once per bucket: amortised over the steps that filled it). New slots are empty
+smallest one (`StepShapes.tight_span`: a power of two up to 1024 slots, then a multiple of 256)
+that holds every row's extent (its highest position + 1) after the step; when it changes the
+buffers are re-laid out in place, block by block (a copy of the span, once per 256 slots at most:
+amortised over the steps that filled them). New slots are empty
 (keys/values 0, position -1), which the mask hides exactly, so every span computes what the whole
 ring computes. Buffers come from np.zeros (calloc): pages past the spans in use are never touched.
 An int8 cache (StepShapes.scaled_cache) keeps its codes so and a float32 scale per slot and kv head
@@ -30,7 +31,7 @@ class SpanRing:
         self.shapes = shapes
         self.num_layers = num_layers or shapes.num_layers
         self.first_layer = first_layer
-        self.buckets = shapes.span_buckets if spans else (shapes.cache_slots,)
+        self.spans = spans and shapes.span_axis
         size = int(np.prod(self.cache_shape()))
         self.flat_k = np.zeros(size, dtype=dtype)  # L*B*Hkv*S*D, viewed as (L, B, Hkv, s, D)
         self.flat_v = np.zeros(size, dtype=dtype)
@@ -38,7 +39,7 @@ class SpanRing:
         scales = size // shapes.head_dim if shapes.scaled_cache else 0
         self.flat_scales = (np.zeros(scales, np.float32), np.zeros(scales, np.float32))  # L*B*Hkv*S each, k and v
         self.extent = np.zeros(shapes.batch, dtype=np.int64)  # (B,) each row's highest position + 1
-        self.span = self.buckets[0]
+        self.span = shapes.tight_span(0) if self.spans else shapes.cache_slots
         self.relayouts = 0  # how many times the span changed (a copy each)
 
     @property
@@ -74,8 +75,10 @@ class SpanRing:
         return (self.num_layers, *self.shapes.cache_shape(span)[1:])  # (L, B, Hkv, s, D)
 
     def span_needed(self, positions: np.ndarray) -> int:
-        """The bucket a step feeding `positions` (B, T) needs: every row's extent after it fits."""
-        return bucket_needed(self.buckets, self.extent, positions, self.shapes.cache_slots)
+        """The span a step feeding `positions` (B, T) needs (`tight_span`): every row's extent after it fits."""
+        if not self.spans:
+            return self.shapes.cache_slots
+        return self.shapes.tight_span(longest_extent(self.extent, positions))
 
     def fit(self, span: int) -> bool:
         """Re-lay the buffers out for `span` slots (every row's extent must fit it); True if it changed."""
@@ -113,11 +116,17 @@ class SpanRing:
         self.extent[index] = 0
 
 
+def longest_extent(extent: np.ndarray, positions: np.ndarray) -> int:
+    """The longest row's extent (highest position + 1) after a step feeding `positions` (B, T), given
+    each row's extent (B,) before it."""
+    live = positions[positions != NO_POSITION]
+    return max(int(extent.max()), int(live.max()) + 1 if live.size else 0)
+
+
 def bucket_needed(buckets: tuple[int, ...], extent: np.ndarray, positions: np.ndarray, slots: int) -> int:
     """The smallest of `buckets` holding every row's extent (B,) after a step feeding `positions` (B, T):
     `slots` (the whole ring) once a row has wrapped."""
-    live = positions[positions != NO_POSITION]
-    longest = max(int(extent.max()), int(live.max()) + 1 if live.size else 0)
+    longest = longest_extent(extent, positions)
     return next((s for s in buckets if s >= longest), slots)
 
 

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from mixtral_export.artifact.contract import MIN_SPAN, StepShapes
+from mixtral_export.artifact.contract import MIN_SPAN, SPAN_STRIDE, StepShapes
 from mixtral_export.graphs.onnx_export import export_onnx
 from mixtral_export.runtimes.ort import OrtBackend
 from mixtral_export.runtimes import span_ring
@@ -34,6 +34,17 @@ def test_span_buckets_are_powers_of_two_then_the_ring():
     assert shapes(256, span_axis=False).span_buckets == (256,)  # an older graph: always the whole ring
     assert [shapes(256).span_for(n) for n in (0, 1, 64, 65, 128, 129, 256, 10_000)] == [64, 64, 64, 128, 128,
                                                                                          256, 256, 256]
+
+
+def test_tight_spans_are_the_buckets_up_to_1024_slots_then_multiples_of_256():
+    """ONNX Runtime and eager take any span: past 1024 slots they pass the next multiple of SPAN_STRIDE,
+    not the next power of two (which would read up to twice the slots in use)."""
+    ring = shapes(32768)
+    assert [ring.tight_span(n) for n in (0, 64, 65, 1024)] == [ring.span_for(n) for n in (0, 64, 65, 1024)]
+    assert [ring.tight_span(n) for n in (1025, 1280, 1281, 4097, 32768, 40_000)] == [
+        1280, 1280, 1536, 4352, 32768, 32768]
+    assert SPAN_STRIDE == 256 and shapes(3000).tight_span(2900) == 3000  # never past the ring
+    assert shapes(32768, span_axis=False).tight_span(5) == 32768  # an older graph: always the whole ring
 
 
 @pytest.mark.parametrize("old,new", [(64, 128), (128, 64), (64, 256)])
@@ -91,6 +102,19 @@ def test_spans_equal_the_whole_ring_exactly_across_bucket_growth(no_window):
     # growing at 64 and 128, never earlier
     extents = [16, 32, 48, 50, 50] + [51 + n for n in range(90)]
     assert spans == [64 if e <= 64 else 128 if e <= 128 else 256 for e in extents]
+    for step, (a, b) in enumerate(zip(ours, full)):
+        np.testing.assert_array_equal(a, b, err_msg=f"step {step} (span {spans[step]})")
+
+
+def test_spans_past_1024_slots_grow_by_256_and_equal_the_whole_ring_exactly(tmp_path):
+    """A 2048-slot ring, one row prefilled to 1290 positions: the spans step 1024 -> 1280 -> 1536 and
+    every step's logits equal the whole ring's."""
+    model = hf_reference(tmp_path / "ck", sliding_window=None, max_position_embeddings=2048)
+    artifact = export_onnx(tmp_path / "ck", tmp_path / "onnx", batch=2, prefill_chunk=(4, 16), cache_slots=2048)
+    prompts = random_prompts([1270, 5], model.config.vocab_size, seed=6)
+    ours, spans = drive(OrtBackend(artifact), prompts, 20)  # row 0 reaches position 1289
+    full, full_spans = drive(OrtBackend(artifact, spans=False), prompts, 20)
+    assert set(full_spans) == {2048} and [s for s in sorted(set(spans)) if s >= 1024] == [1024, 1280, 1536]
     for step, (a, b) in enumerate(zip(ours, full)):
         np.testing.assert_array_equal(a, b, err_msg=f"step {step} (span {spans[step]})")
 
