@@ -137,7 +137,10 @@ class CompiledBackend:
         return self.backend.count
 
     def reset(self, rows=None) -> None:
-        clear(self.ring.cache_k, self.ring.cache_v, self.ring.cache_positions, rows)
+        """Empty `rows` (all when None): only the slots below the longest extent were ever written (all S
+        once a row wraps), so only those are cleared, not a whole 16384-slot ring per request."""
+        s, ring = min(int(self.extent.max()), self.shapes.cache_slots), self.ring
+        clear(ring.cache_k[:, :, :, :s], ring.cache_v[:, :, :, :s], ring.cache_positions[:, :s], rows)
         self.extent[slice(None) if rows is None else list(rows)] = 0
 
     def warmup(self) -> None:
