@@ -5,6 +5,11 @@ the results are those of the whole ring, bit for bit (the masked slots add exp(m
 softmax and 0 * 0 to the output; measured exact on ONNX Runtime's CPU kernels, so the tests ask for
 equality), and greedy generation equals transformers' across the span growth boundaries (64 -> 128
 -> 256), with rows at different positions, and past a wrap of a sliding ring.
+
+The eager, compiled and AOTI backends take the same spans: compiled and AOTI within 1e-4 of their own
+whole ring and of eager (Inductor's kernels reduce over s + T slots, so not bit for bit), one compile
+per chunk length, with controls (a span too short, a re-layout that loses the slots) that the
+comparisons catch. TensorRT's profile choice is tested in tests/test_trt_manifest.py.
 """
 from __future__ import annotations
 
