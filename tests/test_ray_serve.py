@@ -37,3 +37,16 @@ def test_two_replicas_both_serve_requests(tiny_onnx, session):
     finally:
         code, output = server.stop(signal.SIGTERM, timeout=90)
     assert code == 0, output
+
+
+@pytest.mark.slow
+def test_a_replica_runs_its_own_pipeline_of_stage_actors(tiny_checkpoint, tiny_onnx, tmp_path):
+    """serve --ray --stage-actors over a staged artifact: the replica's engine drives stage actors of its
+    own (two groups of rows in flight) and answers as the whole artifact."""
+    from mixtral_export.graphs.onnx_export import export_onnx
+    from tests.test_pipeline import assert_serves_as_the_whole
+
+    art = export_onnx(tiny_checkpoint, tmp_path / "art", dtype="float32", batch=2, prefill_chunk=8, cache_slots=32,
+                      stages=2)
+    server = Server(art, "--ray", "--replicas", "1", "--stage-actors", "--row-groups", "2", env={"RAY_ADDRESS": ""})
+    assert_serves_as_the_whole(server, tiny_onnx, ("Simple is better", "Flat is better than nested"))
