@@ -224,6 +224,9 @@ def test_a_tied_table_is_stored_once_and_looked_up_by_the_last_stage(tmp_path):
     tokens = greedy(backend, prompts)
     assert tokens == reference_greedy(model, prompts, STEPS)
     assert tokens == greedy(open_step_backend(whole, "ort")[0], prompts)
+    grouped = open_step_backend(staged, "ort", row_groups=2)[0]  # each group's ids looked up on its own
+    assert greedy(grouped, prompts + prompts[::-1]) == tokens + tokens[::-1]
+    grouped.close()
 
 
 class Recorder:
@@ -363,6 +366,9 @@ def test_row_groups_bad_input_is_one_line_exit_2(staged, whole):
         done = cli("generate", art, "--input-ids", "1,2,3", "--json", *extra)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert message in done.stderr, done.stderr
+    done = cli("serve", whole, "--row-groups", "2", "--port", "0")  # refused before a server starts
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--row-groups run the stages of a staged artifact" in done.stderr
     done = cli("generate", staged, "--input-ids", "1,9,17,33,65,7", "--json", "--max-new-tokens", STEPS,
                "--row-groups", "2")  # control: the same flag on a staged artifact
     assert done.returncode == 0, done.stderr
