@@ -24,6 +24,7 @@ ring, and the next step is admitted as usual.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -40,8 +41,6 @@ LOCAL_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local cluste
 DEFAULT_OPTIONS = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": 0}
 RESET_PATIENCE = 60.0  # seconds a reset waits for a restarting stage actor
 RECENT_RUNS = 256  # the (group, start, end) a stage actor keeps for `runs`
-
-
 STAGE_OPTION_KEYS = ("num_cpus", "num_gpus", "resources", "memory", "accelerator_type", "scheduling_strategy",
                      "max_restarts", "runtime_env")  # the Ray actor options a JSON file can give
 
@@ -49,8 +48,6 @@ STAGE_OPTION_KEYS = ("num_cpus", "num_gpus", "resources", "memory", "accelerator
 def read_stage_options(path: str | Path) -> dict | list[dict]:
     """A JSON file of the stage actors' Ray options: one object for every stage, or a list of one
     object per stage (`{"resources": {"stage1": 1}}`, `{"num_gpus": 1}`); refused in one line."""
-    import json
-
     try:
         options = json.loads(Path(path).read_text())
     except OSError as error:
