@@ -13,9 +13,11 @@ ratio to the baseline's median over the same rounds. Then, on the widest model a
 
 With `--row-groups`, instead: decode steps of B rows (every row live) through 2 and 4 stages, in
 this process and on Ray, with the rows in G groups of B / G (each G its own export at batch
-B / G, the same weights), all G interleaved round by round; a row prints the median step, its
-ratio to G = 1's over the same rounds, and on Ray how busy the stages were (the actors' own
-clocks: the mean stage's run time over the steps' wall time).
+B / G, the same weights), all G interleaved round by round, driven two ways: `step` calls the
+backend's step (the G groups as one wave through the stages, then the next step), `engine` runs
+B requests through the engine, which keeps the groups in flight across steps; a row prints the
+median step, its ratio to G = 1's over the same rounds, and on Ray how busy the stages were (the
+actors' own clocks: the mean stage's run time over the steps' wall time).
 
 Models: `tiny-4l` (the tiny model with 4 layers) and `mixtral-width-4l` (Mixtral 8x7B's hidden
 size 4096, 32/8 heads x 128, vocab 32000, but experts of 256 instead of 14336: the hidden state
@@ -105,8 +107,26 @@ def stage_busy(backend, seconds: float) -> float:
     return sum(end - start for stage in runs for _, start, end in stage) / len(runs) / seconds
 
 
+def engine_seconds(backend, batch: int, steps: int) -> list[float]:
+    """Seconds per decode step through the engine (runtimes/engine.py, row groups in flight when the
+    backend has them): `batch` requests of a 4-token prompt, timed from the step where every one has
+    its first token to the end of `steps` more; one figure per request-token over all rows."""
+    from mixtral_export.runtimes.engine import Engine
+    from mixtral_export.runtimes.requests import GenerationConfig
+
+    engine = Engine(backend)
+    handles = [engine.submit([5, 6, 7, 8], GenerationConfig(max_new_tokens=steps + 1, eos_token_ids=()))
+               for _ in range(batch)]
+    counted, began = 0, None
+    for _ in engine.drive(handles):
+        counted += 1
+        if counted == batch:
+            began = time.perf_counter()  # every row has prefilled and sampled its first token
+    return [(time.perf_counter() - began) / steps] * steps
+
+
 def row_groups(args, ray) -> None:
-    """G = 1 against G = 2, 4 for B rows, per model, stage count and host; interleaved round by round."""
+    """G = 1 against G = 2, 4 for B rows, per model, stage count, host and driver; interleaved round by round."""
     from mixtral_export.runtimes.load import open_step_backend
     from mixtral_export.runtimes.pipeline import wave_threads
 
@@ -114,8 +134,8 @@ def row_groups(args, ray) -> None:
     batch = args.rows
     if counts[0] != 1 or any(batch % g for g in counts):
         raise SystemExit(f"--row-groups must start with 1 and divide --rows {batch}")
-    print("| model | B | stages | where | G | ms/step (median) | vs G = 1 | stages busy |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | B | stages | where | driver | G | ms/step (median) | vs G = 1 | stages busy |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models.split(","):
         config = models()[name]
         built = {g: build(args.work_dir, name, config, batch // g, splits=(2, 4)) for g in counts}
@@ -123,20 +143,27 @@ def row_groups(args, ray) -> None:
             for where in ("process", "ray"):
                 backends = {g: open_step_backend(built[g][stages], "ort", ray=where == "ray", row_groups=g,
                                                  threads=wave_threads(g, stages))[0] for g in counts}
-                for backend in backends.values():
-                    decode_seconds(backend, batch, 4, 0)  # warm
-                    if where == "ray":
-                        backend.stages.runs()
-                times = {g: [] for g in counts}
-                for r in range(args.rounds):  # interleaved, round by round
+                for driver in ("step", "engine"):  # one wave per step, or the engine's groups in flight
+                    def timed(backend, r):
+                        if driver == "engine":
+                            return engine_seconds(backend, batch, args.steps)
+                        return decode_seconds(backend, batch, args.steps, 4 + r * args.steps)
+
+                    for backend in backends.values():
+                        timed(backend, 0)  # warm
+                        if where == "ray":
+                            backend.stages.runs()
+                    times = {g: [] for g in counts}
+                    for r in range(args.rounds):  # interleaved, round by round
+                        for g, backend in backends.items():
+                            times[g] += timed(backend, r)
+                    base = statistics.median(times[1])
                     for g, backend in backends.items():
-                        times[g] += decode_seconds(backend, batch, args.steps, 4 + r * args.steps)
-                base = statistics.median(times[1])
-                for g, backend in backends.items():
-                    median = statistics.median(times[g])
-                    busy = f"{stage_busy(backend, sum(times[g])):.0%}" if where == "ray" else "-"
-                    print(f"| {name} | {batch} | {stages} | {where} | {g} | {median * 1e3:.2f} | "
-                          f"{median / base:.2f}x | {busy} |", flush=True)
+                        median = statistics.median(times[g])
+                        busy = f"{stage_busy(backend, sum(times[g])):.0%}" if where == "ray" else "-"
+                        print(f"| {name} | {batch} | {stages} | {where} | {driver} | {g} | {median * 1e3:.2f} | "
+                              f"{median / base:.2f}x | {busy} |", flush=True)
+                for backend in backends.values():
                     backend.close()
                 del backends
 

@@ -368,19 +368,33 @@ def generate(artifact: Path = typer.Argument(..., help="Artifact folder written 
              ray: bool = typer.Option(False, "--ray", help="A staged artifact: each stage in a Ray actor (joins "
                                       "RAY_ADDRESS, else starts a local cluster)"),
              row_groups: int = typer.Option(1, min=1, help="A staged artifact: G x its batch rows, in G groups in "
-                                            "flight through the stages together", metavar="G")):
+                                            "flight through the stages together", metavar="G"),
+             stage_options: Optional[Path] = typer.Option(None, help="With --ray: a JSON file of the stage actors' "
+                                                          "Ray options, one object or one per stage", metavar="FILE")):
     """Generate text from an artifact on a runtime, streaming tokens as they come."""
     from mixtral_export.runtimes.session import Session
 
     _one_prompt_source(prompt, input_ids)
     grammar, grammar_source = _output_grammar(json_schema, json_object)
+    options = _stage_options(stage_options, ray, "--ray")
     session = Session.open(artifact, runtime=runtime, provider=provider, checkpoint=checkpoint, ray=ray,
-                           row_groups=row_groups)  # refuses a head
+                           row_groups=row_groups, stage_options=options)  # refuses a head
     try:
         _generate(session, runtime, prompt, input_ids, chat, system, max_new_tokens, temperature, top_k, top_p,
                   repetition_penalty, seed, stop, as_json, grammar, grammar_source)
     finally:
         session.close()
+
+
+def _stage_options(path: Optional[Path], actors: bool, flag: str):
+    """--stage-options read (JSON), or None; only where the stages are Ray actors."""
+    if path is None:
+        return None
+    if not actors:
+        raise UsageError(f"--stage-options needs {flag} (the stages as Ray actors)")
+    from mixtral_export.runtimes.ray_stages import read_stage_options
+
+    return read_stage_options(path)
 
 
 def _generate(session, runtime: str, prompt: list[str], input_ids: Optional[str], chat: bool, system: Optional[str],
@@ -611,32 +625,45 @@ def serve(artifact: Path = typer.Argument(..., help="Artifact folder written by 
           ray_dashboard: bool = typer.Option(False, "--ray-dashboard", help="With --ray: start Ray's dashboard "
                                              "(on --host)"),
           stage_actors: bool = typer.Option(False, "--stage-actors", help="A staged artifact: each stage in a Ray "
-                                            "actor (joins RAY_ADDRESS, else starts a local cluster)")):
+                                            "actor (joins RAY_ADDRESS, else starts a local cluster)"),
+          row_groups: int = typer.Option(1, min=1, help="A staged artifact: G x its batch rows, in G groups in "
+                                         "flight through the stages together", metavar="G"),
+          stage_options: Optional[Path] = typer.Option(None, help="With --stage-actors: a JSON file of the stage "
+                                                       "actors' Ray options, one object or one per stage",
+                                                       metavar="FILE")):
     """Serve an artifact over an OpenAI-compatible HTTP API (continuous batching over its batch rows)."""
     if request_timeout is not None and request_timeout <= 0:
         raise UsageError(f"--request-timeout must be > 0 seconds, got {request_timeout}")
     if rows is not None:  # the engine's own check names its parameter, not the flag
         from mixtral_export.artifact.manifest import load_manifest
 
-        if rows > (batch := load_manifest(artifact, verify_files=False).shapes.batch):
+        if rows > (batch := row_groups * load_manifest(artifact, verify_files=False).shapes.batch):
             raise UsageError(f"--rows {rows} is more than the artifact's batch ({batch}; export --batch)")
     if ray_dashboard and not ray:
         raise UsageError("--ray-dashboard needs --ray")
+    options = _stage_options(stage_options, stage_actors, "--stage-actors")
+    if stage_actors or row_groups != 1:  # refused here, before a server or a Ray cluster starts
+        from mixtral_export.runtimes.load import load_step_manifest
+
+        if not load_step_manifest(artifact).stages:
+            raise UsageError(f"{artifact}: --stage-actors and --row-groups run the stages of a staged artifact "
+                             f"(export with --stages N)")
     if ray:
-        if rows is not None or checkpoint is not None or stream_interval != 1 or in_process or stage_actors:
-            raise UsageError("--rows, --checkpoint, --stream-interval, --in-process and --stage-actors are not "
-                             "available with --ray (a replica runs a staged artifact's stages in its own process)")
+        if rows is not None or checkpoint is not None or stream_interval != 1 or in_process:
+            raise UsageError("--rows, --checkpoint, --stream-interval and --in-process are not available with --ray")
         from mixtral_export.serving.ray_cluster import serve_on_ray  # a missing extra is one line (run())
 
         serve_on_ray(artifact, replicas, host, port, runtime=runtime, provider=provider, max_queue=max_queue,
-                     model_name=model_name, threads=threads, request_timeout=request_timeout, api_key=api_key, dashboard=ray_dashboard)
+                     model_name=model_name, threads=threads, request_timeout=request_timeout, api_key=api_key,
+                     dashboard=ray_dashboard, stage_actors=stage_actors, row_groups=row_groups, stage_options=options)
         return
     from mixtral_export.serving.server import serve as run_server
 
     run_server(artifact, runtime=runtime, provider=provider, host=host, port=port, max_queue=max_queue, grace=grace,
                model_name=model_name, request_timeout=request_timeout, threads=threads, checkpoint=checkpoint,
                max_rows=rows, stream_interval=stream_interval, in_process=in_process, api_key=api_key,
-               max_body=int(max_body_mb * 2**20), stall_seconds=stall_timeout, stage_actors=stage_actors)
+               max_body=int(max_body_mb * 2**20), stall_seconds=stall_timeout, stage_actors=stage_actors,
+               row_groups=row_groups, stage_options=options)
 
 
 @app.command()

@@ -10,6 +10,11 @@ EOS, max tokens, a stop string, the position limit, cancellation or its deadline
 for the next in the queue. With `ride_along` (serving) decoders join prefill steps; without it (the
 batch driver of generate.py, whose prefill and decode timings must stay apart) they sit them out.
 
+Over a backend whose rows are groups that can be in flight together (runtimes/step.py's
+GroupedStepBackend: a pipeline with row groups), each group is planned, started and landed on its
+own: while the stages run the other groups, the engine samples and commits one group and starts
+its next step. Every request is fed and sampled exactly as with all rows in one step.
+
 Driven two ways: `step()`/`drive()` from the caller's thread (generate.stream, verify), or `start()`
 for one background stepping thread (runtimes/engine_client.py's InprocessClient). `submit` returns a
 RequestHandle, the caller's side of the request; the engine's own RequestState stays in here.
@@ -49,6 +54,11 @@ class Engine:
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.steps = 0
+        # rows in groups in flight together (a GroupedStepBackend): each group's steps started and
+        # landed in turn, while the other groups' run; None: every step all rows
+        grouped = getattr(backend, "groups", 1) > 1 and hasattr(backend, "start_group")
+        self.group_rows: int | None = backend.group_rows if grouped else None
+        self.in_flight: deque[tuple[int, StepPlan, object, float]] = deque()  # (group, plan, ticket, started)
 
     @property
     def limit(self) -> int | None:
@@ -115,7 +125,8 @@ class Engine:
             time.sleep(0.02)
         self._cancel_all()
         if self.thread is None:
-            self.step()  # retires the cancelled ones
+            while self.step():  # retires the cancelled ones (once the groups in flight land)
+                pass
         else:
             self.stop()
             self.thread.join()
@@ -165,35 +176,92 @@ class Engine:
         return result_of(handles)
 
     def step(self) -> bool:
-        """Plan, run one backend step over the planned rows, sample, commit; False when there was nothing to do."""
-        with self.lock:
-            plan = plan_step(self.rows, self.waiting, self.shapes, self.admission.max_rows, self.ride_along,
-                             time.monotonic())
-            self._start(plan)
-        if plan.admitted:
-            self.backend.reset(rows=[row for row, _ in plan.admitted])
-        if not plan.running:
+        """Plan, run one backend step over the planned rows, sample, commit; False when there was nothing to do.
+        Over a backend with row groups in flight (GroupedStepBackend) one group's step: `_step_group`."""
+        if self.group_rows is not None:
+            return self._step_group()
+        plan = self._plan(0, self.shapes.batch)
+        if plan is None:
             return False
         started = time.perf_counter()
-        running = dict(plan.running)
-        for row, count in plan.fed:
-            running[row].fed += count
-        sampled = [running[row] for row, _ in plan.sample_at]
         try:
             logits = self.backend.step(plan.input_ids, plan.positions)  # (B, T, V)
-            ready = logits[[row for row, _ in plan.sample_at], [column for _, column in plan.sample_at]]  # (n, V)
+        except Exception as error:  # a failed step ends every request in it, never the engine
+            self._fail(plan, error)
+            return True
+        self._land(plan, logits, 0, started)
+        return True
+
+    def _step_group(self) -> bool:
+        """Start the step of every group not in flight that has rows to run (start_group returns at
+        once: the stages work on it behind the groups already in flight), then wait for the oldest
+        group's logits and sample and commit them; False when no group has anything to do."""
+        rows, flying = self.group_rows, {group for group, *_ in self.in_flight}
+        for group in range(self.backend.groups):
+            plan = None if group in flying else self._plan(group * rows, rows)
+            if plan is None:
+                continue
+            try:
+                ticket = self.backend.start_group(group, plan.input_ids, plan.positions)  # (B, T) of the group
+            except Exception as error:
+                self._fail(plan, error)
+                continue
+            self.in_flight.append((group, plan, ticket, time.perf_counter()))
+        if not self.in_flight:
+            return False
+        group, plan, ticket, started = self.in_flight.popleft()
+        try:
+            logits = self.backend.finish_group(ticket)  # (B, T, V) of the group
+        except Exception as error:
+            self._fail(plan, error)
+            return True
+        self._land(plan, logits, group * rows, started)
+        return True
+
+    def _plan(self, first: int, count: int) -> StepPlan | None:
+        """Plan rows [first, first + count) (retire, admit, clear the admitted rows' cache, feed); the
+        plan, or None when none of them runs."""
+        cap = min(count, max(0, self.admission.max_rows - first))  # max_rows counts from row 0
+        with self.lock:
+            plan = plan_step(self.rows[first:first + count], self.waiting, self.shapes, cap, self.ride_along,
+                             time.monotonic(), first)
+            self._start(plan)
+        if plan.admitted:
+            try:
+                self.backend.reset(rows=[row for row, _ in plan.admitted])
+            except Exception as error:  # a stage that died: the step's requests end with it, never the engine
+                self._fail(plan, error)
+                return None
+        if not plan.running:
+            return None
+        running = dict(plan.running)
+        for row, count_fed in plan.fed:
+            running[row].fed += count_fed
+        return plan
+
+    def _land(self, plan: StepPlan, logits, first: int, started: float) -> None:
+        """Sample the planned rows' next tokens from the step's logits (rows first, first + 1, ...) and commit."""
+        running = dict(plan.running)
+        sampled = [running[row] for row, _ in plan.sample_at]
+        try:
+            at = [row - first for row, _ in plan.sample_at], [column for _, column in plan.sample_at]
+            ready = logits[at]  # (n, V)
             tokens = choose_tokens(sampled, ready)
             logprobs = token_logprobs(ready, tokens, [r.config.logprobs for r in sampled])  # of the raw logits
             events = [(r, TokenEvent(r.index, token, r.add(token, self.limit, logprob), logprob))
                       for r, token, logprob in zip(sampled, tokens, logprobs)]
-        except Exception as error:  # a failed step ends every request in it, never the engine
-            with self.lock:
-                for r in running.values():
-                    self._finish(r, error)
-            wake_consumers([r.handle for r in running.values()])
-            return True
+        except Exception as error:
+            self._fail(plan, error)
+            return
         self._commit(plan, events, time.perf_counter() - started)
-        return True
+
+    def _fail(self, plan: StepPlan, error: BaseException) -> None:
+        """A failed step ends every request in it, never the engine."""
+        running = [r for _, r in plan.running]
+        with self.lock:
+            for r in running:
+                self._finish(r, error)
+        wake_consumers([r.handle for r in running])
 
     def _start(self, plan: StepPlan) -> None:
         """Retire and admit as planned (under the lock)."""

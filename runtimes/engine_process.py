@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -136,6 +136,8 @@ class ChildSpec:
     checkpoint: str | None
     max_rows: int | None
     stage_actors: bool = False  # a staged artifact's stages as Ray actors (runtimes/ray_stages.py)
+    row_groups: int = 1  # a staged artifact's rows in groups in flight (runtimes/pipeline.py)
+    stage_options: list | dict | None = None  # with stage_actors: each actor's Ray options
 
 
 # ---- the parent ----
@@ -159,13 +161,15 @@ class ProcessClient:
 
     def __init__(self, artifact: str | Path, runtime: str = "ort", provider: str = "cpu", threads: int | None = None,
                  checkpoint: str | Path | None = None, max_queue: int | None = None, max_rows: int | None = None,
-                 supervision: Supervision = Supervision(), stage_actors: bool = False):
+                 supervision: Supervision = Supervision(), stage_actors: bool = False, row_groups: int = 1,
+                 stage_options: list | dict | None = None):
+        """`stage_actors`, `row_groups`, `stage_options`: a staged artifact's pipeline (runtimes/pipeline.py)."""
         manifest = load_step_manifest(artifact)
         self.manifest = manifest
         self.tokenizer = open_tokenizer(manifest)
         grammars = None if self.tokenizer is None else Grammars(self.tokenizer, manifest.shapes.vocab_size)
-        self.admission = Admission.of(manifest.shapes, manifest.config.max_position_embeddings, max_rows, max_queue,
-                                      grammars)
+        shapes = replace(manifest.shapes, batch=row_groups * manifest.shapes.batch)  # the child engine's rows
+        self.admission = Admission.of(shapes, manifest.config.max_position_embeddings, max_rows, max_queue, grammars)
         self.supervision = supervision
         self.closed = False
         self.state = "ok"  # "ok" | "restarting" | "failed" (given up); `closed` once close() is called
@@ -177,7 +181,8 @@ class ProcessClient:
         self._send_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._spec = ChildSpec(str(artifact), runtime, provider, threads,
-                               None if checkpoint is None else str(checkpoint), max_rows, stage_actors)
+                               None if checkpoint is None else str(checkpoint), max_rows, stage_actors, row_groups,
+                               stage_options)
         self._crashes = 0  # engine processes in a row that died before `stable_seconds`
         self.process, self.conn, self.engine_pid = start_child(self._spec)
         self._started_at = time.monotonic()
@@ -388,7 +393,8 @@ def main() -> None:
     conn = Connection(fd)
     try:
         backend, manifest = open_step_backend(spec.artifact, spec.runtime, provider=spec.provider,
-                                              threads=spec.threads, checkpoint=spec.checkpoint, ray=spec.stage_actors)
+                                              threads=spec.threads, checkpoint=spec.checkpoint, ray=spec.stage_actors,
+                                              stage_options=spec.stage_options, row_groups=spec.row_groups)
         tokenizer = open_tokenizer(manifest)
         engine = Engine(backend, max_rows=spec.max_rows, max_positions=manifest.config.max_position_embeddings,
                         tokenizer=tokenizer)

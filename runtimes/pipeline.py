@@ -39,7 +39,12 @@ class Stages(Protocol):
     """Runs a staged artifact's stages in order, group by group: each group's ids (B, T) -> its
     logits (B, T, V), the group's ring written in every stage."""
 
-    def run(self, groups: Sequence[Group]) -> list[np.ndarray]:
+    def start(self, groups: Sequence[Group]) -> object:
+        """Start the groups through the stages without waiting for them: a ticket for `finish`."""
+        ...
+
+    def finish(self, ticket: object) -> list[np.ndarray]:
+        """The started groups' logits, in their order (waits)."""
         ...
 
     def reset(self, rows: Sequence[int] | None = None) -> None:
@@ -65,17 +70,22 @@ class LocalStages:
                          for stage in manifests]  # every folder found and checked before any loads
         self.workers = StageWorkers(self.backends) if groups > 1 and len(self.backends) > 1 else None
 
-    def run(self, groups: Sequence[Group]) -> list[np.ndarray]:
+    def start(self, groups: Sequence[Group]) -> object:
+        """To the stage workers; without them (one group) the stages run here and now."""
         last = self.backends[-1]
         firsts = [ids if last.manifest.table is None else last.embed(ids) for _, ids, _ in groups]  # tied: the last's
-        if self.workers is not None and len(groups) > 1:
-            return self.workers.run([(group, first, positions) for (group, _, positions), first in zip(groups, firsts)])
+        if self.workers is not None:
+            return self.workers.start([(group, first, positions)
+                                       for (group, _, positions), first in zip(groups, firsts)])
         outs = []
         for (group, _, positions), x in zip(groups, firsts):
             for backend in self.backends:
                 x = backend.run(x, positions, group)  # (B, T, H) between stages, (B, T, V) out of the last
             outs.append(x)
         return outs
+
+    def finish(self, ticket) -> list[np.ndarray]:
+        return self.workers.finish(ticket) if self.workers is not None else ticket
 
     def reset(self, rows=None) -> None:
         for backend in self.backends:
@@ -103,17 +113,22 @@ class StageWorkers:
         for thread in self.threads:
             thread.start()
 
-    def run(self, groups: Sequence[Group]) -> list[np.ndarray]:
-        """Each group's first input through every stage; waits for all of them (a failed group's
-        error is raised once every group is out, so no stage is still busy after a step)."""
+    def start(self, groups: Sequence[Group]) -> tuple[list[int], queue.SimpleQueue]:
+        """Each group's first input to stage 0's inbox; the ticket `finish` waits on."""
         results: queue.SimpleQueue = queue.SimpleQueue()
         for group, first, positions in groups:
             self.inboxes[0].put((group, first, positions, results))
+        return [group for group, _, _ in groups], results
+
+    def finish(self, ticket: tuple[list[int], queue.SimpleQueue]) -> list[np.ndarray]:
+        """The groups' outputs in their order, once every one is out (a failed group's error is raised
+        then, so no stage still works on a step whose caller has moved on)."""
+        groups, results = ticket
         outs = dict(results.get() for _ in groups)
         error = next((out for out in outs.values() if isinstance(out, BaseException)), None)
         if error is not None:
             raise error
-        return [outs[group] for group, _, _ in groups]
+        return [outs[group] for group in groups]
 
     def _serve(self, stage: int) -> None:
         backend, inbox = self.backends[stage], self.inboxes[stage]
@@ -162,14 +177,26 @@ class PipelineBackend:
         input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         positions = np.ascontiguousarray(positions, dtype=np.int64)
         if self.groups == 1:
-            return self.stages.run([(0, input_ids, positions)])[0]
+            return self.stages.finish(self.stages.start([(0, input_ids, positions)]))[0]
         b, chunk = self.group_rows, input_ids.shape[1]
         busy = (positions != NO_POSITION).reshape(self.groups, b * chunk).any(axis=1)  # (G,) groups with a token
         groups = [(g, input_ids[g * b:(g + 1) * b], positions[g * b:(g + 1) * b]) for g in map(int, np.flatnonzero(busy))]
         logits = np.zeros((self.shapes.batch, chunk, self.shapes.vocab_size), np.float32)  # (G*B, T, V)
-        for (g, _, _), out in zip(groups, self.stages.run(groups) if groups else []):
+        for (g, _, _), out in zip(groups, self.stages.finish(self.stages.start(groups)) if groups else []):
             logits[g * b:(g + 1) * b] = out
         return logits
+
+    def start_group(self, group: int, input_ids: np.ndarray, positions: np.ndarray) -> object:
+        """Start one group's step (its rows' ids and positions, (B, T)) behind the groups in flight
+        (GroupedStepBackend, runtimes/step.py); `finish_group` waits for its logits (B, T, V)."""
+        check_step_inputs(self.manifest.shapes, self.shapes.vocab_size, input_ids, positions)
+        if not 0 <= group < self.groups:
+            raise ValueError(f"group {group} is not one of the {self.groups} row groups")
+        return self.stages.start([(group, np.ascontiguousarray(input_ids, dtype=np.int64),
+                                   np.ascontiguousarray(positions, dtype=np.int64))])
+
+    def finish_group(self, ticket: object) -> np.ndarray:
+        return self.stages.finish(ticket)[0]
 
     def close(self) -> None:
         """Let the stages go (Ray actors are killed; in-process sessions are dropped with the backend)."""

@@ -24,6 +24,8 @@ ring, and the next step is admitted as usual.
 """
 from __future__ import annotations
 
+import json
+import json
 import os
 import sys
 import time
@@ -34,11 +36,32 @@ from typing import Sequence
 import numpy as np
 
 from mixtral_export.artifact.manifest import Manifest, ManifestError, check_stage
-from mixtral_export.errors import UserError
+from mixtral_export.errors import UsageError, UserError
 
 LOCAL_ONLY_VARIABLE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local cluster's servers bind loopback
 DEFAULT_OPTIONS = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": 0}
+RESET_PATIENCE = 60.0  # seconds a reset waits for a restarting stage actor
 RECENT_RUNS = 256  # the (group, start, end) a stage actor keeps for `runs`
+STAGE_OPTION_KEYS = ("num_cpus", "num_gpus", "resources", "memory", "accelerator_type", "scheduling_strategy",
+                     "max_restarts", "runtime_env")  # the Ray actor options a JSON file can give
+
+
+def read_stage_options(path: str | Path) -> dict | list[dict]:
+    """A JSON file of the stage actors' Ray options: one object for every stage, or a list of one
+    object per stage (`{"resources": {"stage1": 1}}`, `{"num_gpus": 1}`); refused in one line."""
+    try:
+        options = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UsageError(f"{path}: {error.strerror}") from None
+    except ValueError as error:
+        raise UsageError(f"{path}: not JSON ({error})") from None
+    for option in options if isinstance(options, list) else [options]:
+        if not isinstance(option, dict):
+            raise UsageError(f"{path}: stage options are one object or a list of one object per stage")
+        unknown = sorted(set(option) - set(STAGE_OPTION_KEYS))
+        if unknown:
+            raise UsageError(f"{path}: unknown stage option {unknown[0]!r} (one of {', '.join(STAGE_OPTION_KEYS)})")
+    return options
 
 
 class StageFailed(RuntimeError):
@@ -62,8 +85,12 @@ class StageActor:
             self.error = f"{error.filename or folder}: {error.strerror}"
 
     def describe(self) -> tuple[str | None, Manifest | None, dict]:
-        """(the load error, or None; the stage's manifest; this process: its pid, whether torch got imported)."""
-        process = {"pid": os.getpid(), "torch": "torch" in sys.modules}
+        """(the load error, or None; the stage's manifest; this process: its pid, whether torch got imported,
+        the Ray resources it holds)."""
+        import ray
+
+        process = {"pid": os.getpid(), "torch": "torch" in sys.modules,
+                   "resources": ray.get_runtime_context().get_assigned_resources()}
         return self.error, None if self.backend is None else self.backend.manifest, process
 
     def run(self, first: np.ndarray, positions: np.ndarray, group: int = 0) -> np.ndarray:
@@ -136,14 +163,18 @@ class RayStages:
         self.processes = [process for _, _, process in described]  # each actor's pid, torch-free or not
         self.tied = described[-1][1].table is not None  # the last stage looks the ids up
 
-    def run(self, groups) -> list[np.ndarray]:
-        """Every group's calls submitted before waiting for any, stage by stage (a tied model's lookups
-        first): each actor's queue holds group 0, 1, ... in order before its predecessor hands any on."""
+    def start(self, groups) -> list:
+        """Every group's calls submitted, stage by stage (a tied model's lookups first), without waiting:
+        each actor's queue holds group 0, 1, ... in order before its predecessor hands any on. The
+        last stage's refs are the ticket."""
         refs = [self.actors[-1].embed.remote(ids) if self.tied else ids for _, ids, _ in groups]
         positions = [self.ray.put(p) for _, _, p in groups]
         for actor in self.actors:  # the hidden state's ref goes to the next actor as is
             refs = [actor.run.remote(ref, where, group) for ref, where, (group, _, _) in zip(refs, positions, groups)]
-        return self.wait(refs)
+        return refs
+
+    def finish(self, ticket: list) -> list[np.ndarray]:
+        return self.wait(ticket)
 
     def runs(self) -> list[list[tuple[int, float, float]]]:
         """Each stage's (group, start, end) monotonic seconds of the runs since the last call (a
@@ -151,7 +182,17 @@ class RayStages:
         return self.wait([actor.runs.remote() for actor in self.actors])
 
     def reset(self, rows=None) -> None:
-        self.wait([actor.reset.remote(None if rows is None else list(rows)) for actor in self.actors])
+        """Clear the rows in every stage. A stage whose actor died since the last step is restarting:
+        the reset is sent again until it is back (RESET_PATIENCE seconds), then StageFailed."""
+        deadline = time.monotonic() + RESET_PATIENCE
+        while True:
+            try:
+                self.wait([actor.reset.remote(None if rows is None else list(rows)) for actor in self.actors])
+                return
+            except StageFailed:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def wait(self, refs):
         """ray.get, with a dead or unreachable stage turned into one StageFailed naming it."""

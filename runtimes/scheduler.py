@@ -43,8 +43,10 @@ class StepPlan:
 
 
 def plan_step(rows: Sequence[RequestState | None], waiting: Sequence[RequestState], shapes: StepShapes,
-              max_rows: int, ride_along: bool, now: float) -> StepPlan:
-    """The next step's plan; `rows` holds each batch row's request (None = free), `waiting` the queue."""
+              max_rows: int, ride_along: bool, now: float, first_row: int = 0) -> StepPlan:
+    """The next step's plan; `rows` holds each batch row's request (None = free), `waiting` the queue.
+    `rows` may be a group of the batch, rows first_row, first_row + 1, ...: the plan names those rows,
+    its input_ids and positions are the group's (len(rows), T), `max_rows` counts within it."""
     retired = tuple((r, reason) for r in [*waiting, *filter(None, rows)] if (reason := ending(r, now)))
     gone = {id(r) for r, _ in retired}
     occupants = [None if r is None or id(r) in gone else r for r in rows]
@@ -59,8 +61,8 @@ def plan_step(rows: Sequence[RequestState | None], waiting: Sequence[RequestStat
     if prefill and not ride_along:
         running = [(row, r) for row, r in running if r.prefilling]
     length = shapes.prefill_length(max(len(r.prompt) - r.fed for _, r in running if r.prefilling)) if prefill else 1
-    input_ids = np.zeros((shapes.batch, length), dtype=np.int64)  # (B, T)
-    positions = np.full((shapes.batch, length), NO_POSITION, dtype=np.int64)  # (B, T)
+    input_ids = np.zeros((len(rows), length), dtype=np.int64)  # (B, T)
+    positions = np.full((len(rows), length), NO_POSITION, dtype=np.int64)  # (B, T)
     fed, sample_at = [], []
     for row, r in running:
         if r.prefilling:
@@ -74,6 +76,9 @@ def plan_step(rows: Sequence[RequestState | None], waiting: Sequence[RequestStat
             input_ids[row, 0] = r.ids[-1]
             positions[row, 0] = len(r.ids) - 1
             sample_at.append((row, 0))
+    if first_row:
+        admitted, running = [(first_row + row, r) for row, r in admitted], [(first_row + row, r) for row, r in running]
+        fed, sample_at = [(first_row + row, n) for row, n in fed], [(first_row + row, c) for row, c in sample_at]
     return StepPlan(retired, tuple(admitted), tuple(running), input_ids, positions, tuple(fed), tuple(sample_at))
 
 

@@ -37,6 +37,23 @@ class StepBackend(Protocol):
         ...
 
 
+class GroupedStepBackend(StepBackend, Protocol):
+    """A StepBackend whose B rows are `groups` groups of `group_rows`, row r in group r // group_rows,
+    whose groups' steps can be in flight together (a pipeline's stages each working on another group,
+    runtimes/pipeline.py). The engine (runtimes/engine.py) uses it when `groups` > 1."""
+
+    groups: int
+    group_rows: int
+
+    def start_group(self, group: int, input_ids: np.ndarray, positions: np.ndarray) -> object:
+        """Start one group's step, its ids and positions (group_rows, T), without waiting: a ticket."""
+        ...
+
+    def finish_group(self, ticket: object) -> np.ndarray:
+        """Wait for a started step: its group's logits (group_rows, T, V); steps finish in the order started."""
+        ...
+
+
 def check_step_inputs(shapes: StepShapes, vocab_size: int, input_ids: np.ndarray,
                       positions: np.ndarray) -> None:
     """Validate a step's inputs before they reach a graph (graphs do not bounds-check)."""

@@ -10,6 +10,10 @@ per replica: scrape each, or read the `x-replica` header a response carries). Ei
 On a multi-machine cluster (`ray start --head` on one machine, `ray start --address=HEAD:6379` on
 the others, the artifact at the same path on each), give each replica a machine's CPUs
 (`--threads`, reserved as num_cpus) or a GPU (`--provider cuda`, num_gpus=1).
+
+Over a staged artifact with `--stage-actors` each replica is its own pipeline: its engine in the
+replica, each stage in a Ray actor of its own (runtimes/ray_stages.py, `--stage-options` their
+placement, `--row-groups` its groups in flight); the replica then reserves one CPU for its engine.
 """
 from __future__ import annotations
 
@@ -30,11 +34,13 @@ class Replica:
 
     def __init__(self, artifact: str, runtime: str = "ort", provider: str = "cpu", max_queue: int = 64,
                  model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None,
-                 api_key: str | None = None):
+                 api_key: str | None = None, stage_actors: bool = False, row_groups: int = 1,
+                 stage_options: list | dict | None = None):
         from mixtral_export.runtimes.session import Session
 
         self.session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads,
-                                    max_queue=max_queue)
+                                    max_queue=max_queue, ray=stage_actors, row_groups=row_groups,
+                                    stage_options=stage_options)
         self.name = model_name or Path(artifact).resolve().name
         self.request_timeout, self.api_key = request_timeout, api_key
 
@@ -49,11 +55,15 @@ class Replica:
 
 def deployment(artifact: str, replicas: int = 1, runtime: str = "ort", provider: str = "cpu", max_queue: int = 64,
                model_name: str | None = None, threads: int | None = None, request_timeout: float | None = None,
-               api_key: str | None = None):
-    """The bound application: `replicas` copies of Replica, each reserving its threads (or a GPU)."""
-    actor = {"num_gpus": 1} if provider == "cuda" else {"num_cpus": threads or 1}
+               api_key: str | None = None, stage_actors: bool = False, row_groups: int = 1,
+               stage_options: list | dict | None = None):
+    """The bound application: `replicas` copies of Replica, each reserving its threads (or a GPU; with
+    stage actors one CPU: the stages reserve their own)."""
+    actor = ({"num_cpus": 1} if stage_actors else {"num_gpus": 1} if provider == "cuda" else
+             {"num_cpus": threads or 1})
     return Replica.options(num_replicas=replicas, ray_actor_options=actor).bind(
-        str(Path(artifact).resolve()), runtime, provider, max_queue, model_name, threads, request_timeout, api_key)
+        str(Path(artifact).resolve()), runtime, provider, max_queue, model_name, threads, request_timeout, api_key,
+        stage_actors, row_groups, stage_options)
 
 
 def app(args: dict):

@@ -61,7 +61,8 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
           request_timeout: float | None = None, threads: int | None = None,
           checkpoint: str | Path | None = None, max_rows: int | None = None, log_level: str = "warning",
           stream_interval: int = 1, in_process: bool = False, api_key: str | None = None,
-          max_body: int = MAX_BODY_BYTES, stall_seconds: float = STALL_SECONDS, stage_actors: bool = False) -> None:
+          max_body: int = MAX_BODY_BYTES, stall_seconds: float = STALL_SECONDS, stage_actors: bool = False,
+          row_groups: int = 1, stage_options: list | dict | None = None) -> None:
     """Open the artifact, serve until a signal, close the engine. The engine steps in a process of its
     own (a ProcessClient, runtimes/engine_process.py), or with `in_process` on a thread of this one (a
     Session's InprocessClient)."""
@@ -70,13 +71,15 @@ def serve(artifact: str | Path, runtime: str = "ort", provider: str = "cpu", hos
         from mixtral_export.runtimes.session import Session
 
         session = Session.open(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
-                               max_queue=max_queue, max_rows=max_rows, ray=stage_actors)
+                               max_queue=max_queue, max_rows=max_rows, ray=stage_actors, row_groups=row_groups,
+                               stage_options=stage_options)
         client, manifest, tokenizer = session.client, session.manifest, session.tokenizer
     else:
         from mixtral_export.runtimes.engine_process import ProcessClient
 
         client = ProcessClient(artifact, runtime=runtime, provider=provider, threads=threads, checkpoint=checkpoint,
-                               max_queue=max_queue, max_rows=max_rows, stage_actors=stage_actors)
+                               max_queue=max_queue, max_rows=max_rows, stage_actors=stage_actors,
+                               row_groups=row_groups, stage_options=stage_options)
         manifest, tokenizer = client.manifest, client.tokenizer
     name = model_name or Path(artifact).resolve().name
     app = build_app(client, tokenizer, manifest.eos_token_id, name, request_timeout=request_timeout,

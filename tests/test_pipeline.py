@@ -224,6 +224,9 @@ def test_a_tied_table_is_stored_once_and_looked_up_by_the_last_stage(tmp_path):
     tokens = greedy(backend, prompts)
     assert tokens == reference_greedy(model, prompts, STEPS)
     assert tokens == greedy(open_step_backend(whole, "ort")[0], prompts)
+    grouped = open_step_backend(staged, "ort", row_groups=2)[0]  # each group's ids looked up on its own
+    assert greedy(grouped, prompts + prompts[::-1]) == tokens + tokens[::-1]
+    grouped.close()
 
 
 class Recorder:
@@ -276,20 +279,22 @@ def test_row_groups_give_every_request_the_tokens_and_logits_of_one_group(staged
     assert any(a.shape != b.shape or np.abs(a - b).max() > 1e-3 for a, b in zip(logits, moved))
 
 
-def gate_stage_1(backend, wait: float) -> list[bool]:
-    """Stage 1 holds group 0 until stage 0 has started group 1 (or `wait` s pass): only stages
-    working on two groups at once get past it. Returns, per hold, whether stage 0 started group 1."""
+def gate_stage_1(backend, wait: float, hold: int = 0, until: tuple[int, int] = (1, 1)) -> list[bool]:
+    """Stage 1 holds its first run of group `hold` until stage 0 has started run n of group g
+    (`until` = (g, n)), or `wait` s pass: only stages working on two groups at once get past it.
+    Returns whether stage 0 got there."""
     first, second = backend.stages.backends
-    started, held = threading.Event(), []
+    started, held, runs = threading.Event(), [], {}
     run_first, run_second = first.run, second.run
 
     def stage_0(x, positions, group=0):
-        if group == 1:
+        runs[group] = runs.get(group, 0) + 1
+        if (group, runs[group]) == until:
             started.set()
         return run_first(x, positions, group)
 
     def stage_1(x, positions, group=0):
-        if group == 0:
+        if group == hold and not held:
             held.append(started.wait(wait))
         return run_second(x, positions, group)
 
@@ -308,6 +313,24 @@ def test_row_groups_are_in_flight_together(staged):
             backend.step(np.full((rows, 1), 7, np.int64), np.zeros((rows, 1), np.int64))
         backend.close()
         assert held[:1] == expected, (groups, held)
+
+
+def test_the_engine_keeps_groups_in_flight_across_steps(staged):
+    """Stage 1 holds group 1's first step until stage 0 has started group 0's second: the engine
+    lands group 0, samples it and starts its next step while group 1 is still in the stages.
+    Control: the engine stepping all rows at once (both groups in one wave per step) never does."""
+    prompts = random_prompts([3, 3, 3, 3], vocab_size=128, seed=13)
+    for in_flight, wait, expected in ((True, 60.0, [True]), (False, 1.0, [False])):
+        backend, _ = open_step_backend(staged, "ort", row_groups=2)
+        held = gate_stage_1(backend, wait, hold=1, until=(0, 2))
+        engine = Engine(backend)
+        if not in_flight:
+            engine.group_rows = None  # every step all rows: PipelineBackend.step's wave
+        handles = [engine.submit(p, GenerationConfig(max_new_tokens=4, eos_token_ids=())) for p in prompts]
+        events = list(engine.drive(handles))
+        backend.close()
+        assert held == expected, (in_flight, held)
+        assert len(events) == 16
 
 
 def test_an_idle_group_is_not_run_and_a_failed_group_fails_only_its_step(staged):
@@ -343,6 +366,9 @@ def test_row_groups_bad_input_is_one_line_exit_2(staged, whole):
         done = cli("generate", art, "--input-ids", "1,2,3", "--json", *extra)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert message in done.stderr, done.stderr
+    done = cli("serve", whole, "--row-groups", "2", "--port", "0")  # refused before a server starts
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--row-groups run the stages of a staged artifact" in done.stderr
     done = cli("generate", staged, "--input-ids", "1,9,17,33,65,7", "--json", "--max-new-tokens", STEPS,
                "--row-groups", "2")  # control: the same flag on a staged artifact
     assert done.returncode == 0, done.stderr

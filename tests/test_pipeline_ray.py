@@ -93,14 +93,17 @@ def test_cli_generate_ray_starts_its_own_cluster(staged):
 
 
 def test_serve_with_stage_actors(tiny_checkpoint, tiny_onnx, tmp_path):
+    """Stage actors placed by a --stage-options file, two groups of rows in flight."""
     pytest.importorskip("openai")
     pytest.importorskip("fastapi")
     from tests.test_serve import Server
 
     art = export_onnx(tiny_checkpoint, tmp_path / "art", dtype="float32", batch=2, prefill_chunk=8, cache_slots=32,
                       stages=2)
-    server = Server(art, "--stage-actors", env={"RAY_ADDRESS": ""})  # its own local cluster
-    assert_serves_as_the_whole(server, tiny_onnx, ("Simple is better",))
+    (tmp_path / "stages.json").write_text(json.dumps({"num_cpus": 0}))
+    server = Server(art, "--stage-actors", "--row-groups", "2", "--stage-options", str(tmp_path / "stages.json"),
+                    env={"RAY_ADDRESS": ""})  # its own local cluster
+    assert_serves_as_the_whole(server, tiny_onnx, ("Simple is better", "Flat is better than nested"))
 
 
 def test_ray_stages_of_a_tied_model(cluster, tmp_path):
@@ -153,3 +156,28 @@ def test_ray_row_groups_are_in_flight_together(cluster, staged):
         assert overlapped_steps(session, 5) >= 1
     with Session.open(staged, ray=True) as session:
         assert overlapped_steps(session, 5) == 0
+
+
+def test_stage_options_place_each_stage_and_bad_ones_are_one_line(cluster, staged, tmp_path):
+    """A JSON file of per-stage Ray options reaches each stage's actor (stage 1 holds a CPU, the
+    others none, the default); a bad file is refused in one line (exit 2)."""
+    from mixtral_export.errors import UsageError
+    from mixtral_export.runtimes.ray_stages import read_stage_options
+
+    path = tmp_path / "stages.json"
+    path.write_text(json.dumps([{}, {"num_cpus": 1}, {}]))
+    with Session.open(staged, ray=True, stage_options=read_stage_options(path)) as session:
+        held = [p["resources"].get("CPU", 0) for p in session.backend.stages.processes]
+    assert held == [0, 1, 0]
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for text, message in (("[{}, {}]", "3 stages, but 2 stage options"), ('{"gpus": 1}', "unknown stage option 'gpus'"),
+                          ("[1, 2, 3]", "one object or a list"), ("{", "not JSON")):
+        path.write_text(text)
+        done = subprocess.run([sys.executable, "-m", "mixtral_export", "generate", str(staged), "--input-ids", "3,9",
+                               "--ray", "--stage-options", str(path)], capture_output=True, text=True, timeout=300,
+                              env=environ)
+        assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-2000:]
+        assert message in done.stderr, done.stderr
+    done = subprocess.run([sys.executable, "-m", "mixtral_export", "generate", str(staged), "--input-ids", "3,9",
+                           "--stage-options", str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--stage-options needs --ray" in done.stderr

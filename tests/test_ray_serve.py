@@ -5,6 +5,7 @@ import json
 import signal
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -37,3 +38,43 @@ def test_two_replicas_both_serve_requests(tiny_onnx, session):
     finally:
         code, output = server.stop(signal.SIGTERM, timeout=90)
     assert code == 0, output
+
+
+@pytest.mark.slow
+def test_a_replica_runs_its_own_pipeline_of_stage_actors(tiny_checkpoint, tiny_onnx, tmp_path):
+    """serve --ray --stage-actors over a staged artifact: the replica's engine drives stage actors of its
+    own (two groups of rows in flight) and answers as the whole artifact."""
+    from mixtral_export.graphs.onnx_export import export_onnx
+    from tests.test_pipeline import assert_serves_as_the_whole
+
+    art = export_onnx(tiny_checkpoint, tmp_path / "art", dtype="float32", batch=2, prefill_chunk=8, cache_slots=32,
+                      stages=2)
+    server = Server(art, "--ray", "--replicas", "1", "--stage-actors", "--row-groups", "2")
+    try:
+        titles = [title for title in descendant_titles(server.process.pid) if "StageActor" in title]
+    except BaseException:
+        server.stop(signal.SIGTERM, timeout=90)
+        raise
+    assert_serves_as_the_whole(server, tiny_onnx, ("Simple is better", "Flat is better than nested"))
+    assert len(titles) == 2, titles  # the replica's own stage actors, below this server's Ray cluster
+
+
+def descendant_titles(pid: int) -> list[str]:
+    """The command lines (Ray's process titles) of every process below `pid`."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (ValueError, OSError):
+            continue
+    below, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - below
+        below |= frontier
+    titles = []
+    for child in below:
+        try:
+            titles.append((Path("/proc") / str(child) / "cmdline").read_text().replace("\0", " "))
+        except OSError:
+            continue
+    return titles

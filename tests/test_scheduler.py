@@ -89,3 +89,15 @@ def test_cancelled_and_expired_requests_retire_and_free_their_rows_in_the_same_p
 def test_nothing_to_run_is_an_empty_plan():
     p = plan([None, None], batch=2)
     assert p.running == () and p.admitted == () and p.retired == () and not np.any(p.positions != NO_POSITION)
+
+
+def test_a_group_of_rows_is_planned_on_its_own_under_its_row_numbers():
+    """Rows 2 and 3 as a group (first_row=2): the plan names rows 2 and 3, its inputs are the group's
+    two rows; control: the same slice planned as rows 0 and 1."""
+    decoder, newcomer = running(3, [4, 5], [6]), queued([1, 2, 3])
+    group = plan_step([None, decoder], [newcomer], shapes(batch=4), 2, True, 0.0, first_row=2)
+    assert group.admitted == ((2, newcomer),) and [row for row, _ in group.running] == [2, 3]
+    assert group.input_ids.shape == (2, 8) and group.input_ids[1, 0] == 6 and group.positions[1, 0] == 2
+    assert group.fed == ((2, 3),) and group.sample_at == ((2, 2), (3, 0))
+    alone = plan_step([None, decoder], [newcomer], shapes(batch=4), 2, True, 0.0)
+    assert [row for row, _ in alone.running] == [0, 1]
