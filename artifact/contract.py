@@ -44,10 +44,10 @@ slots instead of the whole ring. While no row has wrapped (every position < S) s
 so the slots in use are the prefix [0, extent) and a step needs only s >= the longest row's extent
 after the step; a runtime that compiles per shape picks s from `span_buckets` (powers of two from
 MIN_SPAN, then S) with `span_for`, one that takes any span the tighter `tight_span` (the same up to
-1024 slots, then multiples of SPAN_STRIDE), and each keeps the ring laid out as (L, B, Hkv, s, D) so that prefix is one contiguous view
-(re-laid out when the bucket changes). Slots past a row's extent are empty (position -1, keys and
-values 0) and masked: they add exp(min - max) = 0 to the softmax and 0 * 0 to the output, so a
-span gives the full ring's result. Once any row wraps, s = S. Graphs without the axis (older
+STRIDED_FROM slots, then multiples of SPAN_STRIDE), and each keeps the ring laid out as
+(L, B, Hkv, s, D) so that prefix is one contiguous view (re-laid out when the span changes).
+Slots past a row's extent are empty (position -1, keys and values 0) and masked: they add
+exp(min - max) = 0 to the softmax and 0 * 0 to the output, so a span gives the full ring's result. Once any row wraps, s = S. Graphs without the axis (older
 manifests, span_axis False) take the whole ring every step.
 """
 from __future__ import annotations
@@ -63,7 +63,8 @@ CHUNK_AXIS = "T"  # the name of the chunk-length axis in an exported graph
 SPAN_AXIS = "S"  # the name of the cache-span axis (slots passed to a step) in a span-axis graph
 MIN_SPAN = 64  # the smallest span bucket: below it a step's cost is not the cache's
 MAX_INT8_CACHE_SLOTS = 65536  # an int8 cache's value products (255 * 127 per slot) stay within int32
-SPAN_STRIDE = 256  # past 4 strides, a runtime that takes any span grows it this many slots at a time
+SPAN_STRIDE = 256  # past STRIDED_FROM slots, a runtime that takes any span grows it this many at a time
+STRIDED_FROM = 4 * SPAN_STRIDE  # up to here tight spans are the power-of-two buckets
 
 
 @dataclass(frozen=True)
@@ -214,10 +215,10 @@ class StepShapes:
 
     def tight_span(self, extent: int) -> int:
         """The span a runtime whose graph takes any span passes (ONNX Runtime, eager): the bucket up to
-        4 * SPAN_STRIDE slots, then the next multiple of SPAN_STRIDE (at most S). Past a few thousand
+        STRIDED_FROM slots, then the next multiple of SPAN_STRIDE (at most S). Past a few thousand
         filled slots a power of two would read up to twice the slots in use; runtimes that compile
         per shape (compiled, TensorRT) keep to `span_buckets`."""
-        if not self.span_axis or extent <= 4 * SPAN_STRIDE:
+        if not self.span_axis or extent <= STRIDED_FROM:
             return self.span_for(extent)
         return min(-(-extent // SPAN_STRIDE) * SPAN_STRIDE, self.cache_slots)
 

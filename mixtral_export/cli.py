@@ -274,7 +274,7 @@ def _io_table(io: dict):
 def _describe(artifact: Path) -> None:
     from mixtral_export.artifact.manifest import HeadManifest, load_manifest
 
-    from mixtral_export.artifact.contract import SPAN_STRIDE
+    from mixtral_export.artifact.contract import SPAN_STRIDE, STRIDED_FROM
 
     manifest = load_manifest(artifact)
     c, s = manifest.config, manifest.shapes
@@ -296,8 +296,8 @@ def _describe(artifact: Path) -> None:
     window = s.attention_window if s.attention_window is not None else f"none (at most {s.cache_slots} positions)"
     out.print(f"  shapes  batch {s.batch}, prefill chunk {', '.join(map(str, s.prefill_chunks))}, decode chunk 1, "
               f"cache slots {s.cache_slots}, attention window {window}", highlight=False)
-    buckets = [b for b in s.span_buckets if b <= 4 * SPAN_STRIDE]
-    tail = f", then every {SPAN_STRIDE} slots to {s.cache_slots}" if s.cache_slots > 4 * SPAN_STRIDE else ""
+    buckets = [b for b in s.span_buckets if b <= STRIDED_FROM]
+    tail = f", then every {SPAN_STRIDE} slots to {s.cache_slots}" if s.cache_slots > STRIDED_FROM else ""
     spans = (f"spans {', '.join(map(str, buckets))}{tail} (a step attends over the slots in use)" if s.span_axis
              else "the whole ring every step (a graph without the span axis)")
     scales = " + a float32 scale per slot and kv head" if s.scaled_cache else ""

@@ -25,7 +25,6 @@ ring, and the next step is admitted as usual.
 from __future__ import annotations
 
 import json
-import json
 import os
 import sys
 import time
