@@ -1,7 +1,7 @@
 """What pipeline stages cost per decode step, what each stage process holds, and what row groups buy.
 
-    python3 -m mixtral_export.bench.pipeline_hops --work-dir /tmp/hops --rounds 3 --steps 24
-    python3 -m mixtral_export.bench.pipeline_hops --work-dir /tmp/hops --row-groups 1,2,4 --rounds 3 --steps 12
+    python3 -m mixtral_export.bench.pipeline_hops --work-dir WORK --rounds 3 --steps 24
+    python3 -m mixtral_export.bench.pipeline_hops --work-dir WORK --row-groups 1,2,4 --rounds 3 --steps 12
 
 For each model and batch it exports the whole artifact and 2- and 4-stage artifacts, then times
 decode steps (T = 1): the whole artifact in this process (the baseline), its stages chained in
@@ -170,7 +170,7 @@ def row_groups(args, ray) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/pipeline-hops"))
+    parser.add_argument("--work-dir", type=Path, default=Path("out/pipeline-hops"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--models", default="tiny-4l,mixtral-width-4l")
